@@ -1,0 +1,8 @@
+"""xlm_roberta_classifier: the shared runtime serves it; this file only names the architecture family."""
+
+from model_runtime.families import XLM_ROBERTA
+from model_runtime.triton_model import PackedTritonModel
+
+
+class TritonPythonModel(PackedTritonModel):
+    family = XLM_ROBERTA

@@ -1,0 +1,95 @@
+"""The packed engine: one token stream in, pooled and scored sequences out.
+
+``PackedEngine.run`` takes a :class:`~model_runtime.packing.PackedBatch`, splits it into forwards
+of at most ``max_tokens_per_forward`` tokens, runs the model body, pools every sequence by
+``cu_seqlens`` and applies the head and activation once for the whole batch.
+
+On CPU the body runs on an internally padded copy of each chunk (HF's own padded path, whose
+results it matches exactly); the GPU varlen path plugs in behind ``_body_packed``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import kernels
+from model_runtime.activation import Activation, activation_for_config, apply_activation
+from model_runtime.checkpoints import max_model_len_for
+from model_runtime.families import Family
+from model_runtime.packing import PackedBatch, SequenceLimits, token_budget_chunks
+from model_runtime.settings import ModelSettings
+
+
+class PackedEngine:
+    def __init__(self, family: Family, model: torch.nn.Module, settings: ModelSettings):
+        self.family = family
+        self.model = model
+        self.settings = settings
+        self.device = settings.device
+        config = model.config
+        self.config = config
+        self.activation = activation_for_config(config) if family.task == "classify" else Activation.IDENTITY
+        self.limits = SequenceLimits(
+            vocab_size=int(config.vocab_size),
+            max_model_len=settings.max_model_len or max_model_len_for(config, settings.checkpoint),
+            type_vocab_size=int(getattr(config, "type_vocab_size", 1) or 1) if family.uses_token_types else 1,
+        )
+        self.pad_token_id = int(getattr(config, "pad_token_id", None) or 0)
+        self.output_names = ("embeddings",) if family.task == "embed" else ("logits", "scores")
+
+    @classmethod
+    def load(cls, family: Family, settings: ModelSettings) -> PackedEngine:
+        from transformers import AutoConfig
+
+        family.check_architecture(AutoConfig.from_pretrained(settings.checkpoint))
+        model = family.load(settings.checkpoint, settings.dtype, settings.device)
+        return cls(family, model, settings)
+
+    def describe(self) -> str:
+        return (
+            f"family={self.family.name} checkpoint={self.settings.checkpoint} device={self.device} "
+            f"dtype={self.settings.dtype} pooling={self.family.pooling} activation={self.activation.value} "
+            f"max_model_len={self.limits.max_model_len} max_tokens_per_forward={self.settings.max_tokens_per_forward} "
+            f"body=padded-sdpa pooling_impl=torch-reference"
+        )
+
+    @torch.inference_mode()
+    def run(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
+        """Float32 CPU outputs, one row per sequence, in batch order."""
+        input_ids = batch.input_ids.to(self.device, non_blocking=True)
+        token_types = None
+        if self.family.uses_token_types and batch.token_type_ids is not None:
+            token_types = batch.token_type_ids.to(self.device, non_blocking=True)
+        cu_seqlens = batch.cu_seqlens
+
+        pooled_chunks = []
+        for first, last in token_budget_chunks(batch.lengths, self.settings.max_tokens_per_forward):
+            begin, end = int(cu_seqlens[first]), int(cu_seqlens[last])
+            local_cu = (cu_seqlens[first : last + 1] - begin).to(self.device)
+            hidden = self._body_packed(
+                input_ids[begin:end], local_cu, None if token_types is None else token_types[begin:end]
+            )
+            pooled_chunks.append(kernels.pool(hidden, local_cu, self.family.pooling))
+        pooled = torch.cat(pooled_chunks)
+
+        if self.family.task == "embed":
+            return {"embeddings": pooled.float().cpu()}
+        logits = self.family.head(self.model, pooled).float()
+        return {"logits": logits.cpu(), "scores": apply_activation(logits, self.activation).cpu()}
+
+    def _body_packed(
+        self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, token_type_ids: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Hidden states ``[tokens, hidden]`` for a packed chunk (padded internally)."""
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        width = int(lengths.max())
+        keep = torch.arange(width, device=self.device).unsqueeze(0) < lengths.unsqueeze(1)
+        padded_ids = torch.full(keep.shape, self.pad_token_id, dtype=torch.int64, device=self.device)
+        padded_ids[keep] = input_ids
+        inputs = {"input_ids": padded_ids, "attention_mask": keep.long()}
+        if token_type_ids is not None:
+            padded_types = torch.zeros_like(padded_ids)
+            padded_types[keep] = token_type_ids
+            inputs["token_type_ids"] = padded_types
+        hidden = self.family.body(self.model)(**inputs).last_hidden_state
+        return hidden[keep]

@@ -1,0 +1,163 @@
+"""Requests → one packed token stream → per-request results.
+
+Each Triton request carries ``input_ids`` ``[n, T]`` (one sequence per batch item), optionally
+right-padded with an ``attention_mask`` so that sequences of different lengths can share a request.
+All sequences of all requests in an ``execute()`` are concatenated into one stream with
+``cu_seqlens``; results are split back per request with ``torch.split``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class InvalidRequest(ValueError):
+    """A request the model cannot serve; it fails alone, the rest of the batch is answered."""
+
+
+@dataclass(frozen=True)
+class SequenceLimits:
+    """What a request must satisfy for this checkpoint."""
+
+    vocab_size: int
+    max_model_len: int
+    type_vocab_size: int  # 1: the model has no token types (zeros are still accepted)
+
+
+@dataclass(frozen=True)
+class RequestSequences:
+    """The sequences of one request, already unpadded."""
+
+    input_ids: torch.Tensor  # [tokens] int64
+    lengths: torch.Tensor  # [n] int64
+    token_type_ids: torch.Tensor | None  # [tokens] int64
+
+
+def _as_rows(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.dtype != torch.int64:
+        raise InvalidRequest(f"{name} must be INT64, got {tensor.dtype}")
+    if tensor.dim() == 1:
+        tensor = tensor.unsqueeze(0)
+    if tensor.dim() != 2:
+        raise InvalidRequest(f"{name} must be [batch, tokens], got shape {list(tensor.shape)}")
+    return tensor
+
+
+def read_sequences(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    token_type_ids: torch.Tensor | None,
+    limits: SequenceLimits,
+) -> RequestSequences:
+    """Validate one request's tensors and unpad them. Raises :class:`InvalidRequest`."""
+    input_ids = _as_rows("input_ids", input_ids)
+    rows, width = input_ids.shape
+    if rows == 0:
+        raise InvalidRequest("input_ids holds no sequence")
+    if attention_mask is not None:
+        attention_mask = _as_rows("attention_mask", attention_mask)
+        if attention_mask.shape != input_ids.shape:
+            raise InvalidRequest(
+                f"attention_mask shape {list(attention_mask.shape)} does not match input_ids {list(input_ids.shape)}"
+            )
+        if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+            raise InvalidRequest("attention_mask must hold only 0 and 1")
+        if width > 1 and bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
+            raise InvalidRequest("attention_mask must be right padding: ones, then zeros")
+        keep = attention_mask.bool()
+        lengths = attention_mask.sum(dim=1)
+    else:
+        keep = None
+        lengths = torch.full((rows,), width, dtype=torch.int64)
+
+    empty = (lengths == 0).nonzero().flatten()
+    if empty.numel():
+        raise InvalidRequest(f"sequence {int(empty[0])} of the request is empty")
+    too_long = (lengths > limits.max_model_len).nonzero().flatten()
+    if too_long.numel():
+        index = int(too_long[0])
+        raise InvalidRequest(
+            f"sequence {index} has {int(lengths[index])} tokens, more than the model's maximum "
+            f"of {limits.max_model_len}"
+        )
+
+    flat_ids = input_ids[keep] if keep is not None else input_ids.reshape(-1)
+    out_of_vocab = (flat_ids < 0) | (flat_ids >= limits.vocab_size)
+    if bool(out_of_vocab.any()):
+        bad = int(flat_ids[out_of_vocab][0])
+        raise InvalidRequest(f"token id {bad} is out of vocabulary (size {limits.vocab_size})")
+
+    flat_types = None
+    if token_type_ids is not None:
+        token_type_ids = _as_rows("token_type_ids", token_type_ids)
+        if token_type_ids.shape != input_ids.shape:
+            raise InvalidRequest(
+                f"token_type_ids shape {list(token_type_ids.shape)} does not match input_ids {list(input_ids.shape)}"
+            )
+        flat_types = token_type_ids[keep] if keep is not None else token_type_ids.reshape(-1)
+        if bool(((flat_types < 0) | (flat_types >= limits.type_vocab_size)).any()):
+            raise InvalidRequest(
+                f"token_type_ids must be in [0, {limits.type_vocab_size}) for this model"
+            )
+    return RequestSequences(input_ids=flat_ids.contiguous(), lengths=lengths, token_type_ids=flat_types)
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    """All sequences of an ``execute()`` call in one token stream."""
+
+    input_ids: torch.Tensor  # [total_tokens] int64
+    cu_seqlens: torch.Tensor  # [num_seqs + 1] int32, starts at 0
+    token_type_ids: torch.Tensor | None  # [total_tokens] int64, None if no request sent any
+    sequences_per_request: list[int]
+
+    @property
+    def num_seqs(self) -> int:
+        return self.cu_seqlens.numel() - 1
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
+
+    @classmethod
+    def pack(cls, requests: list[RequestSequences]) -> PackedBatch:
+        lengths = torch.cat([r.lengths for r in requests])
+        cu_seqlens = torch.zeros(lengths.numel() + 1, dtype=torch.int32)
+        torch.cumsum(lengths, dim=0, out=cu_seqlens[1:])
+        token_types = None
+        if any(r.token_type_ids is not None for r in requests):
+            token_types = torch.cat(
+                [r.token_type_ids if r.token_type_ids is not None else torch.zeros_like(r.input_ids) for r in requests]
+            )
+        return cls(
+            input_ids=torch.cat([r.input_ids for r in requests]),
+            cu_seqlens=cu_seqlens,
+            token_type_ids=token_types,
+            sequences_per_request=[r.lengths.numel() for r in requests],
+        )
+
+    def split(self, outputs: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Per-sequence outputs ``[num_seqs, ...]`` back to one dict per request."""
+        pieces = {name: torch.split(tensor, self.sequences_per_request) for name, tensor in outputs.items()}
+        return [{name: pieces[name][i] for name in outputs} for i in range(len(self.sequences_per_request))]
+
+
+def token_budget_chunks(lengths: torch.Tensor, max_tokens: int) -> list[tuple[int, int]]:
+    """Split sequences ``[0, n)`` into consecutive ranges of at most ``max_tokens`` tokens.
+
+    A sequence longer than the budget gets a range of its own (the model's maximum length, not
+    the budget, bounds a sequence). Loops once per chunk, not per sequence.
+    """
+    cumulative = torch.cumsum(lengths.long(), dim=0)
+    count = lengths.numel()
+    chunks: list[tuple[int, int]] = []
+    start, consumed = 0, 0
+    while start < count:
+        end = int(torch.searchsorted(cumulative, consumed + max_tokens, right=True))
+        end = max(end, start + 1)
+        chunks.append((start, end))
+        consumed = int(cumulative[end - 1])
+        start = end
+    return chunks

@@ -1,0 +1,54 @@
+"""A model instance's settings, read from ``config.pbtxt`` ``parameters`` and Triton's args."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model_runtime.checkpoints import resolve_checkpoint
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    model_name: str
+    checkpoint: str  # resolved: a local path or a hub id
+    device: torch.device
+    dtype: torch.dtype
+    max_tokens_per_forward: int  # token budget of one forward pass
+    max_model_len: int  # 0: derive from the checkpoint
+    output_names: tuple[str, ...]
+
+    @classmethod
+    def from_triton_args(cls, args: dict) -> ModelSettings:
+        config = json.loads(args["model_config"])
+        parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+        model_dir = Path(args["model_repository"])
+
+        if args.get("model_instance_kind") == "GPU":
+            device = torch.device("cuda", int(args.get("model_instance_device_id", 0)))
+            torch.cuda.set_device(device)  # the Python backend does not do it for us
+        else:
+            device = torch.device("cpu")
+
+        dtype_name = parameters.get("dtype", "auto")
+        if dtype_name == "auto":
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        elif dtype_name in DTYPES:
+            dtype = DTYPES[dtype_name]
+        else:
+            raise ValueError(f"dtype parameter {dtype_name!r} is not one of auto, {', '.join(DTYPES)}")
+
+        return cls(
+            model_name=args["model_name"],
+            checkpoint=resolve_checkpoint(parameters.get("checkpoint", ""), model_dir),
+            device=device,
+            dtype=dtype,
+            max_tokens_per_forward=int(parameters.get("max_tokens_per_forward", "16384")),
+            max_model_len=int(parameters.get("max_model_len", "0")),
+            output_names=tuple(output["name"] for output in config.get("output", [])),
+        )

@@ -1,0 +1,78 @@
+"""The Triton Python-backend model every ``model_repository/*/1/model.py`` subclasses.
+
+``execute`` maps requests to responses explicitly: read each request's tensors through DLPack and
+validate them (a bad request gets its own ``TritonError`` and nothing else fails), pack all valid
+sequences into one stream, run the engine once, split the outputs back per request, and answer
+every request exactly once, in order.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton_python_backend_utils as pb_utils  # only attributes used inside methods: see pitfalls
+
+from model_runtime.engine import PackedEngine
+from model_runtime.families import Family
+from model_runtime.packing import InvalidRequest, PackedBatch, RequestSequences, read_sequences
+from model_runtime.settings import ModelSettings
+
+
+def _input(request, name: str) -> torch.Tensor | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else torch.from_dlpack(tensor.to_dlpack())
+
+
+def _error(message: str, code) -> object:
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
+
+
+class PackedTritonModel:
+    """Subclasses set ``family``; everything else comes from config.pbtxt."""
+
+    family: Family
+
+    def initialize(self, args: dict) -> None:
+        settings = ModelSettings.from_triton_args(args)
+        self.engine = PackedEngine.load(self.family, settings)
+        missing = set(self.engine.output_names) - set(settings.output_names)
+        if missing:
+            raise pb_utils.TritonModelException(
+                f"config.pbtxt of {settings.model_name} lacks outputs {sorted(missing)} of a {self.family.task} model"
+            )
+        pb_utils.Logger.log_info(f"{settings.model_name}: {self.engine.describe()}")
+
+    def execute(self, requests: list) -> list:
+        responses: list = [None] * len(requests)
+        accepted: list[tuple[int, RequestSequences]] = []
+        for index, request in enumerate(requests):
+            try:
+                sequences = read_sequences(
+                    _input(request, "input_ids"),
+                    _input(request, "attention_mask"),
+                    _input(request, "token_type_ids"),
+                    self.engine.limits,
+                )
+            except InvalidRequest as error:
+                responses[index] = _error(str(error), pb_utils.TritonError.INVALID_ARG)
+                continue
+            accepted.append((index, sequences))
+
+        if accepted:
+            batch = PackedBatch.pack([sequences for _, sequences in accepted])
+            try:
+                outputs = self.engine.run(batch)
+            except Exception as error:  # noqa: BLE001 - one failed forward must still answer every request
+                for index, _ in accepted:
+                    responses[index] = _error(f"model failed: {error}", pb_utils.TritonError.INTERNAL)
+                return responses
+            for (index, _), per_request in zip(accepted, batch.split(outputs)):
+                wanted = requests[index].requested_output_names() or list(per_request)
+                responses[index] = pb_utils.InferenceResponse(
+                    output_tensors=[
+                        pb_utils.Tensor.from_dlpack(name, per_request[name].contiguous()) for name in wanted
+                    ]
+                )
+        return responses
+
+    def finalize(self) -> None:
+        self.engine = None
