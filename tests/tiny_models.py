@@ -1,6 +1,6 @@
 """Tiny random-weight checkpoints and locally trained tokenizers for every served architecture.
 
-No hub access: tokenizers are trained here on a small corpus (WordPiece for BERT, a BPE with
+No hub access: tokenizers are trained here on a small corpus (WordPiece for BERT, a Unigram with
 RoBERTa-style specials for XLM-R, byte-level BPE for Qwen/Llama) and the models are built from
 configs with ``save_pretrained``. Weights use a large init range so that outputs depend strongly on
 the input and a pooling or packing mistake cannot hide in near-constant scores.
@@ -55,11 +55,13 @@ def wordpiece_tokenizer(directory: Path):
 def roberta_tokenizer(directory: Path):
     from transformers import XLMRobertaTokenizerFast
 
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer = Tokenizer(models.Unigram())  # sentencepiece-style, as XLM-R's
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
     tokenizer.decoder = decoders.Metaspace()
     specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # ids 0..4, pad = 1 as in XLM-R
-    tokenizer.train_from_iterator(corpus(), trainers.BpeTrainer(vocab_size=300, special_tokens=specials))
+    tokenizer.train_from_iterator(
+        corpus(), trainers.UnigramTrainer(vocab_size=300, special_tokens=specials, unk_token="<unk>")
+    )
     tokenizer.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
     fast = XLMRobertaTokenizerFast(
         tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>",

@@ -1,0 +1,38 @@
+# Two commands for a fresh machine (Python 3.10+, no GPU, no Docker, no hub access needed):
+#   make serve   prepare the default models and serve them (Triton + the HTTP adapter)
+#   make test    run the test suite
+# Both install what is missing into .venv first.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install test test-unit test-integration clean
+
+install: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch==2.13.0 is the CPU wheel on CI machines' disk; where torch is already there (the
+	# GPU image) nothing is reinstalled.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install --no-build-isolation -e ".[test]"
+	$(PY) -m pip install --no-deps nvidia-pytriton==0.7.0
+	# The Triton stub ignores PYTHONPATH: it imports from this venv, so the project root goes
+	# into the venv's site-packages as a .pth.
+	$(PY) -c "import sysconfig, pathlib; pathlib.Path(sysconfig.get_paths()['purelib'], 'project_root.pth').write_text('$(CURDIR)\n')"
+	touch $@
+
+test: $(INSTALLED)
+	$(PY) -m pytest -q --durations=10 $(PYTEST_ARGS)
+
+test-unit: $(INSTALLED)
+	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
+
+test-integration: $(INSTALLED)
+	$(PY) -m pytest -q -m integration $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache

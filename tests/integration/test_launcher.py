@@ -1,0 +1,103 @@
+"""The launcher against the real tritonserver: failures are reported, shutdown leaves nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from model_runtime import launcher
+from model_runtime.launcher import LauncherError, TritonServer
+from tests.conftest import FAULT_MODELS, PROJECT_ROOT
+
+pytestmark = pytest.mark.integration
+
+
+def descendants(pid: int) -> list[int]:
+    found, pending = [], launcher.child_pids(pid)
+    while pending:
+        child = pending.pop()
+        found.append(child)
+        pending.extend(launcher.child_pids(child))
+    return found
+
+
+def test_stub_dying_during_load_is_reported_quickly(tmp_path):
+    started = time.monotonic()
+    with pytest.raises(LauncherError, match="crash_on_init.*(not healthy|failed)"):
+        TritonServer(FAULT_MODELS, {"crash_on_init": {}}, log_path=tmp_path / "log", ready_timeout_s=120).start()
+    assert time.monotonic() - started < 60
+
+
+def test_stub_dying_after_ready_is_reported(tmp_path):
+    with TritonServer(FAULT_MODELS, {"crash_on_request": {}, "echo": {}}, log_path=tmp_path / "log") as server:
+        server.check()
+        assert sorted(server.stub_pids.values()) == ["crash_on_request", "echo"]
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        x = grpcclient.InferInput("x", [1, 2], "INT64")
+        x.set_data_from_numpy(np.array([[4, 2]], np.int64))
+        assert client.infer("echo", [x]).as_numpy("y").tolist() == [[4, 2]]
+        with pytest.raises(Exception, match="not healthy"):
+            client.infer("crash_on_request", [x], client_timeout=30)
+        with pytest.raises(LauncherError, match="stub of model 'crash_on_request'.*died"):
+            server.check()
+
+
+def test_unknown_model_folder_is_refused_before_starting(tmp_path):
+    with pytest.raises(LauncherError, match="no model folder 'nope'"):
+        TritonServer(FAULT_MODELS, {"nope": {}}, log_path=tmp_path / "log").start()
+
+
+def test_sigterm_stops_server_and_stubs_and_removes_shm(tmp_path):
+    command = [sys.executable, "-m", "model_runtime.launcher", "--model-repository", str(FAULT_MODELS),
+               "--load", "echo", "--log-file", str(tmp_path / "log")]
+    process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()
+        assert line, f"launcher exited early with {process.wait()}"
+        ready = json.loads(line)
+        assert ready["ready"] and ready["models"] == ["echo"]
+        children = descendants(process.pid)
+        assert any("tritonserver" in launcher.process_cmdline(p) for p in children)
+        assert any("triton_python_backend_stub" in launcher.process_cmdline(p) for p in children)
+        regions = list(Path("/dev/shm").glob(f"{launcher.SHM_PREFIX}{launcher.OWNER_TAG}{process.pid}-*"))
+        assert regions, "the server's shm regions carry the launcher's pid"
+
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+        for pid in children:
+            assert not launcher.pid_alive(pid) or _is_zombie(pid), f"pid {pid} outlived the launcher"
+        assert not [r for r in regions if r.exists()]
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_missing_wheel_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(launcher.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(LauncherError, match="nvidia-pytriton is not installed"):
+        launcher.TritonInstallation.find()
+
+
+def test_stub_that_cannot_load_libraries_fails_preflight(tmp_path):
+    installation = launcher.TritonInstallation.find()
+    backends = launcher.prepare_backends(installation, tmp_path)  # a copied stub loses its rpath
+    stub = backends / "python" / "triton_python_backend_stub"
+    with pytest.raises(LauncherError, match="cannot load its libraries"):
+        launcher.preflight_stub(stub, ld_library_path=str(tmp_path))  # without the vendored libs
+    launcher.preflight_stub(stub, launcher.library_path(installation))  # the launcher's path passes

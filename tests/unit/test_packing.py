@@ -1,0 +1,75 @@
+import pytest
+import torch
+
+from model_runtime.packing import (
+    InvalidRequest,
+    PackedBatch,
+    SequenceLimits,
+    read_sequences,
+    token_budget_chunks,
+)
+
+LIMITS = SequenceLimits(vocab_size=100, max_model_len=8, type_vocab_size=2)
+
+
+def test_unpads_right_padded_rows_in_order():
+    ids = torch.tensor([[5, 6, 7], [8, 9, 0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    types = torch.tensor([[0, 1, 1], [0, 0, 0]])
+    seqs = read_sequences(ids, mask, types, LIMITS)
+    assert seqs.input_ids.tolist() == [5, 6, 7, 8, 9]
+    assert seqs.lengths.tolist() == [3, 2]
+    assert seqs.token_type_ids.tolist() == [0, 1, 1, 0, 0]
+
+
+def test_without_mask_every_token_counts():
+    seqs = read_sequences(torch.tensor([[1, 2, 0]]), None, None, LIMITS)
+    assert seqs.lengths.tolist() == [3] and seqs.token_type_ids is None
+
+
+@pytest.mark.parametrize(
+    "ids, mask, types, message",
+    [
+        (torch.zeros((1, 0), dtype=torch.int64), None, None, "empty"),
+        (torch.tensor([[1, 2]]), torch.tensor([[0, 0]]), None, "empty"),
+        (torch.ones((1, 9), dtype=torch.int64), None, None, "more than the model's maximum of 8"),
+        (torch.tensor([[1, 100]]), None, None, "token id 100 is out of vocabulary"),
+        (torch.tensor([[1, -1]]), None, None, "token id -1 is out of vocabulary"),
+        (torch.tensor([[1, 2]], dtype=torch.int32), None, None, "INT64"),
+        (torch.tensor([[1, 2]]), torch.tensor([[0, 1]]), None, "right padding"),
+        (torch.tensor([[1, 2]]), torch.tensor([[1, 2]]), None, "only 0 and 1"),
+        (torch.tensor([[1, 2]]), torch.tensor([[1, 1, 0]]), None, "does not match"),
+        (torch.tensor([[1, 2]]), None, torch.tensor([[0, 2]]), "token_type_ids must be in [0, 2)"),
+        (torch.tensor([[1, 2]]), None, torch.tensor([[0]]), "does not match"),
+    ],
+)
+def test_rejects_bad_requests(ids, mask, types, message):
+    with pytest.raises(InvalidRequest, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        read_sequences(ids, mask, types, LIMITS)
+
+
+def test_pack_and_split_round_trip():
+    first = read_sequences(torch.tensor([[1, 2, 3], [4, 5, 0]]), torch.tensor([[1, 1, 1], [1, 1, 0]]), None, LIMITS)
+    second = read_sequences(torch.tensor([[6]]), None, torch.tensor([[1]]), LIMITS)
+    batch = PackedBatch.pack([first, second])
+    assert batch.input_ids.tolist() == [1, 2, 3, 4, 5, 6]
+    assert batch.cu_seqlens.tolist() == [0, 3, 5, 6] and batch.cu_seqlens.dtype == torch.int32
+    assert batch.token_type_ids.tolist() == [0, 0, 0, 0, 0, 1]  # missing types become zeros
+    outputs = {"scores": torch.arange(3.0).unsqueeze(1)}
+    split = batch.split(outputs)
+    assert [part["scores"].flatten().tolist() for part in split] == [[0.0, 1.0], [2.0]]
+
+
+@pytest.mark.parametrize(
+    "lengths, budget, expected",
+    [
+        ([3, 3, 3], 6, [(0, 2), (2, 3)]),
+        ([3, 3, 3], 100, [(0, 3)]),
+        ([10, 1, 1], 4, [(0, 1), (1, 3)]),  # an over-budget sequence runs alone
+        ([1, 10, 1], 4, [(0, 1), (1, 2), (2, 3)]),
+        ([5], 1, [(0, 1)]),
+        ([], 4, []),
+    ],
+)
+def test_token_budget_chunks(lengths, budget, expected):
+    assert token_budget_chunks(torch.tensor(lengths, dtype=torch.int64), budget) == expected
