@@ -1,0 +1,1 @@
+"""HTTP adapter: vLLM/SGLang JSON APIs in front of the Triton models, over gRPC."""

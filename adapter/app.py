@@ -1,0 +1,74 @@
+"""The FastAPI application: lifespan-owned Triton client, one router per endpoint family."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager
+
+import tritonclient.grpc.aio as grpcaio
+from fastapi import FastAPI
+from tritonclient.utils import InferenceServerException
+
+from adapter.classify.router import router as classify_router
+from adapter.errors import install_exception_handlers
+from adapter.models.router import router as models_router
+from adapter.registry import ModelRegistry, build_served_model
+from adapter.rerank.router import router as rerank_router
+from adapter.score.router import router as score_router
+from adapter.settings import Settings, get_settings
+from adapter.triton_gateway import TritonGateway
+
+logger = logging.getLogger("adapter")
+
+
+async def discover_models(client: grpcaio.InferenceServerClient, settings: Settings) -> ModelRegistry:
+    """Wait for Triton, then build the registry from its ready models and their configs."""
+    deadline = time.monotonic() + settings.startup_timeout_s
+    while True:
+        try:
+            if await client.is_server_ready(client_timeout=5):
+                index = await client.get_model_repository_index(as_json=True)
+                ready = [m["name"] for m in index.get("models", []) if m.get("state") == "READY"]
+                if ready:
+                    break
+        except InferenceServerException:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"Triton at {settings.triton_grpc_url} has no ready model after {settings.startup_timeout_s}s")
+        await asyncio.sleep(0.5)
+    models = []
+    for name in sorted(ready):
+        config = (await client.get_model_config(name, as_json=True))["config"]
+        models.append(await asyncio.to_thread(build_served_model, name, config, settings.model_repository))
+        logger.info("serving %s as %r (%s)", name, models[-1].name, models[-1].task)
+    return ModelRegistry(models)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        client = grpcaio.InferenceServerClient(settings.triton_grpc_url)
+        try:
+            app.state.settings = settings
+            app.state.registry = await discover_models(client, settings)
+            app.state.gateway = TritonGateway(
+                client, timeout_s=settings.triton_timeout_s, max_rows=settings.max_sequences_per_triton_request
+            )
+            yield
+        finally:
+            await client.close()
+
+    app = FastAPI(
+        title="triton-pooling-serve",
+        description="vLLM- and SGLang-compatible classify / score / rerank APIs over Triton Inference Server.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    install_exception_handlers(app)
+    for router in (classify_router, score_router, rerank_router, models_router):
+        app.include_router(router)
+    return app

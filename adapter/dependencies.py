@@ -1,0 +1,28 @@
+"""What routes receive: the registry, the Triton gateway and the settings, owned by the lifespan."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from adapter.registry import ModelRegistry
+from adapter.settings import Settings
+from adapter.triton_gateway import TritonGateway
+
+
+def get_registry(request: Request) -> ModelRegistry:
+    return request.app.state.registry
+
+
+def get_gateway(request: Request) -> TritonGateway:
+    return request.app.state.gateway
+
+
+def get_app_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
+GatewayDep = Annotated[TritonGateway, Depends(get_gateway)]
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]

@@ -1,0 +1,109 @@
+"""The served models, learned from Triton itself: no second, hand-kept list.
+
+At start the adapter asks Triton for its loaded models (repository index) and each model's config.
+From the config it takes the task (an ``embeddings`` output: embedding model; ``scores``:
+classifier), the ``checkpoint``, ``served_model_name`` and ``max_model_len`` parameters; from the
+checkpoint it loads the same tokenizer and HF config the model uses (labels, maximum length).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from adapter.errors import NotFoundError, RouteNotOffered
+from adapter.tokenization import TextEncoder
+from model_runtime.checkpoints import BUILTIN_PREFIX, max_model_len_for, resolve_checkpoint
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    name: str  # the name clients send in `model`
+    triton_model: str
+    task: str  # "classify" or "embed"
+    checkpoint: str  # resolved path or hub id (the `root` of /v1/models)
+    encoder: TextEncoder
+    id2label: dict[int, str]
+    num_labels: int
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def max_model_len(self) -> int:
+        return self.encoder.max_model_len
+
+    @property
+    def can_classify(self) -> bool:
+        return self.task == "classify"
+
+    @property
+    def can_score(self) -> bool:
+        """vLLM's enable_scoring_api: embedding models, and classifiers with one label."""
+        return self.task == "embed" or self.num_labels == 1
+
+    @property
+    def is_cross_encoder(self) -> bool:
+        return self.task == "classify"
+
+
+def served_name(parameters: dict[str, str], triton_model: str) -> str:
+    explicit = parameters.get("served_model_name", "").strip()
+    if explicit:
+        return explicit
+    checkpoint = parameters.get("checkpoint", "").strip()
+    if checkpoint.startswith(BUILTIN_PREFIX):
+        return checkpoint[len(BUILTIN_PREFIX) :]
+    return checkpoint or triton_model
+
+
+def build_served_model(triton_model: str, config: dict, repository: Path) -> ServedModel:
+    from transformers import AutoConfig, AutoTokenizer
+
+    parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+    outputs = {output["name"] for output in config.get("output", [])}
+    task = "embed" if "embeddings" in outputs else "classify"
+    checkpoint = resolve_checkpoint(parameters.get("checkpoint", ""), repository / triton_model)
+    hf_config = AutoConfig.from_pretrained(checkpoint)
+    max_model_len = int(parameters.get("max_model_len", "0") or 0) or max_model_len_for(hf_config, checkpoint)
+    input_names = {tensor["name"] for tensor in config.get("input", [])}
+    encoder = TextEncoder(
+        AutoTokenizer.from_pretrained(checkpoint),
+        max_model_len=max_model_len,
+        sends_token_types="token_type_ids" in input_names and int(getattr(hf_config, "type_vocab_size", 1) or 1) > 1,
+    )
+    id2label = {int(k): v for k, v in (getattr(hf_config, "id2label", None) or {}).items()}
+    return ServedModel(
+        name=served_name(parameters, triton_model),
+        triton_model=triton_model,
+        task=task,
+        checkpoint=checkpoint,
+        encoder=encoder,
+        id2label=id2label,
+        num_labels=int(getattr(hf_config, "num_labels", 1) or 1) if task == "classify" else 0,
+    )
+
+
+class ModelRegistry:
+    def __init__(self, models: list[ServedModel]):
+        self.models = {model.name: model for model in models}
+
+    def __iter__(self):
+        return iter(self.models.values())
+
+    def resolve(self, name: str | None, *, capability: str) -> ServedModel:
+        """The model a request names (or the first able to serve it when it names none).
+
+        An unknown name is vLLM's 404 ``The model `X` does not exist.``; a known model that cannot
+        serve the route answers as vLLM does for a route it never registered.
+        """
+        if name:
+            model = self.models.get(name)
+            if model is None:
+                raise NotFoundError(f"The model `{name}` does not exist.")
+            if not getattr(model, capability):
+                raise RouteNotOffered()
+            return model
+        for model in self.models.values():
+            if getattr(model, capability):
+                return model
+        raise RouteNotOffered()

@@ -1,0 +1,29 @@
+"""Rerank: score each document against the query, sort (stable, descending), keep ``top_n``."""
+
+from __future__ import annotations
+
+from adapter.registry import ServedModel
+from adapter.rerank.protocol import RerankDocument, RerankRequest, RerankResponse, RerankResult, RerankUsage
+from adapter.score.service import score_pairs
+from adapter.settings import Settings
+from adapter.triton_gateway import TritonGateway
+
+
+async def rerank(
+    request: RerankRequest, model: ServedModel, gateway: TritonGateway, settings: Settings, response_id: str
+) -> RerankResponse:
+    documents = [request.documents] if isinstance(request.documents, str) else list(request.documents)
+    scores, prompt_tokens = await score_pairs(
+        model, [request.query], documents, gateway, settings, request.use_activation
+    )
+    order = sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)  # sorted() is stable
+    if 0 < request.top_n < len(order):
+        order = order[: request.top_n]
+    return RerankResponse(
+        id=response_id,
+        model=model.name,
+        usage=RerankUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens),
+        results=[
+            RerankResult(index=i, document=RerankDocument(text=documents[i]), relevance_score=scores[i]) for i in order
+        ],
+    )

@@ -1,0 +1,54 @@
+"""Every knob of the adapter, in one place (environment variables prefixed ``ADAPTER_``)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from model_runtime.checkpoints import PROJECT_ROOT
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ADAPTER_", protected_namespaces=())
+
+    triton_grpc_url: str = Field(
+        "127.0.0.1:8001",
+        description="Triton's gRPC address. The adapter keeps one aio client to it for its lifetime.",
+    )
+    model_repository: Path = Field(
+        PROJECT_ROOT / "model_repository",
+        description="The repository Triton serves; relative `checkpoint` parameters resolve against its folders "
+        "so the adapter loads the same tokenizer the model uses.",
+    )
+    triton_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="gRPC deadline of one Triton call. Too low fails long batches under load with 504; too high "
+        "keeps clients waiting on a stuck server.",
+    )
+    startup_timeout_s: float = Field(
+        120.0, gt=0, description="How long to wait at start for Triton to be ready and to list its models."
+    )
+    max_sequences_per_triton_request: int = Field(
+        64,
+        ge=1,
+        le=256,
+        description="Sequences sent in one Triton request (padded to its longest). Larger requests are split and "
+        "sent concurrently; Triton packs them back into one forward. Must not exceed the models' max_batch_size.",
+    )
+    tokenize_in_thread_above: int = Field(
+        8,
+        ge=0,
+        description="Requests with more texts than this are tokenized in a worker thread, so one large request "
+        "does not stall the event loop for the others.",
+    )
+    host: str = Field("127.0.0.1", description="Address the HTTP server binds.")
+    port: int = Field(8080, description="Port the HTTP server binds.")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

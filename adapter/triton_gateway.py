@@ -1,0 +1,71 @@
+"""All Triton calls of the adapter: token ids in, output arrays out, errors mapped once.
+
+Sequences go to Triton as right-padded ``[n, T]`` requests with an ``attention_mask`` of at most
+``max_sequences_per_triton_request`` rows, sent concurrently; the model's dynamic batcher packs
+them (and other clients' requests) into one forward again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import tritonclient.grpc.aio as grpcaio
+from tritonclient.utils import InferenceServerException
+
+from adapter.errors import from_triton
+from adapter.tokenization import Encoded
+
+
+def _padded(rows: list[list[int]], width: int) -> np.ndarray:
+    array = np.zeros((len(rows), width), dtype=np.int64)
+    for i, row in enumerate(rows):
+        array[i, : len(row)] = row
+    return array
+
+
+def _tensor(name: str, array: np.ndarray) -> grpcaio.InferInput:
+    tensor = grpcaio.InferInput(name, list(array.shape), "INT64")
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+class TritonGateway:
+    def __init__(self, client: grpcaio.InferenceServerClient, *, timeout_s: float, max_rows: int):
+        self.client = client
+        self.timeout_s = timeout_s
+        self.max_rows = max_rows
+
+    async def infer(self, triton_model: str, encoded: Encoded, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """One row per sequence for each requested output, in input order."""
+        chunks = [
+            (start, min(start + self.max_rows, len(encoded.input_ids)))
+            for start in range(0, len(encoded.input_ids), self.max_rows)
+        ]
+        results = await asyncio.gather(*(self._infer_rows(triton_model, encoded, a, b, outputs) for a, b in chunks))
+        return {name: np.concatenate([result[name] for result in results]) for name in outputs}
+
+    async def _infer_rows(self, triton_model, encoded: Encoded, start: int, end: int, outputs):
+        rows = encoded.input_ids[start:end]
+        lengths = np.array([len(row) for row in rows])
+        width = int(lengths.max())
+        mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+        inputs = [_tensor("input_ids", _padded(rows, width)), _tensor("attention_mask", mask)]
+        if encoded.token_type_ids is not None:
+            inputs.append(_tensor("token_type_ids", _padded(encoded.token_type_ids[start:end], width)))
+        try:
+            result = await self.client.infer(
+                triton_model,
+                inputs,
+                outputs=[grpcaio.InferRequestedOutput(name) for name in outputs],
+                client_timeout=self.timeout_s,
+            )
+        except InferenceServerException as error:
+            raise from_triton(error) from None
+        return {name: result.as_numpy(name) for name in outputs}
+
+    async def ready(self) -> bool:
+        try:
+            return bool(await self.client.is_server_ready(client_timeout=5))
+        except InferenceServerException:
+            return False
