@@ -8,8 +8,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
+HOST ?= 127.0.0.1
+PORT ?= 8080
+# Extra models: MODELS="xlm_roberta_classifier=BAAI/bge-reranker-v2-m3 ..." (folder=checkpoint)
+MODELS ?=
 
-.PHONY: install test test-unit test-integration clean
+.PHONY: install serve test test-unit test-integration clean
 
 install: $(INSTALLED)
 
@@ -24,6 +28,9 @@ $(INSTALLED): pyproject.toml Makefile
 	# into the venv's site-packages as a .pth.
 	$(PY) -c "import sysconfig, pathlib; pathlib.Path(sysconfig.get_paths()['purelib'], 'project_root.pth').write_text('$(CURDIR)\n')"
 	touch $@
+
+serve: $(INSTALLED)
+	$(PY) -m adapter.stack --host $(HOST) --port $(PORT) $(foreach m,$(MODELS),--model $(m))
 
 test: $(INSTALLED)
 	$(PY) -m pytest -q --durations=10 $(PYTEST_ARGS)

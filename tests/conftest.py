@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from model_runtime.launcher import TritonServer
@@ -26,8 +32,58 @@ def triton_server(tiny_checkpoints, tmp_path_factory):
     """The real tritonserver, started by the project's launcher on free ports, serving every
     model folder of model_repository/ with its tiny checkpoint."""
     log_path = tmp_path_factory.mktemp("triton") / "tritonserver.log"
-    models = {folder: {"checkpoint": str(path)} for folder, path in tiny_checkpoints.items()}
+    models = {
+        folder: {"checkpoint": str(path), "served_model_name": folder} for folder, path in tiny_checkpoints.items()
+    }
     server = TritonServer(MODEL_REPOSITORY, models, log_path=log_path, ready_timeout_s=480)
     with server:
         yield server
         server.check()  # a stub that died during the session fails the last test loudly
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, process: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
+    """Poll ``url`` until it answers 200; fail at once, with the log, if ``process`` exits."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} not ready after {timeout_s}s:\n{log_path.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="session")
+def adapter_url(triton_server, tmp_path_factory):
+    """The real adapter (uvicorn, separate process) in front of the session's Triton server."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("adapter") / "adapter.log"
+    env = {
+        **os.environ,
+        "ADAPTER_TRITON_GRPC_URL": triton_server.grpc_url,
+        "ADAPTER_HOST": "127.0.0.1",
+        "ADAPTER_PORT": str(port),
+        "ADAPTER_MAX_SEQUENCES_PER_TRITON_REQUEST": "4",  # small, so multi-request splitting is exercised
+    }
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "adapter"], cwd=PROJECT_ROOT, env=env, stdout=log,
+                                   stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{url}/health", process, log_path, timeout_s=120)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()

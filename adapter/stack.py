@@ -1,0 +1,139 @@
+"""``make serve``: the whole stack on this machine, with no Docker and no hub.
+
+1. prepares the built-in checkpoints (cached after the first run);
+2. starts ``tritonserver`` through the project's launcher, loading the default model folders
+   (``bert_classifier`` → builtin:sentiment-minilm, ``bert_embedder`` → builtin:all-MiniLM-L6-v2)
+   or the ones named with ``--model FOLDER[=CHECKPOINT]``;
+3. runs the HTTP adapter on ``--host``/``--port`` and prints the URL and a sample request;
+4. stops everything on Ctrl-C / SIGTERM, or when Triton or one of its stubs dies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from adapter.app import create_app
+from adapter.settings import Settings
+from model_runtime.builtin import prepare_all
+from model_runtime.checkpoints import PROJECT_ROOT
+from model_runtime.launcher import LauncherError, TritonServer
+
+DEFAULT_MODELS = ("bert_classifier", "bert_embedder")
+logger = logging.getLogger("serve")
+
+
+def parse_models(values: list[str]) -> dict[str, dict[str, str]]:
+    models: dict[str, dict[str, str]] = {}
+    for value in values or DEFAULT_MODELS:
+        folder, _, checkpoint = value.partition("=")
+        models[folder] = {"checkpoint": checkpoint} if checkpoint else {}
+    return models
+
+
+def sample_requests(base_url: str) -> str:
+    return (
+        f"curl -s {base_url}/classify -H 'Content-Type: application/json' \\\n"
+        "  -d '{\"model\": \"sentiment-minilm\", \"input\": [\"I love this!\", \"This is terrible.\"]}'\n"
+        f"curl -s {base_url}/rerank -H 'Content-Type: application/json' \\\n"
+        "  -d '{\"model\": \"all-MiniLM-L6-v2\", \"query\": \"What is the capital of France?\", "
+        "\"documents\": [\"Berlin is in Germany.\", \"Paris is the capital of France.\"]}'"
+    )
+
+
+async def _watch(triton: TritonServer, web: uvicorn.Server, failures: list[str]) -> None:
+    """Stop the adapter if Triton or a stub dies; announce the URL once it is up."""
+    announced = False
+    while not web.should_exit:
+        if web.started and not announced:
+            base_url = f"http://{web.config.host}:{web.config.port}"
+            print(f"\nServing on {base_url}  (Triton gRPC {triton.grpc_url}, OpenAPI {base_url}/docs)", flush=True)
+            print("Try:\n" + sample_requests(base_url) + "\n", flush=True)
+            announced = True
+        try:
+            triton.check()
+        except LauncherError as error:
+            failures.append(str(error))
+            web.should_exit = True
+        await asyncio.sleep(0.5)
+
+
+class _StopRequests:
+    """SIGINT/SIGTERM handler for the whole run.
+
+    uvicorn handles the signals while it serves and re-raises them once it has shut down; with
+    the default handlers that would kill this process before Triton is stopped, so ours stay
+    installed around it and only ask everything to stop.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.web: uvicorn.Server | None = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self)
+
+    def __call__(self, signum: int, _frame: object) -> None:
+        self.requested = True
+        if self.web is not None:
+            self.web.should_exit = True
+
+
+async def serve(args: argparse.Namespace) -> int:
+    stop = _StopRequests()
+    print("Preparing built-in models (cached after the first run)...", flush=True)
+    await asyncio.to_thread(prepare_all)
+    triton = TritonServer(
+        model_repository=args.model_repository,
+        models=parse_models(args.model),
+        grpc_port=args.triton_grpc_port,
+        log_path=args.triton_log,
+    )
+    print(f"Starting tritonserver with {', '.join(triton.models)}...", flush=True)
+    try:
+        await asyncio.to_thread(triton.start)
+    except LauncherError as error:
+        print(f"serve: {error}", file=sys.stderr, flush=True)
+        return 1
+    failures: list[str] = []
+    try:
+        if stop.requested:
+            return 0
+        settings = Settings(triton_grpc_url=triton.grpc_url, model_repository=args.model_repository,
+                            host=args.host, port=args.port)
+        web = uvicorn.Server(uvicorn.Config(create_app(settings), host=args.host, port=args.port, log_level="info"))
+        stop.web = web
+        watcher = asyncio.create_task(_watch(triton, web, failures))
+        await web.serve()
+        watcher.cancel()
+    finally:
+        await asyncio.to_thread(triton.stop)
+    if failures:
+        print(f"serve: {failures[0]}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m adapter.stack", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument(
+        "--model", action="append", default=[], metavar="FOLDER[=CHECKPOINT]",
+        help="model folder to serve, optionally with a checkpoint (local folder or hub id); repeatable. "
+        f"Default: {' '.join(DEFAULT_MODELS)} with the built-in checkpoints.",
+    )
+    parser.add_argument("--model-repository", type=Path, default=PROJECT_ROOT / "model_repository")
+    parser.add_argument("--triton-grpc-port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--triton-log", type=Path, default=None, help="tritonserver log file (default: stdout)")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return asyncio.run(serve(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
