@@ -162,12 +162,14 @@ def remove_stale_shm_regions() -> list[Path]:
 
 
 def child_pids(pid: int) -> list[int]:
-    """Direct children of ``pid`` (Linux /proc)."""
-    children_file = Path(f"/proc/{pid}/task/{pid}/children")
-    try:
-        return [int(p) for p in children_file.read_text().split()]
-    except (FileNotFoundError, ProcessLookupError):
-        return []
+    """Children of ``pid``, forked from any of its threads (Linux /proc)."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children.extend(int(child) for child in (task / "children").read_text().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return children
 
 
 def process_cmdline(pid: int) -> str:

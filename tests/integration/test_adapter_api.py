@@ -125,7 +125,10 @@ def test_rerank_cross_encoder_sorted_with_original_index(adapter_url, tiny_check
 def test_rerank_top_n_and_bare_string_document(adapter_url):
     full = post(adapter_url, "/rerank", {"model": "xlm_roberta_classifier", "query": "q", "documents": DOCS}).json()
     top = post(adapter_url, "/rerank", {"model": "xlm_roberta_classifier", "query": "q", "documents": DOCS, "top_n": 2}).json()
-    assert top["results"] == full["results"][:2]
+    # the same ranking; scores equal up to float noise (another batch composition inside Triton)
+    assert [r["index"] for r in top["results"]] == [r["index"] for r in full["results"][:2]]
+    np.testing.assert_allclose([r["relevance_score"] for r in top["results"]],
+                               [r["relevance_score"] for r in full["results"][:2]], rtol=1e-5)
     assert top["usage"] == full["usage"]  # every document is still scored
     many = post(adapter_url, "/rerank", {"model": "xlm_roberta_classifier", "query": "q", "documents": DOCS, "top_n": 99}).json()
     assert len(many["results"]) == len(DOCS)

@@ -1,0 +1,134 @@
+"""`make serve` as a user runs it: the README's sample curl against the embedded default models."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from model_runtime import launcher
+from tests.conftest import PROJECT_ROOT, free_port, wait_for_http
+
+pytestmark = pytest.mark.integration
+
+
+def readme_sample_curl() -> str:
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    block = re.search(r"<!-- sample-curl:start -->\s*```bash\n(.*?)```\s*<!-- sample-curl:end -->", readme, re.S)
+    assert block, "README must hold the sample curl between sample-curl markers"
+    return block.group(1)
+
+
+def descendants(pid: int) -> list[int]:
+    found, pending = [], launcher.child_pids(pid)
+    while pending:
+        child = pending.pop()
+        found.append(child)
+        pending.extend(launcher.child_pids(child))
+    return found
+
+
+@pytest.fixture(scope="module")
+def make_serve(tmp_path_factory):
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("serve") / "make-serve.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(["make", "serve", f"PORT={port}"], cwd=PROJECT_ROOT, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{url}/health", process, log_path, timeout_s=420)
+        deadline = time.monotonic() + 10
+        while "Try:" not in log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        yield url, process, log_path
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def test_prints_url_and_sample_request(make_serve):
+    url, _, log_path = make_serve
+    output = log_path.read_text()
+    assert f"Serving on {url}" in output
+    assert f"curl -s {url}/classify" in output and f"curl -s {url}/rerank" in output
+
+
+def test_readme_sample_curl_answers(make_serve):
+    url, _, _ = make_serve
+    script = readme_sample_curl().replace("http://127.0.0.1:8080", url)
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    decoder, answers, position = json.JSONDecoder(), [], 0
+    text = result.stdout.strip()
+    while position < len(text):  # curl prints the bodies back to back, without newlines
+        answer, position = decoder.raw_decode(text, position)
+        answers.append(answer)
+        while position < len(text) and text[position].isspace():
+            position += 1
+    assert len(answers) == 2
+    classify, rerank = answers
+    assert [d["label"] for d in classify["data"]] == ["positive", "negative"]
+    assert rerank["results"][0]["document"]["text"] == "Paris is the capital of France."
+
+
+def test_default_classifier_labels_obvious_sentences(make_serve):
+    url, _, _ = make_serve
+    sentences = {
+        "I absolutely loved it, what a wonderful day!": "positive",
+        "The staff were friendly and the food was delicious.": "positive",
+        "Brilliant, works perfectly, highly recommended.": "positive",
+        "This is the worst product I have ever bought.": "negative",
+        "The service was rude and the room was dirty.": "negative",
+        "Awful, boring and a complete waste of time.": "negative",
+    }
+    body = httpx.post(f"{url}/classify", json={"model": "sentiment-minilm", "input": list(sentences)}, timeout=60).json()
+    assert [d["label"] for d in body["data"]] == list(sentences.values())
+    assert all(max(d["probs"]) > 0.8 for d in body["data"])
+
+
+@pytest.mark.parametrize(
+    "query, relevant, distractors",
+    [
+        ("What is the capital of France?", "Paris is the capital and largest city of France.",
+         ["Berlin is the capital of Germany.", "The Nile is a river in Africa."]),
+        ("How do I bake bread?", "Mix flour, water, yeast and salt, let the dough rise, then bake it.",
+         ["The stock market fell sharply today.", "Cats sleep for most of the day."]),
+        ("Which planet is known as the red planet?", "Mars is often called the Red Planet.",
+         ["Jupiter is the largest planet.", "Bananas are rich in potassium."]),
+    ],
+)
+def test_default_reranker_puts_the_relevant_document_first(make_serve, query, relevant, distractors):
+    url, _, _ = make_serve
+    documents = [*distractors, relevant]
+    body = httpx.post(f"{url}/rerank", json={"query": query, "documents": documents}, timeout=60).json()
+    assert body["model"] == "all-MiniLM-L6-v2"
+    assert body["results"][0]["index"] == len(documents) - 1
+
+
+def test_sigterm_stops_adapter_and_triton(make_serve):
+    _, process, _ = make_serve
+    children = descendants(process.pid)
+    assert any("tritonserver" in launcher.process_cmdline(pid) for pid in children)
+    os.killpg(process.pid, signal.SIGTERM)
+    process.wait(timeout=60)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(running(pid) for pid in children):
+        time.sleep(0.2)
+    assert not [pid for pid in children if running(pid)], "processes outlived make serve"
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie waiting to be reaped."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
