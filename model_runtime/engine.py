@@ -1,8 +1,11 @@
 """The packed engine: one token stream in, pooled and scored sequences out.
 
 ``PackedEngine.run`` takes a :class:`~model_runtime.packing.PackedBatch`, splits it into forwards
-of at most ``max_tokens_per_forward`` tokens, runs the model body, pools every sequence by
-``cu_seqlens`` and applies the head and activation once for the whole batch.
+of at most ``max_tokens_per_forward`` tokens, runs the model body, and pools and scores every
+sequence by ``cu_seqlens`` through ``kernels`` (Triton kernels on CUDA, the torch reference on
+CPU): mean + L2 norm for embedding models; CLS pooling, the family's head features and the fused
+linear + activation head for encoders; one fused last-token + linear + activation launch for
+decoders.
 
 On CPU the body runs on an internally padded copy of each chunk (HF's own padded path, whose
 results it matches exactly); the GPU varlen path plugs in behind ``_body_packed``.
@@ -13,7 +16,7 @@ from __future__ import annotations
 import torch
 
 import kernels
-from model_runtime.activation import Activation, activation_for_config, apply_activation
+from model_runtime.activation import Activation, activation_for_config
 from model_runtime.checkpoints import max_model_len_for
 from model_runtime.families import Family
 from model_runtime.packing import PackedBatch, SequenceLimits, token_budget_chunks
@@ -50,7 +53,7 @@ class PackedEngine:
             f"family={self.family.name} checkpoint={self.settings.checkpoint} device={self.device} "
             f"dtype={self.settings.dtype} pooling={self.family.pooling} activation={self.activation.value} "
             f"max_model_len={self.limits.max_model_len} max_tokens_per_forward={self.settings.max_tokens_per_forward} "
-            f"body=padded-sdpa pooling_impl=torch-reference"
+            f"body=padded-sdpa pooling_and_head={kernels.implementation(self.device)}"
         )
 
     @torch.inference_mode()
@@ -62,20 +65,31 @@ class PackedEngine:
             token_types = batch.token_type_ids.to(self.device, non_blocking=True)
         cu_seqlens = batch.cu_seqlens
 
-        pooled_chunks = []
+        chunks: list[dict[str, torch.Tensor]] = []
         for first, last in token_budget_chunks(batch.lengths, self.settings.max_tokens_per_forward):
             begin, end = int(cu_seqlens[first]), int(cu_seqlens[last])
             local_cu = (cu_seqlens[first : last + 1] - begin).to(self.device)
             hidden = self._body_packed(
                 input_ids[begin:end], local_cu, None if token_types is None else token_types[begin:end]
             )
-            pooled_chunks.append(kernels.pool(hidden, local_cu, self.family.pooling))
-        pooled = torch.cat(pooled_chunks)
+            chunks.append(self._pool_and_score(hidden, local_cu))
+        return {name: torch.cat([chunk[name] for chunk in chunks]).float().cpu() for name in self.output_names}
 
+    def _pool_and_score(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.family.task == "embed":
-            return {"embeddings": pooled.float().cpu()}
-        logits = self.family.head(self.model, pooled).float()
-        return {"logits": logits.cpu(), "scores": apply_activation(logits, self.activation).cpu()}
+            return {"embeddings": kernels.pool(hidden, cu_seqlens, self.family.pooling)}
+        linear = self.family.head_linear(self.model)
+        if self.family.fused_gather:
+            # Nothing between pooling and the linear layer: the gather joins the head's launch.
+            x, gather = hidden, self.family.pooling
+        else:
+            pooled = kernels.pool(hidden, cu_seqlens, self.family.pooling)
+            x, gather = self.family.head_features(self.model, pooled), "rows"
+        logits, scores = kernels.score_head(
+            x, linear.weight, linear.bias, self.activation.value, gather=gather, cu_seqlens=cu_seqlens,
+            logit_mean=self.settings.logit_mean, logit_sigma=self.settings.logit_sigma,
+        )
+        return {"logits": logits, "scores": scores}
 
     def _body_packed(
         self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, token_type_ids: torch.Tensor | None

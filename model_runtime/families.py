@@ -1,8 +1,12 @@
 """Architecture families: how to load a checkpoint, run its body, pool, and apply its head.
 
 Every family runs the stock Hugging Face model: the body (``model.base_model``) produces hidden
-states, the runtime pools them per packed sequence (``kernels``), and the family applies the
-checkpoint's own head to the pooled vectors, so scores equal the HF model's.
+states, the runtime pools them per packed sequence (``kernels``), and the checkpoint's own head
+weights score the pooled vectors, so scores equal the HF model's. A head is split in two:
+``head_features`` (what comes before the last linear layer: BERT's pooler, RoBERTa's dense + tanh;
+nothing for decoders) and ``head_linear`` (the last ``nn.Linear``), which the fused score-head
+kernel applies together with the activation. Decoders have no features step, so their last-token
+gather is fused into that kernel as well.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ class Family:
     pooling: str  # a kernels.POOLING_METHODS entry
     task: str  # "classify" (logits + scores) or "embed" (embeddings)
     uses_token_types: bool = False
+    fused_gather: bool = False  # pooling is a plain gather straight into the last linear layer
 
     def check_architecture(self, config) -> None:
         found = (getattr(config, "architectures", None) or ["<none>"])[0]
@@ -39,35 +44,53 @@ class Family:
     def body(self, model: nn.Module) -> nn.Module:
         return model.base_model
 
-    def head(self, model: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
+    def head_features(self, model: nn.Module, pooled: torch.Tensor) -> torch.Tensor | None:
+        """The head up to its last linear layer; None when there is nothing before it."""
+        raise NotImplementedError
+
+    def head_linear(self, model: nn.Module) -> nn.Linear:
         raise NotImplementedError
 
 
 @dataclass(frozen=True)
 class BertFamily(Family):
-    def head(self, model, pooled):
-        # BertForSequenceClassification: BertPooler (dense + tanh on CLS), then the classifier.
+    def head_features(self, model, pooled):
+        # BertForSequenceClassification: BertPooler (dense + tanh on CLS); dropout is off in eval.
         pooler = model.bert.pooler
-        return model.classifier(pooler.activation(pooler.dense(pooled)))
+        return pooler.activation(pooler.dense(pooled))
+
+    def head_linear(self, model):
+        return model.classifier
 
 
 @dataclass(frozen=True)
 class RobertaFamily(Family):
-    def head(self, model, pooled):
-        # RobertaClassificationHead reads features[:, 0]: hand it the pooled CLS as a 1-token row.
-        return model.classifier(pooled.unsqueeze(1))
+    def head_features(self, model, pooled):
+        # RobertaClassificationHead: dense + tanh on CLS, then out_proj.
+        return torch.tanh(model.classifier.dense(pooled))
+
+    def head_linear(self, model):
+        return model.classifier.out_proj
 
 
 @dataclass(frozen=True)
 class DecoderFamily(Family):
-    def head(self, model, pooled):
-        return model.score(pooled)
+    fused_gather: bool = True
+
+    def head_features(self, model, pooled):
+        return None
+
+    def head_linear(self, model):
+        return model.score
 
 
 @dataclass(frozen=True)
 class EmbeddingFamily(Family):
-    def head(self, model, pooled):
-        return pooled
+    def head_features(self, model, pooled):
+        return None
+
+    def head_linear(self, model):
+        raise TypeError("embedding models have no score head")
 
 
 BERT = BertFamily(

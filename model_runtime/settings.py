@@ -21,6 +21,8 @@ class ModelSettings:
     dtype: torch.dtype
     max_tokens_per_forward: int  # token budget of one forward pass
     max_model_len: int  # 0: derive from the checkpoint
+    logit_mean: float  # calibration before the activation: (logit - mean) / sigma, as vLLM's pooler
+    logit_sigma: float
     output_names: tuple[str, ...]
 
     @classmethod
@@ -50,5 +52,7 @@ class ModelSettings:
             dtype=dtype,
             max_tokens_per_forward=int(parameters.get("max_tokens_per_forward", "16384")),
             max_model_len=int(parameters.get("max_model_len", "0")),
+            logit_mean=float(parameters.get("logit_mean", "0") or 0),
+            logit_sigma=float(parameters.get("logit_sigma", "1") or 1),
             output_names=tuple(output["name"] for output in config.get("output", [])),
         )

@@ -11,6 +11,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # No GPU (CI): the Triton kernels run in Triton's CPU interpreter. Must be set before
+    # `kernels` is imported, because triton.jit picks the interpreter at decoration time.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from model_runtime.launcher import TritonServer
 from tests.tiny_models import MODEL_FOLDERS, build_checkpoint
