@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib
 import itertools
 import platform
 from pathlib import Path
@@ -30,12 +31,14 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-import kernels.cosine as cosine_module
-import kernels.pooling as pooling_module
-import kernels.score_head as head_module
 from kernels.cosine import cosine_similarity_triton
 from kernels.pooling import pool_reference, pool_triton
 from kernels.score_head import score_head_triton
+
+# The modules themselves (``kernels.score_head`` the attribute is the dispatch function).
+cosine_module = importlib.import_module("kernels.cosine")
+pooling_module = importlib.import_module("kernels.pooling")
+head_module = importlib.import_module("kernels.score_head")
 
 SEQUENCES = (64, 256, 1024, 4096)
 HIDDEN_SIZES = (384, 1024, 4096)
@@ -121,20 +124,28 @@ def run_sweep(out_dir: Path, commit: str) -> None:
     """Tile-size candidates for each kernel; the chosen constants are the module defaults."""
     rows = []
     defaults = {module: {name: getattr(module, name) for name in names} for module, names in (
-        (pooling_module, ("BLOCK_H", "BLOCK_T", "NUM_WARPS")),
+        (pooling_module, ("MEAN_BLOCK_H", "BLOCK_T", "NUM_WARPS", "GATHER_BLOCK_H")),
         (head_module, ("BLOCK_N", "BLOCK_H")),
         (cosine_module, ("BLOCK_P", "BLOCK_H")),
     )}
-    for num_seqs, hidden_size in itertools.product((1024, 4096), (1024, 4096)):
+    for num_seqs, hidden_size in itertools.product((1024, 4096), (384, 1024, 4096)):
         hidden, cu = packed(num_seqs, hidden_size)
         weight = torch.randn(8, hidden_size, device="cuda", dtype=DTYPE)
         documents, query = hidden[:num_seqs].contiguous(), hidden[num_seqs : num_seqs + 1].contiguous()
         for block_h, block_t, warps in itertools.product((128, 256, 512), (8, 16, 32), (2, 4, 8)):
-            pooling_module.BLOCK_H, pooling_module.BLOCK_T, pooling_module.NUM_WARPS = block_h, block_t, warps
+            pooling_module.MEAN_BLOCK_H, pooling_module.BLOCK_T, pooling_module.NUM_WARPS = block_h, block_t, warps
             ms = median_ms(lambda: pool_triton(hidden, cu, "mean"))
             rows.append(dict(op="pool mean", config=f"BLOCK_H={block_h} BLOCK_T={block_t} warps={warps}",
                              num_seqs=num_seqs, hidden=hidden_size, ms=round(ms, 5)))
-        for block_n, block_h in itertools.product((16, 32, 64), (32, 64, 128)):
+        pooling_module.MEAN_BLOCK_H, pooling_module.BLOCK_T, pooling_module.NUM_WARPS = None, 16, 4
+        rows.append(dict(op="pool mean", config="default (largest dividing BLOCK_H)", num_seqs=num_seqs,
+                         hidden=hidden_size, ms=round(median_ms(lambda: pool_triton(hidden, cu, "mean")), 5)))
+        for block_h in (256, 512, 1024, 2048):
+            pooling_module.GATHER_BLOCK_H = block_h
+            ms = median_ms(lambda: pool_triton(hidden, cu, "last"))
+            rows.append(dict(op="pool last", config=f"GATHER_BLOCK_H={block_h}", num_seqs=num_seqs,
+                             hidden=hidden_size, ms=round(ms, 5)))
+        for block_n, block_h in itertools.product((16, 32, 64), (64, 128, 256, 512)):
             head_module.BLOCK_N, head_module.BLOCK_H = block_n, block_h
             ms = median_ms(lambda: score_head_triton(hidden, weight, None, "softmax", gather="last", cu_seqlens=cu))
             rows.append(dict(op="score_head", config=f"BLOCK_N={block_n} BLOCK_H={block_h}",

@@ -27,12 +27,19 @@ import triton.language as tl
 POOLING_METHODS = ("cls", "last", "mean", "mean_normalized")
 _METHOD_CODE = {"cls": 0, "last": 1, "mean": 2, "mean_normalized": 2}
 
-# Tile sizes. Sweep on H100 (benchmarks/bench_kernels.py --sweep, bf16, 1,024-4,096 sequences,
-# 256 tokens, hidden 384-4,096): BLOCK_H 128/256/512 x BLOCK_T 8/16/32 x warps 2/4/8; BLOCK_H=256,
-# BLOCK_T=16, 4 warps was within 3% of the best at every size (results in benchmarks/results/).
-BLOCK_H = 256
+# Tile sizes, from the sweep in benchmarks/bench_kernels.py --sweep on an H100 (bf16, 1,024 and
+# 4,096 sequences of 32-224 tokens, hidden 384 / 1,024 / 4,096; CSVs in benchmarks/results/).
+# Mean: BLOCK_H 128/256/512 x BLOCK_T 8/16/32 x 2/4/8 warps. A first run with a fixed BLOCK_H=256
+# reached 84-88% of the copy bandwidth at hidden 4,096 but 46% at hidden 384, whose second column
+# block was half masked; the largest BLOCK_H that divides the hidden size avoids masked lanes, and
+# BLOCK_T=16 with 4 warps was best or near it everywhere. (None: that rule; a number: forced.)
+MEAN_BLOCK_H: int | None = None
+MEAN_BLOCK_H_CANDIDATES = (512, 256, 128)
 BLOCK_T = 16
 NUM_WARPS = 4
+# CLS / last: a pure row gather; one 256-column program per row was slower than torch's
+# index_select at 4,096 x 4,096 (too many tiny programs): wide programs of 1,024 columns.
+GATHER_BLOCK_H = 1024
 NORMALIZE_BLOCK_H = 1024
 NORMALIZE_EPS = 1e-12  # F.normalize's default
 
@@ -114,6 +121,16 @@ def check_packed(hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but hidden is on {hidden.device}")
 
 
+def mean_block_h(hidden_size: int) -> int:
+    """Columns per mean-pooling program: the largest candidate dividing the hidden size."""
+    if MEAN_BLOCK_H is not None:
+        return MEAN_BLOCK_H
+    for candidate in MEAN_BLOCK_H_CANDIDATES:
+        if hidden_size % candidate == 0:
+            return candidate
+    return 256
+
+
 def pool_triton(
     hidden: torch.Tensor, cu_seqlens: torch.Tensor, method: str, *, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -140,10 +157,11 @@ def pool_triton(
     normalize = method == "mean_normalized"
     # The normalised mean goes through an fp32 workspace, scaled into `out` by the second kernel.
     means = torch.empty(num_seqs, hidden_size, dtype=torch.float32, device=hidden.device) if normalize else out
-    grid = (num_seqs, triton.cdiv(hidden_size, BLOCK_H))
+    block_h = GATHER_BLOCK_H if method in ("cls", "last") else mean_block_h(hidden_size)
+    grid = (num_seqs, triton.cdiv(hidden_size, block_h))
     _pool_kernel[grid](
         hidden, hidden.stride(0), cu_seqlens, means, means.stride(0), hidden_size,
-        METHOD=_METHOD_CODE[method], BLOCK_T=BLOCK_T, BLOCK_H=BLOCK_H, num_warps=NUM_WARPS,
+        METHOD=_METHOD_CODE[method], BLOCK_T=BLOCK_T, BLOCK_H=block_h, num_warps=NUM_WARPS,
     )
     if normalize:
         block = min(NORMALIZE_BLOCK_H, triton.next_power_of_2(hidden_size))

@@ -11,8 +11,9 @@
 bias + activation. The calibration follows vLLM's ``ClassifierPoolerHead`` (before the activation).
 
 GPU: one program per block of BLOCK_N sequences; the hidden dimension is walked in BLOCK_H
-columns, each step one ``tl.dot`` of ``[BLOCK_N, BLOCK_H] x [BLOCK_H, BLOCK_L]`` in fp32 (inputs
-upcast, IEEE precision), so bf16 models get an fp32 head.
+columns, each step one ``tl.dot`` of ``[BLOCK_N, BLOCK_H] x [BLOCK_H, BLOCK_L]`` accumulating in
+fp32. bf16 / fp16 operands go to the tensor cores as they are (their products are exact in fp32,
+so this equals an fp32 head on the same inputs); fp32 operands use IEEE fp32, not tf32.
 """
 
 from __future__ import annotations
@@ -21,18 +22,20 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.pooling import check_device
+from kernels.pooling import check_device, interpreting
 
 GATHER_CODES = {"rows": 0, "cls": 1, "last": 2}
 ACTIVATION_CODES = {"identity": 0, "sigmoid": 1, "softmax": 2}
 MAX_LABELS = 32
 
-# Sweep on H100 (benchmarks/bench_kernels.py --sweep; 64-4,096 sequences, hidden 384-4,096,
-# 1-32 labels): BLOCK_N 16/32/64 x BLOCK_H 32/64/128; BLOCK_N=16 keeps >= 64 programs in flight
-# from 1,024 sequences and BLOCK_H=64 was best or within 5% everywhere. tl.dot needs every block
+# Sweep on an H100 (benchmarks/bench_kernels.py --sweep; 1,024 and 4,096 sequences, hidden 384 /
+# 1,024 / 4,096, 8 labels). The first version upcast every tile to fp32 and used IEEE dots with
+# BLOCK_H=64: a serial chain of 64 small dots at hidden 4,096, 3x slower than torch's addmm. With
+# native bf16 dots, BLOCK_H 64/128/256/512 x BLOCK_N 16/32/64 were swept; the chosen values are
+# the best or within 5% at every swept size (benchmarks/results/). tl.dot needs every block
 # dimension >= 16, hence BLOCK_L >= 16 even for one label.
 BLOCK_N = 16
-BLOCK_H = 64
+BLOCK_H = 256
 NUM_WARPS = 4
 
 
@@ -54,6 +57,7 @@ def _score_head_kernel(
     GATHER: tl.constexpr,  # 0 rows as given, 1 first token of each sequence, 2 last token
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,  # 0 identity, 1 sigmoid, 2 softmax
+    DOT_FP32: tl.constexpr,  # fp32 (or mixed) operands: upcast and use IEEE fp32 dots
     BLOCK_N: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -77,13 +81,16 @@ def _score_head_kernel(
             x_ptr + rows[:, None] * x_row_stride + columns[None, :],
             mask=seq_mask[:, None] & column_mask[None, :],
             other=0.0,
-        ).to(tl.float32)
+        )
         w = tl.load(  # weight.T tile: [BLOCK_H, BLOCK_L]
             weight_ptr + labels[None, :] * weight_row_stride + columns[:, None],
             mask=column_mask[:, None] & label_mask[None, :],
             other=0.0,
-        ).to(tl.float32)
-        logits += tl.dot(x, w, input_precision="ieee")
+        )
+        if DOT_FP32:
+            logits += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+        else:
+            logits += tl.dot(x, w)
 
     if HAS_BIAS:
         logits += tl.load(bias_ptr + labels, mask=label_mask, other=0.0).to(tl.float32)[None, :]
@@ -155,6 +162,8 @@ def score_head_triton(
         bias if bias is not None else weight, logits, scores, num_seqs, hidden_size, num_labels,
         float(logit_mean), 1.0 / float(logit_sigma),
         GATHER=GATHER_CODES[gather], HAS_BIAS=bias is not None, ACTIVATION=ACTIVATION_CODES[activation],
+        # Triton's CPU interpreter multiplies bf16 tiles wrongly (numpy has no bf16): fp32 there.
+        DOT_FP32=x.dtype == torch.float32 or weight.dtype != x.dtype or interpreting(),
         BLOCK_N=BLOCK_N, BLOCK_L=max(16, triton.next_power_of_2(num_labels)), BLOCK_H=BLOCK_H,
         num_warps=NUM_WARPS,
     )
