@@ -50,6 +50,14 @@ def median_ms(fn) -> float:
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+def sweep_ms(fn) -> float | None:
+    """A candidate's time, or None if its tiles do not fit the chip (shared memory, registers)."""
+    try:
+        return round(median_ms(fn), 5)
+    except triton.runtime.errors.OutOfResources:
+        return None
+
+
 def copy_bandwidth_gbps() -> float:
     source = torch.randn(1 << 29, device="cuda", dtype=DTYPE)  # 1 GiB
     target = torch.empty_like(source)
@@ -134,27 +142,21 @@ def run_sweep(out_dir: Path, commit: str) -> None:
         documents, query = hidden[:num_seqs].contiguous(), hidden[num_seqs : num_seqs + 1].contiguous()
         for block_h, block_t, warps in itertools.product((128, 256, 512), (8, 16, 32), (2, 4, 8)):
             pooling_module.MEAN_BLOCK_H, pooling_module.BLOCK_T, pooling_module.NUM_WARPS = block_h, block_t, warps
-            ms = median_ms(lambda: pool_triton(hidden, cu, "mean"))
             rows.append(dict(op="pool mean", config=f"BLOCK_H={block_h} BLOCK_T={block_t} warps={warps}",
-                             num_seqs=num_seqs, hidden=hidden_size, ms=round(ms, 5)))
-        pooling_module.MEAN_BLOCK_H, pooling_module.BLOCK_T, pooling_module.NUM_WARPS = None, 16, 4
-        rows.append(dict(op="pool mean", config="default (largest dividing BLOCK_H)", num_seqs=num_seqs,
-                         hidden=hidden_size, ms=round(median_ms(lambda: pool_triton(hidden, cu, "mean")), 5)))
+                             num_seqs=num_seqs, hidden=hidden_size, ms=sweep_ms(lambda: pool_triton(hidden, cu, "mean"))))
         for block_h in (256, 512, 1024, 2048):
             pooling_module.GATHER_BLOCK_H = block_h
-            ms = median_ms(lambda: pool_triton(hidden, cu, "last"))
             rows.append(dict(op="pool last", config=f"GATHER_BLOCK_H={block_h}", num_seqs=num_seqs,
-                             hidden=hidden_size, ms=round(ms, 5)))
+                             hidden=hidden_size, ms=sweep_ms(lambda: pool_triton(hidden, cu, "last"))))
         for block_n, block_h in itertools.product((16, 32, 64), (64, 128, 256, 512)):
             head_module.BLOCK_N, head_module.BLOCK_H = block_n, block_h
-            ms = median_ms(lambda: score_head_triton(hidden, weight, None, "softmax", gather="last", cu_seqlens=cu))
-            rows.append(dict(op="score_head", config=f"BLOCK_N={block_n} BLOCK_H={block_h}",
-                             num_seqs=num_seqs, hidden=hidden_size, ms=round(ms, 5)))
+            rows.append(dict(op="score_head", config=f"BLOCK_N={block_n} BLOCK_H={block_h}", num_seqs=num_seqs,
+                             hidden=hidden_size, ms=sweep_ms(lambda: score_head_triton(
+                                 hidden, weight, None, "softmax", gather="last", cu_seqlens=cu))))
         for block_p, block_h in itertools.product((8, 16, 32), (64, 128, 256)):
             cosine_module.BLOCK_P, cosine_module.BLOCK_H = block_p, block_h
-            ms = median_ms(lambda: cosine_similarity_triton(query, documents))
-            rows.append(dict(op="cosine", config=f"BLOCK_P={block_p} BLOCK_H={block_h}",
-                             num_seqs=num_seqs, hidden=hidden_size, ms=round(ms, 5)))
+            rows.append(dict(op="cosine", config=f"BLOCK_P={block_p} BLOCK_H={block_h}", num_seqs=num_seqs,
+                             hidden=hidden_size, ms=sweep_ms(lambda: cosine_similarity_triton(query, documents))))
         for module, values in defaults.items():
             for name, value in values.items():
                 setattr(module, name, value)
@@ -166,7 +168,7 @@ def run_sweep(out_dir: Path, commit: str) -> None:
     for (op, num_seqs, hidden_size), group in itertools.groupby(
         sorted(rows, key=lambda r: (r["op"], r["num_seqs"], r["hidden"])), key=lambda r: (r["op"], r["num_seqs"], r["hidden"])
     ):
-        group = list(group)
+        group = [row for row in group if row["ms"] is not None]
         best = min(group, key=lambda r: r["ms"])
         print(f"  {op:<11}{num_seqs:>6}{hidden_size:>6}  best {best['config']:<36}{best['ms']:.4f} ms")
 

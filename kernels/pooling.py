@@ -28,18 +28,16 @@ POOLING_METHODS = ("cls", "last", "mean", "mean_normalized")
 _METHOD_CODE = {"cls": 0, "last": 1, "mean": 2, "mean_normalized": 2}
 
 # Tile sizes, from the sweep in benchmarks/bench_kernels.py --sweep on an H100 (bf16, 1,024 and
-# 4,096 sequences of 32-224 tokens, hidden 384 / 1,024 / 4,096; CSVs in benchmarks/results/).
-# Mean: BLOCK_H 128/256/512 x BLOCK_T 8/16/32 x 2/4/8 warps. A first run with a fixed BLOCK_H=256
-# reached 84-88% of the copy bandwidth at hidden 4,096 but 46% at hidden 384, whose second column
-# block was half masked; the largest BLOCK_H that divides the hidden size avoids masked lanes, and
-# BLOCK_T=16 with 4 warps was best or near it everywhere. (None: that rule; a number: forced.)
-MEAN_BLOCK_H: int | None = None
-MEAN_BLOCK_H_CANDIDATES = (512, 256, 128)
+# 4,096 sequences of 32-224 tokens, hidden 384 / 1,024 / 4,096; benchmarks/results/h100-sweep/).
+# Mean: BLOCK_H 128/256/512 x BLOCK_T 8/16/32 x 2/4/8 warps; BLOCK_H=512, BLOCK_T=16, 4 warps was
+# at most 0.6% from the best at all six sizes (even at hidden 384, where a quarter of its lanes
+# are masked: one program per sequence row beats three narrower ones).
+MEAN_BLOCK_H = 512
 BLOCK_T = 16
 NUM_WARPS = 4
-# CLS / last: a pure row gather; one 256-column program per row was slower than torch's
-# index_select at 4,096 x 4,096 (too many tiny programs): wide programs of 1,024 columns.
-GATHER_BLOCK_H = 1024
+# CLS / last: a pure row gather; GATHER_BLOCK_H 256/512/1,024/2,048 swept: 512 was at most 10.5%
+# from the best everywhere (1,024 and 2,048 lose up to 2x at hidden 384 and 1,024).
+GATHER_BLOCK_H = 512
 NORMALIZE_BLOCK_H = 1024
 NORMALIZE_EPS = 1e-12  # F.normalize's default
 
@@ -121,16 +119,6 @@ def check_packed(hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but hidden is on {hidden.device}")
 
 
-def mean_block_h(hidden_size: int) -> int:
-    """Columns per mean-pooling program: the largest candidate dividing the hidden size."""
-    if MEAN_BLOCK_H is not None:
-        return MEAN_BLOCK_H
-    for candidate in MEAN_BLOCK_H_CANDIDATES:
-        if hidden_size % candidate == 0:
-            return candidate
-    return 256
-
-
 def pool_triton(
     hidden: torch.Tensor, cu_seqlens: torch.Tensor, method: str, *, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -157,7 +145,7 @@ def pool_triton(
     normalize = method == "mean_normalized"
     # The normalised mean goes through an fp32 workspace, scaled into `out` by the second kernel.
     means = torch.empty(num_seqs, hidden_size, dtype=torch.float32, device=hidden.device) if normalize else out
-    block_h = GATHER_BLOCK_H if method in ("cls", "last") else mean_block_h(hidden_size)
+    block_h = GATHER_BLOCK_H if method in ("cls", "last") else MEAN_BLOCK_H
     grid = (num_seqs, triton.cdiv(hidden_size, block_h))
     _pool_kernel[grid](
         hidden, hidden.stride(0), cu_seqlens, means, means.stride(0), hidden_size,
