@@ -7,8 +7,11 @@ CPU): mean + L2 norm for embedding models; CLS pooling, the family's head featur
 linear + activation head for encoders; one fused last-token + linear + activation launch for
 decoders.
 
-On CPU the body runs on an internally padded copy of each chunk (HF's own padded path, whose
-results it matches exactly); the GPU varlen path plugs in behind ``_body_packed``.
+The body runs one of two ways (the ``attention`` parameter; ``auto`` picks by device):
+``varlen`` (the GPU default) feeds the packed stream straight to the stock HF model with
+per-sequence position ids and ``cu_seqlens`` through :mod:`model_runtime.varlen`, so no padding
+is computed; ``padded`` (the CPU default) pads each chunk internally and runs HF's padded SDPA
+path, whose results it matches exactly.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import torch
 
 import kernels
+from model_runtime import varlen
 from model_runtime.activation import Activation, activation_for_config
 from model_runtime.checkpoints import max_model_len_for
 from model_runtime.families import Family
@@ -40,6 +44,10 @@ class PackedEngine:
         self.pad_token_id = int(getattr(config, "pad_token_id", None) or 0)
         self.output_names = ("embeddings",) if family.task == "embed" else ("logits", "scores")
 
+        self.position_offset = family.position_offset(config)
+        if settings.attention == "varlen":
+            model.set_attn_implementation(varlen.register())
+
     @classmethod
     def load(cls, family: Family, settings: ModelSettings) -> PackedEngine:
         from transformers import AutoConfig
@@ -53,7 +61,7 @@ class PackedEngine:
             f"family={self.family.name} checkpoint={self.settings.checkpoint} device={self.device} "
             f"dtype={self.settings.dtype} pooling={self.family.pooling} activation={self.activation.value} "
             f"max_model_len={self.limits.max_model_len} max_tokens_per_forward={self.settings.max_tokens_per_forward} "
-            f"body=padded-sdpa pooling_and_head={kernels.implementation(self.device)}"
+            f"body={self.settings.attention} pooling_and_head={kernels.implementation(self.device)}"
         )
 
     @torch.inference_mode()
@@ -68,10 +76,12 @@ class PackedEngine:
         chunks: list[dict[str, torch.Tensor]] = []
         for first, last in token_budget_chunks(batch.lengths, self.settings.max_tokens_per_forward):
             begin, end = int(cu_seqlens[first]), int(cu_seqlens[last])
-            local_cu = (cu_seqlens[first : last + 1] - begin).to(self.device)
-            hidden = self._body_packed(
-                input_ids[begin:end], local_cu, None if token_types is None else token_types[begin:end]
-            )
+            host_cu = cu_seqlens[first : last + 1] - begin
+            max_length = int((host_cu[1:] - host_cu[:-1]).max())  # from the host copy: no device sync
+            local_cu = host_cu.to(self.device, non_blocking=True)
+            body = self._body_varlen if self.settings.attention == "varlen" else self._body_padded
+            hidden = body(input_ids[begin:end], local_cu, max_length,
+                          None if token_types is None else token_types[begin:end])
             chunks.append(self._pool_and_score(hidden, local_cu))
         return {name: torch.cat([chunk[name] for chunk in chunks]).float().cpu() for name in self.output_names}
 
@@ -91,12 +101,25 @@ class PackedEngine:
         )
         return {"logits": logits, "scores": scores}
 
-    def _body_packed(
-        self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, token_type_ids: torch.Tensor | None
-    ) -> torch.Tensor:
+    def _body_varlen(self, input_ids, cu_seqlens, max_length, token_type_ids) -> torch.Tensor:
+        """Hidden states ``[tokens, hidden]`` for a packed chunk, run as one packed stream."""
+        total = input_ids.numel()
+        inputs = {
+            "input_ids": input_ids.unsqueeze(0),
+            "position_ids": varlen.packed_positions(cu_seqlens, total, self.position_offset),
+            "cu_seq_lens_q": cu_seqlens,
+            "cu_seq_lens_k": cu_seqlens,
+            "max_length_q": max_length,
+            "max_length_k": max_length,
+        }
+        if token_type_ids is not None:
+            inputs["token_type_ids"] = token_type_ids.unsqueeze(0)
+        return self.family.body(self.model)(**inputs).last_hidden_state[0]
+
+    def _body_padded(self, input_ids, cu_seqlens, max_length, token_type_ids) -> torch.Tensor:
         """Hidden states ``[tokens, hidden]`` for a packed chunk (padded internally)."""
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-        width = int(lengths.max())
+        width = max_length
         keep = torch.arange(width, device=self.device).unsqueeze(0) < lengths.unsqueeze(1)
         padded_ids = torch.full(keep.shape, self.pad_token_id, dtype=torch.int64, device=self.device)
         padded_ids[keep] = input_ids

@@ -34,12 +34,16 @@ class Family:
                 f"(expected one of {', '.join(self.architectures)}); use that architecture's model folder"
             )
 
-    def load(self, checkpoint: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    def load(self, checkpoint: str, dtype: torch.dtype, device: torch.device, attention: str = "sdpa") -> nn.Module:
         from transformers import AutoModel, AutoModelForSequenceClassification
 
         auto = AutoModel if self.task == "embed" else AutoModelForSequenceClassification
-        model = auto.from_pretrained(checkpoint, dtype=dtype, attn_implementation="sdpa")
+        model = auto.from_pretrained(checkpoint, dtype=dtype, attn_implementation=attention)
         return model.to(device).eval()
+
+    def position_offset(self, config) -> int:
+        """First position id of every sequence (RoBERTa-style models start after padding_idx)."""
+        return 0
 
     def body(self, model: nn.Module) -> nn.Module:
         return model.base_model
@@ -65,6 +69,9 @@ class BertFamily(Family):
 
 @dataclass(frozen=True)
 class RobertaFamily(Family):
+    def position_offset(self, config) -> int:
+        return int(config.pad_token_id) + 1
+
     def head_features(self, model, pooled):
         # RobertaClassificationHead: dense + tanh on CLS, then out_proj.
         return torch.tanh(model.classifier.dense(pooled))

@@ -23,6 +23,7 @@ class ModelSettings:
     max_model_len: int  # 0: derive from the checkpoint
     logit_mean: float  # calibration before the activation: (logit - mean) / sigma, as vLLM's pooler
     logit_sigma: float
+    attention: str  # "varlen": one packed stream (GPU default); "padded": HF's padded SDPA (CPU default)
     output_names: tuple[str, ...]
 
     @classmethod
@@ -45,6 +46,12 @@ class ModelSettings:
         else:
             raise ValueError(f"dtype parameter {dtype_name!r} is not one of auto, {', '.join(DTYPES)}")
 
+        attention = parameters.get("attention", "auto")
+        if attention == "auto":
+            attention = "varlen" if device.type == "cuda" else "padded"
+        if attention not in ("varlen", "padded"):
+            raise ValueError(f"attention parameter {attention!r} is not one of auto, varlen, padded")
+
         return cls(
             model_name=args["model_name"],
             checkpoint=resolve_checkpoint(parameters.get("checkpoint", ""), model_dir),
@@ -54,5 +61,6 @@ class ModelSettings:
             max_model_len=int(parameters.get("max_model_len", "0")),
             logit_mean=float(parameters.get("logit_mean", "0") or 0),
             logit_sigma=float(parameters.get("logit_sigma", "1") or 1),
+            attention=attention,
             output_names=tuple(output["name"] for output in config.get("output", [])),
         )

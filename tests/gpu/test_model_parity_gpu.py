@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from model_runtime.engine import PackedEngine
+from model_runtime import families
 from model_runtime.families import BERT, QWEN3
 from model_runtime.packing import PackedBatch, RequestSequences
 from model_runtime.settings import ModelSettings
@@ -39,7 +40,8 @@ def build(family):
 def engine_for(family, model):
     settings = ModelSettings(model_name="parity", checkpoint="<memory>", device=torch.device("cuda"),
                              dtype=torch.bfloat16, max_tokens_per_forward=8192, max_model_len=512,
-                             logit_mean=0.0, logit_sigma=1.0, output_names=("logits", "scores"))
+                             logit_mean=0.0, logit_sigma=1.0, attention="varlen",
+                             output_names=("logits", "scores"))
     return PackedEngine(family, model, settings)
 
 
@@ -67,3 +69,48 @@ def test_kernels_on_vs_off(family, monkeypatch):
         print(f"{family.name} {name}: kernels on vs off relative error {error:.2e}")
         assert error < 1e-3, (name, error)
     assert torch.isfinite(with_kernels["scores"]).all()
+
+
+def shapes():
+    import transformers as tf
+
+    common = dict(num_labels=1, pad_token_id=1)
+    return {
+        "bert": (tf.BertConfig(num_labels=1), tf.BertForSequenceClassification, families.BERT),
+        "xlm_roberta": (tf.XLMRobertaConfig(vocab_size=50000, max_position_embeddings=514, **common),
+                        tf.XLMRobertaForSequenceClassification, families.XLM_ROBERTA),
+        "qwen2": (tf.Qwen2Config(vocab_size=32000, hidden_size=896, intermediate_size=4864, num_hidden_layers=6,
+                                 num_attention_heads=14, num_key_value_heads=2, **common),
+                  tf.Qwen2ForSequenceClassification, families.QWEN2),
+        "qwen3": (tf.Qwen3Config(vocab_size=32000, hidden_size=1024, intermediate_size=3072, num_hidden_layers=6,
+                                 num_attention_heads=16, num_key_value_heads=8, head_dim=128, **common),
+                  tf.Qwen3ForSequenceClassification, families.QWEN3),
+        "llama": (tf.LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=6,
+                                 num_attention_heads=16, num_key_value_heads=4, **common),
+                  tf.LlamaForSequenceClassification, families.LLAMA),
+    }
+
+
+@pytest.mark.parametrize("name", ["bert", "xlm_roberta", "qwen2", "qwen3", "llama"])
+def test_varlen_engine_matches_padded_hf_within_bf16_noise(name):
+    """Packed varlen bf16 vs padded HF fp32 must be no worse than padded HF bf16 vs fp32."""
+    config, model_class, family = shapes()[name]
+    config.architectures = [model_class.__name__]
+    torch.manual_seed(0)
+    model_fp32 = model_class(config).to("cuda").eval()
+    model_bf16 = model_class(config).to("cuda").eval()
+    model_bf16.load_state_dict(model_fp32.state_dict())
+    model_bf16 = model_bf16.to(torch.bfloat16)
+
+    batch = random_batch(config.vocab_size, count=48, seed=2)
+    lengths = batch.lengths
+    keep = torch.arange(int(lengths.max()))[None, :] < lengths[:, None]
+    padded = torch.full(keep.shape, config.pad_token_id, dtype=torch.int64)
+    padded[keep] = batch.input_ids
+    with torch.inference_mode():
+        reference = model_fp32(input_ids=padded.cuda(), attention_mask=keep.long().cuda()).logits.float()
+        hf_bf16 = model_bf16(input_ids=padded.cuda(), attention_mask=keep.long().cuda()).logits.float()
+    ours = engine_for(family, model_bf16).run(batch)["logits"].cuda()
+    hf_noise, our_error = relative_error(hf_bf16, reference), relative_error(ours, reference)
+    print(f"{name}: padded HF bf16 vs fp32 {hf_noise:.2e}; packed varlen bf16 vs fp32 {our_error:.2e}")
+    assert our_error <= 2 * hf_noise + 1e-3

@@ -1,0 +1,88 @@
+"""Packed (unpadded) forwards through stock Hugging Face models.
+
+The whole batch runs as one sequence of ``total_tokens`` (``input_ids`` ``[1, T]``) with
+per-sequence ``position_ids``; an attention function registered in transformers'
+``AttentionInterface`` under :data:`ATTENTION_NAME` keeps the sequences apart with
+``cu_seqlens``. On CUDA it calls ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention over
+the packed stream: non-causal for encoders, ``window_size=(-1, 0)`` for decoders, grouped-query
+attention native where torch has it, else by repeating K/V heads). Elsewhere it runs
+``scaled_dot_product_attention`` per sequence: slow, but it lets CPU tests check the packed
+plumbing against HF's padded path. The mask function registered with it is transformers'
+flash-attention one, which builds no dense mask.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+ATTENTION_NAME = "packed_varlen"
+_registered = False
+
+
+def _varlen_supports_gqa() -> bool:
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return False
+    return "enable_gqa" in inspect.signature(varlen_attn).parameters
+
+
+def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function: ``query`` ``[1, H, T, D]`` → output ``[1, T, H, D]``."""
+    cu_seqlens = kwargs["cu_seq_lens_q"]
+    max_length = int(kwargs["max_length_q"])
+    causal = bool(getattr(module, "is_causal", False))
+    q, k, v = (t.squeeze(0).transpose(0, 1) for t in (query, key, value))  # [T, H, D]
+    groups = q.shape[1] // k.shape[1]
+
+    if q.is_cuda:
+        from torch.nn.attention.varlen import varlen_attn
+
+        extra = {}
+        if groups > 1:
+            if _SUPPORTS_GQA:
+                extra["enable_gqa"] = True
+            else:
+                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        out = varlen_attn(
+            q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens, cu_seqlens, max_length, max_length,
+            scale=scaling, window_size=(-1, 0) if causal else (-1, -1), **extra,
+        )
+        return out.unsqueeze(0), None
+
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):  # CPU fallback only: one SDPA per sequence
+        out[start:end] = F.scaled_dot_product_attention(
+            q[start:end].transpose(0, 1), k[start:end].transpose(0, 1), v[start:end].transpose(0, 1),
+            is_causal=causal, scale=scaling,
+        ).transpose(0, 1)
+    return out.unsqueeze(0), None
+
+
+_SUPPORTS_GQA = _varlen_supports_gqa()
+
+
+def register() -> str:
+    """Register the attention and mask functions once; returns the attn_implementation name."""
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+
+        AttentionInterface.register(ATTENTION_NAME, packed_attention)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, flash_attention_mask)
+        _registered = True
+    return ATTENTION_NAME
+
+
+def packed_positions(cu_seqlens: torch.Tensor, total_tokens: int, offset: int = 0) -> torch.Tensor:
+    """``[1, T]`` positions restarting at ``offset`` for each sequence (vectorised)."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths, output_size=total_tokens)
+    return (torch.arange(total_tokens, device=cu_seqlens.device) - starts + offset).unsqueeze(0)
