@@ -13,7 +13,7 @@ PORT ?= 8080
 # Extra models: MODELS="xlm_roberta_classifier=BAAI/bge-reranker-v2-m3 ..." (folder=checkpoint)
 MODELS ?=
 
-.PHONY: install serve test test-unit test-integration clean
+.PHONY: install serve test test-unit test-integration bench clean
 
 install: $(INSTALLED)
 
@@ -40,6 +40,14 @@ test-unit: $(INSTALLED)
 
 test-integration: $(INSTALLED)
 	$(PY) -m pytest -q -m integration $(PYTEST_ARGS)
+
+bench: $(INSTALLED)
+	if $(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then \
+		$(PY) -m benchmarks.bench_kernels --out benchmarks/results --commit $$(git rev-parse --short HEAD) && \
+		$(PY) -m benchmarks.bench_engine --out benchmarks/results --commit $$(git rev-parse --short HEAD); \
+	else \
+		$(PY) -m benchmarks.bench_engine --smoke --out .cache/bench-smoke; \
+	fi
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

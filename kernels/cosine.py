@@ -16,7 +16,7 @@ import triton.language as tl
 from kernels.pooling import check_device
 
 # Sweep on an H100 (benchmarks/bench_kernels.py --sweep; 1,024 and 4,096 pairs, hidden 384 /
-# 1,024 / 4,096; benchmarks/results/h100-sweep/): BLOCK_P 8/16/32 x BLOCK_H 64/128/256;
+# 1,024 / 4,096; benchmarks/results/kernels_sweep_h100.csv): BLOCK_P 8/16/32 x BLOCK_H 64/128/256;
 # BLOCK_P=8, BLOCK_H=256 was at most 14% from the best everywhere (6% on average).
 BLOCK_P = 8
 BLOCK_H = 256

@@ -28,7 +28,7 @@ POOLING_METHODS = ("cls", "last", "mean", "mean_normalized")
 _METHOD_CODE = {"cls": 0, "last": 1, "mean": 2, "mean_normalized": 2}
 
 # Tile sizes, from the sweep in benchmarks/bench_kernels.py --sweep on an H100 (bf16, 1,024 and
-# 4,096 sequences of 32-224 tokens, hidden 384 / 1,024 / 4,096; benchmarks/results/h100-sweep/).
+# 4,096 sequences of 32-224 tokens, hidden 384 / 1,024 / 4,096; benchmarks/results/kernels_sweep_h100.csv).
 # Mean: BLOCK_H 128/256/512 x BLOCK_T 8/16/32 x 2/4/8 warps; BLOCK_H=512, BLOCK_T=16, 4 warps was
 # at most 0.6% from the best at all six sizes (even at hidden 384, where a quarter of its lanes
 # are masked: one program per sequence row beats three narrower ones).

@@ -32,7 +32,7 @@ MAX_LABELS = 32
 # 1,024 / 4,096, 8 labels). The first version upcast every tile to fp32 and used IEEE dots with
 # BLOCK_H=64: a serial chain of 64 small dots at hidden 4,096, 3x slower than torch's addmm. With
 # native bf16 dots, BLOCK_H 64/128/256/512 x BLOCK_N 16/32/64 were swept (benchmarks/results/
-# h100-sweep/): BLOCK_N=16, BLOCK_H=256 had the best mean ratio to the per-size best (1.21x; its
+# kernels_sweep_h100.csv): BLOCK_N=16, BLOCK_H=256 had the best mean ratio to the per-size best (1.21x; its
 # worst, 1.9x, is a 7-microsecond case). tl.dot needs every block dimension >= 16, hence BLOCK_L
 # >= 16 even for one label.
 BLOCK_N = 16
