@@ -75,6 +75,44 @@ def plot_engine(csv_path: Path) -> Path:
     return out
 
 
+def plot_systems(csv_path: Path) -> Path:
+    rows = list(csv.DictReader(csv_path.open()))
+    groups = sorted({(r["model"], r["workload"]) for r in rows})
+    figure, axes = plt.subplots(2, len(groups), figsize=(4.2 * len(groups), 7.5), squeeze=False)
+    colors = {"http": "#1f77b4", "grpc": "#2ca02c", "baseline_http": "#7f7f7f"}
+    for column, (model, workload) in enumerate(groups):
+        mine = [r for r in rows if (r["model"], r["workload"]) == (model, workload)]
+        top, bottom = axes[0][column], axes[1][column]
+        for system, color in colors.items():
+            points = sorted((int(r["concurrency"]), float(r["pairs_per_s"])) for r in mine if r["system"] == system)
+            top.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=color, label=system)
+            for r in mine:
+                if r["system"] == system and r["latencies_ms"] and r["concurrency"] == "16":
+                    latencies = sorted(float(x) for x in r["latencies_ms"].split())
+                    bottom.plot(latencies, [(i + 1) / len(latencies) for i in range(len(latencies))], color=color,
+                                label=f"{system} (c=16)")
+        for r in mine:
+            if r["system"] == "sentence_transformers":
+                top.axhline(float(r["pairs_per_s"]), color="#d62728", linestyle="--", label="ST CrossEncoder (offline)")
+            if r["system"] == "bare_forward":
+                bottom.axvline(float(r["p50_ms"]), color="black", linestyle=":", label="bare forward p50 (1 request)")
+        top.set_xscale("log", base=2)
+        top.set_xlabel("client concurrency")
+        top.set_ylabel("pairs / s")
+        top.set_title(f"{model}\n{workload}", fontsize=9)
+        bottom.set_xscale("log")
+        bottom.set_xlabel("latency ms")
+        bottom.set_ylabel("CDF")
+        top.legend(fontsize=7)
+        bottom.legend(fontsize=7)
+    figure.suptitle(f"Throughput and latency by system, bf16, {rows[0]['device']}")
+    figure.tight_layout()
+    out = csv_path.with_suffix(".png")
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results"))
@@ -84,6 +122,8 @@ def main() -> None:
             print("wrote", plot_kernels(path))
     for path in sorted(args.results.glob("engine_*.csv")):
         print("wrote", plot_engine(path))
+    for path in sorted(args.results.glob("systems*.csv")):
+        print("wrote", plot_systems(path))
 
 
 if __name__ == "__main__":

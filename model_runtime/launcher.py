@@ -63,6 +63,10 @@ class TritonInstallation:
 
     @classmethod
     def find(cls) -> TritonInstallation:
+        explicit = os.environ.get("TRITONSERVER_BIN")  # an unpacked copy of the wheel's server tree
+        if explicit:
+            server_root = Path(explicit).resolve().parents[1]
+            return cls(server_root=server_root, libs_dir=server_root.parents[1] / "nvidia_pytriton.libs")
         spec = importlib.util.find_spec("pytriton")  # finds the package without importing it
         if spec is None or not spec.submodule_search_locations:
             raise LauncherError(
@@ -82,6 +86,8 @@ class TritonInstallation:
     def stub_for_running_python(self) -> Path:
         version = f"{sys.version_info.major}.{sys.version_info.minor}"
         stub = self.server_root / "python_backend_stubs" / version / "triton_python_backend_stub"
+        if not stub.exists():  # a trimmed tree that keeps only the stub for its Python, in place
+            stub = self.server_root / "backends" / "python" / "triton_python_backend_stub"
         if not stub.exists():
             raise LauncherError(f"the wheel has no Python backend stub for Python {version}")
         return stub

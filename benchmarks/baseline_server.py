@@ -1,0 +1,78 @@
+"""The plain server a user would write: FastAPI + ``AutoModelForSequenceClassification``, padded.
+
+    python -m benchmarks.baseline_server CHECKPOINT --port 8090
+
+Written fairly: bf16 on the GPU, SDPA attention, the fast tokenizer, one padded batch per
+request (a rerank request's 64 pairs are one forward), forwards serialised on one GPU by a lock
+and run off the event loop. It speaks the same ``/rerank`` and ``/classify`` bodies as the
+adapter (the fields the benchmark sends), so one load generator drives both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import threading
+
+import torch
+import uvicorn
+from fastapi import FastAPI
+from pydantic import BaseModel
+
+
+class RerankBody(BaseModel):
+    query: str
+    documents: list[str]
+
+
+class ClassifyBody(BaseModel):
+    input: list[str]
+
+
+def create_app(checkpoint: str) -> FastAPI:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForSequenceClassification.from_pretrained(checkpoint, dtype=dtype, attn_implementation="sdpa")
+    model = model.to(device).eval()
+    gpu = threading.Lock()
+
+    def forward(texts: list[str], pairs: list[str] | None) -> list[list[float]]:
+        encoded = tokenizer(texts, pairs, padding=True, truncation=True, return_tensors="pt").to(device)
+        with gpu, torch.inference_mode():
+            logits = model(**encoded).logits.float()
+        return (torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, -1)).cpu().tolist()
+
+    app = FastAPI()
+
+    @app.post("/rerank")
+    async def rerank(body: RerankBody):
+        scores = await asyncio.to_thread(forward, [body.query] * len(body.documents), body.documents)
+        order = sorted(range(len(scores)), key=lambda i: scores[i][0], reverse=True)
+        return {"results": [{"index": i, "relevance_score": scores[i][0]} for i in order]}
+
+    @app.post("/classify")
+    async def classify(body: ClassifyBody):
+        probs = await asyncio.to_thread(forward, body.input, None)
+        return {"data": [{"index": i, "probs": p} for i, p in enumerate(probs)]}
+
+    @app.get("/health")
+    async def health():
+        return {}
+
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8090)
+    args = parser.parse_args()
+    uvicorn.run(create_app(args.checkpoint), host=args.host, port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,322 @@
+"""Our stack against what users run today, in one run on one GPU (a benchmark, not a test).
+
+    python -m benchmarks.bench_systems --out benchmarks/results [--models NAME ...] [--smoke]
+
+Per model shape (random weights from the real config, saved with a word-level tokenizer so every
+system sees the same token ids) and workload, the systems measured:
+
+* ``http``: this project through the HTTP adapter (``/rerank`` or ``/classify``, vLLM bodies);
+* ``grpc``: our Triton model over raw gRPC (pre-tokenized, padded ``[n, T]`` + mask): the
+  adapter's overhead is http - grpc;
+* ``baseline_http``: the plain FastAPI + HF padded server of ``benchmarks/baseline_server.py``;
+* ``sentence_transformers``: ``CrossEncoder.predict`` offline, default batch size (encoders only);
+* ``bare_forward``: the packed engine in-process on one request, the floor for the overhead goal.
+
+Servers are swept over client concurrency; each level runs for a bounded time. Rows: pairs/s,
+tokens/s, p50/p99 latency, model-FLOP utilisation over the measured bf16 matmul peak, GPU memory
+in use. ``--smoke`` runs a tiny shape on the CPU (CI checks that the harness works).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import math
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+
+from benchmarks.bench_engine import flops_per_request, matmul_peak_tflops, model_shapes
+from benchmarks.checkpoints import save_checkpoint, word_count, words
+from model_runtime import families
+from model_runtime.launcher import TritonServer, free_port
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+FOLDER = {families.BERT: "bert_classifier", families.XLM_ROBERTA: "xlm_roberta_classifier",
+          families.QWEN2: "qwen2_classifier", families.QWEN3: "qwen3_classifier", families.LLAMA: "llama_classifier"}
+SYSTEM_WORKLOADS = {  # the (shape, workload) pairs the goals are about
+    "bge-reranker-v2-m3": ("rerank64",),
+    "ms-marco-MiniLM-L6": ("rerank64", "classify32"),
+    "Qwen3-Reranker-0.6B": ("rerank64",),
+    "Qwen2.5-1.5B-classifier": ("classify32",),  # two labels: no score/rerank route (vLLM's rule)
+    "tiny-xlm-roberta": ("rerank8",),
+}
+
+
+def request_bodies(workload: str, model: str, count: int, vocabulary: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    bodies = []
+    for _ in range(count):
+        if workload.startswith("rerank"):
+            query_words = rng.randint(6, 20)
+            documents = []
+            for _ in range(int(workload[len("rerank"):])):
+                length = int(math.exp(rng.gauss(math.log(140), 0.45)))
+                documents.append(words(rng, max(8, min(length, 512 - query_words - 4)), vocabulary))
+            bodies.append({"model": model, "query": words(rng, query_words, vocabulary), "documents": documents})
+        else:
+            bodies.append({"model": model, "input": [words(rng, rng.randint(8, 64), vocabulary)
+                                                     for _ in range(int(workload[len("classify"):]))]})
+    return bodies
+
+
+def body_texts(body: dict) -> tuple[list[str], list[str] | None]:
+    if "query" in body:
+        return [body["query"]] * len(body["documents"]), body["documents"]
+    return body["input"], None
+
+
+async def load(send, bodies: list[dict], concurrency: int, seconds: float, max_requests: int):
+    """Closed-loop clients: each sends its next request when the last one returns."""
+    latencies: list[float] = []
+    done_pairs = 0
+    deadline = time.perf_counter() + seconds
+    counter = iter(range(10**9))
+
+    async def client():
+        nonlocal done_pairs
+        while time.perf_counter() < deadline:
+            index = next(counter)
+            if index >= max_requests:
+                return
+            body = bodies[index % len(bodies)]
+            start = time.perf_counter()
+            await send(body)
+            latencies.append(time.perf_counter() - start)
+            done_pairs += len(body_texts(body)[0])
+
+    for body in bodies[:concurrency]:  # warm-up: compile, allocate, open connections
+        await send(body)
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return done_pairs, time.perf_counter() - start, latencies
+
+
+def wait_http(url: str, process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{url}: server exited with {process.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{url} not ready after {timeout}s")
+
+
+def start(command: list[str], env: dict, log: Path) -> subprocess.Popen:
+    with log.open("wb") as handle:
+        return subprocess.Popen(command, cwd=PROJECT_ROOT, env={**os.environ, **env}, stdout=handle,
+                                stderr=subprocess.STDOUT)
+
+
+def gpu_memory_gib() -> float:
+    if not torch.cuda.is_available():
+        return float("nan")
+    free, total = torch.cuda.mem_get_info()
+    return round((total - free) / 2**30, 2)
+
+
+def bench_shape(shape, workloads, args, work: Path, meta: dict, peak: float) -> list[dict]:
+    from transformers import AutoTokenizer
+
+    checkpoint = save_checkpoint(shape, work / shape.name)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    folder = FOLDER[shape.family]
+    rows: list[dict] = []
+    triton = TritonServer(PROJECT_ROOT / "model_repository",
+                          {folder: {"checkpoint": str(checkpoint), "served_model_name": shape.name}},
+                          log_path=work / f"{shape.name}-triton.log", ready_timeout_s=600)
+    processes = []
+    try:
+        triton.start()
+        adapter_port, baseline_port = free_port(), free_port()
+        processes.append(start([sys.executable, "-m", "adapter"], {
+            "ADAPTER_TRITON_GRPC_URL": triton.grpc_url, "ADAPTER_PORT": str(adapter_port),
+            "ADAPTER_MAX_SEQUENCES_PER_TRITON_REQUEST": "64"}, work / f"{shape.name}-adapter.log"))
+        processes.append(start([sys.executable, "-m", "benchmarks.baseline_server", str(checkpoint),
+                                "--port", str(baseline_port)], {}, work / f"{shape.name}-baseline.log"))
+        wait_http(f"http://127.0.0.1:{adapter_port}/health", processes[0], 300)
+        wait_http(f"http://127.0.0.1:{baseline_port}/health", processes[1], 300)
+
+        for workload in workloads:
+            bodies = request_bodies(workload, shape.name, 64 if not args.smoke else 4, word_count(shape))
+            lengths = [torch.tensor([len(ids) for ids in tokenizer(*body_texts(b))["input_ids"]]) for b in bodies]
+            flops_per_pair = sum(flops_per_request(shape, l, _param_counter(shape)) for l in lengths) / sum(len(l) for l in lengths)
+            tokens_per_pair = float(sum(int(l.sum()) for l in lengths)) / sum(len(l) for l in lengths)
+            path = "/rerank" if workload.startswith("rerank") else "/classify"
+
+            def row(system, concurrency, pairs, seconds, latencies):
+                pairs_per_s = pairs / seconds
+                return {**meta, "model": shape.name, "workload": workload, "system": system, "concurrency": concurrency,
+                        "requests": len(latencies), "pairs_per_s": round(pairs_per_s, 1),
+                        "tokens_per_s": round(pairs_per_s * tokens_per_pair),
+                        "p50_ms": round(1000 * statistics.median(latencies), 2) if latencies else None,
+                        "p99_ms": round(1000 * float(np.percentile(latencies, 99)), 2) if latencies else None,
+                        "mfu_pct": round(100 * pairs_per_s * flops_per_pair / 1e12 / peak, 1),
+                        "gpu_memory_gib": gpu_memory_gib(),
+                        "latencies_ms": " ".join(f"{1000 * x:.2f}" for x in latencies) if concurrency in (1, 16) else ""}
+
+            # Bare forward: one request through the packed engine in this process.
+            rows.append(_bare_forward_row(shape, checkpoint, tokenizer, bodies, row, args))
+
+            grpc_inputs = [_padded_inputs(tokenizer, body) for body in bodies]
+            for concurrency in args.concurrency:
+                for system in ("http", "grpc", "baseline_http"):
+                    pairs, seconds, latencies = asyncio.run(_sweep_level(
+                        system, bodies, grpc_inputs, concurrency, args, triton.grpc_url, folder,
+                        f"http://127.0.0.1:{adapter_port}{path}", f"http://127.0.0.1:{baseline_port}{path}"))
+                    rows.append(row(system, concurrency, pairs, seconds, latencies))
+                    print(f"{shape.name:<24}{workload:<11}{system:<14}c={concurrency:<3} "
+                          f"{rows[-1]['pairs_per_s']:>9.0f} pairs/s  p50 {rows[-1]['p50_ms']:>8} ms  "
+                          f"MFU {rows[-1]['mfu_pct']}%", flush=True)
+            if shape.family in (families.BERT, families.XLM_ROBERTA):
+                rows.append(_sentence_transformers_row(checkpoint, bodies, row))
+                print(f"{shape.name:<24}{workload:<11}{'st':<14}      {rows[-1]['pairs_per_s']:>9.0f} pairs/s", flush=True)
+    finally:
+        for process in processes:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        triton.stop()
+    return rows
+
+
+def _param_counter(shape):
+    """A stand-in model with the shape's parameter counts, on the meta device (no memory)."""
+    from benchmarks.bench_engine import build_model
+
+    if not hasattr(_param_counter, "cache"):
+        _param_counter.cache = {}
+    if shape.name not in _param_counter.cache:
+        _param_counter.cache[shape.name] = build_model(shape, torch.device("meta"), torch.bfloat16)
+    return _param_counter.cache[shape.name]
+
+
+def _padded_inputs(tokenizer, body):
+    import tritonclient.grpc.aio as grpcaio
+
+    texts, pairs = body_texts(body)
+    encoded = tokenizer(texts, pairs, padding=True, return_tensors="np", return_token_type_ids=False)
+    inputs = []
+    for name in ("input_ids", "attention_mask"):
+        array = encoded[name].astype(np.int64)
+        tensor = grpcaio.InferInput(name, list(array.shape), "INT64")
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+async def _sweep_level(system, bodies, grpc_inputs, concurrency, args, grpc_url, folder, http_url, baseline_url):
+    import tritonclient.grpc.aio as grpcaio
+
+    max_requests = max(args.requests, 2 * concurrency)
+    if system == "grpc":
+        by_id = {id(body): inputs for body, inputs in zip(bodies, grpc_inputs)}
+        async with grpcaio.InferenceServerClient(grpc_url) as client:
+            async def send(body):
+                await client.infer(folder, by_id[id(body)], outputs=[grpcaio.InferRequestedOutput("scores")])
+            return await load(send, bodies, concurrency, args.seconds, max_requests)
+    url = http_url if system == "http" else baseline_url
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(limits=limits, timeout=300) as client:
+        async def send(body):
+            response = await client.post(url, json=body)
+            response.raise_for_status()
+        return await load(send, bodies, concurrency, args.seconds, max_requests)
+
+
+def _bare_forward_row(shape, checkpoint, tokenizer, bodies, row, args):
+    from model_runtime.engine import PackedEngine
+    from model_runtime.packing import PackedBatch, RequestSequences
+    from model_runtime.settings import ModelSettings
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    settings = ModelSettings(model_name=shape.name, checkpoint=str(checkpoint), device=device,
+                             dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+                             max_tokens_per_forward=16384, max_model_len=0, logit_mean=0.0, logit_sigma=1.0,
+                             attention="varlen", output_names=("logits", "scores"))
+    engine = PackedEngine.load(shape.family, settings)
+    batches = []
+    for body in bodies[:8]:
+        ids = tokenizer(*body_texts(body))["input_ids"]
+        batches.append(PackedBatch.pack([RequestSequences(torch.tensor(sum(ids, [])), torch.tensor([len(i) for i in ids]), None)]))
+    engine.run(batches[0])
+    latencies = []
+    for _ in range(3):
+        for batch in batches:
+            start = time.perf_counter()
+            engine.run(batch)  # returns CPU tensors: synchronised
+            latencies.append(time.perf_counter() - start)
+    pairs = sum(b.num_seqs for b in batches) * 3
+    result = row("bare_forward", 1, pairs, sum(latencies), latencies)
+    del engine
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def _sentence_transformers_row(checkpoint, bodies, row):
+    from sentence_transformers import CrossEncoder
+
+    model = CrossEncoder(str(checkpoint), device="cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        model.model.to(torch.bfloat16)
+    pairs = [(q, d) for body in bodies for q, d in zip(*body_texts(body))]
+    model.predict(pairs[:64])
+    start = time.perf_counter()
+    model.predict(pairs)  # default batch size, as the published numbers use
+    seconds = time.perf_counter() - start
+    del model
+    return row("sentence_transformers", 1, len(pairs), seconds, [])
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--commit", default="unknown")
+    parser.add_argument("--models", nargs="*", default=None)
+    parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 4, 16, 64])
+    parser.add_argument("--seconds", type=float, default=8.0, help="time bound of one concurrency level")
+    parser.add_argument("--requests", type=int, default=96, help="request bound of one concurrency level")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/bench-systems"))
+    parser.add_argument("--smoke", action="store_true")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.concurrency, args.seconds, args.requests = [1, 2], 2.0, 4
+    args.work.mkdir(parents=True, exist_ok=True)
+    peak = matmul_peak_tflops(torch.device("cuda")) if torch.cuda.is_available() and not args.smoke else float("nan")
+    meta = dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() and not args.smoke else "cpu",
+                torch=torch.__version__, python=platform.python_version(), commit=args.commit,
+                matmul_peak_tflops=round(peak, 1))
+    rows = []
+    for shape in model_shapes(args.smoke):
+        if shape.name in SYSTEM_WORKLOADS and (not args.models or shape.name in args.models):
+            rows += bench_shape(shape, SYSTEM_WORKLOADS[shape.name], args, args.work, meta, peak)
+    args.out.mkdir(parents=True, exist_ok=True)
+    suffix = "_" + "-".join(args.models) if args.models else ""
+    path = args.out / f"systems{suffix}.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {path} ({len(rows)} rows)")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
