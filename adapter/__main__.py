@@ -2,9 +2,10 @@
 
 import uvicorn
 
-from adapter.app import create_app
 from adapter.settings import get_settings
 
 if __name__ == "__main__":
     settings = get_settings()
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    # A factory, so each of `workers` processes builds its own app (and Triton client) from the env.
+    uvicorn.run("adapter.app:create_app", factory=True, host=settings.host, port=settings.port,
+                workers=settings.workers, log_level="info")

@@ -45,6 +45,13 @@ class Settings(BaseSettings):
         description="Requests with more texts than this are tokenized in a worker thread, so one large request "
         "does not stall the event loop for the others.",
     )
+    workers: int = Field(
+        1,
+        ge=1,
+        description="Adapter processes (uvicorn workers), each with its own Triton client. Tokenization and JSON "
+        "run on the CPU: more workers raise the request rate the adapter sustains; too many compete with Triton's "
+        "own CPU work.",
+    )
     host: str = Field("127.0.0.1", description="Address the HTTP server binds.")
     port: int = Field(8080, description="Port the HTTP server binds.")
 

@@ -5,17 +5,39 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+import numpy as np
+
 from adapter.errors import BadRequestError
 
 
 @dataclass(frozen=True)
 class Encoded:
-    input_ids: list[list[int]]
-    token_type_ids: list[list[int]] | None
+    """Right-padded token ids as the tokenizer returns them: no per-token Python objects."""
+
+    input_ids: np.ndarray  # [n, width] int64
+    lengths: np.ndarray  # [n] int64
+    token_type_ids: np.ndarray | None  # [n, width] int64
 
     @property
     def num_tokens(self) -> int:
-        return sum(len(ids) for ids in self.input_ids)
+        return int(self.lengths.sum())
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.lengths)
+
+    @classmethod
+    def from_lists(cls, rows: list[list[int]], token_type_ids: list[list[int]] | None = None) -> Encoded:
+        lengths = np.array([len(row) for row in rows], dtype=np.int64)
+        width = int(lengths.max()) if len(rows) else 0
+        keep = np.arange(width)[None, :] < lengths[:, None]
+        ids = np.zeros((len(rows), width), dtype=np.int64)
+        ids[keep] = np.fromiter((token for row in rows for token in row), dtype=np.int64, count=int(lengths.sum()))
+        types = None
+        if token_type_ids is not None:
+            types = np.zeros_like(ids)
+            types[keep] = np.fromiter((t for row in token_type_ids for t in row), dtype=np.int64, count=int(lengths.sum()))
+        return cls(ids, lengths, types)
 
 
 def too_long_error(max_model_len: int, tokens: int, at_least: bool) -> BadRequestError:
@@ -45,21 +67,26 @@ class TextEncoder:
             pairs,
             truncation=True,
             max_length=self.max_model_len + 1,
-            return_attention_mask=False,
+            padding=True,
+            padding_side="right",
+            return_tensors="np",
+            return_attention_mask=True,
             return_token_type_ids=self.sends_token_types,
         )
-        input_ids = encoded["input_ids"]
-        longest = max((len(ids) for ids in input_ids), default=0)
+        lengths = encoded["attention_mask"].sum(axis=1).astype(np.int64)
+        longest = int(lengths.max()) if len(lengths) else 0
         if longest > self.max_model_len:
             raise too_long_error(self.max_model_len, longest, at_least=True)
-        return Encoded(input_ids, encoded["token_type_ids"] if self.sends_token_types else None)
+        types = encoded["token_type_ids"].astype(np.int64) if self.sends_token_types else None
+        # Right padding is the tokenizer default; the gateway rebuilds the mask from `lengths`.
+        return Encoded(encoded["input_ids"].astype(np.int64), lengths, types)
 
     def check_token_ids(self, prompts: list[list[int]]) -> Encoded:
         """Pre-tokenized prompts: length checked here, vocabulary by the model."""
         longest = max((len(ids) for ids in prompts), default=0)
         if longest > self.max_model_len:
             raise too_long_error(self.max_model_len, longest, at_least=False)
-        return Encoded([list(ids) for ids in prompts], None)
+        return Encoded.from_lists([list(ids) for ids in prompts])
 
     async def encode_async(self, texts: list[str], pairs: list[str] | None, thread_above: int) -> Encoded:
         if len(texts) > thread_above:

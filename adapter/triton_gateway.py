@@ -17,13 +17,6 @@ from adapter.errors import from_triton
 from adapter.tokenization import Encoded
 
 
-def _padded(rows: list[list[int]], width: int) -> np.ndarray:
-    array = np.zeros((len(rows), width), dtype=np.int64)
-    for i, row in enumerate(rows):
-        array[i, : len(row)] = row
-    return array
-
-
 def _tensor(name: str, array: np.ndarray) -> grpcaio.InferInput:
     tensor = grpcaio.InferInput(name, list(array.shape), "INT64")
     tensor.set_data_from_numpy(array)
@@ -38,21 +31,21 @@ class TritonGateway:
 
     async def infer(self, triton_model: str, encoded: Encoded, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
         """One row per sequence for each requested output, in input order."""
-        chunks = [
-            (start, min(start + self.max_rows, len(encoded.input_ids)))
-            for start in range(0, len(encoded.input_ids), self.max_rows)
-        ]
+        count = encoded.num_sequences
+        chunks = [(start, min(start + self.max_rows, count)) for start in range(0, count, self.max_rows)]
         results = await asyncio.gather(*(self._infer_rows(triton_model, encoded, a, b, outputs) for a, b in chunks))
         return {name: np.concatenate([result[name] for result in results]) for name in outputs}
 
     async def _infer_rows(self, triton_model, encoded: Encoded, start: int, end: int, outputs):
-        rows = encoded.input_ids[start:end]
-        lengths = np.array([len(row) for row in rows])
-        width = int(lengths.max())
+        lengths = encoded.lengths[start:end]
+        width = int(lengths.max())  # each request is padded only to its own longest row
         mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
-        inputs = [_tensor("input_ids", _padded(rows, width)), _tensor("attention_mask", mask)]
+        inputs = [
+            _tensor("input_ids", np.ascontiguousarray(encoded.input_ids[start:end, :width])),
+            _tensor("attention_mask", mask),
+        ]
         if encoded.token_type_ids is not None:
-            inputs.append(_tensor("token_type_ids", _padded(encoded.token_type_ids[start:end], width)))
+            inputs.append(_tensor("token_type_ids", np.ascontiguousarray(encoded.token_type_ids[start:end, :width])))
         try:
             result = await self.client.infer(
                 triton_model,

@@ -85,7 +85,7 @@ async def load(send, bodies: list[dict], concurrency: int, seconds: float, max_r
 
     async def client():
         nonlocal done_pairs
-        while time.perf_counter() < deadline:
+        while time.perf_counter() < deadline or not latencies:  # at least one result per level
             index = next(counter)
             if index >= max_requests:
                 return
@@ -95,9 +95,9 @@ async def load(send, bodies: list[dict], concurrency: int, seconds: float, max_r
             latencies.append(time.perf_counter() - start)
             done_pairs += len(body_texts(body)[0])
 
-    for body in bodies[:concurrency]:  # warm-up: compile, allocate, open connections
-        await send(body)
+    await asyncio.gather(*(send(body) for body in bodies[:concurrency]))  # warm-up: connections, allocator
     start = time.perf_counter()
+    deadline = start + seconds
     await asyncio.gather(*(client() for _ in range(concurrency)))
     return done_pairs, time.perf_counter() - start, latencies
 
@@ -145,7 +145,7 @@ def bench_shape(shape, workloads, args, work: Path, meta: dict, peak: float) -> 
         adapter_port, baseline_port = free_port(), free_port()
         processes.append(start([sys.executable, "-m", "adapter"], {
             "ADAPTER_TRITON_GRPC_URL": triton.grpc_url, "ADAPTER_PORT": str(adapter_port),
-            "ADAPTER_MAX_SEQUENCES_PER_TRITON_REQUEST": "64"}, work / f"{shape.name}-adapter.log"))
+            "ADAPTER_MAX_SEQUENCES_PER_TRITON_REQUEST": "64", "ADAPTER_WORKERS": str(args.adapter_workers)}, work / f"{shape.name}-adapter.log"))
         processes.append(start([sys.executable, "-m", "benchmarks.baseline_server", str(checkpoint),
                                 "--port", str(baseline_port)], {}, work / f"{shape.name}-baseline.log"))
         wait_http(f"http://127.0.0.1:{adapter_port}/health", processes[0], 300)
@@ -171,6 +171,8 @@ def bench_shape(shape, workloads, args, work: Path, meta: dict, peak: float) -> 
 
             # Bare forward: one request through the packed engine in this process.
             rows.append(_bare_forward_row(shape, checkpoint, tokenizer, bodies, row, args))
+            print(f"{shape.name:<24}{workload:<11}{'bare_forward':<14}c=1   {rows[-1]['pairs_per_s']:>9.0f} pairs/s  "
+                  f"p50 {rows[-1]['p50_ms']} ms", flush=True)
 
             grpc_inputs = [_padded_inputs(tokenizer, body) for body in bodies]
             for concurrency in args.concurrency:
@@ -180,8 +182,8 @@ def bench_shape(shape, workloads, args, work: Path, meta: dict, peak: float) -> 
                         f"http://127.0.0.1:{adapter_port}{path}", f"http://127.0.0.1:{baseline_port}{path}"))
                     rows.append(row(system, concurrency, pairs, seconds, latencies))
                     print(f"{shape.name:<24}{workload:<11}{system:<14}c={concurrency:<3} "
-                          f"{rows[-1]['pairs_per_s']:>9.0f} pairs/s  p50 {rows[-1]['p50_ms']:>8} ms  "
-                          f"MFU {rows[-1]['mfu_pct']}%", flush=True)
+                          f"{rows[-1]['pairs_per_s']:>9.0f} pairs/s  p50 {rows[-1]['p50_ms']} ms  "
+                          f"p99 {rows[-1]['p99_ms']} ms  MFU {rows[-1]['mfu_pct']}%", flush=True)
             if shape.family in (families.BERT, families.XLM_ROBERTA):
                 rows.append(_sentence_transformers_row(checkpoint, bodies, row))
                 print(f"{shape.name:<24}{workload:<11}{'st':<14}      {rows[-1]['pairs_per_s']:>9.0f} pairs/s", flush=True)
@@ -294,10 +296,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seconds", type=float, default=8.0, help="time bound of one concurrency level")
     parser.add_argument("--requests", type=int, default=96, help="request bound of one concurrency level")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-systems"))
+    parser.add_argument("--adapter-workers", type=int, default=4)
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.concurrency, args.seconds, args.requests = [1, 2], 2.0, 4
+        args.concurrency, args.seconds, args.requests, args.adapter_workers = [1, 2], 2.0, 4, 1
     args.work.mkdir(parents=True, exist_ok=True)
     peak = matmul_peak_tflops(torch.device("cuda")) if torch.cuda.is_available() and not args.smoke else float("nan")
     meta = dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() and not args.smoke else "cpu",

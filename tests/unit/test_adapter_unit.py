@@ -39,7 +39,7 @@ class FakeTritonClient:
 def test_gateway_splits_rows_pads_each_chunk_and_keeps_order():
     client = FakeTritonClient()
     gateway = TritonGateway(client, timeout_s=1, max_rows=2)
-    encoded = Encoded([[1], [2, 2, 2], [3, 3], [4], [5, 5, 5, 5]], None)
+    encoded = Encoded.from_lists([[1], [2, 2, 2], [3, 3], [4], [5, 5, 5, 5]])
     scores = asyncio.run(gateway.infer("m", encoded, ("scores",)))["scores"][:, 0]
     assert scores.tolist() == [1, 2, 3, 4, 5]
     assert [call["shapes"]["input_ids"] for call in client.calls] == [[2, 3], [2, 2], [1, 4]]
@@ -60,7 +60,7 @@ def test_triton_status_mapping(status, error_class, http):
     client = FakeTritonClient(InferenceServerException("boom at /opt/secret/path.py 0xdeadbeef", status=status))
     gateway = TritonGateway(client, timeout_s=1, max_rows=8)
     with pytest.raises(error_class) as caught:
-        asyncio.run(gateway.infer("m", Encoded([[1, 2]], None), ("scores",)))
+        asyncio.run(gateway.infer("m", Encoded.from_lists([[1, 2]]), ("scores",)))
     assert caught.value.status == http
     assert "/opt/secret" not in caught.value.message and "0xdeadbeef" not in caught.value.message
 
@@ -79,10 +79,14 @@ def test_served_name_rules():
 
 
 class WhitespaceTokenizer:
+    """Token id = word length; returns padded numpy arrays like a fast tokenizer with return_tensors="np"."""
+
     def __call__(self, texts, pairs=None, truncation=True, max_length=None, **_):
-        rows = [[len(w) for w in t.split()] + ([len(w) for w in p.split()] if p else []) for t, p in
+        rows = [([len(w) for w in t.split()] + ([len(w) for w in p.split()] if p else []))[:max_length] for t, p in
                 zip(texts, pairs or [None] * len(texts))]
-        return {"input_ids": [row[:max_length] for row in rows]}
+        encoded = Encoded.from_lists(rows)
+        mask = (np.arange(encoded.input_ids.shape[1])[None, :] < encoded.lengths[:, None]).astype(np.int64)
+        return {"input_ids": encoded.input_ids, "attention_mask": mask}
 
 
 def make_model(name, task, num_labels):
