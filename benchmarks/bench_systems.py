@@ -184,7 +184,7 @@ def bench_shape(shape, workloads, args, work: Path, meta: dict, peak: float) -> 
                     print(f"{shape.name:<24}{workload:<11}{system:<14}c={concurrency:<3} "
                           f"{rows[-1]['pairs_per_s']:>9.0f} pairs/s  p50 {rows[-1]['p50_ms']} ms  "
                           f"p99 {rows[-1]['p99_ms']} ms  MFU {rows[-1]['mfu_pct']}%", flush=True)
-            if shape.family in (families.BERT, families.XLM_ROBERTA):
+            if shape.family in (families.BERT, families.XLM_ROBERTA) and workload.startswith("rerank"):
                 rows.append(_sentence_transformers_row(checkpoint, bodies, row))
                 print(f"{shape.name:<24}{workload:<11}{'st':<14}      {rows[-1]['pairs_per_s']:>9.0f} pairs/s", flush=True)
     finally:
@@ -310,6 +310,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for shape in model_shapes(args.smoke):
         if shape.name in SYSTEM_WORKLOADS and (not args.models or shape.name in args.models):
             rows += bench_shape(shape, SYSTEM_WORKLOADS[shape.name], args, args.work, meta, peak)
+            write_rows(args, rows)  # after every shape: a later failure keeps what was measured
+    return rows
+
+
+def write_rows(args, rows: list[dict]) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = "_" + "-".join(args.models) if args.models else ""
     path = args.out / f"systems{suffix}.csv"
@@ -318,7 +323,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         writer.writeheader()
         writer.writerows(rows)
     print(f"wrote {path} ({len(rows)} rows)")
-    return rows
 
 
 if __name__ == "__main__":

@@ -79,14 +79,27 @@ def test_served_name_rules():
 
 
 class WhitespaceTokenizer:
-    """Token id = word length; returns padded numpy arrays like a fast tokenizer with return_tensors="np"."""
+    """Token id = word length, exposed like a fast tokenizer's Rust backend."""
 
-    def __call__(self, texts, pairs=None, truncation=True, max_length=None, **_):
-        rows = [([len(w) for w in t.split()] + ([len(w) for w in p.split()] if p else []))[:max_length] for t, p in
-                zip(texts, pairs or [None] * len(texts))]
-        encoded = Encoded.from_lists(rows)
-        mask = (np.arange(encoded.input_ids.shape[1])[None, :] < encoded.lengths[:, None]).astype(np.int64)
-        return {"input_ids": encoded.input_ids, "attention_mask": mask}
+    class Backend:
+        max_length = None
+
+        def no_padding(self):
+            pass
+
+        def enable_truncation(self, max_length):
+            self.max_length = max_length
+
+        def encode_batch(self, inputs):
+            rows = []
+            for item in inputs:
+                text, pair = item if isinstance(item, tuple) else (item, None)
+                ids = ([len(w) for w in text.split()] + ([len(w) for w in pair.split()] if pair else []))[: self.max_length]
+                rows.append(SimpleNamespace(ids=ids, type_ids=[0] * len(ids)))
+            return rows
+
+    def __init__(self):
+        self.backend_tokenizer = self.Backend()
 
 
 def make_model(name, task, num_labels):
