@@ -44,9 +44,11 @@ test-integration: $(INSTALLED)
 bench: $(INSTALLED)
 	if $(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then \
 		$(PY) -m benchmarks.bench_kernels --out benchmarks/results --commit $$(git rev-parse --short HEAD) && \
-		$(PY) -m benchmarks.bench_engine --out benchmarks/results --commit $$(git rev-parse --short HEAD); \
+		$(PY) -m benchmarks.bench_engine --out benchmarks/results --commit $$(git rev-parse --short HEAD) && \
+		$(PY) -m benchmarks.bench_systems --out benchmarks/results --commit $$(git rev-parse --short HEAD); \
 	else \
-		$(PY) -m benchmarks.bench_engine --smoke --out .cache/bench-smoke; \
+		$(PY) -m benchmarks.bench_engine --smoke --out .cache/bench-smoke && \
+		$(PY) -m benchmarks.bench_systems --smoke --out .cache/bench-smoke; \
 	fi
 
 clean:
