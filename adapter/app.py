@@ -18,6 +18,7 @@ from adapter.registry import ModelRegistry, build_served_model
 from adapter.rerank.router import router as rerank_router
 from adapter.score.router import router as score_router
 from adapter.settings import Settings, get_settings
+from adapter.timing import install_timing_headers
 from adapter.triton_gateway import TritonGateway
 
 logger = logging.getLogger("adapter")
@@ -69,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_exception_handlers(app)
+    install_timing_headers(app)
     for router in (classify_router, score_router, rerank_router, models_router):
         app.include_router(router)
     return app

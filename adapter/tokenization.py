@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from adapter.errors import BadRequestError
+from adapter.timing import timed
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,7 @@ class TextEncoder:
         return Encoded.from_lists([list(ids) for ids in prompts])
 
     async def encode_async(self, texts: list[str], pairs: list[str] | None, thread_above: int) -> Encoded:
-        if len(texts) > thread_above:
-            return await asyncio.to_thread(self.encode, texts, pairs)
-        return self.encode(texts, pairs)
+        with timed("tokenize"):
+            if len(texts) > thread_above:
+                return await asyncio.to_thread(self.encode, texts, pairs)
+            return self.encode(texts, pairs)

@@ -14,6 +14,7 @@ import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
 from adapter.errors import from_triton
+from adapter.timing import timed
 from adapter.tokenization import Encoded
 
 
@@ -33,7 +34,8 @@ class TritonGateway:
         """One row per sequence for each requested output, in input order."""
         count = encoded.num_sequences
         chunks = [(start, min(start + self.max_rows, count)) for start in range(0, count, self.max_rows)]
-        results = await asyncio.gather(*(self._infer_rows(triton_model, encoded, a, b, outputs) for a, b in chunks))
+        with timed("inference"):
+            results = await asyncio.gather(*(self._infer_rows(triton_model, encoded, a, b, outputs) for a, b in chunks))
         return {name: np.concatenate([result[name] for result in results]) for name in outputs}
 
     async def _infer_rows(self, triton_model, encoded: Encoded, start: int, end: int, outputs):

@@ -177,13 +177,20 @@ def bench_shape(shape, workloads, args, work: Path, meta: dict, peak: float) -> 
             grpc_inputs = [_padded_inputs(tokenizer, body) for body in bodies]
             for concurrency in args.concurrency:
                 for system in ("http", "grpc", "baseline_http"):
+                    headers: list = []
+                    before = _triton_stats(triton.grpc_url, folder)
                     pairs, seconds, latencies = asyncio.run(_sweep_level(
                         system, bodies, grpc_inputs, concurrency, args, triton.grpc_url, folder,
-                        f"http://127.0.0.1:{adapter_port}{path}", f"http://127.0.0.1:{baseline_port}{path}"))
+                        f"http://127.0.0.1:{adapter_port}{path}", f"http://127.0.0.1:{baseline_port}{path}", headers))
                     rows.append(row(system, concurrency, pairs, seconds, latencies))
+                    rows[-1].update(_breakdown(before, _triton_stats(triton.grpc_url, folder), headers, system))
+                    r = rows[-1]
                     print(f"{shape.name:<24}{workload:<11}{system:<14}c={concurrency:<3} "
-                          f"{rows[-1]['pairs_per_s']:>9.0f} pairs/s  p50 {rows[-1]['p50_ms']} ms  "
-                          f"p99 {rows[-1]['p99_ms']} ms  MFU {rows[-1]['mfu_pct']}%", flush=True)
+                          f"{r['pairs_per_s']:>9.0f} pairs/s  p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  "
+                          f"MFU {r['mfu_pct']}%  triton queue/in/infer/out {r['triton_queue_ms']}/"
+                          f"{r['triton_compute_input_ms']}/{r['triton_compute_infer_ms']}/{r['triton_compute_output_ms']} ms "
+                          f"x{r['triton_requests_per_execution']}  adapter tok/inf/total {r['adapter_tokenize_ms']}/"
+                          f"{r['adapter_inference_ms']}/{r['adapter_total_ms']} ms", flush=True)
             if shape.family in (families.BERT, families.XLM_ROBERTA) and workload.startswith("rerank"):
                 rows.append(_sentence_transformers_row(checkpoint, bodies, row))
                 print(f"{shape.name:<24}{workload:<11}{'st':<14}      {rows[-1]['pairs_per_s']:>9.0f} pairs/s", flush=True)
@@ -223,7 +230,35 @@ def _padded_inputs(tokenizer, body):
     return inputs
 
 
-async def _sweep_level(system, bodies, grpc_inputs, concurrency, args, grpc_url, folder, http_url, baseline_url):
+def _triton_stats(grpc_url: str, folder: str) -> dict:
+    import tritonclient.grpc as grpcclient
+
+    stats = grpcclient.InferenceServerClient(grpc_url).get_inference_statistics(folder, as_json=True)["model_stats"][0]
+    inference = stats.get("inference_stats", {})
+    out = {name: (int(inference.get(name, {}).get("count", 0)), int(inference.get(name, {}).get("ns", 0)))
+           for name in ("success", "queue", "compute_input", "compute_infer", "compute_output")}
+    out["executions"] = int(stats.get("execution_count", 0))
+    out["inferences"] = int(stats.get("inference_count", 0))
+    return out
+
+
+def _breakdown(before: dict, after: dict, headers: list, system: str) -> dict:
+    """Where the time of one request went: Triton's own statistics, and the adapter's headers."""
+    requests = after["success"][0] - before["success"][0]
+    row = {}
+    for name in ("queue", "compute_input", "compute_infer", "compute_output"):
+        spent = after[name][1] - before[name][1]
+        row[f"triton_{name}_ms"] = round(spent / max(requests, 1) / 1e6, 3) if system != "baseline_http" else None
+    executions = after["executions"] - before["executions"]
+    row["triton_requests_per_execution"] = round(requests / executions, 2) if executions and system != "baseline_http" else None
+    for name in ("tokenize", "inference", "total"):
+        values = [float(h[f"x-{name}-time"]) for h in headers if f"x-{name}-time" in h]
+        row[f"adapter_{name}_ms"] = round(statistics.median(values), 3) if values else None
+    return row
+
+
+async def _sweep_level(system, bodies, grpc_inputs, concurrency, args, grpc_url, folder, http_url, baseline_url,
+                       headers=None):
     import tritonclient.grpc.aio as grpcaio
 
     max_requests = max(args.requests, 2 * concurrency)
@@ -239,6 +274,8 @@ async def _sweep_level(system, bodies, grpc_inputs, concurrency, args, grpc_url,
         async def send(body):
             response = await client.post(url, json=body)
             response.raise_for_status()
+            if headers is not None and system == "http":
+                headers.append(response.headers)
         return await load(send, bodies, concurrency, args.seconds, max_requests)
 
 

@@ -82,6 +82,12 @@ def test_classify_single_string_and_token_ids(adapter_url, tiny_checkpoints):
     assert by_id_lists["usage"]["prompt_tokens"] == len(ids) + 2
 
 
+def test_timing_headers_say_where_the_time_went(adapter_url):
+    response = post(adapter_url, "/rerank", {"model": "xlm_roberta_classifier", "query": "q", "documents": DOCS})
+    tokenize, inference, total = (float(response.headers[f"x-{n}-time"]) for n in ("tokenize", "inference", "total"))
+    assert 0 < tokenize < total and 0 < inference < total and tokenize + inference <= total
+
+
 def test_classify_use_activation_false_returns_logits(adapter_url, tiny_checkpoints):
     body = post(adapter_url, "/classify", {"model": "bert_classifier", "input": TEXTS, "use_activation": False}).json()
     logits, _ = hf_classifier(tiny_checkpoints["bert_classifier"], TEXTS)
