@@ -334,6 +334,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--requests", type=int, default=96, help="request bound of one concurrency level")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-systems"))
     parser.add_argument("--adapter-workers", type=int, default=4)
+    parser.add_argument("--name", default="", help="suffix of the CSV name (systems_<name>.csv)")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -353,10 +354,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 def write_rows(args, rows: list[dict]) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
-    suffix = "_" + "-".join(args.models) if args.models else ""
+    suffix = "_" + args.name if args.name else ("_" + "-".join(args.models) if args.models else "")
     path = args.out / f"systems{suffix}.csv"
+    fields = list(dict.fromkeys(key for row in rows for key in row))  # every column, first-seen order
     with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(handle, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(rows)
     print(f"wrote {path} ({len(rows)} rows)")
