@@ -9,7 +9,8 @@ from adapter.settings import get_settings
 if __name__ == "__main__":
     settings = get_settings()
     # Read by the tokenizers library when its thread pool starts, in each worker process.
-    os.environ.setdefault("RAYON_NUM_THREADS", str(settings.tokenizer_threads))
+    if settings.tokenizer_threads:
+        os.environ.setdefault("RAYON_NUM_THREADS", str(settings.tokenizer_threads))
     # A factory, so each of `workers` processes builds its own app (and Triton client) from the env.
     uvicorn.run("adapter.app:create_app", factory=True, host=settings.host, port=settings.port,
                 workers=settings.workers, log_level="info")
