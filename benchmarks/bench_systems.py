@@ -116,10 +116,43 @@ def wait_http(url: str, process: subprocess.Popen, timeout: float) -> None:
     raise RuntimeError(f"{url} not ready after {timeout}s")
 
 
-def start(command: list[str], env: dict, log: Path) -> subprocess.Popen:
+def start(command: list[str], env: dict, log: Path, cpus: str | None = None) -> subprocess.Popen:
+    if cpus:
+        command = ["taskset", "-c", cpus, *command]  # children (uvicorn workers) inherit the mask
     with log.open("wb") as handle:
         return subprocess.Popen(command, cwd=PROJECT_ROOT, env={**os.environ, **env}, stdout=handle,
                                 stderr=subprocess.STDOUT)
+
+
+def pin_process_tree(pid: int, cpus: set[int]) -> None:
+    """Move every thread of ``pid`` and of its descendants onto ``cpus``."""
+    from model_runtime.launcher import child_pids
+
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            try:
+                os.sched_setaffinity(int(task.name), cpus)
+            except (ProcessLookupError, PermissionError, OSError):
+                pass
+        pending.extend(child_pids(current))
+
+
+def cpu_plan(enabled: bool) -> dict[str, str | None]:
+    """Disjoint cores for Triton, the adapter, the baseline server and the load generator."""
+    count = os.cpu_count() or 1
+    if not enabled or count < 8:
+        return {"triton": None, "adapter": None, "baseline": None, "client": None}
+    quarter = count // 4
+    spans = {"triton": (0, 2 * quarter), "adapter": (2 * quarter, 3 * quarter),
+             "baseline": (3 * quarter, 3 * quarter + quarter // 2), "client": (3 * quarter + quarter // 2, count)}
+    return {name: f"{a}-{b - 1}" for name, (a, b) in spans.items()}
+
+
+def cpu_set(span: str) -> set[int]:
+    first, last = (int(x) for x in span.split("-"))
+    return set(range(first, last + 1))
 
 
 def gpu_memory_gib() -> float:
@@ -335,6 +368,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-systems"))
     parser.add_argument("--adapter-workers", type=int, default=4)
     parser.add_argument("--name", default="", help="suffix of the CSV name (systems_<name>.csv)")
+    parser.add_argument("--pin-cpus", action="store_true",
+                        help="give Triton, the adapter, the baseline server and the load generator disjoint cores")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
     if args.smoke:
