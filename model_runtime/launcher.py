@@ -178,6 +178,16 @@ def child_pids(pid: int) -> list[int]:
     return children
 
 
+def descendant_pids(pid: int) -> list[int]:
+    """Every process below ``pid``."""
+    found, pending = [], child_pids(pid)
+    while pending:
+        child = pending.pop()
+        found.append(child)
+        pending.extend(child_pids(child))
+    return found
+
+
 def process_cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -414,14 +424,11 @@ class TritonServer:
         if self.process is None:
             return {}
         stubs = {}
-        pending = child_pids(self.process.pid)
-        while pending:
-            pid = pending.pop()
+        for pid in descendant_pids(self.process.pid):
             cmdline = process_cmdline(pid)
             if "triton_python_backend_stub" in cmdline:
                 model_file = cmdline.split("triton_python_backend_stub", 1)[1].split()[0]
                 stubs[pid] = Path(model_file).parent.parent.name
-            pending.extend(child_pids(pid))
         return stubs
 
     def _log_tail(self, lines: int = 40) -> str:

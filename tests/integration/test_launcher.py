@@ -22,12 +22,7 @@ pytestmark = pytest.mark.integration
 
 
 def descendants(pid: int) -> list[int]:
-    found, pending = [], launcher.child_pids(pid)
-    while pending:
-        child = pending.pop()
-        found.append(child)
-        pending.extend(launcher.child_pids(child))
-    return found
+    return launcher.descendant_pids(pid)
 
 
 def test_stub_dying_during_load_is_reported_quickly(tmp_path):

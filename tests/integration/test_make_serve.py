@@ -27,12 +27,7 @@ def readme_sample_curl() -> str:
 
 
 def descendants(pid: int) -> list[int]:
-    found, pending = [], launcher.child_pids(pid)
-    while pending:
-        child = pending.pop()
-        found.append(child)
-        pending.extend(launcher.child_pids(child))
-    return found
+    return launcher.descendant_pids(pid)
 
 
 @pytest.fixture(scope="module")
