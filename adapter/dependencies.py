@@ -1,4 +1,8 @@
-"""What routes receive: the registry, the Triton gateway and the settings, owned by the lifespan."""
+"""What routes receive: the registry, the Triton gateway and the settings, owned by the lifespan.
+
+The accessors are ``async def`` on purpose: FastAPI runs plain ``def`` dependencies in its thread
+pool, and three thread hops per request cost ~1 ms (profiled on the rerank path).
+"""
 
 from __future__ import annotations
 
@@ -11,15 +15,15 @@ from adapter.settings import Settings
 from adapter.triton_gateway import TritonGateway
 
 
-def get_registry(request: Request) -> ModelRegistry:
+async def get_registry(request: Request) -> ModelRegistry:
     return request.app.state.registry
 
 
-def get_gateway(request: Request) -> TritonGateway:
+async def get_gateway(request: Request) -> TritonGateway:
     return request.app.state.gateway
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
