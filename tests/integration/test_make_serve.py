@@ -46,8 +46,14 @@ def make_serve(tmp_path_factory):
         yield url, process, log_path
     finally:
         if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            # SIGTERM first: tritonserver runs in its own session and only a clean stop of
+            # `make serve` takes it down; SIGKILL is the last resort.
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
 
 
 def test_prints_url_and_sample_request(make_serve):
