@@ -39,7 +39,7 @@ import torch
 from benchmarks.bench_engine import flops_per_request, matmul_peak_tflops, model_shapes
 from benchmarks.checkpoints import save_checkpoint, word_count, words
 from model_runtime import families
-from model_runtime.launcher import TritonServer, free_port
+from model_runtime.launcher import TritonServer, free_port, wait_for_http
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 FOLDER = {families.BERT: "bert_classifier", families.XLM_ROBERTA: "xlm_roberta_classifier",
@@ -100,20 +100,6 @@ async def load(send, bodies: list[dict], concurrency: int, seconds: float, max_r
     deadline = start + seconds
     await asyncio.gather(*(client() for _ in range(concurrency)))
     return done_pairs, time.perf_counter() - start, latencies
-
-
-def wait_http(url: str, process: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{url}: server exited with {process.returncode}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"{url} not ready after {timeout}s")
 
 
 def start(command: list[str], env: dict, log: Path, cpus: str | None = None) -> subprocess.Popen:
@@ -181,8 +167,8 @@ def bench_shape(shape, workloads, args, work: Path, meta: dict, peak: float) -> 
             "ADAPTER_MAX_SEQUENCES_PER_TRITON_REQUEST": "64", "ADAPTER_WORKERS": str(args.adapter_workers)}, work / f"{shape.name}-adapter.log"))
         processes.append(start([sys.executable, "-m", "benchmarks.baseline_server", str(checkpoint),
                                 "--port", str(baseline_port)], {}, work / f"{shape.name}-baseline.log"))
-        wait_http(f"http://127.0.0.1:{adapter_port}/health", processes[0], 300)
-        wait_http(f"http://127.0.0.1:{baseline_port}/health", processes[1], 300)
+        wait_for_http(f"http://127.0.0.1:{adapter_port}/health", processes[0], 300)
+        wait_for_http(f"http://127.0.0.1:{baseline_port}/health", processes[1], 300)
 
         for workload in workloads:
             bodies = request_bodies(workload, shape.name, 64 if not args.smoke else 4, word_count(shape))

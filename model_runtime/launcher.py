@@ -145,6 +145,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_for_http(url: str, process: subprocess.Popen, timeout_s: float, log_path: Path | None = None) -> None:
+    """Poll ``url`` until it answers 200; fail at once (with the log's tail) if ``process`` exits."""
+    def log_tail() -> str:
+        return f":\n{log_path.read_text(errors='replace')[-4000:]}" if log_path and log_path.exists() else ""
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise LauncherError(f"{url}: process exited with {process.returncode}{log_tail()}")
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        time.sleep(0.2)
+    raise LauncherError(f"{url} not ready after {timeout_s}s{log_tail()}")
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -281,8 +298,8 @@ class TritonServer:
             "--model-control-mode=explicit",
             "--strict-readiness=true",
             f"--exit-timeout-secs={self.exit_timeout_s}",
-            f"--http-address=127.0.0.1",
-            f"--grpc-address=127.0.0.1",
+            "--http-address=127.0.0.1",
+            "--grpc-address=127.0.0.1",
             f"--http-port={self.http_port}",
             f"--grpc-port={self.grpc_port}",
             f"--metrics-port={self.metrics_port}",

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 
@@ -18,7 +15,7 @@ if not torch.cuda.is_available():
     # `kernels` is imported, because triton.jit picks the interpreter at decoration time.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from model_runtime.launcher import TritonServer
+from model_runtime.launcher import TritonServer, free_port, wait_for_http
 from tests.tiny_models import MODEL_FOLDERS, build_checkpoint
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -47,27 +44,6 @@ def triton_server(tiny_checkpoints, tmp_path_factory):
         server.check()  # a stub that died during the session fails the last test loudly
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_http(url: str, process: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
-    """Poll ``url`` until it answers 200; fail at once, with the log, if ``process`` exits."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"process exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} not ready after {timeout_s}s:\n{log_path.read_text()[-4000:]}")
-
-
 @pytest.fixture(scope="session")
 def adapter_url(triton_server, tmp_path_factory):
     """The real adapter (uvicorn, separate process) in front of the session's Triton server."""
@@ -85,7 +61,7 @@ def adapter_url(triton_server, tmp_path_factory):
                                    stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for_http(f"{url}/health", process, log_path, timeout_s=120)
+        wait_for_http(f"{url}/health", process, timeout_s=120, log_path=log_path)
         yield url
     finally:
         process.terminate()

@@ -7,7 +7,6 @@ compared with the padded HF model (bf16 vs fp32 differences bound the meaningful
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch

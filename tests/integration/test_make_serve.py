@@ -14,7 +14,8 @@ import httpx
 import pytest
 
 from model_runtime import launcher
-from tests.conftest import PROJECT_ROOT, free_port, wait_for_http
+from model_runtime.launcher import free_port, wait_for_http
+from tests.conftest import PROJECT_ROOT
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +40,7 @@ def make_serve(tmp_path_factory):
                                    stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for_http(f"{url}/health", process, log_path, timeout_s=420)
+        wait_for_http(f"{url}/health", process, timeout_s=420, log_path=log_path)
         deadline = time.monotonic() + 10
         while "Try:" not in log_path.read_text() and time.monotonic() < deadline:
             time.sleep(0.1)
