@@ -3,7 +3,7 @@
 vLLM (``model_executor/layers/pooler/activations.py::get_act_fn``): ``problem_type`` decides first
 (regression: identity; single-label: softmax, or sigmoid for one label; multi-label: sigmoid); then
 a sentence-transformers activation declared in the config; otherwise sigmoid for one label and
-softmax for several.
+softmax for several. The activation itself is applied by ``kernels.score_head``.
 """
 
 from __future__ import annotations
@@ -46,13 +46,3 @@ def activation_for_config(config) -> Activation:
             return _classify_default(num_labels)
         raise ValueError(f"unsupported sentence-transformers activation {declared!r}")
     return _classify_default(num_labels)
-
-
-def apply_activation(logits: torch.Tensor, activation: Activation) -> torch.Tensor:
-    """Scores from logits ``[num_seqs, num_labels]``, computed in float32."""
-    logits = logits.float()
-    if activation is Activation.SIGMOID:
-        return torch.sigmoid(logits)
-    if activation is Activation.SOFTMAX:
-        return torch.softmax(logits, dim=-1)
-    return logits

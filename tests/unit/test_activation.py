@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import PretrainedConfig
 
-from model_runtime.activation import Activation, activation_for_config, apply_activation
+from model_runtime.activation import Activation, activation_for_config
 
 
 def config(**kwargs):
@@ -35,10 +35,3 @@ def test_vllm_activation_rule(kwargs, expected):
 def test_rejects_activation_outside_torch_nn():
     with pytest.raises(ValueError, match="unsupported"):
         activation_for_config(config(sbert_ce_default_activation_function="my.module.Act"))
-
-
-def test_apply_activation_values():
-    logits = torch.tensor([[0.0, 1.0]])
-    assert torch.allclose(apply_activation(logits, Activation.SOFTMAX), torch.softmax(logits, -1))
-    assert torch.allclose(apply_activation(logits, Activation.SIGMOID), torch.sigmoid(logits))
-    assert torch.equal(apply_activation(logits, Activation.IDENTITY), logits)
