@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import enum
 
-import torch
 
 
 class Activation(str, enum.Enum):

@@ -1,5 +1,4 @@
 import pytest
-import torch
 from transformers import PretrainedConfig
 
 from model_runtime.activation import Activation, activation_for_config
