@@ -11,7 +11,6 @@ from __future__ import annotations
 import enum
 
 
-
 class Activation(str, enum.Enum):
     IDENTITY = "identity"
     SIGMOID = "sigmoid"
