@@ -22,3 +22,30 @@ def test_systems_benchmark_smoke(tmp_path):
     assert systems == {"bare_forward", "http", "grpc", "baseline_http", "sentence_transformers"}
     assert all(r["pairs_per_s"] > 0 for r in rows)
     assert (tmp_path / "systems.csv").exists()
+
+
+import json
+import random
+
+import pytest
+
+
+@pytest.mark.parametrize("model_type,vocab_size", [
+    ("bert", 30522), ("xlm-roberta", 250002), ("qwen2", 151936), ("qwen3", 1000), ("llama", 128256)])
+def test_synthetic_tokenizer_is_one_token_per_word_through_auto_tokenizer(tmp_path, model_type, vocab_size):
+    """AutoTokenizer rebuilds a qwen2 tokenizer from vocab and merges; the word count must survive that."""
+    from transformers import AutoTokenizer
+
+    from benchmarks.checkpoints import word_count, word_tokenizer, words
+    from model_runtime import families
+
+    shape = bench_engine.Shape("synthetic", families.BERT, dict(model_type=model_type, vocab_size=vocab_size), ())
+    word_tokenizer(shape).save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    text = words(random.Random(0), 37, word_count(shape))
+    specials = {"bert": 2, "xlm-roberta": 2}.get(model_type, 1)
+    ids = tokenizer(text)["input_ids"]
+    assert len(ids) == 37 + specials
+    assert max(ids) < vocab_size
+    assert len(set(ids)) > 30  # distinct words are distinct tokens
