@@ -15,6 +15,8 @@ Systems, in one process on one GPU, all bf16:
 * ``packed``: this project's engine (one packed stream per forward through varlen attention, the
   Triton pooling / score-head kernels, token budget 16,384), fed several requests at once as
   Triton's dynamic batcher would;
+* ``packed_compiled``: the same with every transformer layer ``torch.compile``'d (the engine's
+  ``compile`` setting; the attention call stays eager), compile time reported;
 * ``padded``: what a plain server does: each request is one padded batch through
   ``AutoModelForSequenceClassification`` with SDPA.
 
@@ -168,20 +170,14 @@ def run(shapes: list[Shape], device: torch.device, out_dir: Path, commit: str, r
     rows = []
     for shape in shapes:
         model = build_model(shape, device, dtype)
-        settings = ModelSettings(
-            model_name=shape.name, checkpoint="<random>", device=device, dtype=dtype, max_tokens_per_forward=16384,
-            max_model_len=512 if shape.family in (families.BERT, families.XLM_ROBERTA) else 4096,
-            logit_mean=0.0, logit_sigma=1.0, attention="varlen", output_names=("logits", "scores"))
-        engine = PackedEngine(shape.family, model, settings)
         vocab = shape.config["vocab_size"]
+        cases = []  # (workload name, packed batch, padded inputs, sequences, tokens, flops)
         for name in shape.workloads:
             per_request = workload(name, vocab, requests)
             generator = torch.Generator().manual_seed(1)
             ids = [torch.randint(5, vocab, (int(lengths.sum()),), generator=generator) for lengths in per_request]
             all_lengths = torch.cat(per_request)
             flops = sum(flops_per_request(shape, lengths, model) for lengths in per_request)
-            sequences, tokens = int(all_lengths.numel()), int(all_lengths.sum())
-
             batch = PackedBatch.pack([RequestSequences(i, lengths, None) for i, lengths in zip(ids, per_request)])
             padded_inputs = []
             for request_ids, lengths in zip(ids, per_request):
@@ -189,34 +185,55 @@ def run(shapes: list[Shape], device: torch.device, out_dir: Path, commit: str, r
                 padded = torch.full(keep.shape, shape.config.get("pad_token_id", 0), dtype=torch.int64)
                 padded[keep] = request_ids
                 padded_inputs.append((padded.to(device), keep.long().to(device)))
+            cases.append((name, batch, padded_inputs, int(all_lengths.numel()), int(all_lengths.sum()), flops))
 
-            def packed_all():
-                engine.run(batch)
+        def settings(compile_layers: bool) -> ModelSettings:
+            return ModelSettings(
+                model_name=shape.name, checkpoint="<random>", device=device, dtype=dtype,
+                max_tokens_per_forward=16384,
+                max_model_len=512 if shape.family in (families.BERT, families.XLM_ROBERTA) else 4096,
+                logit_mean=0.0, logit_sigma=1.0, attention="varlen", output_names=("logits", "scores"),
+                compile_layers=compile_layers)
 
-            def padded_all():
-                with torch.inference_mode():
-                    for input_ids, mask in padded_inputs:
-                        model(input_ids=input_ids, attention_mask=mask).logits.float().cpu()
-
-            for system, fn in (("padded", padded_all), ("packed", packed_all)):
+        # Eager systems first: compiling rewires the shared model's layers for good.
+        by_case: dict[str, dict[str, dict]] = {}
+        for system in ("padded", "packed", "packed_compiled"):
+            compile_start = time.perf_counter()
+            engine = PackedEngine(shape.family, model, settings(system == "packed_compiled")) if system != "padded" else None
+            compile_seconds = time.perf_counter() - compile_start if system == "packed_compiled" else 0.0
+            # One model object serves every system: switch its attention for each.
+            model.set_attn_implementation(varlen.register() if system != "padded" else "sdpa")
+            for name, batch, padded_inputs, sequences, tokens, flops in cases:
+                if system == "padded":
+                    def fn(padded_inputs=padded_inputs):
+                        with torch.inference_mode():
+                            for input_ids, mask in padded_inputs:
+                                model(input_ids=input_ids, attention_mask=mask).logits.float().cpu()
+                else:
+                    def fn(engine=engine, batch=batch):
+                        engine.run(batch)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
-                # One model object serves both systems: switch its attention for each.
-                model.set_attn_implementation(varlen.register() if system == "packed" else "sdpa")
                 seconds = sorted(time_calls(fn, repeats, device))[repeats // 2]
                 peak_memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
                 achieved = flops / seconds / 1e12
-                rows.append({**meta, "model": shape.name, "workload": name, "system": system, "requests": requests,
-                             "sequences": sequences, "tokens": tokens, "seconds": round(seconds, 5),
-                             "sequences_per_s": round(sequences / seconds, 1), "tokens_per_s": round(tokens / seconds),
-                             "ms_per_request": round(1000 * seconds / requests, 3),
-                             "model_tflops": round(achieved, 1), "mfu_pct": round(100 * achieved / peak, 1),
-                             "peak_memory_gib": round(peak_memory, 2)})
-            packed_row, padded_row = rows[-1], rows[-2]
+                row = {**meta, "model": shape.name, "workload": name, "system": system, "requests": requests,
+                       "sequences": sequences, "tokens": tokens, "seconds": round(seconds, 5),
+                       "sequences_per_s": round(sequences / seconds, 1), "tokens_per_s": round(tokens / seconds),
+                       "ms_per_request": round(1000 * seconds / requests, 3),
+                       "model_tflops": round(achieved, 1), "mfu_pct": round(100 * achieved / peak, 1),
+                       "peak_memory_gib": round(peak_memory, 2), "compile_s": round(compile_seconds, 1)}
+                rows.append(row)
+                by_case.setdefault(name, {})[system] = row
+            del engine
+        for name, systems in by_case.items():
+            padded_row, packed_row, compiled_row = systems["padded"], systems["packed"], systems["packed_compiled"]
             print(f"{shape.name:<26}{name:<11} padded {padded_row['sequences_per_s']:>9.0f} seq/s  "
-                  f"packed {packed_row['sequences_per_s']:>9.0f} seq/s  x{packed_row['sequences_per_s'] / padded_row['sequences_per_s']:.2f}"
-                  f"  MFU {padded_row['mfu_pct']:>5}% -> {packed_row['mfu_pct']:>5}%")
-        del engine, model
+                  f"packed {packed_row['sequences_per_s']:>9.0f}  compiled {compiled_row['sequences_per_s']:>9.0f} seq/s"
+                  f"  x{compiled_row['sequences_per_s'] / padded_row['sequences_per_s']:.2f}"
+                  f"  MFU {padded_row['mfu_pct']:>5}% -> {packed_row['mfu_pct']:>5}% -> {compiled_row['mfu_pct']:>5}%"
+                  f"  (compile {compiled_row['compile_s']} s)")
+        del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ from model_runtime import varlen
 from model_runtime.activation import Activation, activation_for_config
 from model_runtime.checkpoints import max_model_len_for
 from model_runtime.families import Family
-from model_runtime.packing import PackedBatch, SequenceLimits, token_budget_chunks
+from model_runtime.packing import PackedBatch, RequestSequences, SequenceLimits, token_budget_chunks
 from model_runtime.settings import ModelSettings
 
 
@@ -47,6 +47,18 @@ class PackedEngine:
         self.position_offset = family.position_offset(config)
         if settings.attention == "varlen":
             model.set_attn_implementation(varlen.register())
+        if settings.compile_layers:
+            compile_layers(family.body(model))
+            self.warm_up()
+
+    def warm_up(self) -> None:
+        """Run batches of a few shapes so compilation happens at load, not on the first requests."""
+        generator = torch.Generator().manual_seed(0)
+        longest = min(self.limits.max_model_len, 64)
+        for lengths in ([longest // 2] * 2, [1, longest, 3], [longest] * 3 + [7]):
+            lengths = torch.tensor(lengths)
+            ids = torch.randint(0, self.limits.vocab_size, (int(lengths.sum()),), generator=generator)
+            self.run(PackedBatch.pack([RequestSequences(ids, lengths, None)]))
 
     @classmethod
     def load(cls, family: Family, settings: ModelSettings) -> PackedEngine:
@@ -61,7 +73,7 @@ class PackedEngine:
             f"family={self.family.name} checkpoint={self.settings.checkpoint} device={self.device} "
             f"dtype={self.settings.dtype} pooling={self.family.pooling} activation={self.activation.value} "
             f"max_model_len={self.limits.max_model_len} max_tokens_per_forward={self.settings.max_tokens_per_forward} "
-            f"body={self.settings.attention} pooling_and_head={kernels.implementation(self.device)}"
+            f"body={self.settings.attention} compiled_layers={self.settings.compile_layers} pooling_and_head={kernels.implementation(self.device)}"
         )
 
     @torch.inference_mode()
@@ -111,6 +123,7 @@ class PackedEngine:
             "cu_seq_lens_k": cu_seqlens,
             "max_length_q": max_length,
             "max_length_k": max_length,
+            "use_cache": False,  # decoders would otherwise build a KV cache nobody reads
         }
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids.unsqueeze(0)
@@ -123,10 +136,30 @@ class PackedEngine:
         keep = torch.arange(width, device=self.device).unsqueeze(0) < lengths.unsqueeze(1)
         padded_ids = torch.full(keep.shape, self.pad_token_id, dtype=torch.int64, device=self.device)
         padded_ids[keep] = input_ids
-        inputs = {"input_ids": padded_ids, "attention_mask": keep.long()}
+        inputs = {"input_ids": padded_ids, "attention_mask": keep.long(), "use_cache": False}
         if token_type_ids is not None:
             padded_types = torch.zeros_like(padded_ids)
             padded_types[keep] = token_type_ids
             inputs["token_type_ids"] = padded_types
         hidden = self.family.body(self.model)(**inputs).last_hidden_state
         return hidden[keep]
+
+
+def compile_layers(body: torch.nn.Module) -> int:
+    """``torch.compile`` every transformer layer of ``body``; returns how many.
+
+    Eager HF layers launch one kernel per elementwise op (RMSNorm alone is five, rotary embedding
+    another eight): at hidden sizes of 384-1,536 those memory-bound launches cost as much GPU time
+    as the matmuls. Inductor fuses them into a few Triton kernels per layer. The attention call
+    stays eager (:func:`model_runtime.varlen.packed_attention` is excluded from tracing), so the
+    graphs hold only dense ops, ``dynamic=True`` makes one graph serve every token count, and all
+    layers of a model share the same compiled code (parameters are graph inputs).
+    """
+    layers = max((m for m in body.modules() if isinstance(m, torch.nn.ModuleList)), key=len, default=None)
+    if layers is None or len(layers) == 0:
+        return 0
+    # Token counts that happen to equal a model dimension must not specialise the graphs.
+    torch.fx.experimental._config.use_duck_shape = False
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)

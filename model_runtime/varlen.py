@@ -30,6 +30,7 @@ def _varlen_supports_gqa() -> bool:
     return "enable_gqa" in inspect.signature(varlen_attn).parameters
 
 
+@torch.compiler.disable  # compiled layers call it eagerly: varlen_attn's lengths vary per batch
 def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function: ``query`` ``[1, H, T, D]`` → output ``[1, T, H, D]``."""
     cu_seqlens = kwargs["cu_seq_lens_q"]

@@ -27,12 +27,13 @@ FAMILIES = {
 }
 
 
-def engine(folder, checkpoint, attention, budget=16384):
+def engine(folder, checkpoint, attention, budget=16384, compile_layers=False):
     family = FAMILIES[folder]
     outputs = ("embeddings",) if family.task == "embed" else ("logits", "scores")
     settings = ModelSettings(model_name=folder, checkpoint=str(checkpoint), device=torch.device("cpu"),
                              dtype=torch.float32, max_tokens_per_forward=budget, max_model_len=0, logit_mean=0.0,
-                             logit_sigma=1.0, attention=attention, output_names=outputs)
+                             logit_sigma=1.0, attention=attention, output_names=outputs,
+                             compile_layers=compile_layers)
     return PackedEngine.load(family, settings)
 
 
@@ -59,3 +60,32 @@ def test_varlen_body_matches_padded(tiny_checkpoints, folder):
         for name in expected:
             torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5)
     assert "body=varlen" in packed.describe() and "body=padded" in padded.describe()
+
+
+@pytest.mark.parametrize("folder", ["bert_classifier", "qwen3_classifier"])
+def test_compiled_layers_match_eager_across_batch_shapes(tiny_checkpoints, folder):
+    """torch.compile'd layers (dynamic graphs, attention left eager) give the eager results for
+    batches of any token count and longest sequence, and stop compiling once warm."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    eager = engine(folder, tiny_checkpoints[folder], "varlen")
+    compiled = engine(folder, tiny_checkpoints[folder], "varlen", compile_layers=True)
+    assert "compiled_layers=True" in compiled.describe()
+    generator = torch.Generator().manual_seed(5)
+
+    def check(lengths):
+        lengths = torch.tensor(lengths)
+        ids = torch.randint(5, eager.limits.vocab_size, (int(lengths.sum()),), generator=generator)
+        data = PackedBatch.pack([RequestSequences(ids, lengths, None)])
+        expected, got = eager.run(data), compiled.run(data)
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5)
+
+    for lengths in ([3, 9], [1, 30, 2, 12]):  # warm-up: the first shapes may specialise, then go dynamic
+        check(lengths)
+    graphs_when_warm = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs_when_warm > 0
+    for lengths in ([17], [5, 5, 5, 5, 5, 40], [64, 1, 7], [2] * 20):
+        check(lengths)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_when_warm, "recompiled for a new batch shape"
