@@ -193,7 +193,7 @@ def run(shapes: list[Shape], device: torch.device, out_dir: Path, commit: str, r
                 max_tokens_per_forward=16384,
                 max_model_len=512 if shape.family in (families.BERT, families.XLM_ROBERTA) else 4096,
                 logit_mean=0.0, logit_sigma=1.0, attention="varlen", output_names=("logits", "scores"),
-                compile_layers=compile_layers)
+                compile="layers" if compile_layers else "none")
 
         # Eager systems first: compiling rewires the shared model's layers for good.
         by_case: dict[str, dict[str, dict]] = {}

@@ -307,7 +307,7 @@ def _bare_forward_row(shape, checkpoint, tokenizer, bodies, row, args):
     settings = ModelSettings(model_name=shape.name, checkpoint=str(checkpoint), device=device,
                              dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
                              max_tokens_per_forward=16384, max_model_len=0, logit_mean=0.0, logit_sigma=1.0,
-                             attention="varlen", output_names=("logits", "scores"))
+                             attention="varlen", output_names=("logits", "scores"), compile="auto")
     engine = PackedEngine.load(shape.family, settings)
     batches = []
     for body in bodies[:8]:

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 max_tokens_per_forward=16384,
                 max_model_len=512 if shape.family in (families.BERT, families.XLM_ROBERTA) else 4096,
                 logit_mean=0.0, logit_sigma=1.0, attention="varlen", output_names=("logits", "scores"),
-                compile_layers=compiled)
+                compile="layers" if compiled else "none")
             total, by_category, top = profile(PackedEngine(shape.family, model, settings), batch)
             system = "packed_compiled" if compiled else "packed"
             print(f"\n{shape.name} {args.workload} {system}: {total:.2f} ms of GPU kernels, "

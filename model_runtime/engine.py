@@ -47,7 +47,9 @@ class PackedEngine:
         self.position_offset = family.position_offset(config)
         if settings.attention == "varlen":
             model.set_attn_implementation(varlen.register())
-        if settings.compile_layers:
+        self.compiled = settings.compile == "layers" or (
+            settings.compile == "auto" and settings.attention == "varlen" and family.compile_by_default)
+        if self.compiled:
             compile_layers(family.body(model))
             self.warm_up()
 
@@ -73,7 +75,7 @@ class PackedEngine:
             f"family={self.family.name} checkpoint={self.settings.checkpoint} device={self.device} "
             f"dtype={self.settings.dtype} pooling={self.family.pooling} activation={self.activation.value} "
             f"max_model_len={self.limits.max_model_len} max_tokens_per_forward={self.settings.max_tokens_per_forward} "
-            f"body={self.settings.attention} compiled_layers={self.settings.compile_layers} pooling_and_head={kernels.implementation(self.device)}"
+            f"body={self.settings.attention} compiled_layers={self.compiled} pooling_and_head={kernels.implementation(self.device)}"
         )
 
     @torch.inference_mode()

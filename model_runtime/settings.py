@@ -25,7 +25,9 @@ class ModelSettings:
     logit_sigma: float
     attention: str  # "varlen": one packed stream (GPU default); "padded": HF's padded SDPA (CPU default)
     output_names: tuple[str, ...]
-    compile_layers: bool = False  # torch.compile each transformer layer (fuses norms, rotary, activations)
+    # torch.compile each transformer layer (fuses norms, rotary, activations): "layers", "none", or
+    # "auto" (the family decides, GPU varlen body only; see Family.compile_by_default)
+    compile: str = "none"
 
     @classmethod
     def from_triton_args(cls, args: dict) -> ModelSettings:
@@ -56,7 +58,6 @@ class ModelSettings:
         compile_mode = parameters.get("compile", "auto")
         if compile_mode not in ("auto", "layers", "none"):
             raise ValueError(f"compile parameter {compile_mode!r} is not one of auto, layers, none")
-        compile_layers = compile_mode == "layers" or (compile_mode == "auto" and attention == "varlen")
 
         return cls(
             model_name=args["model_name"],
@@ -69,5 +70,5 @@ class ModelSettings:
             logit_sigma=float(parameters.get("logit_sigma", "1") or 1),
             attention=attention,
             output_names=tuple(output["name"] for output in config.get("output", [])),
-            compile_layers=compile_layers,
+            compile=compile_mode,
         )

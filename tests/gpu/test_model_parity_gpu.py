@@ -36,11 +36,11 @@ def build(family):
     return model.to("cuda", torch.bfloat16).eval()
 
 
-def engine_for(family, model):
+def engine_for(family, model, compile="none"):
     settings = ModelSettings(model_name="parity", checkpoint="<memory>", device=torch.device("cuda"),
                              dtype=torch.bfloat16, max_tokens_per_forward=8192, max_model_len=512,
                              logit_mean=0.0, logit_sigma=1.0, attention="varlen",
-                             output_names=("logits", "scores"))
+                             output_names=("logits", "scores"), compile=compile)
     return PackedEngine(family, model, settings)
 
 
@@ -90,9 +90,11 @@ def shapes():
     }
 
 
+@pytest.mark.parametrize("compile", ["none", "layers"])
 @pytest.mark.parametrize("name", ["bert", "xlm_roberta", "qwen2", "qwen3", "llama"])
-def test_varlen_engine_matches_padded_hf_within_bf16_noise(name):
-    """Packed varlen bf16 vs padded HF fp32 must be no worse than padded HF bf16 vs fp32."""
+def test_varlen_engine_matches_padded_hf_within_bf16_noise(name, compile):
+    """Packed varlen bf16 (eager or compiled layers) vs padded HF fp32 must be no worse than
+    padded HF bf16 vs fp32."""
     config, model_class, family = shapes()[name]
     config.architectures = [model_class.__name__]
     torch.manual_seed(0)
@@ -109,7 +111,7 @@ def test_varlen_engine_matches_padded_hf_within_bf16_noise(name):
     with torch.inference_mode():
         reference = model_fp32(input_ids=padded.cuda(), attention_mask=keep.long().cuda()).logits.float()
         hf_bf16 = model_bf16(input_ids=padded.cuda(), attention_mask=keep.long().cuda()).logits.float()
-    ours = engine_for(family, model_bf16).run(batch)["logits"].cuda()
+    ours = engine_for(family, model_bf16, compile).run(batch)["logits"].cuda()
     hf_noise, our_error = relative_error(hf_bf16, reference), relative_error(ours, reference)
-    print(f"{name}: padded HF bf16 vs fp32 {hf_noise:.2e}; packed varlen bf16 vs fp32 {our_error:.2e}")
+    print(f"{name} compile={compile}: padded HF bf16 vs fp32 {hf_noise:.2e}; packed varlen bf16 vs fp32 {our_error:.2e}")
     assert our_error <= 2 * hf_noise + 1e-3

@@ -33,7 +33,7 @@ def engine(folder, checkpoint, attention, budget=16384, compile_layers=False):
     settings = ModelSettings(model_name=folder, checkpoint=str(checkpoint), device=torch.device("cpu"),
                              dtype=torch.float32, max_tokens_per_forward=budget, max_model_len=0, logit_mean=0.0,
                              logit_sigma=1.0, attention=attention, output_names=outputs,
-                             compile_layers=compile_layers)
+                             compile="layers" if compile_layers else "none")
     return PackedEngine.load(family, settings)
 
 
