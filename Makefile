@@ -45,6 +45,7 @@ bench: $(INSTALLED)
 	if $(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then \
 		$(PY) -m benchmarks.bench_kernels --out benchmarks/results --commit $$(git rev-parse --short HEAD) && \
 		$(PY) -m benchmarks.bench_engine --out benchmarks/results --commit $$(git rev-parse --short HEAD) && \
+		$(PY) -m benchmarks.profile_engine --out benchmarks/results --commit $$(git rev-parse --short HEAD) && \
 		$(PY) -m benchmarks.bench_systems --out benchmarks/results --commit $$(git rev-parse --short HEAD); \
 	else \
 		$(PY) -m benchmarks.bench_engine --smoke --out .cache/bench-smoke && \

@@ -56,8 +56,12 @@ def plot_engine(csv_path: Path) -> Path:
         groups[f"{r['model']}\n{r['workload']}"][r["system"]] = r
     labels = list(groups)
     figure, axis = plt.subplots(figsize=(max(8, 1.5 * len(labels)), 5))
-    width = 0.38
-    for offset, system, color in ((-width / 2, "padded", "#999999"), (width / 2, "packed", "#1f77b4")):
+    systems = [(system, color) for system, color in
+               (("padded", "#999999"), ("packed", "#1f77b4"), ("packed_compiled", "#ff7f0e"))
+               if any(system in group for group in groups.values())]
+    width = 0.8 / len(systems)
+    for position, (system, color) in enumerate(systems):
+        offset = (position - (len(systems) - 1) / 2) * width
         values = [float(groups[label][system]["sequences_per_s"]) for label in labels]
         bars = axis.bar([i + offset for i in range(len(labels))], values, width, label=system, color=color)
         for bar, label in zip(bars, labels):
