@@ -4,6 +4,7 @@ import os
 
 import uvicorn
 
+from adapter.metrics import prepare_multiprocess_dir
 from adapter.settings import get_settings
 
 if __name__ == "__main__":
@@ -11,6 +12,7 @@ if __name__ == "__main__":
     # Read by the tokenizers library when its thread pool starts, in each worker process.
     if settings.tokenizer_threads:
         os.environ.setdefault("RAYON_NUM_THREADS", str(settings.tokenizer_threads))
+    prepare_multiprocess_dir(settings.workers)  # several workers: /metrics sums them through a shared folder
     # A factory, so each of `workers` processes builds its own app (and Triton client) from the env.
     uvicorn.run("adapter.app:create_app", factory=True, host=settings.host, port=settings.port,
                 workers=settings.workers, log_level="info")

@@ -13,11 +13,20 @@ from tritonclient.utils import InferenceServerException
 
 from adapter.classify.router import router as classify_router
 from adapter.errors import install_exception_handlers
+from adapter.metrics import install_metrics
+from adapter.invocations.router import router as invocations_router
 from adapter.models.router import router as models_router
+from adapter.pooling.router import router as pooling_router
 from adapter.registry import ModelRegistry, build_served_model
 from adapter.rerank.router import router as rerank_router
+from adapter.rerank.router import v1_rerank_router as vllm_v1_rerank_router
 from adapter.score.router import router as score_router
+from adapter.security import ApiKeyMiddleware, BodySizeLimitMiddleware
 from adapter.settings import Settings, get_settings
+from adapter.sglang.router import SGLANG_PATHS
+from adapter.sglang.router import router as sglang_router
+from adapter.sglang.router import v1_rerank_router as sglang_v1_rerank_router
+from adapter.tokenize.router import router as tokenize_router
 from adapter.timing import install_timing_headers
 from adapter.triton_gateway import TritonGateway
 
@@ -57,7 +66,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.settings = settings
             app.state.registry = await discover_models(client, settings)
             app.state.gateway = TritonGateway(
-                client, timeout_s=settings.triton_timeout_s, max_rows=settings.max_sequences_per_triton_request
+                client, timeout_s=settings.triton_timeout_s, max_rows=settings.max_sequences_per_triton_request,
+                max_tokens_per_request=settings.max_tokens_per_request,
             )
             yield
         finally:
@@ -71,6 +81,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_exception_handlers(app)
     install_timing_headers(app)
-    for router in (classify_router, score_router, rerank_router, models_router):
+    # /v1/rerank speaks one flavour (a setting); each is also served under its own path.
+    v1_rerank = sglang_v1_rerank_router if settings.rerank_v1_flavour == "sglang" else vllm_v1_rerank_router
+    app.state.sglang_paths = SGLANG_PATHS | ({"/v1/rerank"} if settings.rerank_v1_flavour == "sglang" else set())
+    for router in (classify_router, score_router, rerank_router, v1_rerank, sglang_router, pooling_router,
+                   tokenize_router, invocations_router, models_router):
         app.include_router(router)
+    # Outermost first to run: the API key, then the body size.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    if settings.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+    install_metrics(app, settings.triton_metrics_url)  # outermost: 401s and 413s are counted too
     return app

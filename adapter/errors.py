@@ -1,4 +1,4 @@
-"""Every failure becomes an HTTP response here, in vLLM's error body.
+"""Every failure becomes an HTTP response here, in the error body of the API flavour called.
 
 vLLM (``vllm/entrypoints/serve/exception_handling``): ``{"error": {"message", "type", "param",
 "code"}}`` with ``code`` equal to the HTTP status. Request validation failures (pydantic, malformed
@@ -6,12 +6,19 @@ JSON, a non-JSON content type) are 400 with ``type: "Bad Request"`` and the dott
 first error as ``param``; errors raised by the services use exception-class names as ``type``.
 A route a model does not offer answers FastAPI's plain 404 ``{"detail": "Not Found"}``, as vLLM
 does when it does not register that route for the model.
+
+SGLang's OpenAI-style routes (``/v1/classify``, its ``/v1/rerank``, ``/v1/tokenize``, ...) answer
+the flat ``{"object": "error", "message", "type", "param", "code"}`` (validation errors too, as 400
+``Bad Request``); its native ``/classify`` answers ``{"error": {"message"}}``. Which flavour a
+request gets: ``request.state.flavour`` when the route set it (``/classify`` decides by body
+shape), else the path (``app.state.sglang_paths``), else vLLM.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from enum import Enum
 from http import HTTPStatus
 
 import orjson
@@ -25,6 +32,24 @@ logger = logging.getLogger(__name__)
 
 MAX_REPORTED_VALIDATION_ERRORS = 10
 MAX_ECHOED_INPUT_CHARS = 200
+
+
+class Flavour(str, Enum):
+    VLLM = "vllm"
+    SGLANG = "sglang"  # SGLang's OpenAI-style routes: flat error objects
+    SGLANG_NATIVE = "sglang_native"  # SGLang's native /classify: {"error": {"message"}}
+
+
+# The tag of SGLang's native body in /classify's discriminated union (see adapter.classify.protocol).
+SGLANG_NATIVE_TAG = "sglang-native"
+
+
+def flavour_of(request: Request) -> Flavour:
+    explicit = getattr(request.state, "flavour", None)
+    if explicit is not None:
+        return explicit
+    sglang_paths = getattr(request.app.state, "sglang_paths", ())
+    return Flavour.SGLANG if request.url.path in sglang_paths else Flavour.VLLM
 
 
 class AdapterError(Exception):
@@ -43,6 +68,10 @@ class BadRequestError(AdapterError):
 
 class NotFoundError(AdapterError):
     status, error_type = HTTPStatus.NOT_FOUND, "NotFoundError"
+
+
+class PayloadTooLargeError(AdapterError):
+    status, error_type = HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "PayloadTooLargeError"
 
 
 class ServiceUnavailableError(AdapterError):
@@ -88,8 +117,14 @@ def sanitize_message(message: str) -> str:
     return _ADDRESS_RE.sub("0x…", _PATH_RE.sub("<path>", message))
 
 
-def error_body(status: HTTPStatus, error_type: str, message: str, param: str | None) -> Response:
-    content = {"error": {"message": message, "type": error_type, "param": param, "code": int(status)}}
+def error_body(status: HTTPStatus, error_type: str, message: str, param: str | None,
+               flavour: Flavour = Flavour.VLLM) -> Response:
+    if flavour is Flavour.SGLANG:
+        content = {"object": "error", "message": message, "type": error_type, "param": param, "code": int(status)}
+    elif flavour is Flavour.SGLANG_NATIVE:
+        content = {"error": {"message": message}}
+    else:
+        content = {"error": {"message": message, "type": error_type, "param": param, "code": int(status)}}
     return Response(orjson.dumps(content), status_code=int(status), media_type="application/json")
 
 
@@ -101,7 +136,10 @@ def _echo(value: object) -> object:
     return value
 
 
-_INTERNAL_LOC = re.compile(r"[\[\]{}()]|^(function-\w+|union|tagged-union|nullable|chain|str|int|list|dict|bool|float)$")
+_INTERNAL_LOC = re.compile(
+    r"[\[\]{}()]|^(function-\w+|union|tagged-union|nullable|chain|str|int|list|dict|bool|float"
+    r"|completion|chat|sglang-native)$"  # the last three: /classify's union tags
+)
 
 
 def clean_loc(loc: tuple) -> str:
@@ -131,34 +169,49 @@ def validation_message(errors: list[dict]) -> str:
 
 
 def install_exception_handlers(app: FastAPI) -> None:
+    from adapter.metrics import count_error  # errors are counted by type for /metrics
+
     """Framework errors, then the adapter's own, then anything else, in that order."""
 
     @app.exception_handler(RequestValidationError)
-    async def on_validation_error(_: Request, exc: RequestValidationError) -> Response:
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> Response:
         errors = list(exc.errors())
         first = errors[0] if errors else None
         param = clean_loc(tuple(first["loc"])) if isinstance(first, dict) and first.get("loc") else None
         message = validation_message(errors) if errors else "Validation error"
-        return error_body(HTTPStatus.BAD_REQUEST, HTTPStatus.BAD_REQUEST.phrase, message, param)
+        flavour = flavour_of(request)
+        if flavour is Flavour.SGLANG_NATIVE or any(
+            isinstance(e, dict) and SGLANG_NATIVE_TAG in map(str, e.get("loc", ())) for e in errors
+        ):
+            flavour = Flavour.SGLANG  # SGLang's validation errors are flat on its native routes too
+        if flavour is Flavour.SGLANG:
+            param = None  # SGLang does not report the location
+        count_error(request, HTTPStatus.BAD_REQUEST.phrase)
+        return error_body(HTTPStatus.BAD_REQUEST, HTTPStatus.BAD_REQUEST.phrase, message, param, flavour)
 
     @app.exception_handler(StarletteHTTPException)
-    async def on_http_exception(_: Request, exc: StarletteHTTPException) -> Response:
+    async def on_http_exception(request: Request, exc: StarletteHTTPException) -> Response:
         if exc.status_code == HTTPStatus.NOT_FOUND and exc.detail == "Not Found":
             return Response(orjson.dumps({"detail": "Not Found"}), status_code=404, media_type="application/json")
         status = HTTPStatus(exc.status_code)
-        return error_body(status, status.phrase, str(exc.detail), None)
+        count_error(request, status.phrase)
+        return error_body(status, status.phrase, str(exc.detail), None, flavour_of(request))
 
     @app.exception_handler(RouteNotOffered)
     async def on_route_not_offered(_: Request, exc: RouteNotOffered) -> Response:
         return Response(orjson.dumps({"detail": "Not Found"}), status_code=404, media_type="application/json")
 
     @app.exception_handler(AdapterError)
-    async def on_adapter_error(_: Request, exc: AdapterError) -> Response:
+    async def on_adapter_error(request: Request, exc: AdapterError) -> Response:
         if exc.status >= 500:
             logger.warning("%s: %s", exc.error_type, exc.message)
-        return error_body(exc.status, exc.error_type, exc.message, exc.param)
+        count_error(request, exc.error_type)
+        return error_body(exc.status, exc.error_type, exc.message, exc.param, flavour_of(request))
 
     @app.exception_handler(Exception)
-    async def on_unexpected(_: Request, exc: Exception) -> Response:
+    async def on_unexpected(request: Request, exc: Exception) -> Response:
         logger.exception("unhandled error")
-        return error_body(HTTPStatus.INTERNAL_SERVER_ERROR, "InternalServerError", "Internal server error", None)
+        count_error(request, "InternalServerError")
+        flavour = flavour_of(request)
+        message = "Internal server error" if flavour is Flavour.VLLM else f"Internal server error: {type(exc).__name__}"
+        return error_body(HTTPStatus.INTERNAL_SERVER_ERROR, "InternalServerError", message, None, flavour)

@@ -26,6 +26,9 @@ class ServedModel:
     encoder: TextEncoder
     id2label: dict[int, str]
     num_labels: int
+    # SGLang's cross-encoders apply only a sentence-transformers activation the config declares
+    # (else raw logits); vLLM's rule is applied by the Triton model ("scores").
+    declares_st_activation: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -37,9 +40,24 @@ class ServedModel:
         return self.task == "classify"
 
     @property
+    def can_classify_or_embed(self) -> bool:
+        return True
+
+    @property
+    def can_cross_encode(self) -> bool:
+        return self.task == "classify" and self.num_labels == 1
+
+    @property
+    def can_tokenize(self) -> bool:
+        return True
+
+    @property
     def can_score(self) -> bool:
         """vLLM's enable_scoring_api: embedding models, and classifiers with one label."""
         return self.task == "embed" or self.num_labels == 1
+
+    def label(self, index: int) -> str | None:
+        return self.id2label.get(index)
 
     @property
     def is_cross_encoder(self) -> bool:
@@ -70,6 +88,7 @@ def build_served_model(triton_model: str, config: dict, repository: Path) -> Ser
         AutoTokenizer.from_pretrained(checkpoint),
         max_model_len=max_model_len,
         sends_token_types="token_type_ids" in input_names and int(getattr(hf_config, "type_vocab_size", 1) or 1) > 1,
+        vocab_size=int(getattr(hf_config, "vocab_size", 0) or 0) or None,
     )
     id2label = {int(k): v for k, v in (getattr(hf_config, "id2label", None) or {}).items()}
     return ServedModel(
@@ -80,6 +99,9 @@ def build_served_model(triton_model: str, config: dict, repository: Path) -> Ser
         encoder=encoder,
         id2label=id2label,
         num_labels=int(getattr(hf_config, "num_labels", 1) or 1) if task == "classify" else 0,
+        declares_st_activation=bool(getattr(hf_config, "sbert_ce_default_activation_function", None) or (
+            (getattr(hf_config, "sentence_transformers", None) or {}).get("activation_fn")
+            if isinstance(getattr(hf_config, "sentence_transformers", None), dict) else None)),
     )
 
 
@@ -107,3 +129,16 @@ class ModelRegistry:
             if getattr(model, capability):
                 return model
         raise RouteNotOffered()
+
+    def resolve_lenient(self, name: str | None, *, capability: str, fallback: str | None = None) -> ServedModel:
+        """SGLang's routes do not check ``model``: the named model when it is served and able, else the
+        first model with ``capability``, else the first with ``fallback``."""
+        model = self.models.get(name) if name else None
+        if model is not None and getattr(model, fallback or capability):
+            return model
+        try:
+            return self.resolve(None, capability=capability)
+        except RouteNotOffered:
+            if fallback is None:
+                raise
+            return self.resolve(None, capability=fallback)

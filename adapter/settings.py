@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -59,6 +60,37 @@ class Settings(BaseSettings):
         "library default (all cores). Measured on an H100 host with 4 workers: a cap of 2 doubled tokenizing 64 "
         "rerank pairs (4 -> 9 ms) and did not remove the slowdown of Triton's execute() seen under adapter "
         "traffic, so the default is uncapped (benchmarks/results/systems_breakdown_*_h100.csv).",
+    )
+    api_key: str | None = Field(
+        None,
+        description="When set, every route except /health, /ping and /metrics requires `Authorization: Bearer "
+        "<key>` (as vLLM's --api-key); others answer 401 {\"error\": \"Unauthorized\"}, the body vLLM and SGLang "
+        "send.",
+    )
+    rerank_v1_flavour: Literal["vllm", "sglang"] = Field(
+        "vllm",
+        description="Which API /v1/rerank speaks: vLLM (an object with results, the default) or SGLang (a bare "
+        "list). Each flavour is also served under its own path, /vllm/v1/rerank and /sglang/v1/rerank, so one "
+        "deployment serves both kinds of client.",
+    )
+    max_items_per_request: int = Field(
+        1024,
+        ge=1,
+        description="Most documents, texts or prompts in one request (vLLM's VLLM_MAX_COMPLETION_PROMPTS); more is "
+        "a 400, so one request cannot monopolise the server.",
+    )
+    max_tokens_per_request: int = Field(
+        1_048_576,
+        ge=1,
+        description="Most tokens one request may send to the model, all its sequences together; more is a 400.",
+    )
+    max_body_bytes: int = Field(
+        16 * 2**20, ge=1024, description="Largest request body accepted; larger is a 413 before it is parsed."
+    )
+    triton_metrics_url: str | None = Field(
+        None,
+        description="Triton's Prometheus endpoint (http://host:8002/metrics). When set, GET /metrics appends it "
+        "after the adapter's own metrics.",
     )
     host: str = Field("127.0.0.1", description="Address the HTTP server binds.")
     port: int = Field(8080, description="Port the HTTP server binds.")

@@ -13,7 +13,7 @@ import numpy as np
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
-from adapter.errors import from_triton
+from adapter.errors import BadRequestError, from_triton
 from adapter.timing import timed
 from adapter.tokenization import Encoded
 
@@ -25,13 +25,26 @@ def _tensor(name: str, array: np.ndarray) -> grpcaio.InferInput:
 
 
 class TritonGateway:
-    def __init__(self, client: grpcaio.InferenceServerClient, *, timeout_s: float, max_rows: int):
+    def __init__(self, client: grpcaio.InferenceServerClient, *, timeout_s: float, max_rows: int,
+                 max_tokens_per_request: int = 2**62):
         self.client = client
         self.timeout_s = timeout_s
         self.max_rows = max_rows
+        self.max_tokens_per_request = max_tokens_per_request
+
+    def check(self, encoded: Encoded) -> None:
+        """The per-request limits every route shares, checked before anything reaches Triton."""
+        if encoded.num_sequences and int(encoded.lengths.min()) == 0:
+            raise BadRequestError("The decoder prompt cannot be empty")
+        if encoded.num_tokens > self.max_tokens_per_request:
+            raise BadRequestError(
+                f"The request holds {encoded.num_tokens} tokens, more than the maximum of "
+                f"{self.max_tokens_per_request} per request (ADAPTER_MAX_TOKENS_PER_REQUEST)."
+            )
 
     async def infer(self, triton_model: str, encoded: Encoded, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
         """One row per sequence for each requested output, in input order."""
+        self.check(encoded)
         count = encoded.num_sequences
         chunks = [(start, min(start + self.max_rows, count)) for start in range(0, count, self.max_rows)]
         with timed("inference"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -44,17 +45,18 @@ def triton_server(tiny_checkpoints, tmp_path_factory):
         server.check()  # a stub that died during the session fails the last test loudly
 
 
-@pytest.fixture(scope="session")
-def adapter_url(triton_server, tmp_path_factory):
-    """The real adapter (uvicorn, separate process) in front of the session's Triton server."""
+@contextlib.contextmanager
+def running_adapter(triton_server, log_dir: Path, **settings: str):
+    """A real adapter process (uvicorn) in front of ``triton_server``; ``settings`` are ADAPTER_* values."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("adapter") / "adapter.log"
+    log_path = log_dir / "adapter.log"
     env = {
         **os.environ,
         "ADAPTER_TRITON_GRPC_URL": triton_server.grpc_url,
         "ADAPTER_HOST": "127.0.0.1",
         "ADAPTER_PORT": str(port),
         "ADAPTER_MAX_SEQUENCES_PER_TRITON_REQUEST": "4",  # small, so multi-request splitting is exercised
+        **{f"ADAPTER_{key.upper()}": value for key, value in settings.items()},
     }
     with log_path.open("wb") as log:
         process = subprocess.Popen([sys.executable, "-m", "adapter"], cwd=PROJECT_ROOT, env=env, stdout=log,
@@ -69,3 +71,10 @@ def adapter_url(triton_server, tmp_path_factory):
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+@pytest.fixture(scope="session")
+def adapter_url(triton_server, tmp_path_factory):
+    """The real adapter (uvicorn, separate process) in front of the session's Triton server."""
+    with running_adapter(triton_server, tmp_path_factory.mktemp("adapter")) as url:
+        yield url

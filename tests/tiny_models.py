@@ -71,6 +71,12 @@ def roberta_tokenizer(directory: Path):
     return fast
 
 
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
 def byte_level_tokenizer(directory: Path):
     from transformers import PreTrainedTokenizerFast
 
@@ -85,6 +91,7 @@ def byte_level_tokenizer(directory: Path):
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>", model_max_length=512
     )
+    fast.chat_template = CHATML_TEMPLATE  # so /classify's chat form and /tokenize's can be tested
     fast.save_pretrained(directory)
     return fast
 

@@ -1,22 +1,45 @@
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Body, Depends, Request
+from typing import Annotated
 
-from adapter.classify.protocol import ClassificationRequest, ClassificationResponse
+import orjson
+from fastapi.responses import Response
+
+from adapter.classify.protocol import (
+    ClassificationChatRequest,
+    ClassificationCompletionRequest,
+    ClassificationResponse,
+    ClassifyBody,
+)
 from adapter.classify.service import classify
 from adapter.common.protocol import ERROR_RESPONSES, require_json, response_id
 from adapter.dependencies import GatewayDep, RegistryDep, SettingsDep
+from adapter.errors import Flavour
+from adapter.sglang import service as sglang
+from adapter.sglang.protocol import NativeEncodeResult
 
 router = APIRouter(tags=["classify"])
 
 
 @router.post(
     "/classify",
-    response_model=ClassificationResponse,
+    response_model=ClassificationResponse | NativeEncodeResult | list[NativeEncodeResult],
     responses=ERROR_RESPONSES,
     dependencies=[Depends(require_json)],
-    summary="Classify texts (vLLM)",
+    summary="Classify texts (vLLM) or score with a reward model (SGLang native)",
+    description="One path, two APIs, told apart by body shape: a body with `text` or `input_ids` (and neither "
+    "`input` nor `messages`) is SGLang's native reward/classify request and gets the raw head output per input "
+    "(`embedding` + `meta_info`; one input: an object, a batch: a list; errors `{\"error\": {\"message\"}}`). "
+    "Anything else is vLLM's: `input` (completion form) or `messages` (chat form), labelled probabilities.",
 )
 async def create_classification(
-    body: ClassificationRequest, raw: Request, registry: RegistryDep, gateway: GatewayDep, settings: SettingsDep
-) -> ClassificationResponse:
-    model = registry.resolve(body.model, capability="can_classify")
-    return await classify(body, model, gateway, settings, response_id("classify", raw, body.request_id))
+    body: Annotated[ClassifyBody, Body()], raw: Request, registry: RegistryDep, gateway: GatewayDep,
+    settings: SettingsDep,
+):
+    if isinstance(body, (ClassificationCompletionRequest, ClassificationChatRequest)):
+        model = registry.resolve(body.model, capability="can_classify")
+        return await classify(body, model, gateway, settings, response_id("classify", raw, body.request_id))
+    raw.state.flavour = Flavour.SGLANG_NATIVE
+    model = registry.resolve_lenient(None, capability="can_classify_or_embed")
+    result = await sglang.classify_native(body, model, gateway, settings)
+    content = [r.model_dump() for r in result] if isinstance(result, list) else result.model_dump()
+    return Response(orjson.dumps(content), media_type="application/json")

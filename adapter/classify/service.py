@@ -1,11 +1,16 @@
-"""Classification: texts or token ids → Triton ``scores`` (or ``logits``) → labelled rows."""
+"""Classification: texts, token ids or a chat → Triton ``scores`` (or ``logits``) → labelled rows."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from adapter.classify.protocol import ClassificationData, ClassificationRequest, ClassificationResponse
-from adapter.common.protocol import UsageInfo
+from adapter.classify.protocol import (
+    ClassificationChatRequest,
+    ClassificationCompletionRequest,
+    ClassificationData,
+    ClassificationResponse,
+)
+from adapter.common.protocol import UsageInfo, check_item_count
 from adapter.errors import BadRequestError
 from adapter.registry import ServedModel
 from adapter.settings import Settings
@@ -13,23 +18,47 @@ from adapter.tokenization import Encoded
 from adapter.triton_gateway import TritonGateway
 
 
-async def encode_inputs(model: ServedModel, value, settings: Settings) -> Encoded:
-    """str | list[str] | list[int] | list[list[int]] → token ids, vLLM's prompt rules."""
+async def encode_prompts(
+    model: ServedModel, request: ClassificationCompletionRequest | ClassificationChatRequest, settings: Settings
+) -> Encoded:
+    """vLLM's prompt rules: a chat renders to one prompt; ``input`` is str | list[str] | list[int] |
+    list[list[int]] (one non-empty list of ints is one prompt)."""
+    options = request.prompt_options(model.max_model_len, request.add_special_tokens)
+    thread_above = settings.tokenize_in_thread_above
+    if isinstance(request, ClassificationChatRequest):
+        if request.chat_template:
+            raise BadRequestError(
+                "Chat template is passed with request, but --trust-request-chat-template is not set. "
+                "Refused request with untrusted chat template."
+            )
+        prompt = model.encoder.render_chat(
+            request.messages,
+            add_generation_prompt=request.add_generation_prompt,
+            continue_final_message=request.continue_final_message,
+            chat_template_kwargs=request.chat_template_kwargs,
+        )
+        return await model.encoder.encode_async([prompt], None, thread_above, options)
+    value = request.input
     if isinstance(value, str):
-        return await model.encoder.encode_async([value], None, settings.tokenize_in_thread_above)
+        return await model.encoder.encode_async([value], None, thread_above, options)
     if not value:
         raise BadRequestError("You must pass at least one prompt")
-    if isinstance(value[0], str):
-        return await model.encoder.encode_async(list(value), None, settings.tokenize_in_thread_above)
     if isinstance(value[0], int):
-        return model.encoder.check_token_ids([value])  # one non-empty list of ints is one prompt
-    return model.encoder.check_token_ids(value)
+        return model.encoder.check_token_ids([value], options)
+    check_item_count(len(value), settings.max_items_per_request)
+    if isinstance(value[0], str):
+        return await model.encoder.encode_async(list(value), None, thread_above, options)
+    return model.encoder.check_token_ids(value, options)
 
 
 async def classify(
-    request: ClassificationRequest, model: ServedModel, gateway: TritonGateway, settings: Settings, response_id: str
+    request: ClassificationCompletionRequest | ClassificationChatRequest,
+    model: ServedModel,
+    gateway: TritonGateway,
+    settings: Settings,
+    response_id: str,
 ) -> ClassificationResponse:
-    encoded = await encode_inputs(model, request.input, settings)
+    encoded = await encode_prompts(model, request, settings)
     output = "logits" if request.use_activation is False else "scores"
     probs = (await gateway.infer(model.triton_model, encoded, (output,)))[output]
     best = np.argmax(probs, axis=1)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from adapter.common.protocol import OpenAIBaseModel, PoolingRequestBase, random_request_id
+from adapter.common.protocol import OpenAIBaseModel, random_request_id
+from adapter.score.protocol import ScoringFields
 
 
-class RerankRequest(PoolingRequestBase):
+class RerankRequest(ScoringFields):
     query: str = Field(..., description="One query.")
     documents: str | list[str] = Field(..., description="Documents to rank; a bare string is one document.")
     top_n: int = Field(0, ge=0, description="Return the best n; 0 (default) returns all.")

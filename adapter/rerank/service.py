@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from adapter.registry import ServedModel
 from adapter.rerank.protocol import RerankDocument, RerankRequest, RerankResponse, RerankResult, RerankUsage
-from adapter.score.service import score_pairs
+from adapter.common.protocol import check_item_count
+from adapter.score.service import score_pairs, truncate_sides
 from adapter.settings import Settings
 from adapter.triton_gateway import TritonGateway
 
@@ -13,8 +14,11 @@ async def rerank(
     request: RerankRequest, model: ServedModel, gateway: TritonGateway, settings: Settings, response_id: str
 ) -> RerankResponse:
     documents = [request.documents] if isinstance(request.documents, str) else list(request.documents)
+    check_item_count(len(documents), settings.max_items_per_request)
+    query, truncated = truncate_sides(request, model, [request.query], documents)
     scores, prompt_tokens = await score_pairs(
-        model, [request.query], documents, gateway, settings, request.use_activation
+        model, query, truncated, gateway, settings, request.use_activation,
+        options=request.prompt_options(model.max_model_len),
     )
     order = sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)  # sorted() is stable
     if 0 < request.top_n < len(order):

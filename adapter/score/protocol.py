@@ -7,6 +7,8 @@ string or a list of strings.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import Field, model_validator
 
 from adapter.common.protocol import OpenAIBaseModel, PoolingRequestBase, UsageInfo, now, random_request_id
@@ -15,7 +17,20 @@ ScoreInput = str | list[str]
 SIDE_NAMES = (("queries", "documents"), ("queries", "items"), ("data_1", "data_2"), ("text_1", "text_2"))
 
 
-class ScoreRequest(PoolingRequestBase):
+class ScoringFields(PoolingRequestBase):
+    """vLLM's ``ScoringRequestMixin``: shared by /score and /rerank."""
+
+    max_tokens_per_query: int = Field(0, description="Cut the query to this many tokens first; 0: no limit.")
+    max_tokens_per_doc: int = Field(0, description="Cut each document to this many tokens first; 0: no limit.")
+    instruction: str | None = Field(
+        None, description="For LLM-reranker score templates; cross-encoders read the text pair and ignore it."
+    )
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="For score templates; the keys chat_template, tools and tokenize are reserved (400)."
+    )
+
+
+class ScoreRequest(ScoringFields):
     queries: ScoreInput | None = Field(None, description="Side 1 (with `documents` or `items`).")
     documents: ScoreInput | None = None
     items: ScoreInput | None = None

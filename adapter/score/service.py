@@ -7,13 +7,16 @@ for 1:N, and return the cosine similarity, as vLLM's ``BiEncoderIOProcessor`` do
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
-from adapter.common.protocol import UsageInfo
+from adapter.common.protocol import UsageInfo, check_item_count
 from adapter.errors import BadRequestError
 from adapter.registry import ServedModel
-from adapter.score.protocol import ScoreData, ScoreRequest, ScoreResponse
+from adapter.score.protocol import ScoreData, ScoreRequest, ScoreResponse, ScoringFields
 from adapter.settings import Settings
+from adapter.tokenization import DEFAULT_OPTIONS, Encoded, PromptOptions
 from adapter.triton_gateway import TritonGateway
 
 
@@ -37,33 +40,79 @@ async def score_pairs(
     gateway: TritonGateway,
     settings: Settings,
     use_activation: bool | None = None,
-) -> tuple[list[float], int]:
-    """One score per document, and the prompt tokens used."""
+    *,
+    options: PromptOptions = DEFAULT_OPTIONS,
+    length_check: Callable[[ServedModel, Encoded], None] | None = None,
+    per_item_tokens: bool = False,
+) -> tuple[list[float], int | list[int]]:
+    """One score per document, and the prompt tokens used (in total, or per document).
+
+    ``options`` (vLLM's truncation) applies to each joint pair prompt of a cross-encoder and to each
+    text of a bi-encoder; ``length_check`` replaces vLLM's length rule (SGLang's is stricter).
+    """
     paired = pair_up(queries, documents)
     thread_above = settings.tokenize_in_thread_above
+    check_length = length_check is None
     if model.is_cross_encoder:
-        encoded = await model.encoder.encode_async(paired, documents, thread_above)
+        encoded = await model.encoder.encode_async(paired, documents, thread_above, options, check_length=check_length)
+        if length_check is not None:
+            length_check(model, encoded)
         output = "logits" if use_activation is False else "scores"
         scores = (await gateway.infer(model.triton_model, encoded, (output,)))[output][:, 0]
-        return scores.tolist(), encoded.num_tokens
+        return scores.tolist(), (encoded.lengths.tolist() if per_item_tokens else encoded.num_tokens)
 
     # `queries` holds one text for 1:N: the query is embedded once and broadcast.
-    encoded_queries = await model.encoder.encode_async(queries, None, thread_above)
-    encoded_documents = await model.encoder.encode_async(documents, None, thread_above)
+    encoded_queries = await model.encoder.encode_async(queries, None, thread_above, options, check_length=check_length)
+    encoded_documents = await model.encoder.encode_async(documents, None, thread_above, options,
+                                                         check_length=check_length)
+    if length_check is not None:
+        length_check(model, encoded_queries)
+        length_check(model, encoded_documents)
     query_vectors = (await gateway.infer(model.triton_model, encoded_queries, ("embeddings",)))["embeddings"]
     document_vectors = (await gateway.infer(model.triton_model, encoded_documents, ("embeddings",)))["embeddings"]
     if len(query_vectors) == 1:
         query_vectors = np.broadcast_to(query_vectors, document_vectors.shape)
-    norms = np.linalg.norm(query_vectors, axis=1) * np.linalg.norm(document_vectors, axis=1)
-    cosine = np.einsum("ij,ij->i", query_vectors, document_vectors) / np.maximum(norms, 1e-12)
-    return cosine.tolist(), encoded_queries.num_tokens + encoded_documents.num_tokens
+    dots = np.einsum("ij,ij->i", query_vectors, document_vectors)
+    if use_activation is False:
+        scores = dots  # vLLM: no activation for a bi-encoder means no normalisation
+    else:
+        norms = np.linalg.norm(query_vectors, axis=1) * np.linalg.norm(document_vectors, axis=1)
+        scores = dots / np.maximum(norms, 1e-12)
+    if per_item_tokens:
+        query_lengths = np.broadcast_to(encoded_queries.lengths, encoded_documents.lengths.shape)
+        return scores.tolist(), (query_lengths + encoded_documents.lengths).tolist()
+    return scores.tolist(), encoded_queries.num_tokens + encoded_documents.num_tokens
+
+
+def truncate_sides(request: ScoringFields, model: ServedModel, queries: list[str],
+                   documents: list[str]) -> tuple[list[str], list[str]]:
+    """``max_tokens_per_query`` / ``max_tokens_per_doc``: cut each text to that many tokens first
+    (vLLM's ``truncate_text_to_tokens``); 0 means no limit."""
+    for name in ("max_tokens_per_query", "max_tokens_per_doc"):
+        value = getattr(request, name)
+        if value < 0:
+            raise BadRequestError(f"{name} must be a non-negative integer", param=name)
+        if value >= model.max_model_len:
+            raise BadRequestError(f"{name} must be less than max_model_len ({model.max_model_len}).", param=name)
+    reserved = {"chat_template", "tools", "tokenize"} & set(request.chat_template_kwargs or {})
+    if reserved:
+        raise BadRequestError(f"chat_template_kwargs may not set the reserved key(s) {sorted(reserved)}",
+                              param="chat_template_kwargs")
+    if request.max_tokens_per_query:
+        queries = [model.encoder.truncate_text(q, request.max_tokens_per_query) for q in queries]
+    if request.max_tokens_per_doc:
+        documents = [model.encoder.truncate_text(d, request.max_tokens_per_doc) for d in documents]
+    return queries, documents
 
 
 async def score(
     request: ScoreRequest, model: ServedModel, gateway: TritonGateway, settings: Settings, response_id: str
 ) -> ScoreResponse:
     queries, documents = request.sides()
-    scores, prompt_tokens = await score_pairs(model, queries, documents, gateway, settings, request.use_activation)
+    check_item_count(max(len(queries), len(documents)), settings.max_items_per_request)
+    queries, documents = truncate_sides(request, model, queries, documents)
+    scores, prompt_tokens = await score_pairs(model, queries, documents, gateway, settings, request.use_activation,
+                                              options=request.prompt_options(model.max_model_len))
     return ScoreResponse(
         id=response_id,
         model=model.name,

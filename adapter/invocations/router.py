@@ -1,0 +1,76 @@
+"""``POST /invocations`` (SageMaker): one path, routed by body shape as vLLM does.
+
+vLLM validates the body against each request type its model serves and dispatches to the first
+that fits. Here, by the keys that tell those types apart: ``query`` + ``documents`` → rerank;
+``queries`` / ``data_1`` / ``text_1`` → score; ``task`` or ``encoding_format`` → pooling;
+``input`` / ``messages`` → classify on a classifier, pooling (embed) on an embedding model.
+"""
+
+import orjson
+from fastapi import APIRouter, Body, Depends, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from pydantic import TypeAdapter, ValidationError
+
+from adapter.classify.protocol import ClassificationChatRequest, ClassificationCompletionRequest
+from adapter.classify.service import classify
+from adapter.common.protocol import ERROR_RESPONSES, reject_removed_parameters, require_json, response_id
+from adapter.dependencies import GatewayDep, RegistryDep, SettingsDep
+from adapter.errors import BadRequestError
+from adapter.pooling.protocol import PoolingRequest
+from adapter.pooling.service import pool
+from adapter.rerank.protocol import RerankRequest
+from adapter.rerank.service import rerank
+from adapter.score.protocol import ScoreRequest
+from adapter.score.service import score
+
+router = APIRouter(tags=["invocations"])
+
+_ADAPTERS = {kind: TypeAdapter(model) for kind, model in (
+    ("rerank", RerankRequest), ("score", ScoreRequest), ("pooling", PoolingRequest),
+    ("classify", ClassificationCompletionRequest), ("chat", ClassificationChatRequest))}
+
+
+def invocation_kind(body: dict) -> str:
+    if "query" in body and "documents" in body:
+        return "rerank"
+    if any(key in body for key in ("queries", "data_1", "text_1")):
+        return "score"
+    if "task" in body or "encoding_format" in body:
+        return "pooling"
+    if "messages" in body:
+        return "chat"
+    if "input" in body:
+        return "classify"
+    raise BadRequestError("Cannot find a suitable request type for this body: send a classify (input or messages), "
+                          "score (queries/documents), rerank (query/documents) or pooling (input + task) request")
+
+
+@router.post("/invocations", responses=ERROR_RESPONSES, dependencies=[Depends(require_json)],
+             summary="SageMaker entry point: classify, score, rerank or pooling, by body shape (vLLM)")
+async def invocations(raw: Request, registry: RegistryDep, gateway: GatewayDep, settings: SettingsDep,
+                      body: dict = Body(..., description="A /classify, /score, /rerank or /pooling request body.")):
+    kind = invocation_kind(body)
+    try:
+        request = _ADAPTERS[kind].validate_python(body if kind in ("rerank", "score") else
+                                                  reject_removed_parameters(body))
+    except ValidationError as error:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in error.errors()]) from None
+    except ValueError as error:  # a removed parameter: the same 400 as the dedicated routes give
+        raise RequestValidationError([{"type": "value_error", "loc": ("body",), "msg": f"Value error, {error}"}]) from None
+    if kind == "rerank":
+        model = registry.resolve(request.model, capability="can_score")
+        result = await rerank(request, model, gateway, settings, response_id("score", raw, request.request_id))
+    elif kind == "score":
+        model = registry.resolve(request.model, capability="can_score")
+        result = await score(request, model, gateway, settings, response_id("score", raw, request.request_id))
+    else:
+        model = registry.resolve(request.model, capability="can_classify_or_embed")
+        if kind == "pooling" or model.task == "embed":
+            if kind == "chat":
+                raise BadRequestError("The chat form is served for classifiers only")
+            request = request if kind == "pooling" else PoolingRequest.model_validate(body)
+            result = await pool(request, model, gateway, settings, response_id("pooling", raw, request.request_id))
+        else:
+            result = await classify(request, model, gateway, settings, response_id("classify", raw, request.request_id))
+    return Response(orjson.dumps(result.model_dump()), media_type="application/json")
