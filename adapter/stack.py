@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import logging
 import signal
 import sys
@@ -104,8 +105,10 @@ async def serve(args: argparse.Namespace) -> int:
     try:
         if stop.requested:
             return 0
+        # Triton's own metrics are appended to the adapter's /metrics unless the environment says otherwise.
+        metrics_url = os.environ.get("ADAPTER_TRITON_METRICS_URL") or f"http://127.0.0.1:{triton.metrics_port}/metrics"
         settings = Settings(triton_grpc_url=triton.grpc_url, model_repository=args.model_repository,
-                            host=args.host, port=args.port)
+                            host=args.host, port=args.port, triton_metrics_url=metrics_url)
         web = uvicorn.Server(uvicorn.Config(create_app(settings), host=args.host, port=args.port, log_level="info"))
         stop.web = web
         watcher = asyncio.create_task(_watch(triton, web, failures))
