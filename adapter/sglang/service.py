@@ -38,10 +38,8 @@ from adapter.sglang.protocol import (
 from adapter.tokenization import Encoded
 from adapter.triton_gateway import TritonGateway
 
-UNTRUNCATED = None
-
-
 def check_context_length(model: ServedModel, encoded: Encoded) -> None:
+    """SGLang refuses N >= context length (vLLM allows N == max_model_len)."""
     longest = int(encoded.lengths.max()) if encoded.num_sequences else 0
     if longest >= model.max_model_len:
         raise BadRequestError(
@@ -56,12 +54,9 @@ async def encode_texts(model: ServedModel, texts: list[str], pairs: list[str] | 
 
 
 def encode_ids(model: ServedModel, prompts: list[list[int]]) -> Encoded:
-    longest = max((len(ids) for ids in prompts), default=0)
-    if longest >= model.max_model_len:
-        raise BadRequestError(
-            f"The input ({longest} tokens) is longer than the model's context length ({model.max_model_len} tokens)."
-        )
-    return Encoded.from_lists([list(ids) for ids in prompts])
+    encoded = Encoded.from_lists([list(ids) for ids in prompts])
+    check_context_length(model, encoded)
+    return encoded
 
 
 def validate_classify_input(value) -> None:
