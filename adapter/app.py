@@ -92,4 +92,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
     install_metrics(app, settings.triton_metrics_url)  # outermost: 401s and 413s are counted too
+    app.openapi = lambda: openapi_without_422(app)
     return app
+
+
+def openapi_without_422(app: FastAPI) -> dict:
+    """FastAPI documents a 422 for every route; this API answers validation errors with 400."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema

@@ -39,7 +39,7 @@ async def create_classification(
         model = registry.resolve(body.model, capability="can_classify")
         return await classify(body, model, gateway, settings, response_id("classify", raw, body.request_id))
     raw.state.flavour = Flavour.SGLANG_NATIVE
-    model = registry.resolve_lenient(None, capability="can_classify_or_embed")
+    model = registry.resolve_lenient(body.model, capability="can_classify", fallback="can_classify_or_embed")
     result = await sglang.classify_native(body, model, gateway, settings)
     content = [r.model_dump() for r in result] if isinstance(result, list) else result.model_dump()
     return Response(orjson.dumps(content), media_type="application/json")

@@ -88,6 +88,9 @@ class RerankResult(SGLangModel):
 class NativeEncodeRequest(SGLangModel):
     """SGLang's ``EmbeddingReqInput`` as its native ``/classify`` reads it (text models)."""
 
+    model: str | None = Field(
+        None, description="Not in SGLang's API (it serves one model); here it picks among several served models. "
+        "Absent: the first classifier.")
     text: str | list[str] | list[list[str]] | None = Field(
         None, description="A text, a list of texts, or [query, document] pairs."
     )
