@@ -208,6 +208,18 @@ def install_exception_handlers(app: FastAPI) -> None:
         count_error(request, exc.error_type)
         return error_body(exc.status, exc.error_type, exc.message, exc.param, flavour_of(request))
 
+    @app.exception_handler(ValueError)
+    @app.exception_handler(TypeError)
+    @app.exception_handler(OverflowError)
+    @app.exception_handler(UnicodeError)
+    async def on_bad_value(request: Request, exc: Exception) -> Response:
+        """vLLM answers ValueError, TypeError and OverflowError escaping a handler with 400
+        BadRequestError: they come from values the client sent (ids past int64, lone surrogates)."""
+        logger.info("bad value in request: %r", exc)
+        count_error(request, "BadRequestError")
+        message = sanitize_message(f"{type(exc).__name__}: {exc}")[:500]
+        return error_body(HTTPStatus.BAD_REQUEST, "BadRequestError", message, None, flavour_of(request))
+
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         logger.exception("unhandled error")

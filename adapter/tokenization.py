@@ -202,7 +202,10 @@ class TextEncoder:
         return text[: encoding.offsets[max_tokens - 1][1]]
 
     def count_tokens(self, text: str, add_special_tokens: bool) -> list[int]:
-        return self._backend_truncating_to(None).encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            return self._backend_truncating_to(None).encode(text, add_special_tokens=add_special_tokens).ids
+        except Exception as error:  # noqa: BLE001 - e.g. a lone surrogate the tokenizer cannot read
+            raise BadRequestError(f"Could not tokenize the input: {error}") from None
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)

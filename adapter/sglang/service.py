@@ -54,6 +54,10 @@ async def encode_texts(model: ServedModel, texts: list[str], pairs: list[str] | 
 
 
 def encode_ids(model: ServedModel, prompts: list[list[int]]) -> Encoded:
+    for ids in prompts:
+        for token in ids:
+            if not 0 <= token < model.encoder.vocab_size:
+                raise BadRequestError(f"Token id {token} is out of vocabulary")
     encoded = Encoded.from_lists([list(ids) for ids in prompts])
     check_context_length(model, encoded)
     return encoded
@@ -162,8 +166,6 @@ async def classify_native(request: NativeEncodeRequest, model: ServedModel, gate
         if not prompts or any(not ids for ids in prompts):
             raise BadRequestError("input_ids cannot be empty")
         check_item_count(len(prompts), settings.max_items_per_request)
-        if any(token < 0 or token >= model.encoder.vocab_size for ids in prompts for token in ids):
-            raise BadRequestError("input_ids holds a token id outside the vocabulary")
         encoded = encode_ids(model, prompts)
     output = "embeddings" if model.task == "embed" else "logits"
     rows = (await gateway.infer(model.triton_model, encoded, (output,)))[output]

@@ -37,7 +37,11 @@ VLLM_CLASSIFY_PROMPTS = [
 ]
 # vLLM docs (rerank / score API): the query and documents.
 VLLM_QUERY = "What is the capital of France?"
-VLLM_DOCUMENTS = ["The capital of Brazil is Brasilia.", "The capital of France is Paris.", "Horses and cows are both animals"]
+VLLM_DOCUMENTS = [
+    "The capital of Brazil is Brasilia.",
+    "The capital of France is Paris.",
+    "Horses and cows are both animals",
+]
 # SGLang docs (rerank models): the query and documents, plus a third document so that top_n cuts.
 SGLANG_QUERY = "what is panda?"
 SGLANG_DOCUMENTS = [
@@ -54,7 +58,8 @@ def post(url: str, path: str, body: object) -> requests.Response:
 
 
 def ok_json(response: requests.Response):
-    assert response.status_code == 200, f"{response.request.method} {response.request.url}: {response.status_code} {response.text}"
+    request = response.request
+    assert response.status_code == 200, f"{request.method} {request.url}: {response.status_code} {response.text}"
     assert response.headers["content-type"].startswith("application/json"), response.headers["content-type"]
     return response.json()
 
@@ -68,10 +73,10 @@ def assert_sorted_descending(scores: list[float]) -> None:
 
 def test_cohere_v2_client_rerank(adapter_url):
     sent: list[httpx.Request] = []
-    http = httpx.Client(timeout=TIMEOUT_S, event_hooks={"request": [sent.append]})
-    client = cohere.ClientV2(api_key="unused", base_url=adapter_url, httpx_client=http)
-
-    result = client.rerank(model="xlm_roberta_classifier", query=COHERE_QUERY, documents=COHERE_DOCUMENTS, top_n=2)
+    with httpx.Client(timeout=TIMEOUT_S, event_hooks={"request": [sent.append]}) as http:
+        client = cohere.ClientV2(api_key="unused", base_url=adapter_url, httpx_client=http)
+        result = client.rerank(model="xlm_roberta_classifier", query=COHERE_QUERY, documents=COHERE_DOCUMENTS,
+                               top_n=2)
 
     assert [(r.method, str(r.url)) for r in sent] == [("POST", f"{adapter_url}/v2/rerank")]
     assert len(result.results) == 2
@@ -156,7 +161,8 @@ def test_vllm_doc_score_queries_documents_matches_rerank(adapter_url):
 
 
 def test_sglang_doc_v1_classify(adapter_url):
-    body = ok_json(post(adapter_url, "/v1/classify", {"model": "bert_classifier", "input": "Loved the new café—coffee was great."}))
+    text = "Loved the new café—coffee was great."  # SGLang docs (classify models) use `input: "text to classify"`
+    body = ok_json(post(adapter_url, "/v1/classify", {"model": "bert_classifier", "input": text}))
     assert re.fullmatch(r"classify-[0-9a-f]{32}", body["id"]), body["id"]
     assert body["object"] == "list" and isinstance(body["created"], int) and body["model"] == "bert_classifier"
     [item] = body["data"]
@@ -166,7 +172,7 @@ def test_sglang_doc_v1_classify(adapter_url):
     assert usage["reasoning_tokens"] == 0 and usage["completion_tokens"] == 0
     assert usage["prompt_tokens"] == usage["total_tokens"] > 0
     # the same softmax as vLLM's /classify for a 3-label head
-    vllm = ok_json(post(adapter_url, "/classify", {"model": "bert_classifier", "input": "Loved the new café—coffee was great."}))
+    vllm = ok_json(post(adapter_url, "/classify", {"model": "bert_classifier", "input": text}))
     np.testing.assert_allclose(item["probs"], vllm["data"][0]["probs"], rtol=1e-5, atol=1e-6)
 
 
@@ -182,6 +188,20 @@ def test_sglang_doc_rerank_bare_list(adapter_url):
         assert isinstance(item["score"], float)
         assert 0 <= item["index"] < len(SGLANG_DOCUMENTS) and item["document"] == SGLANG_DOCUMENTS[item["index"]]
         assert item["meta_info"] is None or isinstance(item["meta_info"], dict)
+
+
+def test_sglang_doc_rerank_cross_encoder_scores_are_raw_logits(adapter_url):
+    """The SGLang docs' rerank body (with `model`, which picks a served model here): the scores are the
+    cross-encoder's raw logits, so their sigmoid is vLLM's relevance_score for the same pairs."""
+    request = {"model": "xlm_roberta_classifier", "query": SGLANG_QUERY, "documents": SGLANG_DOCUMENTS[:2]}
+    body = ok_json(post(adapter_url, "/sglang/v1/rerank", request))
+    assert sorted(item["index"] for item in body) == [0, 1]
+    assert_sorted_descending([item["score"] for item in body])
+    assert all(item["document"] == SGLANG_DOCUMENTS[item["index"]] for item in body)  # return_documents: true
+    vllm = ok_json(post(adapter_url, "/rerank", request))
+    assert [r["index"] for r in vllm["results"]] == [item["index"] for item in body]
+    sigmoid = [1.0 / (1.0 + np.exp(-item["score"])) for item in body]
+    np.testing.assert_allclose(sigmoid, [r["relevance_score"] for r in vllm["results"]], rtol=1e-5, atol=1e-6)
 
 
 def test_sglang_doc_native_classify_single_and_batch(adapter_url):

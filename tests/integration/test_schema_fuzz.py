@@ -16,9 +16,16 @@ the real tritonserver, with a per-request timeout so that a hang fails. Asserted
   - 401 is not checked (no API key is configured in this fixture);
 * a 2xx answer labelled JSON parses as JSON.
 
+A second test sends bodies shaped after the API contract (hypothesis strategies, fuzzed contents)
+to reach the tokenizer / truncation / Triton paths that most schema-generated bodies never pass
+validation to; the same assertions apply.
+
 Generation happens first (hypothesis, in this process), then the requests go out from a small
 thread pool, so the run stays within a few minutes on a 2-core CPU machine. Violations are
-collected over the whole run and reported together, each with its request and response.
+collected over the whole run and reported together, grouped by kind, each with its request, the
+response and a curl line to reproduce it. A request whose keep-alive connection the server dropped
+is resent once on a fresh connection (uvicorn drops one after an unhandled exception, which is
+reported on the request that caused it).
 """
 
 from __future__ import annotations
@@ -34,7 +41,8 @@ from dataclasses import dataclass, field
 import pytest
 import requests
 import schemathesis
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, Verbosity, given, settings
+from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
@@ -49,6 +57,9 @@ REPORTED_VIOLATIONS = 15
 
 SGLANG_OPENAI_PATHS = {"/v1/classify", "/v1/tokenize", "/v1/detokenize"}
 SGLANG_PATH_PREFIX = "/sglang/"
+# Also SGLang-flavoured: any operation whose OpenAPI 400 answer is this component (e.g. /v1/rerank
+# when the adapter is switched to SGLang's rerank there).
+SGLANG_ERROR_COMPONENT = "#/components/schemas/SGLangErrorResponse"
 
 # Module-level tally of what actually went over the wire (asserted at the end of the test).
 SENT = collections.Counter()
@@ -56,8 +67,9 @@ SENT = collections.Counter()
 
 @dataclass
 class Outcome:
-    case: object
-    kwargs: dict
+    path: str  # the operation's path (template), e.g. /v1/models/{model}
+    kwargs: dict  # what `requests` sent: method, url, headers, params, json or data
+    case: object = None  # the schemathesis case, when schemathesis generated it
     status: int | None = None
     text: str = ""
     content_type: str = ""
@@ -69,8 +81,8 @@ class Outcome:
 # --- flavour rules ------------------------------------------------------------------------------
 
 
-def flavour_of(path: str, body: object) -> str:
-    if path in SGLANG_OPENAI_PATHS or path.startswith(SGLANG_PATH_PREFIX):
+def flavour_of(path: str, body: object, declared_sglang: frozenset[str] = frozenset()) -> str:
+    if path in SGLANG_OPENAI_PATHS or path.startswith(SGLANG_PATH_PREFIX) or path in declared_sglang:
         return "sglang"
     if (
         path == "/classify"
@@ -132,10 +144,25 @@ def sglang_native_problems(body: object, status: int) -> list[str]:
     return [f"neither SGLang native {{'error': {{'message': str}}}} nor the flat shape: {body!r:.300}"]
 
 
-ERROR_SHAPE_CHECKS = {"vllm": vllm_error_problems, "sglang": sglang_flat_problems, "sglang_native": sglang_native_problems}
+ERROR_SHAPE_CHECKS = {
+    "vllm": vllm_error_problems,
+    "sglang": sglang_flat_problems,
+    "sglang_native": sglang_native_problems,
+}
 
 
-def check(outcome: Outcome) -> list[str]:
+def declared_sglang_paths(openapi: dict) -> frozenset[str]:
+    paths = set()
+    for path, operations in openapi.get("paths", {}).items():
+        for operation in operations.values():
+            answer = operation.get("responses", {}).get("400", {}) if isinstance(operation, dict) else {}
+            schema = answer.get("content", {}).get("application/json", {}).get("schema", {})
+            if schema.get("$ref") == SGLANG_ERROR_COMPONENT:
+                paths.add(path)
+    return frozenset(paths)
+
+
+def check(outcome: Outcome, declared_sglang: frozenset[str] = frozenset()) -> list[str]:
     if outcome.error is not None:
         return [outcome.error]
     status = outcome.status
@@ -151,7 +178,7 @@ def check(outcome: Outcome) -> list[str]:
             body = json.loads(outcome.text)
         except ValueError:
             return [f"{status} body is not valid JSON"]
-        flavour = flavour_of(outcome.case.path, outcome.kwargs.get("json"))
+        flavour = flavour_of(outcome.path, outcome.kwargs.get("json"), declared_sglang)
         return [f"[{flavour}] {p}" for p in ERROR_SHAPE_CHECKS[flavour](body, status)]
     if 200 <= status < 300 and is_json:
         try:
@@ -179,6 +206,7 @@ def generate(operation, mode: GenerationMode, count: int) -> list:
         database=None,
         phases=[Phase.generate],
         suppress_health_check=list(HealthCheck),
+        verbosity=Verbosity.quiet,
     )
     def collect(case):
         cases.append(case)
@@ -197,7 +225,7 @@ def body_size(kwargs: dict) -> int:
     return len(data if isinstance(data, (bytes, bytearray)) else str(data).encode())
 
 
-def build_cases(schema, base_url: str) -> tuple[list[tuple[object, dict]], dict]:
+def build_cases(schema, base_url: str) -> tuple[list[Outcome], dict]:
     operations, invalid = [], []
     for result in schema.get_all_operations():
         try:
@@ -209,7 +237,7 @@ def build_cases(schema, base_url: str) -> tuple[list[tuple[object, dict]], dict]
     fuzzable = [op for op in operations if has_inputs(op)]
     stats = {"operations": [f"{op.method.upper()} {op.path}" for op in operations], "too_big": 0}
 
-    selected: list[tuple[object, dict]] = []
+    selected: list[Outcome] = []
 
     def add(cases):
         for case in cases:
@@ -217,7 +245,7 @@ def build_cases(schema, base_url: str) -> tuple[list[tuple[object, dict]], dict]
             if body_size(kwargs) > MAX_BODY_BYTES:
                 stats["too_big"] += 1
                 continue
-            selected.append((case, kwargs))
+            selected.append(Outcome(path=case.path, kwargs=kwargs, case=case))
 
     # Operations without inputs (GET /health, GET /v1/models): their one request.
     for op in operations:
@@ -241,9 +269,9 @@ def build_cases(schema, base_url: str) -> tuple[list[tuple[object, dict]], dict]
 _local = threading.local()
 
 
-def send(case, kwargs: dict) -> Outcome:
-    outcome = Outcome(case=case, kwargs=kwargs)
-    for attempt in range(2):
+def send(outcome: Outcome) -> Outcome:
+    kwargs = outcome.kwargs
+    for _ in range(2):
         session = getattr(_local, "session", None)
         if session is None:
             session = _local.session = requests.Session()
@@ -272,64 +300,196 @@ def send(case, kwargs: dict) -> Outcome:
 
 def describe(outcome: Outcome) -> str:
     kwargs = outcome.kwargs
+    content_type = (kwargs.get("headers") or {}).get("Content-Type", "application/json" if "json" in kwargs else None)
     if "json" in kwargs:
         body = json.dumps(kwargs["json"], ensure_ascii=False, default=str)
     else:
         body = repr(kwargs.get("data"))
     lines = [
         f"{kwargs['method']} {kwargs['url']}  params={kwargs.get('params') or {}}  "
-        f"content-type={kwargs.get('headers', {}).get('Content-Type')!r}",
+        f"content-type={content_type!r}",
         f"  request body: {body[:1500]}{'...' if len(body) > 1500 else ''}",
         f"  response: {outcome.status} {outcome.content_type!r} {outcome.text[:800]!r}",
         *(f"  problem: {p}" for p in outcome.problems),
     ]
-    try:
-        lines.append(f"  reproduce: {outcome.case.as_curl_command()[:2000]}")
-    except Exception:
-        pass
+    if outcome.case is not None:
+        try:
+            lines.append(f"  reproduce: {outcome.case.as_curl_command()[:2000]}")
+        except Exception:
+            pass
+    elif "json" in kwargs:
+        quoted = json.dumps(kwargs["json"]).replace("'", "'\\''")
+        lines.append(f"  reproduce: curl -X {kwargs['method']} -H 'Content-Type: application/json' "
+                     f"-d '{quoted[:2000]}' {kwargs['url']}")
     return "\n".join(lines)
 
 
-# --- the test ------------------------------------------------------------------------------------
+def send_and_judge(pending: list[Outcome], declared_sglang: frozenset[str], note: str) -> int:
+    """Send every request (WORKERS at a time), judge every answer, fail with the offending requests."""
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=WORKERS) as pool:
+        outcomes = list(pool.map(send, pending))
+
+    statuses: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    groups: dict[tuple, list[Outcome]] = {}  # violations by (operation, first problem), in order of appearance
+    for outcome in outcomes:
+        label = f"{outcome.kwargs['method']} {outcome.path}"
+        statuses[label][outcome.status if outcome.error is None else "no answer"] += 1
+        if outcome.retried:
+            statuses[label]["dropped connection, resent"] += 1
+        SENT[label] += 1
+        outcome.problems = check(outcome, declared_sglang)
+        if outcome.problems:
+            groups.setdefault((label, outcome.problems[0][:60]), []).append(outcome)
+
+    summary = (
+        f"{len(outcomes)} requests over {len(statuses)} operations "
+        f"({note}; sending {time.monotonic() - started:.0f}s)\n"
+        + "\n".join(f"  {label}: {dict(counter)}" for label, counter in sorted(statuses.items()))
+    )
+    print(summary)
+    if groups:
+        violations = sum(len(group) for group in groups.values())
+        pytest.fail(
+            f"{violations} of {len(outcomes)} fuzzed requests broke the contract, in {len(groups)} kinds; "
+            f"one example of each (at most {REPORTED_VIOLATIONS}):\n\n"
+            + "\n\n".join(f"[{len(g)}x] {describe(g[0])}" for g in list(groups.values())[:REPORTED_VIOLATIONS])
+            + f"\n\n{summary}",
+            pytrace=False,
+        )
+    return len(outcomes)
+
+
+def live_openapi(adapter_url: str) -> dict:
+    return requests.get(f"{adapter_url}/openapi.json", timeout=REQUEST_TIMEOUT_S).json()
+
+
+# --- schemathesis over every operation ---------------------------------------------------------------
 
 
 def test_fuzzed_requests_never_5xx_and_4xx_bodies_match_their_flavour(adapter_url):
     started = time.monotonic()
     SENT.clear()
     schema = schemathesis.openapi.from_url(f"{adapter_url}/openapi.json", timeout=REQUEST_TIMEOUT_S)
-    cases, stats = build_cases(schema, adapter_url)
-    generated_s = time.monotonic() - started
-
-    with ThreadPoolExecutor(max_workers=WORKERS) as pool:
-        outcomes = list(pool.map(lambda pair: send(*pair), cases))
-
-    statuses: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    groups: dict[tuple, list[Outcome]] = {}  # violations by (operation, first problem), in order of appearance
-    for outcome in outcomes:
-        label = f"{outcome.kwargs['method']} {outcome.case.path}"
-        statuses[label][outcome.status if outcome.error is None else "no answer"] += 1
-        if outcome.retried:
-            statuses[label]["dropped connection, resent"] += 1
-        SENT[label] += 1
-        outcome.problems = check(outcome)
-        if outcome.problems:
-            groups.setdefault((label, outcome.problems[0][:60]), []).append(outcome)
-
-    total = sum(SENT.values())
-    summary = (
-        f"{total} requests over {len(stats['operations'])} operations "
-        f"(generation {generated_s:.0f}s, total {time.monotonic() - started:.0f}s, "
-        f"{stats['too_big']} generated bodies over {MAX_BODY_BYTES} bytes not sent)\n"
-        + "\n".join(f"  {label}: {dict(counter)}" for label, counter in sorted(statuses.items()))
+    pending, stats = build_cases(schema, adapter_url)
+    note = (
+        f"schemathesis, {len(stats['operations'])} operations declared, generation {time.monotonic() - started:.0f}s, "
+        f"{stats['too_big']} generated bodies over {MAX_BODY_BYTES} bytes not sent"
     )
-    print(summary)
-    violations = sum(len(group) for group in groups.values())
-    if groups:
-        pytest.fail(
-            f"{violations} of {total} fuzzed requests broke the contract, in {len(groups)} kinds; "
-            f"one example of each (at most {REPORTED_VIOLATIONS}):\n\n"
-            + "\n\n".join(f"[{len(g)}x] {describe(g[0])}" for g in list(groups.values())[:REPORTED_VIOLATIONS])
-            + f"\n\n{summary}",
-            pytrace=False,
-        )
-    assert total >= TARGET_REQUESTS, f"only {total} generated requests reached the server (< {TARGET_REQUESTS})\n{summary}"
+    send_and_judge(pending, declared_sglang_paths(live_openapi(adapter_url)), note)
+    total = sum(SENT.values())
+    assert total >= TARGET_REQUESTS, f"only {total} generated requests reached the server (< {TARGET_REQUESTS})"
+
+
+# --- contract-shaped bodies ----------------------------------------------------------------------------
+#
+# The OpenAPI document cannot say everything the routes need (which pair of score fields, a native
+# /classify body needing `text` xor `input_ids`, ...), so most schema-valid bodies stop at validation.
+# These bodies are shaped after the API contract instead, with fuzzed contents (odd unicode, empty
+# strings, out-of-range and huge token ids, over-long prompts, every truncation option), so that the
+# tokenizer, truncation, batching and Triton paths behind validation are fuzzed too.
+
+CONTRACT_EXAMPLES = 1000
+WORDS = "the capital of france is paris good bad movie rain cold coffee query document bank loan rate".split()
+
+
+def contract_bodies(models: list[str], paths: set[str]):
+    model = st.one_of(st.sampled_from(models), st.sampled_from([None, "", "no-such-model"]))
+    word_text = st.lists(st.sampled_from(WORDS), max_size=12).map(" ".join)
+    text = st.one_of(word_text, word_text, st.text(max_size=24), st.just("paris " * 200))
+    texts = st.lists(text, min_size=0, max_size=5)
+    in_vocab = st.integers(0, 250)  # every tiny tokenizer has at least this many tokens
+    token_id = st.one_of(in_vocab, in_vocab, in_vocab, st.integers(-2, 1000), st.integers(2**31 - 2, 2**70))
+    ids = st.lists(token_id, min_size=0, max_size=12)
+    maybe = lambda strategy: st.one_of(st.none(), strategy)  # noqa: E731
+    common = {
+        "use_activation": maybe(st.booleans()),
+        "truncate_prompt_tokens": maybe(st.integers(-3, 140)),
+        "truncation_side": maybe(st.sampled_from(["left", "right", "middle"])),
+    }
+
+    def vllm(fields: dict, optional: dict | None = None):
+        return st.fixed_dictionaries({"model": model, **fields}, optional={**common, **(optional or {})})
+
+    chat = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool"]),
+                                           "content": text}), max_size=3)
+    classify_input = st.one_of(text, texts, ids, st.lists(ids, max_size=4))
+    side = st.one_of(text, texts)
+    rerank = vllm({"query": text, "documents": st.one_of(text, texts)},
+                  {"top_n": st.integers(-1, 6), "max_tokens_per_doc": st.integers(-1, 130),
+                   "max_tokens_per_query": st.integers(-1, 130)})
+    score_spellings = [("queries", "documents"), ("queries", "items"), ("data_1", "data_2"), ("text_1", "text_2")]
+    routes = {
+        "/classify": st.one_of(
+            vllm({"input": classify_input}, {"add_special_tokens": st.booleans()}),
+            vllm({"messages": chat}, {"add_generation_prompt": st.booleans(), "continue_final_message": st.booleans()}),
+            st.fixed_dictionaries({}, optional={"text": st.one_of(text, texts),
+                                                "input_ids": st.one_of(ids, st.lists(ids, max_size=4))}),
+        ),
+        "/score": st.one_of(*(vllm({a: side, b: side}, {"max_tokens_per_doc": st.integers(-1, 130)})
+                              for a, b in score_spellings)),
+        "/rerank": rerank,
+        "/v2/rerank": rerank,
+        "/pooling": vllm({"input": classify_input},
+                         {"task": st.sampled_from(["classify", "embed", "token_embed", "token_classify", "score"])}),
+        "/tokenize": vllm({"prompt": text}, {"add_special_tokens": st.booleans()}),
+        "/detokenize": vllm({"tokens": ids}),
+        "/v1/classify": st.fixed_dictionaries({"model": model, "input": classify_input}),
+        "/sglang/v1/rerank": st.fixed_dictionaries(
+            {"query": text, "documents": texts},
+            optional={"model": model, "top_n": maybe(st.integers(-1, 6)), "return_documents": st.booleans(),
+                      "instruct": maybe(text)},
+        ),
+        "/v1/tokenize": st.fixed_dictionaries({"prompt": st.one_of(text, texts)}, optional={"model": model}),
+        "/v1/detokenize": st.fixed_dictionaries({"tokens": ids}, optional={"skip_special_tokens": st.booleans()}),
+        "/invocations": st.one_of(vllm({"input": classify_input}), rerank,
+                                  vllm({"queries": side, "documents": side})),
+    }
+    return st.one_of(*(st.tuples(st.just(path), body) for path, body in routes.items() if path in paths))
+
+
+# Always sent as well (random generation reaches them only now and then): values at the edges of
+# what JSON can carry into each route.
+EDGE_TOKEN_IDS = [[2**63], [2**64 + 5], [-(2**63) - 1], [-1], [0] * 300, []]
+EDGE_TEXTS = ["", " ", "\x00", "\ud800", "\U0001f600" * 200, "a" * 20_000, "paris " * 300]
+
+
+def edge_bodies(models: list[str], paths: set[str]) -> list[tuple[str, dict]]:
+    model = models[0] if models else "unknown"
+    bodies = []
+    for ids in EDGE_TOKEN_IDS:
+        bodies += [
+            ("/classify", {"input": ids}), ("/classify", {"input": [ids, [1, 2]]}), ("/classify", {"input_ids": ids}),
+            ("/v1/classify", {"model": model, "input": ids}), ("/pooling", {"input": ids}),
+            ("/detokenize", {"tokens": ids}), ("/v1/detokenize", {"tokens": ids}), ("/invocations", {"input": ids}),
+        ]
+    for text in EDGE_TEXTS:
+        bodies += [
+            ("/classify", {"input": text}), ("/classify", {"input": [text, "ok"]}), ("/classify", {"text": text}),
+            ("/classify", {"messages": [{"role": "user", "content": text}]}),
+            ("/v1/classify", {"model": model, "input": text}), ("/tokenize", {"prompt": text}),
+            ("/v1/tokenize", {"prompt": text}), ("/score", {"queries": text, "documents": [text, "ok"]}),
+            ("/rerank", {"query": text, "documents": [text, "ok"]}),
+            ("/sglang/v1/rerank", {"query": text, "documents": [text, "ok"]}),
+        ]
+    return [(path, body) for path, body in bodies if path in paths]
+
+
+def test_contract_shaped_bodies_never_5xx_and_4xx_bodies_match_their_flavour(adapter_url):
+    openapi = live_openapi(adapter_url)
+    paths = {path for path, operations in openapi["paths"].items() if "post" in operations}
+    models = [card["id"] for card in requests.get(f"{adapter_url}/v1/models", timeout=REQUEST_TIMEOUT_S).json()["data"]]
+    bodies: list[tuple[str, dict]] = []
+
+    @given(contract_bodies(models, paths))
+    @settings(max_examples=CONTRACT_EXAMPLES, deadline=None, database=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck), verbosity=Verbosity.quiet)
+    def collect(pair):
+        bodies.append(pair)
+
+    collect()
+    bodies += edge_bodies(models, paths)
+    pending = [Outcome(path=path, kwargs={"method": "POST", "url": f"{adapter_url}{path}", "json": body})
+               for path, body in bodies]
+    sent = send_and_judge(pending, declared_sglang_paths(openapi), "contract-shaped and edge bodies")
+    assert sent >= CONTRACT_EXAMPLES // 2
