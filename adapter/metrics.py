@@ -154,6 +154,17 @@ def _route_path(scope: Scope) -> str | None:
     return path[len(root_path):] if root_path and path.startswith(root_path) else path
 
 
+def _leaf_routes(routes):
+    """Routes with a path, looking inside included routers (FastAPI wraps those in objects that match
+    a request without naming the route that matched)."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None and not isinstance(getattr(route, "path", None), str):
+            yield from _leaf_routes(getattr(inner, "routes", ()))
+        else:
+            yield route
+
+
 def route_label(scope: Mapping[str, Any]) -> str:
     """The template of the route that handled this request, or "unmatched"."""
     route = scope.get("route")
@@ -162,7 +173,7 @@ def route_label(scope: Mapping[str, Any]) -> str:
         # missing API key). In the second case the request still belongs to a route; find it the way
         # the router would, so those errors are not lumped in with unknown URLs.
         router = getattr(scope.get("app"), "router", None)
-        for candidate in getattr(router, "routes", ()):
+        for candidate in _leaf_routes(getattr(router, "routes", ())):
             try:
                 match, _ = candidate.matches(scope)
             except Exception:  # a scope some route cannot read (no path): not its request
@@ -177,6 +188,8 @@ def route_label(scope: Mapping[str, Any]) -> str:
 def count_error(request_or_scope: HTTPConnection | Mapping[str, Any], error_type: str) -> None:
     """Count one error response of type ``error_type`` for the request's route (a Request or a scope)."""
     scope = request_or_scope.scope if isinstance(request_or_scope, HTTPConnection) else request_or_scope
+    if scope.get("adapter.body_refused") and error_type != "PayloadTooLargeError":
+        return  # the body middleware answered 413; the app's reaction to the cut read is not sent
     get_metrics().errors.labels(route_label(scope), error_type).inc()
 
 

@@ -72,6 +72,7 @@ class BodySizeLimitMiddleware:
                 if received > self.max_bytes:
                     # Answer now; whatever the app makes of the aborted read is dropped below.
                     refused = True
+                    scope["adapter.body_refused"] = True  # what the app makes of the cut read is not counted
                     await self._refuse(scope, send)
                     raise BodyTooLarge
             return message

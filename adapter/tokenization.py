@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,6 +69,10 @@ class PromptOptions:
 
 
 DEFAULT_OPTIONS = PromptOptions()
+UNTRUSTED_CHAT_TEMPLATE = (
+    "Chat template is passed with request, but --trust-request-chat-template is not set. "
+    "Refused request with untrusted chat template."
+)
 MAX_TOKENIZER_VARIANTS = 8  # differently truncating copies of the backend kept per model
 
 
@@ -91,14 +96,18 @@ class TextEncoder:
         self.backend = tokenizer.backend_tokenizer
         self.backend.no_padding()
         self.backend.enable_truncation(max_length=max_model_len + 1)
-        self._variants: dict[int | None, object] = {}
+        self._variants: OrderedDict[int | None, object] = OrderedDict()
+        # truncation_side null means the tokenizer's own default side (HF passes it as direction).
+        self.truncation_direction = getattr(tokenizer, "truncation_side", "right") or "right"
         self._variants_lock = threading.Lock()
 
     def _backend_truncating_to(self, max_length: int | None):
         """A copy of the backend that truncates to ``max_length`` (None: does not truncate)."""
         with self._variants_lock:
             backend = self._variants.get(max_length)
-            if backend is None:
+            if backend is not None:
+                self._variants.move_to_end(max_length)  # least recently used goes first
+            else:
                 from tokenizers import Tokenizer
 
                 backend = Tokenizer.from_str(self.backend.to_str())
@@ -106,7 +115,7 @@ class TextEncoder:
                 if max_length is None:
                     backend.no_truncation()
                 else:
-                    backend.enable_truncation(max_length=max_length)
+                    backend.enable_truncation(max_length=max_length, direction=self.truncation_direction)
                 if len(self._variants) >= MAX_TOKENIZER_VARIANTS:
                     self._variants.pop(next(iter(self._variants)))
                 self._variants[max_length] = backend
@@ -170,6 +179,11 @@ class TextEncoder:
     async def encode_async(self, texts: list[str], pairs: list[str] | None, thread_above: int,
                            options: PromptOptions = DEFAULT_OPTIONS, *, check_length: bool = True) -> Encoded:
         with timed("tokenize"):
+            variant = options.truncate_to if options.side is None else None
+            needs_copy = options.truncate_to is not None or not check_length
+            if needs_copy and variant not in self._variants:
+                # Building a truncating copy parses the whole tokenizer.json: never on the event loop.
+                await asyncio.to_thread(self._backend_truncating_to, variant)
             if len(texts) > thread_above:
                 return await asyncio.to_thread(self.encode, texts, pairs, options, check_length=check_length)
             return self.encode(texts, pairs, options, check_length=check_length)
@@ -179,6 +193,9 @@ class TextEncoder:
         """The conversation as one prompt string, through the tokenizer's own chat template."""
         if continue_final_message and add_generation_prompt:
             raise BadRequestError("Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
+        if (chat_template_kwargs or {}).get("chat_template") is not None:
+            raise BadRequestError(UNTRUSTED_CHAT_TEMPLATE)
+        chat_template_kwargs = {k: v for k, v in (chat_template_kwargs or {}).items() if k != "tokenize"}
         if not getattr(self.tokenizer, "chat_template", None):
             raise BadRequestError(
                 "As of transformers v4.44, default chat template is no longer allowed, so you must provide a chat "
@@ -191,6 +208,10 @@ class TextEncoder:
             )
         except Exception as error:  # noqa: BLE001 - jinja errors are the client's template input
             raise BadRequestError(sanitize_message(f"Could not render the chat template: {error}")) from None
+
+    async def render_chat_async(self, messages: list[dict], **kwargs) -> str:
+        """``render_chat`` in a worker thread: a template loop must not stall the other requests."""
+        return await asyncio.to_thread(self.render_chat, messages, **kwargs)
 
     def truncate_text(self, text: str, max_tokens: int) -> str:
         """The longest prefix of ``text`` that is at most ``max_tokens`` tokens (no special tokens)."""

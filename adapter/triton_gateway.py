@@ -36,9 +36,12 @@ class TritonGateway:
         """The per-request limits every route shares, checked before anything reaches Triton."""
         if encoded.num_sequences and int(encoded.lengths.min()) == 0:
             raise BadRequestError("The decoder prompt cannot be empty")
-        if encoded.num_tokens > self.max_tokens_per_request:
+        self.check_total_tokens(encoded.num_tokens)
+
+    def check_total_tokens(self, tokens: int) -> None:
+        if tokens > self.max_tokens_per_request:
             raise BadRequestError(
-                f"The request holds {encoded.num_tokens} tokens, more than the maximum of "
+                f"The request holds {tokens} tokens, more than the maximum of "
                 f"{self.max_tokens_per_request} per request (ADAPTER_MAX_TOKENS_PER_REQUEST)."
             )
 

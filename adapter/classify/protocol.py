@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, Discriminator, Field, Tag
+from pydantic import Discriminator, Field, Tag, model_validator
 
 from adapter.common.protocol import (
     OpenAIBaseModel,
@@ -26,6 +26,8 @@ from adapter.sglang.protocol import NativeEncodeRequest
 
 
 class ClassificationCompletionRequest(PoolingRequestBase):
+    _reject_removed = model_validator(mode="before")(staticmethod(reject_removed_parameters))
+
     input: str | list[str] | list[int] | list[list[int]] = Field(
         ..., description="A text, a list of texts, one token-id prompt, or a list of token-id prompts."
     )
@@ -33,6 +35,8 @@ class ClassificationCompletionRequest(PoolingRequestBase):
 
 
 class ClassificationChatRequest(PoolingRequestBase):
+    _reject_removed = model_validator(mode="before")(staticmethod(reject_removed_parameters))
+
     messages: list[dict[str, Any]] = Field(
         ..., description="A conversation, rendered with the model's chat template into one prompt."
     )
@@ -62,7 +66,6 @@ ClassifyBody = Annotated[
     | Annotated[ClassificationChatRequest, Tag("chat")]
     | Annotated[NativeEncodeRequest, Tag(SGLANG_NATIVE_TAG)],
     Discriminator(classify_body_kind),
-    BeforeValidator(reject_removed_parameters),
 ]
 
 

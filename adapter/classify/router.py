@@ -38,6 +38,15 @@ async def create_classification(
     if isinstance(body, (ClassificationCompletionRequest, ClassificationChatRequest)):
         model = registry.resolve(body.model, capability="can_classify")
         return await classify(body, model, gateway, settings, response_id("classify", raw, body.request_id))
+    return await classify_native(body, raw, registry, gateway, settings)
+
+
+# SGLang registers its native /classify for PUT as well (the vLLM forms answer there too: one handler).
+router.add_api_route("/classify", create_classification, methods=["PUT"], include_in_schema=False,
+                     dependencies=[Depends(require_json)])
+
+
+async def classify_native(body, raw: Request, registry, gateway, settings) -> Response:
     raw.state.flavour = Flavour.SGLANG_NATIVE
     model = registry.resolve_lenient(body.model, capability="can_classify", fallback="can_classify_or_embed")
     result = await sglang.classify_native(body, model, gateway, settings)

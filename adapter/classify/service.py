@@ -14,7 +14,7 @@ from adapter.common.protocol import UsageInfo, check_item_count
 from adapter.errors import BadRequestError
 from adapter.registry import ServedModel
 from adapter.settings import Settings
-from adapter.tokenization import Encoded
+from adapter.tokenization import UNTRUSTED_CHAT_TEMPLATE, Encoded
 from adapter.triton_gateway import TritonGateway
 
 
@@ -27,11 +27,8 @@ async def encode_prompts(
     thread_above = settings.tokenize_in_thread_above
     if isinstance(request, ClassificationChatRequest):
         if request.chat_template:
-            raise BadRequestError(
-                "Chat template is passed with request, but --trust-request-chat-template is not set. "
-                "Refused request with untrusted chat template."
-            )
-        prompt = model.encoder.render_chat(
+            raise BadRequestError(UNTRUSTED_CHAT_TEMPLATE)
+        prompt = await model.encoder.render_chat_async(
             request.messages,
             add_generation_prompt=request.add_generation_prompt,
             continue_final_message=request.continue_final_message,

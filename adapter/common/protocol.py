@@ -36,7 +36,8 @@ class PoolingRequestBase(OpenAIBaseModel):
     model: str | None = Field(None, description="Served model name; null or absent: the served model for this task.")
     user: str | None = Field(None, description="Accepted and ignored.")
     request_id: str = Field(default_factory=random_request_id, description="Used in the response id.")
-    priority: int = Field(0, description="Accepted; requests are served first come, first served.")
+    priority: int = Field(0, ge=-(2**63), le=2**63 - 1,
+                          description="Accepted; requests are served first come, first served.")
     use_activation: bool | None = Field(
         None, description="false returns raw logits (classifiers) or unnormalised similarity; null: the model's default."
     )
@@ -56,6 +57,9 @@ class PoolingRequestBase(OpenAIBaseModel):
 
     @model_validator(mode="after")
     def _reject_unsupported(self):
+        salt = self.cache_salt
+        if salt is not None and (not salt or len(salt) > 128 or any(c in salt for c in "@/\\\x00")):
+            raise ValueError("cache_salt must be 1 to 128 characters without '@', '/', '\\' or NUL")
         if self.mm_processor_kwargs:
             raise ValueError("mm_processor_kwargs is not supported by this server (text models only)")
         return self

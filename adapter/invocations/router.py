@@ -14,7 +14,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from adapter.classify.protocol import ClassificationChatRequest, ClassificationCompletionRequest
 from adapter.classify.service import classify
-from adapter.common.protocol import ERROR_RESPONSES, reject_removed_parameters, require_json, response_id
+from adapter.common.protocol import ERROR_RESPONSES, require_json, response_id
 from adapter.dependencies import GatewayDep, RegistryDep, SettingsDep
 from adapter.errors import BadRequestError
 from adapter.pooling.protocol import PoolingRequest
@@ -51,26 +51,25 @@ def invocation_kind(body: dict) -> str:
 async def invocations(raw: Request, registry: RegistryDep, gateway: GatewayDep, settings: SettingsDep,
                       body: dict = Body(..., description="A /classify, /score, /rerank or /pooling request body.")):
     kind = invocation_kind(body)
+    name = body.get("model") if isinstance(body.get("model"), str) else None  # a wrong type fails validation
+    if kind in ("classify", "chat", "pooling"):
+        model = registry.resolve(name, capability="can_classify_or_embed")
+        if kind == "classify" and model.task == "embed":
+            kind = "pooling"  # an embedding model has no classify: the body is served as pooling
+        if kind == "chat" and model.task == "embed":
+            raise BadRequestError("The chat form is served for classifiers only")
+    else:
+        model = registry.resolve(name, capability="can_score")
     try:
-        request = _ADAPTERS[kind].validate_python(body if kind in ("rerank", "score") else
-                                                  reject_removed_parameters(body))
+        request = _ADAPTERS[kind].validate_python(body)
     except ValidationError as error:
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in error.errors()]) from None
-    except ValueError as error:  # a removed parameter: the same 400 as the dedicated routes give
-        raise RequestValidationError([{"type": "value_error", "loc": ("body",), "msg": f"Value error, {error}"}]) from None
     if kind == "rerank":
-        model = registry.resolve(request.model, capability="can_score")
         result = await rerank(request, model, gateway, settings, response_id("score", raw, request.request_id))
     elif kind == "score":
-        model = registry.resolve(request.model, capability="can_score")
         result = await score(request, model, gateway, settings, response_id("score", raw, request.request_id))
+    elif kind == "pooling":
+        result = await pool(request, model, gateway, settings, response_id("pooling", raw, request.request_id))
     else:
-        model = registry.resolve(request.model, capability="can_classify_or_embed")
-        if kind == "pooling" or model.task == "embed":
-            if kind == "chat":
-                raise BadRequestError("The chat form is served for classifiers only")
-            request = request if kind == "pooling" else PoolingRequest.model_validate(body)
-            result = await pool(request, model, gateway, settings, response_id("pooling", raw, request.request_id))
-        else:
-            result = await classify(request, model, gateway, settings, response_id("classify", raw, request.request_id))
+        result = await classify(request, model, gateway, settings, response_id("classify", raw, request.request_id))
     return Response(orjson.dumps(result.model_dump()), media_type="application/json")

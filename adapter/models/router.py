@@ -18,7 +18,7 @@ async def list_models(registry: RegistryDep) -> ModelList:
     return ModelList(data=[card(model) for model in registry])
 
 
-@router.get("/v1/models/{model}", response_model=ModelCard, summary="One served model (SGLang / OpenAI)",
+@router.get("/v1/models/{model:path}", response_model=ModelCard, summary="One served model (SGLang / OpenAI)",
             responses={404: {"description": "Not a served model"}})
 async def retrieve_model(model: str, registry: RegistryDep) -> ModelCard:
     for served in registry:

@@ -68,6 +68,7 @@ async def score_pairs(
     if length_check is not None:
         length_check(model, encoded_queries)
         length_check(model, encoded_documents)
+    gateway.check_total_tokens(encoded_queries.num_tokens + encoded_documents.num_tokens)
     query_vectors = (await gateway.infer(model.triton_model, encoded_queries, ("embeddings",)))["embeddings"]
     document_vectors = (await gateway.infer(model.triton_model, encoded_documents, ("embeddings",)))["embeddings"]
     if len(query_vectors) == 1:

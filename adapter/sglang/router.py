@@ -59,13 +59,20 @@ async def rerank_v1(body: RerankRequest, registry: RegistryDep, gateway: Gateway
     return await _rerank(body, registry, gateway, settings)
 
 
+# SGLang accepts PUT on its rerank route too.
+router.add_api_route("/sglang/v1/rerank", rerank_sglang, methods=["PUT"], include_in_schema=False,
+                     dependencies=[Depends(require_json)])
+v1_rerank_router.add_api_route("/v1/rerank", rerank_v1, methods=["PUT"], include_in_schema=False,
+                               dependencies=[Depends(require_json)])
+
+
 @router.post("/v1/tokenize", response_model=TokenizeResponse, responses=SGLANG_ERROR_RESPONSES,
              dependencies=[Depends(require_json)], summary="Tokenize (SGLang)")
-async def tokenize_v1(body: TokenizeRequest, registry: RegistryDep) -> TokenizeResponse:
-    return service.tokenize(body, registry.resolve_lenient(body.model, capability="can_tokenize"))
+async def tokenize_v1(body: TokenizeRequest, registry: RegistryDep, settings: SettingsDep) -> TokenizeResponse:
+    return service.tokenize(body, registry.resolve_lenient(body.model, capability="can_tokenize"), settings)
 
 
 @router.post("/v1/detokenize", response_model=DetokenizeResponse, responses=SGLANG_ERROR_RESPONSES,
              dependencies=[Depends(require_json)], summary="Detokenize (SGLang)")
-async def detokenize_v1(body: DetokenizeRequest, registry: RegistryDep) -> DetokenizeResponse:
-    return service.detokenize(body, registry.resolve_lenient(body.model, capability="can_tokenize"))
+async def detokenize_v1(body: DetokenizeRequest, registry: RegistryDep, settings: SettingsDep) -> DetokenizeResponse:
+    return service.detokenize(body, registry.resolve_lenient(body.model, capability="can_tokenize"), settings)

@@ -183,17 +183,19 @@ async def classify_native(request: NativeEncodeRequest, model: ServedModel, gate
     return results[0] if single else results
 
 
-def tokenize(request: TokenizeRequest, model: ServedModel) -> TokenizeResponse:
+def tokenize(request: TokenizeRequest, model: ServedModel, settings: Settings) -> TokenizeResponse:
     if isinstance(request.prompt, str):
         ids = model.encoder.count_tokens(request.prompt, request.add_special_tokens)
         return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=model.max_model_len)
+    check_item_count(len(request.prompt), settings.max_items_per_request)
     rows = [model.encoder.count_tokens(text, request.add_special_tokens) for text in request.prompt]
     return TokenizeResponse(tokens=rows, count=[len(r) for r in rows], max_model_len=model.max_model_len)
 
 
-def detokenize(request: DetokenizeRequest, model: ServedModel) -> DetokenizeResponse:
+def detokenize(request: DetokenizeRequest, model: ServedModel, settings: Settings) -> DetokenizeResponse:
     rows = request.tokens
     if rows and isinstance(rows[0], list):
+        check_item_count(len(rows), settings.max_items_per_request)
         return DetokenizeResponse(text=[decode_checked(model, r, request.skip_special_tokens) for r in rows])
     return DetokenizeResponse(text=decode_checked(model, rows, request.skip_special_tokens))
 

@@ -23,6 +23,7 @@ class TokenizeChatRequest(OpenAIBaseModel):
     continue_final_message: bool = False
     add_special_tokens: bool = False
     return_token_strs: bool = False
+    chat_template: str | None = Field(None, description="Not accepted per request (a 400 when set), as vLLM.")
     chat_template_kwargs: dict[str, Any] | None = None
 
 

@@ -2,7 +2,9 @@ from fastapi import APIRouter, Body, Depends
 
 from adapter.common.protocol import ERROR_RESPONSES, require_json
 from adapter.dependencies import RegistryDep
-from adapter.errors import BadRequestError
+from adapter.errors import BadRequestError, NotFoundError
+from adapter.registry import ModelRegistry, ServedModel
+from adapter.tokenization import UNTRUSTED_CHAT_TEMPLATE
 from adapter.tokenize.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -14,15 +16,26 @@ from adapter.tokenize.protocol import (
 router = APIRouter(tags=["tokenize"])
 
 
+def resolve_for_tokenizer(registry: ModelRegistry, name: str | None) -> ServedModel:
+    """vLLM's tokenize routes name the valid aliases when the model is unknown."""
+    try:
+        return registry.resolve(name, capability="can_tokenize")
+    except NotFoundError:
+        aliases = ", ".join(model.name for model in registry)
+        raise NotFoundError(f"The model `{name}` does not exist. Valid aliases: {aliases}", param="model") from None
+
+
 @router.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES,
              dependencies=[Depends(require_json)], summary="Tokenize a prompt or a chat (vLLM)")
 async def tokenize(registry: RegistryDep,
                    body: TokenizeCompletionRequest | TokenizeChatRequest = Body(...)) -> TokenizeResponse:
-    model = registry.resolve(body.model, capability="can_tokenize")
+    model = resolve_for_tokenizer(registry, body.model)
     if isinstance(body, TokenizeChatRequest):
-        prompt = model.encoder.render_chat(body.messages, add_generation_prompt=body.add_generation_prompt,
-                                           continue_final_message=body.continue_final_message,
-                                           chat_template_kwargs=body.chat_template_kwargs)
+        if body.chat_template:
+            raise BadRequestError(UNTRUSTED_CHAT_TEMPLATE)
+        prompt = await model.encoder.render_chat_async(
+            body.messages, add_generation_prompt=body.add_generation_prompt,
+            continue_final_message=body.continue_final_message, chat_template_kwargs=body.chat_template_kwargs)
     else:
         prompt = body.prompt
     ids = model.encoder.count_tokens(prompt, body.add_special_tokens)
@@ -33,7 +46,7 @@ async def tokenize(registry: RegistryDep,
 @router.post("/detokenize", response_model=DetokenizeResponse, responses=ERROR_RESPONSES,
              dependencies=[Depends(require_json)], summary="Token ids back to text (vLLM)")
 async def detokenize(body: DetokenizeRequest, registry: RegistryDep) -> DetokenizeResponse:
-    model = registry.resolve(body.model, capability="can_tokenize")
+    model = resolve_for_tokenizer(registry, body.model)
     for token in body.tokens:
         if not 0 <= token < model.encoder.vocab_size:
             raise BadRequestError(f"Token id {token} is out of vocabulary", param="tokens")

@@ -465,3 +465,69 @@ def test_metrics_count_requests_errors_and_include_triton(guarded_url):
     assert "adapter_request_duration_seconds_bucket" in text and "adapter_requests_in_flight" in text
     assert re.search(r'adapter_errors_total\{[^}]*error_type="BadRequestError"', text), text[:3000]
     assert "nv_inference_request_success" in text  # Triton's own metrics, appended
+
+
+# --- found in review: each was a gap between the adapter and the contract --------------------------
+
+
+def test_untrusted_chat_template_is_refused_however_it_is_sent(adapter_url):
+    messages = [{"role": "user", "content": "x"}]
+    for path in ("/classify", "/tokenize"):
+        sneaky = post(adapter_url, path, {"model": "qwen2_classifier", "messages": messages,
+                                          "chat_template_kwargs": {"chat_template": "PWNED {{ messages }}"}})
+        assert_vllm_error(sneaky, 400, "BadRequestError", "--trust-request-chat-template")
+    direct = post(adapter_url, "/tokenize", {"model": "qwen2_classifier", "messages": messages, "chat_template": "X"})
+    assert_vllm_error(direct, 400, "BadRequestError", "--trust-request-chat-template")
+
+
+def test_request_field_bounds(adapter_url):
+    base = {"model": "bert_classifier", "input": "x"}
+    assert_vllm_error(post(adapter_url, "/classify", {**base, "cache_salt": "a/b"}), 400, "Bad Request")
+    assert_vllm_error(post(adapter_url, "/classify", {**base, "priority": 2**70}), 400, "Bad Request",
+                      param="body.priority")
+    assert post(adapter_url, "/classify", {**base, "cache_salt": "tenant-1", "priority": -3}).status_code == 200
+    assert_vllm_error(post(adapter_url, "/pooling", {**base, "normalize": True}), 400, "Bad Request", "normalize")
+    native = post(adapter_url, "/classify", {"text": "x", "normalize": True})  # SGLang ignores unknown keys
+    assert native.status_code == 200 and "embedding" in native.json()
+
+
+def test_model_names_with_slashes_and_tokenize_aliases(adapter_url):
+    assert_vllm_error(httpx.get(f"{adapter_url}/v1/models/org/name"), 404, "NotFoundError",
+                      "The model `org/name` does not exist.", param="model")
+    unknown = post(adapter_url, "/tokenize", {"model": "nope", "prompt": "x"})
+    body = assert_vllm_error(unknown, 404, "NotFoundError", "The model `nope` does not exist. Valid aliases: ",
+                             param="model")
+    assert "bert_classifier" in body["error"]["message"]
+
+
+def test_sglang_put_routes(adapter_url):
+    put = httpx.put(f"{adapter_url}/classify", json={"text": "good movie"})
+    assert put.status_code == 200 and "embedding" in put.json()
+    rerank = httpx.put(f"{adapter_url}/sglang/v1/rerank",
+                       json={"model": "xlm_roberta_classifier", "query": "q", "documents": DOCS[:2]})
+    assert rerank.status_code == 200 and isinstance(rerank.json(), list)
+
+
+def test_invocations_embedding_body_errors_are_validation_errors(adapter_url):
+    response = post(adapter_url, "/invocations", {"model": "bert_embedder", "input": "a", "embed_dtype": "bad"})
+    assert_vllm_error(response, 400, "Bad Request", param="body.embed_dtype")
+
+
+def test_guarded_limits_cover_tokenize_and_bi_encoder_score(guarded_url):
+    assert_sglang_error(post(guarded_url, "/v1/tokenize", {"prompt": ["a"] * 6}, headers=KEY), 400,
+                        "BadRequestError", "maximum allowed count of 5")
+    assert_sglang_error(post(guarded_url, "/v1/detokenize", {"tokens": [[5]] * 6}, headers=KEY), 400,
+                        "BadRequestError", "maximum allowed count of 5")
+    text = "paris is the capital city of france " * 12  # ~86 tokens: 4 texts fit alone, not together
+    score = post(guarded_url, "/score", {"model": "bert_embedder", "queries": [text] * 2, "documents": [text] * 2},
+                 headers=KEY)
+    assert_vllm_error(score, 400, "BadRequestError", "more than the maximum of 300 per request")
+
+
+def test_unauthorized_requests_are_counted_under_their_route(guarded_url):
+    post(guarded_url, "/classify", {"input": "x"})
+    text = httpx.get(f"{guarded_url}/metrics").text
+    assert re.search(r'adapter_errors_total\{[^}]*route="/classify"[^}]*\}', text) and \
+        re.search(r'adapter_errors_total\{[^}]*error_type="Unauthorized"[^}]*\}', text), text[:3000]
+    assert not re.search(r'adapter_errors_total\{[^}]*error_type="Unauthorized"[^}]*route="unmatched"', text)
+    assert not re.search(r'adapter_errors_total\{[^}]*route="unmatched"[^}]*error_type="Unauthorized"', text)
