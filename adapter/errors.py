@@ -28,6 +28,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from tritonclient.utils import InferenceServerException
 
+from adapter.metrics import count_error
+
 logger = logging.getLogger(__name__)
 
 MAX_REPORTED_VALIDATION_ERRORS = 10
@@ -169,9 +171,8 @@ def validation_message(errors: list[dict]) -> str:
 
 
 def install_exception_handlers(app: FastAPI) -> None:
-    from adapter.metrics import count_error  # errors are counted by type for /metrics
-
-    """Framework errors, then the adapter's own, then anything else, in that order."""
+    """Framework errors, then the adapter's own, then anything else, in that order (each counted by
+    type for /metrics)."""
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> Response:

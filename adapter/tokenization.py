@@ -167,14 +167,23 @@ class TextEncoder:
         if options.truncate_to is not None:
             keep = options.truncate_to
             prompts = [(ids[-keep:] if keep else []) if options.side == "left" else ids[:keep] for ids in prompts]
-        for ids in prompts:
-            for token in ids:
-                if not 0 <= token < self.vocab_size:
-                    raise BadRequestError(f"Token id {token} is out of vocabulary", param="input")
+        self.check_vocabulary(prompts, param="input")
         longest = max((len(ids) for ids in prompts), default=0)
         if longest > self.max_model_len:
             raise too_long_error(self.max_model_len, longest, at_least=False)
         return Encoded.from_lists([list(ids) for ids in prompts])
+
+    def check_vocabulary(self, prompts: list[list[int]], param: str | None = None) -> None:
+        """Every id in ``[0, vocab_size)``, in one vectorised pass; ids past int64 are out of it too."""
+        count = sum(len(ids) for ids in prompts)
+        try:
+            ids = np.fromiter(itertools.chain.from_iterable(prompts), dtype=np.int64, count=count)
+        except OverflowError:
+            huge = next(t for t in itertools.chain.from_iterable(prompts) if not -(2**63) <= t < 2**63)
+            raise BadRequestError(f"Token id {huge} is out of vocabulary", param=param) from None
+        outside = (ids < 0) | (ids >= self.vocab_size)
+        if outside.any():
+            raise BadRequestError(f"Token id {int(ids[outside][0])} is out of vocabulary", param=param)
 
     async def encode_async(self, texts: list[str], pairs: list[str] | None, thread_above: int,
                            options: PromptOptions = DEFAULT_OPTIONS, *, check_length: bool = True) -> Encoded:

@@ -54,10 +54,7 @@ async def encode_texts(model: ServedModel, texts: list[str], pairs: list[str] | 
 
 
 def encode_ids(model: ServedModel, prompts: list[list[int]]) -> Encoded:
-    for ids in prompts:
-        for token in ids:
-            if not 0 <= token < model.encoder.vocab_size:
-                raise BadRequestError(f"Token id {token} is out of vocabulary")
+    model.encoder.check_vocabulary(prompts)
     encoded = Encoded.from_lists([list(ids) for ids in prompts])
     check_context_length(model, encoded)
     return encoded
@@ -201,7 +198,5 @@ def detokenize(request: DetokenizeRequest, model: ServedModel, settings: Setting
 
 
 def decode_checked(model: ServedModel, ids: list[int], skip_special_tokens: bool) -> str:
-    for token in ids:
-        if not 0 <= token < model.encoder.vocab_size:
-            raise BadRequestError(f"Token id {token} is out of vocabulary")
+    model.encoder.check_vocabulary([ids])
     return model.encoder.decode(ids, skip_special_tokens)

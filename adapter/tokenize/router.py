@@ -47,7 +47,5 @@ async def tokenize(registry: RegistryDep,
              dependencies=[Depends(require_json)], summary="Token ids back to text (vLLM)")
 async def detokenize(body: DetokenizeRequest, registry: RegistryDep) -> DetokenizeResponse:
     model = resolve_for_tokenizer(registry, body.model)
-    for token in body.tokens:
-        if not 0 <= token < model.encoder.vocab_size:
-            raise BadRequestError(f"Token id {token} is out of vocabulary", param="tokens")
+    model.encoder.check_vocabulary([body.tokens], param="tokens")
     return DetokenizeResponse(prompt=model.encoder.decode(body.tokens))

@@ -140,3 +140,13 @@ def test_over_long_is_caught_before_triton(app_with_fake_triton):
     response = test_client.post("/classify", json={"model": "ce", "input": "a b c d e f g h"})
     assert response.status_code == 400 and "maximum context length is 6 tokens" in response.json()["error"]["message"]
     assert triton.calls == []
+
+
+def test_vocabulary_check_covers_ids_past_int64_and_negative_ids():
+    from adapter.errors import BadRequestError
+
+    encoder = TextEncoder(WhitespaceTokenizer(), max_model_len=6, sends_token_types=False)  # vocabulary of 100
+    encoder.check_vocabulary([[0, 99], [5]])
+    for prompts, bad in (([[1, 100]], "100"), ([[3], [-1]], "-1"), ([[1, 2**64 + 5]], str(2**64 + 5))):
+        with pytest.raises(BadRequestError, match=f"Token id {bad} is out of vocabulary"):
+            encoder.check_vocabulary(prompts)
