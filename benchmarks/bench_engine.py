@@ -28,7 +28,6 @@ shapes on the CPU so CI checks the harness.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import platform
 import time
@@ -41,6 +40,7 @@ from model_runtime import families, varlen
 from model_runtime.engine import PackedEngine
 from model_runtime.packing import PackedBatch, RequestSequences
 from model_runtime.settings import ModelSettings
+from benchmarks.results_csv import write_csv
 
 
 @dataclass(frozen=True)
@@ -205,7 +205,7 @@ def run(shapes: list[Shape], device: torch.device, out_dir: Path, commit: str, r
             model.set_attn_implementation(varlen.register() if system != "padded" else "sdpa")
             for name, batch, padded_inputs, sequences, tokens, flops in cases:
                 if system == "padded":
-                    def fn(padded_inputs=padded_inputs):
+                    def fn(padded_inputs=padded_inputs, model=model):
                         with torch.inference_mode():
                             for input_ids, mask in padded_inputs:
                                 model(input_ids=input_ids, attention_mask=mask).logits.float().cpu()
@@ -236,13 +236,7 @@ def run(shapes: list[Shape], device: torch.device, out_dir: Path, commit: str, r
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "engine.csv"
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {path} ({len(rows)} rows)")
+    write_csv(out_dir / "engine.csv", rows)
     return rows
 
 

@@ -20,7 +20,6 @@ Composites (what a user writes in torch today):
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib
 import itertools
 import platform
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
+from benchmarks.results_csv import write_csv
 from kernels.cosine import cosine_similarity_triton
 from kernels.pooling import pool_reference, pool_triton
 from kernels.score_head import score_head_triton
@@ -173,13 +173,6 @@ def run_sweep(out_dir: Path, commit: str) -> None:
         print(f"  {op:<11}{num_seqs:>6}{hidden_size:>6}  best {best['config']:<36}{best['ms']:.4f} ms")
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {path} ({len(rows)} rows)")
 
 
 def main() -> None:

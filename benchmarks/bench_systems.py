@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
 import math
 import os
 import platform
@@ -41,6 +40,7 @@ from benchmarks.bench_engine import flops_per_request, matmul_peak_tflops, model
 from benchmarks.checkpoints import save_checkpoint, word_count, words
 from model_runtime import families
 from model_runtime.launcher import TritonServer, free_port, wait_for_http
+from benchmarks.results_csv import write_csv
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 FOLDER = {families.BERT: "bert_classifier", families.XLM_ROBERTA: "xlm_roberta_classifier",
@@ -382,15 +382,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def write_rows(args, rows: list[dict]) -> None:
-    args.out.mkdir(parents=True, exist_ok=True)
     suffix = "_" + args.name if args.name else ("_" + "-".join(args.models) if args.models else "")
-    path = args.out / f"systems{suffix}.csv"
-    fields = list(dict.fromkeys(key for row in rows for key in row))  # every column, first-seen order
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {path} ({len(rows)} rows)")
+    write_csv(args.out / f"systems{suffix}.csv", rows)
 
 
 if __name__ == "__main__":

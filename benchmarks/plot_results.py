@@ -21,6 +21,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def save_next_to(figure, csv_path: Path, dpi: int) -> Path:
+    """The chart as ``<csv name>.png`` beside its CSV."""
+    figure.tight_layout()
+    out = csv_path.with_suffix(".png")
+    figure.savefig(out, dpi=dpi)
+    plt.close(figure)
+    return out
+
+
 def plot_kernels(csv_path: Path) -> Path:
     rows = list(csv.DictReader(csv_path.open()))
     variants = sorted({(r["op"], r["variant"]) for r in rows}, key=lambda v: (v[0] != "pool", v))
@@ -42,11 +51,7 @@ def plot_kernels(csv_path: Path) -> Path:
     axes[1][0].set_ylabel("speedup over torch")
     axes[0][0].legend(fontsize=8)
     figure.suptitle(f"Triton kernels vs torch eager, bf16, {rows[0]['gpu']} (copy {rows[0]['copy_gbps']} GB/s)")
-    figure.tight_layout()
-    out = csv_path.with_suffix(".png")
-    figure.savefig(out, dpi=110)
-    plt.close(figure)
-    return out
+    return save_next_to(figure, csv_path, dpi=110)
 
 
 def plot_engine(csv_path: Path) -> Path:
@@ -72,11 +77,7 @@ def plot_engine(csv_path: Path) -> Path:
     axis.set_ylabel("sequences / s (log); labels: model FLOP utilisation")
     axis.set_title(f"Packed engine vs padded HF forward, bf16, {rows[0]['device']}")
     axis.legend()
-    figure.tight_layout()
-    out = csv_path.with_suffix(".png")
-    figure.savefig(out, dpi=110)
-    plt.close(figure)
-    return out
+    return save_next_to(figure, csv_path, dpi=110)
 
 
 def plot_systems(csv_path: Path) -> Path:
@@ -110,11 +111,7 @@ def plot_systems(csv_path: Path) -> Path:
         top.legend(fontsize=7)
         bottom.legend(fontsize=7)
     figure.suptitle(f"Throughput and latency by system, bf16, {rows[0]['device']}")
-    figure.tight_layout()
-    out = csv_path.with_suffix(".png")
-    figure.savefig(out, dpi=100)
-    plt.close(figure)
-    return out
+    return save_next_to(figure, csv_path, dpi=100)
 
 
 def main() -> None:

@@ -11,7 +11,6 @@ normalisation, copies). Written to ``profile.csv``; the top kernels are printed.
 from __future__ import annotations
 
 import argparse
-import csv
 import platform
 from collections import defaultdict
 from pathlib import Path
@@ -23,6 +22,7 @@ from model_runtime import families
 from model_runtime.engine import PackedEngine
 from model_runtime.packing import PackedBatch, RequestSequences
 from model_runtime.settings import ModelSettings
+from benchmarks.results_csv import write_csv
 
 CATEGORIES = (  # first match wins, on the lower-cased kernel name
     ("attention", ("flash", "fmha", "attn")),
@@ -104,13 +104,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 print(f"    {ms:>8.2f} ms x{count:<4} {name[:110]}")
         del model
         torch.cuda.empty_cache()
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"profile_{args.name}.csv"
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {path} ({len(rows)} rows)")
+    write_csv(args.out / f"profile_{args.name}.csv", rows)
     return rows
 
 
