@@ -49,3 +49,16 @@ def test_synthetic_tokenizer_is_one_token_per_word_through_auto_tokenizer(tmp_pa
     assert len(ids) == 37 + specials
     assert max(ids) < vocab_size
     assert len(set(ids)) > 30  # distinct words are distinct tokens
+
+
+@pytest.mark.parametrize("kernel, expected", [
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128>>", "attention"),
+    ("nvjet_sm90_tst_128x248_64x4_2x1_v_bz_coopA_TNT", "matmul"),
+    ("triton_poi_fused__unsafe_view_mul_silu_1", "triton (fused / pooling / head)"),
+    ("void at::native::(anonymous namespace)::CatArrayBatchedCopy<OpaqueType<2u>>", "copy / cast"),
+    ("void at::native::vectorized_elementwise_kernel<4, pow_tensor_scalar_kernel>", "elementwise / reduce (eager)"),
+])
+def test_profile_groups_kernels_by_name(kernel, expected):
+    from benchmarks.profile_engine import category
+
+    assert category(kernel) == expected

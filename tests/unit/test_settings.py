@@ -1,0 +1,36 @@
+"""ModelSettings from Triton's args: the parameters config.pbtxt documents, defaults and refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from model_runtime.settings import ModelSettings
+
+
+def triton_args(tmp_path, **parameters):
+    config = {"parameters": {"checkpoint": {"string_value": str(tmp_path)},
+                             **{k: {"string_value": v} for k, v in parameters.items()}},
+              "output": [{"name": "logits"}, {"name": "scores"}]}
+    return {"model_config": json.dumps(config), "model_repository": str(tmp_path), "model_name": "m",
+            "model_instance_kind": "CPU"}
+
+
+def test_cpu_defaults(tmp_path):
+    settings = ModelSettings.from_triton_args(triton_args(tmp_path))
+    assert settings.device == torch.device("cpu") and settings.dtype == torch.float32
+    assert settings.attention == "padded" and settings.compile == "auto"
+    assert settings.max_tokens_per_forward == 16384 and settings.output_names == ("logits", "scores")
+
+
+@pytest.mark.parametrize("value", ["auto", "layers", "none"])
+def test_compile_parameter_values(tmp_path, value):
+    assert ModelSettings.from_triton_args(triton_args(tmp_path, compile=value)).compile == value
+
+
+@pytest.mark.parametrize("name, value", [("compile", "always"), ("attention", "flash"), ("dtype", "int8")])
+def test_unknown_parameter_values_are_refused(tmp_path, name, value):
+    with pytest.raises(ValueError, match=name):
+        ModelSettings.from_triton_args(triton_args(tmp_path, **{name: value}))
