@@ -10,8 +10,11 @@ INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
 HOST ?= 127.0.0.1
 PORT ?= 8080
-# Extra models: MODELS="xlm_roberta_classifier=BAAI/bge-reranker-v2-m3 ..." (folder=checkpoint)
+# Models to serve instead of the defaults: checkpoints (their config.json picks the architecture),
+# model folders, or FOLDER=CHECKPOINT: MODELS="BAAI/bge-reranker-v2-m3 /data/my-classifier"
 MODELS ?=
+# Model parameters: SET="BAAI/bge-reranker-v2-m3.served_model_name=reranker /data/x.dtype=float16"
+SET ?=
 
 .PHONY: install serve test test-unit test-integration bench clean
 
@@ -30,7 +33,7 @@ $(INSTALLED): pyproject.toml Makefile
 	touch $@
 
 serve: $(INSTALLED)
-	$(PY) -m adapter.stack --host $(HOST) --port $(PORT) $(foreach m,$(MODELS),--model $(m))
+	$(PY) -m adapter.stack --host $(HOST) --port $(PORT) $(foreach m,$(MODELS),--model $(m)) $(foreach s,$(SET),--set $(s))
 
 test: $(INSTALLED)
 	$(PY) -m pytest -q --durations=10 $(PYTEST_ARGS)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from adapter.errors import NotFoundError, RouteNotOffered
 from adapter.tokenization import TextEncoder
-from model_runtime.checkpoints import BUILTIN_PREFIX, max_model_len_for, resolve_checkpoint
+from model_runtime.settings import parse_bool
+from model_runtime.checkpoints import checkpoint_config, max_model_len_for, resolve_checkpoint, served_name
 
 
 @dataclass(frozen=True)
@@ -64,28 +65,19 @@ class ServedModel:
         return self.task == "classify"
 
 
-def served_name(parameters: dict[str, str], triton_model: str) -> str:
-    explicit = parameters.get("served_model_name", "").strip()
-    if explicit:
-        return explicit
-    checkpoint = parameters.get("checkpoint", "").strip()
-    if checkpoint.startswith(BUILTIN_PREFIX):
-        return checkpoint[len(BUILTIN_PREFIX) :]
-    return checkpoint or triton_model
-
-
 def build_served_model(triton_model: str, config: dict, repository: Path) -> ServedModel:
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
     outputs = {output["name"] for output in config.get("output", [])}
     task = "embed" if "embeddings" in outputs else "classify"
     checkpoint = resolve_checkpoint(parameters.get("checkpoint", ""), repository / triton_model)
-    hf_config = AutoConfig.from_pretrained(checkpoint)
+    trust_remote_code = parse_bool(parameters.get("trust_remote_code", "false"), "trust_remote_code")
+    hf_config = checkpoint_config(checkpoint, trust_remote_code)
     max_model_len = int(parameters.get("max_model_len", "0") or 0) or max_model_len_for(hf_config, checkpoint)
     input_names = {tensor["name"] for tensor in config.get("input", [])}
     encoder = TextEncoder(
-        AutoTokenizer.from_pretrained(checkpoint),
+        AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=trust_remote_code),
         max_model_len=max_model_len,
         sends_token_types="token_type_ids" in input_names and int(getattr(hf_config, "type_vocab_size", 1) or 1) > 1,
         vocab_size=int(getattr(hf_config, "vocab_size", 0) or 0) or None,

@@ -3,7 +3,7 @@
 1. prepares the built-in checkpoints (cached after the first run);
 2. starts ``tritonserver`` through the project's launcher, loading the default model folders
    (``bert_classifier`` → builtin:sentiment-minilm, ``bert_embedder`` → builtin:all-MiniLM-L6-v2)
-   or the ones named with ``--model FOLDER[=CHECKPOINT]``;
+   or the ones named with ``--model`` (see :mod:`model_runtime.serving_plan`);
 3. runs the HTTP adapter on ``--host``/``--port`` and prints the URL and a sample request;
 4. stops everything on Ctrl-C / SIGTERM, or when Triton or one of its stubs dies.
 """
@@ -23,19 +23,12 @@ import uvicorn
 from adapter.app import create_app
 from adapter.settings import Settings
 from model_runtime.builtin import prepare_all
-from model_runtime.checkpoints import PROJECT_ROOT
-from model_runtime.launcher import LauncherError, TritonServer
+from model_runtime.checkpoints import PROJECT_ROOT, served_name
+from model_runtime.launcher import SOURCE_FOLDER, LauncherError, TritonServer
+from model_runtime.serving_plan import PlanError, parse_sets, plan_models
 
 DEFAULT_MODELS = ("bert_classifier", "bert_embedder")
 logger = logging.getLogger("serve")
-
-
-def parse_models(values: list[str]) -> dict[str, dict[str, str]]:
-    models: dict[str, dict[str, str]] = {}
-    for value in values or DEFAULT_MODELS:
-        folder, _, checkpoint = value.partition("=")
-        models[folder] = {"checkpoint": checkpoint} if checkpoint else {}
-    return models
 
 
 def sample_requests(base_url: str) -> str:
@@ -89,9 +82,16 @@ async def serve(args: argparse.Namespace) -> int:
     stop = _StopRequests()
     print("Preparing built-in models (cached after the first run)...", flush=True)
     await asyncio.to_thread(prepare_all)
+    try:
+        models = plan_models(args.model or list(DEFAULT_MODELS), args.model_repository, parse_sets(args.set))
+    except PlanError as error:
+        print(f"serve: {error}", file=sys.stderr, flush=True)
+        return 2
+    for name, parameters in models.items():
+        print(f"  {served_name(parameters, name)}: Triton model {name} ({parameters[SOURCE_FOLDER]})", flush=True)
     triton = TritonServer(
         model_repository=args.model_repository,
-        models=parse_models(args.model),
+        models=models,
         grpc_port=args.triton_grpc_port,
         log_path=args.triton_log,
     )
@@ -127,10 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument(
-        "--model", action="append", default=[], metavar="FOLDER[=CHECKPOINT]",
-        help="model folder to serve, optionally with a checkpoint (local folder or hub id); repeatable. "
+        "--model", action="append", default=[], metavar="CHECKPOINT|FOLDER[=CHECKPOINT]",
+        help="a checkpoint (local folder, builtin:NAME or hub id; its config.json picks the architecture), a "
+        "model folder, or FOLDER=CHECKPOINT; repeatable. "
         f"Default: {' '.join(DEFAULT_MODELS)} with the built-in checkpoints.",
     )
+    parser.add_argument("--set", action="append", default=[], metavar="NAME.key=value",
+                        help="set a model parameter (NAME: the --model value or its Triton name); repeatable")
     parser.add_argument("--model-repository", type=Path, default=PROJECT_ROOT / "model_repository")
     parser.add_argument("--triton-grpc-port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--triton-log", type=Path, default=None, help="tritonserver log file (default: stdout)")

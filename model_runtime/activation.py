@@ -44,3 +44,14 @@ def activation_for_config(config) -> Activation:
             return _classify_default(num_labels)
         raise ValueError(f"unsupported sentence-transformers activation {declared!r}")
     return _classify_default(num_labels)
+
+
+def apply_activation(logits, activation: Activation):
+    """Scores from fp32 logits ``[n, labels]`` in torch (paths that do not run the fused head kernel)."""
+    import torch
+
+    if activation is Activation.SIGMOID:
+        return torch.sigmoid(logits)
+    if activation is Activation.SOFTMAX:
+        return torch.softmax(logits, dim=-1)
+    return logits.clone()

@@ -44,6 +44,31 @@ def resolve_checkpoint(value: str, model_dir: Path | None = None) -> str:
     return value
 
 
+def served_name(parameters: dict[str, str], fallback: str) -> str:
+    """The name clients send as ``model``: ``served_model_name``, else ``builtin:NAME`` → NAME, else
+    the checkpoint as written (vLLM's default), else ``fallback``."""
+    explicit = parameters.get("served_model_name", "").strip()
+    if explicit:
+        return explicit
+    checkpoint = parameters.get("checkpoint", "").strip()
+    if checkpoint.startswith(BUILTIN_PREFIX):
+        return checkpoint[len(BUILTIN_PREFIX) :]
+    return checkpoint or fallback
+
+
+def checkpoint_config(checkpoint: str, trust_remote_code: bool = False):
+    """The checkpoint's config as a ``PretrainedConfig``: transformers' own class where it knows the
+    model type, else a generic config from config.json (remote-code architectures served natively:
+    labels, lengths and vocabulary are all the adapter needs, and no remote code runs)."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    try:
+        return AutoConfig.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
+    except (KeyError, ValueError):
+        config, _ = PretrainedConfig.get_config_dict(checkpoint)
+        return PretrainedConfig.from_dict(config)
+
+
 def sentence_transformers_max_seq_length(checkpoint: str) -> int | None:
     """``max_seq_length`` from a local sentence-transformers config, if there is one."""
     config = Path(checkpoint) / "sentence_bert_config.json"

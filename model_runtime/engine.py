@@ -16,15 +16,25 @@ path, whose results it matches exactly.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 import kernels
 from model_runtime import varlen
-from model_runtime.activation import Activation, activation_for_config
+from model_runtime.activation import apply_activation
 from model_runtime.checkpoints import max_model_len_for
-from model_runtime.families import Family
+from model_runtime.families import Family, GenericFamily
 from model_runtime.packing import PackedBatch, RequestSequences, SequenceLimits, token_budget_chunks
 from model_runtime.settings import ModelSettings
+
+
+logger = logging.getLogger(__name__)
+
+
+def body_for(family: Family, requested: str) -> str:
+    """The body an engine runs: the requested one when the architecture has it, else its only one."""
+    return requested if requested in family.bodies else family.bodies[0]
 
 
 class PackedEngine:
@@ -33,9 +43,11 @@ class PackedEngine:
         self.model = model
         self.settings = settings
         self.device = settings.device
+        self.body_mode = body_for(family, settings.attention)
         config = model.config
         self.config = config
-        self.activation = activation_for_config(config) if family.task == "classify" else Activation.IDENTITY
+        self.pooling = family.pooling_for(config)
+        self.activation = family.activation_for(config)
         self.limits = SequenceLimits(
             vocab_size=int(config.vocab_size),
             max_model_len=settings.max_model_len or max_model_len_for(config, settings.checkpoint),
@@ -45,10 +57,11 @@ class PackedEngine:
         self.output_names = ("embeddings",) if family.task == "embed" else ("logits", "scores")
 
         self.position_offset = family.position_offset(config)
-        if settings.attention == "varlen":
+        if self.body_mode == "varlen" and hasattr(model, "set_attn_implementation"):
             model.set_attn_implementation(varlen.register())
-        self.compiled = settings.compile == "layers" or (
-            settings.compile == "auto" and settings.attention == "varlen" and family.compile_by_default)
+        self.is_generic = isinstance(family, GenericFamily)
+        self.compiled = not self.is_generic and (settings.compile == "layers" or (
+            settings.compile == "auto" and self.body_mode == "varlen" and family.compile_by_default))
         if self.compiled:
             compile_layers(family.body(model))
             self.warm_up()
@@ -64,18 +77,24 @@ class PackedEngine:
 
     @classmethod
     def load(cls, family: Family, settings: ModelSettings) -> PackedEngine:
-        from transformers import AutoConfig
-
-        family.check_architecture(AutoConfig.from_pretrained(settings.checkpoint))
-        model = family.load(settings.checkpoint, settings.dtype, settings.device)
+        config = family.read_config(settings.checkpoint, settings.trust_remote_code)
+        if settings.architecture not in family.architectures:
+            family.check_architecture(config)
+        body = body_for(family, settings.attention)
+        if body != settings.attention:
+            logger.warning("%s: %s", settings.model_name, family.padded_reason)
+        attention = family.padded_attention if body == "padded" else "sdpa"
+        model = family.load(settings.checkpoint, settings.dtype, settings.device, attention, settings.trust_remote_code)
         return cls(family, model, settings)
 
     def describe(self) -> str:
         return (
             f"family={self.family.name} checkpoint={self.settings.checkpoint} device={self.device} "
-            f"dtype={self.settings.dtype} pooling={self.family.pooling} activation={self.activation.value} "
+            f"dtype={self.settings.dtype} pooling={self.pooling} activation={self.activation.value} "
             f"max_model_len={self.limits.max_model_len} max_tokens_per_forward={self.settings.max_tokens_per_forward} "
-            f"body={self.settings.attention} compiled_layers={self.compiled} pooling_and_head={kernels.implementation(self.device)}"
+            f"body={self.body_mode} compiled_layers={self.compiled} pooling_and_head={kernels.implementation(self.device)}"
+            + (f" (slow path: {self.family.padded_reason})" if self.body_mode != self.settings.attention
+               or self.is_generic else "")
         )
 
     @torch.inference_mode()
@@ -93,27 +112,71 @@ class PackedEngine:
             host_cu = cu_seqlens[first : last + 1] - begin
             max_length = int((host_cu[1:] - host_cu[:-1]).max())  # from the host copy: no device sync
             local_cu = host_cu.to(self.device, non_blocking=True)
-            body = self._body_varlen if self.settings.attention == "varlen" else self._body_padded
-            hidden = body(input_ids[begin:end], local_cu, max_length,
-                          None if token_types is None else token_types[begin:end])
-            chunks.append(self._pool_and_score(hidden, local_cu))
+            chunk_ids = input_ids[begin:end]
+            chunk_types = None if token_types is None else token_types[begin:end]
+            if self.is_generic:
+                chunks.append(self._generic_forward(chunk_ids, local_cu, max_length, chunk_types))
+                continue
+            body = self._body_varlen if self.body_mode == "varlen" else self._body_padded
+            hidden = body(chunk_ids, local_cu, max_length, chunk_types)
+            chunks.append(self._pool_and_score(hidden, local_cu, chunk_ids, batch.input_ids[begin:end], host_cu))
         return {name: torch.cat([chunk[name] for chunk in chunks]).float().cpu() for name in self.output_names}
 
-    def _pool_and_score(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _pool_and_score(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor, input_ids: torch.Tensor,
+                        host_ids: torch.Tensor, host_cu: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.family.task == "embed":
-            return {"embeddings": kernels.pool(hidden, cu_seqlens, self.family.pooling)}
+            return {"embeddings": kernels.pool(hidden, cu_seqlens, self.pooling)}
         linear = self.family.head_linear(self.model)
-        if self.family.fused_gather:
+        rows = self._last_non_pad_rows(host_ids, host_cu) if self.family.skips_trailing_pad else None
+        if rows is not None:
+            # Some sequence ends in pad ids: HF pools its last non-pad token, so gather those rows.
+            pooled = hidden.index_select(0, rows.to(self.device, non_blocking=True))
+            features = self.family.head_features(self.model, pooled)
+            x, gather = (pooled if features is None else features), "rows"
+        elif self.family.fused_gather:
             # Nothing between pooling and the linear layer: the gather joins the head's launch.
-            x, gather = hidden, self.family.pooling
+            x, gather = hidden, self.pooling
         else:
-            pooled = kernels.pool(hidden, cu_seqlens, self.family.pooling)
-            x, gather = self.family.head_features(self.model, pooled), "rows"
+            pooled = kernels.pool(hidden, cu_seqlens, self.pooling)
+            features = self.family.head_features(self.model, pooled)
+            x, gather = (pooled if features is None else features), "rows"
         logits, scores = kernels.score_head(
             x, linear.weight, linear.bias, self.activation.value, gather=gather, cu_seqlens=cu_seqlens,
             logit_mean=self.settings.logit_mean, logit_sigma=self.settings.logit_sigma,
         )
         return {"logits": logits, "scores": scores}
+
+    def _last_non_pad_rows(self, host_ids: torch.Tensor, host_cu: torch.Tensor) -> torch.Tensor | None:
+        """Row of each sequence's last non-pad token (HF's sequence-classification rule), or None when
+        every sequence already ends in a non-pad token (the common case: the fused last-token gather).
+        A sequence of pad ids only is pooled at its first token, as HF's argmax gives."""
+        pad = getattr(self.config, "pad_token_id", None)
+        if pad is None:
+            return None
+        ends = host_cu[1:].long() - 1
+        if not bool((host_ids[ends] == pad).any()):
+            return None
+        lengths = (host_cu[1:] - host_cu[:-1]).long()
+        starts = host_cu[:-1].long()
+        positions = torch.arange(host_ids.numel())
+        owner = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
+        candidate = torch.where(host_ids != pad, positions, starts[owner])
+        return torch.zeros_like(starts).scatter_reduce(0, owner, candidate, reduce="amax", include_self=False)
+
+    def _generic_forward(self, input_ids, cu_seqlens, max_length, token_type_ids) -> dict[str, torch.Tensor]:
+        """The checkpoint's own padded forward and head (the generic fallback)."""
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        keep = torch.arange(max_length, device=self.device).unsqueeze(0) < lengths.unsqueeze(1)
+        padded_ids = torch.full(keep.shape, self.pad_token_id, dtype=torch.int64, device=self.device)
+        padded_ids[keep] = input_ids
+        inputs = {"input_ids": padded_ids, "attention_mask": keep.long()}
+        if token_type_ids is not None:
+            padded_types = torch.zeros_like(padded_ids)
+            padded_types[keep] = token_type_ids
+            inputs["token_type_ids"] = padded_types
+        logits = self.model(**inputs).logits.float()
+        logits = (logits - self.settings.logit_mean) / self.settings.logit_sigma
+        return {"logits": logits, "scores": apply_activation(logits, self.activation)}
 
     def _body_varlen(self, input_ids, cu_seqlens, max_length, token_type_ids) -> torch.Tensor:
         """Hidden states ``[tokens, hidden]`` for a packed chunk, run as one packed stream."""
@@ -125,8 +188,9 @@ class PackedEngine:
             "cu_seq_lens_k": cu_seqlens,
             "max_length_q": max_length,
             "max_length_k": max_length,
-            "use_cache": False,  # decoders would otherwise build a KV cache nobody reads
         }
+        if self.family.caches_kv:
+            inputs["use_cache"] = False  # decoders would otherwise build a KV cache nobody reads
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids.unsqueeze(0)
         return self.family.body(self.model)(**inputs).last_hidden_state[0]
@@ -138,7 +202,9 @@ class PackedEngine:
         keep = torch.arange(width, device=self.device).unsqueeze(0) < lengths.unsqueeze(1)
         padded_ids = torch.full(keep.shape, self.pad_token_id, dtype=torch.int64, device=self.device)
         padded_ids[keep] = input_ids
-        inputs = {"input_ids": padded_ids, "attention_mask": keep.long(), "use_cache": False}
+        inputs = {"input_ids": padded_ids, "attention_mask": keep.long()}
+        if self.family.caches_kv:
+            inputs["use_cache"] = False
         if token_type_ids is not None:
             padded_types = torch.zeros_like(padded_ids)
             padded_types[keep] = token_type_ids

@@ -213,18 +213,50 @@ def process_cmdline(pid: int) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Model configs with overridden parameters
+# The per-run model repository
+
+# Parameter naming the model_repository folder a served model is made from (not passed to Triton).
+SOURCE_FOLDER = "model_folder"
 
 
-def config_with_parameters(config_pbtxt: Path, parameters: dict[str, str]) -> str:
-    """The model's config.pbtxt as Triton's JSON, with ``parameters`` entries set or replaced."""
-    from google.protobuf import json_format, text_format
+def config_with_parameters(config_pbtxt: Path, parameters: dict[str, str], name: str | None = None) -> str:
+    """The model's config.pbtxt (text format) renamed to ``name``, with ``parameters`` set or replaced."""
+    from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
     config = text_format.Parse(config_pbtxt.read_text(), model_config_pb2.ModelConfig())
+    if name is not None:
+        config.name = name
     for key, value in parameters.items():
         config.parameters[key].string_value = value
-    return json_format.MessageToJson(config, preserving_proto_field_name=True)
+    return text_format.MessageToString(config)
+
+
+def write_run_repository(source: Path, models: dict[str, dict[str, str]], target: Path) -> Path:
+    """One folder per served model under ``target``, each made from a folder of ``source``.
+
+    This is how two checkpoints of one architecture run side by side (two Triton models, each with
+    its own dynamic batcher) while ``source`` stays the repository a stock tritonserver serves: the
+    generated ``config.pbtxt`` is the source folder's with its name and parameters set, and the
+    version folders are links to the source's. A relative ``checkpoint`` is resolved against the
+    source folder, as the model would have resolved it there.
+    """
+    target.mkdir(parents=True, exist_ok=True)
+    for name, parameters in models.items():
+        parameters = dict(parameters)
+        folder = source / parameters.pop(SOURCE_FOLDER, name)
+        if not (folder / "config.pbtxt").exists():
+            raise LauncherError(f"no model folder {folder.name!r} in {source}")
+        checkpoint = parameters.get("checkpoint", "")
+        if checkpoint and not checkpoint.startswith("builtin:") and (folder / checkpoint).exists():
+            parameters["checkpoint"] = str((folder / checkpoint).resolve())
+        model_dir = target / name
+        model_dir.mkdir()
+        (model_dir / "config.pbtxt").write_text(config_with_parameters(folder / "config.pbtxt", parameters, name))
+        for entry in folder.iterdir():
+            if entry.name != "config.pbtxt":
+                (model_dir / entry.name).symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
+    return target
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,8 +267,9 @@ def config_with_parameters(config_pbtxt: Path, parameters: dict[str, str]) -> st
 class TritonServer:
     """A supervised ``tritonserver`` process.
 
-    ``models`` maps each model folder to load onto the ``parameters`` to override in its
-    config (empty dict: load as on disk).
+    ``models`` maps each Triton model name to the ``parameters`` to set in its config; the model
+    is made from the ``model_repository`` folder of that name, or the one its ``model_folder``
+    entry names (see :func:`write_run_repository`).
     """
 
     model_repository: Path
@@ -277,9 +310,11 @@ class TritonServer:
         ld_path = library_path(installation)
         preflight_stub(backends / "python" / "triton_python_backend_stub", ld_path)
 
-        for name in self.models:
-            if not (self.model_repository / name / "config.pbtxt").exists():
-                raise LauncherError(f"no model folder {name!r} in {self.model_repository}")
+        try:
+            repository = write_run_repository(self.model_repository, self.models, self._run_dir / "models")
+        except BaseException:
+            self.stop()
+            raise
         self.http_port = self.http_port or free_port()
         self.grpc_port = self.grpc_port or free_port()
         self.metrics_port = self.metrics_port or free_port()
@@ -292,7 +327,7 @@ class TritonServer:
         }
         command = [
             str(installation.binary),
-            f"--model-repository={self.model_repository.resolve()}",
+            f"--model-repository={repository}",
             f"--backend-directory={backends}",
             f"--cache-directory={installation.server_root / 'caches'}",
             "--model-control-mode=explicit",
@@ -401,14 +436,10 @@ class TritonServer:
         deadline = time.monotonic() + self.ready_timeout_s
 
         def load(name: str, parameters: dict[str, str]) -> None:
-            body = {}
-            if parameters:
-                config = config_with_parameters(self.model_repository / name / "config.pbtxt", parameters)
-                body = {"parameters": {"config": config}}
             status, payload = self._request(
                 "POST",
                 f"/v2/repository/models/{name}/load",
-                json.dumps(body).encode(),
+                b"{}",
                 timeout=max(1.0, deadline - time.monotonic()),
             )
             if status != 200:
@@ -459,30 +490,22 @@ class TritonServer:
 # Command line
 
 
-def parse_model_arguments(loads: list[str], sets: list[str]) -> dict[str, dict[str, str]]:
-    """``--load NAME`` and ``--set NAME.key=value`` into {model: {key: value}}."""
-    models: dict[str, dict[str, str]] = {name: {} for name in loads}
-    for assignment in sets:
-        target, sep, value = assignment.partition("=")
-        name, dot, key = target.partition(".")
-        if not sep or not dot or not key:
-            raise SystemExit(f"--set expects MODEL.key=value, got {assignment!r}")
-        models.setdefault(name, {})[key] = value
-    return models
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m model_runtime.launcher", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--model-repository", type=Path, default=Path("model_repository"))
-    parser.add_argument("--load", action="append", default=[], metavar="MODEL", help="model folder to load (repeatable)")
+    parser.add_argument(
+        "--load", action="append", default=[], metavar="CHECKPOINT|FOLDER[=CHECKPOINT]",
+        help="a checkpoint (its architecture picks the model folder), a model folder, or FOLDER=CHECKPOINT (repeatable)",
+    )
     parser.add_argument(
         "--set",
         action="append",
         default=[],
-        metavar="MODEL.key=value",
-        help="override a config.pbtxt parameter, e.g. bert_classifier.checkpoint=BAAI/bge-reranker-base",
+        metavar="NAME.key=value",
+        help="set a parameter of a loaded model (NAME: the --load value or its Triton name), "
+        "e.g. BAAI/bge-reranker-base.served_model_name=reranker",
     )
     parser.add_argument("--http-port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--grpc-port", type=int, default=0, help="0 picks a free port")
@@ -491,9 +514,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-file", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    models = parse_model_arguments(args.load, args.set)
-    if not models:
+    from model_runtime.serving_plan import PlanError, parse_sets, plan_models
+
+    if not args.load:
         parser.error("name at least one model with --load")
+    try:
+        models = plan_models(args.load, args.model_repository, parse_sets(args.set))
+    except PlanError as error:
+        print(f"launcher: {error}", file=sys.stderr, flush=True)
+        return 2
     server = TritonServer(
         model_repository=args.model_repository,
         models=models,

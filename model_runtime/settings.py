@@ -28,6 +28,11 @@ class ModelSettings:
     # torch.compile each transformer layer (fuses norms, rotary, activations): "layers", "none", or
     # "auto" (the family decides, GPU varlen body only; see Family.compile_by_default)
     compile: str = "none"
+    # Remote code from the checkpoint runs only when the user asks for it (the generic family).
+    trust_remote_code: bool = False
+    # Serve the checkpoint as this architecture whatever config.json says (vLLM's --hf-overrides
+    # '{"architectures": [...]}'): e.g. GteNewForSequenceClassification for NewForSequenceClassification.
+    architecture: str = ""
 
     @classmethod
     def from_triton_args(cls, args: dict) -> ModelSettings:
@@ -71,4 +76,15 @@ class ModelSettings:
             attention=attention,
             output_names=tuple(output["name"] for output in config.get("output", [])),
             compile=compile_mode,
+            trust_remote_code=parse_bool(parameters.get("trust_remote_code", "false"), "trust_remote_code"),
+            architecture=parameters.get("architecture", "").strip(),
         )
+
+
+def parse_bool(value: str, name: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no", ""):
+        return False
+    raise ValueError(f"{name} parameter {value!r} is not true or false")

@@ -13,6 +13,7 @@ import triton_python_backend_utils as pb_utils  # only attributes used inside me
 
 from model_runtime.engine import PackedEngine
 from model_runtime.families import Family
+from model_runtime.model_config import complete_config
 from model_runtime.packing import InvalidRequest, PackedBatch, RequestSequences, read_sequences
 from model_runtime.settings import ModelSettings
 
@@ -30,6 +31,12 @@ class PackedTritonModel:
     """Subclasses set ``family``; everything else comes from config.pbtxt."""
 
     family: Family
+
+    @classmethod
+    def auto_complete_config(cls, auto_complete_model_config):
+        """Triton calls this at load: the shared inputs, outputs and batching (model_config.py)."""
+        complete_config(auto_complete_model_config.as_dict(), cls.family.task, cls.family.uses_token_types)
+        return auto_complete_model_config
 
     def initialize(self, args: dict) -> None:
         settings = ModelSettings.from_triton_args(args)

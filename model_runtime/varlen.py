@@ -31,17 +31,27 @@ def _varlen_supports_gqa() -> bool:
 
 
 @torch.compiler.disable  # compiled layers call it eagerly: varlen_attn's lengths vary per batch
-def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention function: ``query`` ``[1, H, T, D]`` → output ``[1, T, H, D]``."""
+def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
+                     softcap=None, **kwargs):
+    """transformers attention function: ``query`` ``[1, H, T, D]`` → output ``[1, T, H, D]``.
+
+    ``sliding_window`` follows transformers' flash-attention convention: a token sees keys at most
+    ``sliding_window - 1`` positions away (to the left for causal layers, to both sides for
+    bidirectional ones: Mistral, Qwen2, Phi3, Gemma2's local layers, ModernBERT's local layers).
+    """
     cu_seqlens = kwargs["cu_seq_lens_q"]
     max_length = int(kwargs["max_length_q"])
     causal = bool(getattr(module, "is_causal", False))
     q, k, v = (t.squeeze(0).transpose(0, 1) for t in (query, key, value))  # [T, H, D]
     groups = q.shape[1] // k.shape[1]
+    reach = -1 if sliding_window is None else int(sliding_window) - 1  # -1: unlimited
 
     if q.is_cuda:
         from torch.nn.attention.varlen import varlen_attn
 
+        if softcap is not None:
+            # No softcap in torch's varlen kernel: a family with soft-capping must run padded (Gemma2 does).
+            raise NotImplementedError("attention-logit soft-capping has no packed varlen kernel; run this model padded")
         extra = {}
         if groups > 1:
             if _SUPPORTS_GQA:
@@ -53,7 +63,7 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
         # passing them strided instead measured the same, the copy then happens below this call).
         out = varlen_attn(
             q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens, cu_seqlens, max_length, max_length,
-            scale=scaling, window_size=(-1, 0) if causal else (-1, -1), **extra,
+            scale=scaling, window_size=(reach, 0) if causal else (reach, reach), **extra,
         )
         return out.unsqueeze(0), None
 
@@ -61,12 +71,34 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):  # CPU fallback only: one SDPA per sequence
-        out[start:end] = F.scaled_dot_product_attention(
+    for start, end in zip(bounds[:-1], bounds[1:]):  # CPU fallback only: one attention per sequence
+        out[start:end] = _reference_attention(
             q[start:end].transpose(0, 1), k[start:end].transpose(0, 1), v[start:end].transpose(0, 1),
-            is_causal=causal, scale=scaling,
+            causal, scaling, reach, softcap,
         ).transpose(0, 1)
     return out.unsqueeze(0), None
+
+
+def _reference_attention(q, k, v, causal: bool, scaling, reach: int, softcap) -> torch.Tensor:
+    """One sequence ``[H, L, D]`` on the CPU: SDPA, with the window as a mask; eager when soft-capped."""
+    length = q.shape[1]
+    mask = None
+    if causal or reach >= 0:
+        offset = torch.arange(length).unsqueeze(1) - torch.arange(length).unsqueeze(0)  # query - key
+        allowed = torch.ones(length, length, dtype=torch.bool)
+        if causal:
+            allowed &= offset >= 0
+        if reach >= 0:
+            allowed &= offset.abs() <= reach
+        mask = allowed
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+    scale = q.shape[-1] ** -0.5 if scaling is None else scaling
+    weights = torch.matmul(q, k.transpose(-1, -2)) * scale
+    weights = torch.tanh(weights / softcap) * softcap
+    if mask is not None:
+        weights = weights.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(weights.float(), dim=-1).to(q.dtype), v)
 
 
 _SUPPORTS_GQA = _varlen_supports_gqa()

@@ -133,19 +133,86 @@ def build_checkpoint(kind: str, directory: Path, seed: int = 0) -> Path:
             num_labels=1, **{**encoder, "max_position_embeddings": 130},
         )
         return _save(tf.XLMRobertaForSequenceClassification(config), tokenizer, directory)
-    if kind in ("qwen2", "qwen3", "llama"):
+    if kind in ("ernie", "distilbert", "modernbert", "modernbert_cls", "deberta_v2", "electra"):
+        tokenizer = wordpiece_tokenizer(directory)
+        return _save(_encoder_model(tf, kind, len(tokenizer), encoder), tokenizer, directory)
+    if kind in DECODER_KINDS:
         tokenizer = byte_level_tokenizer(directory)
         common = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                       tie_word_embeddings=False, **decoder)
-        if kind == "qwen2":
-            config = tf.Qwen2Config(num_labels=2, **common)
-            return _save(tf.Qwen2ForSequenceClassification(config), tokenizer, directory)
-        if kind == "qwen3":
-            config = tf.Qwen3Config(num_labels=1, head_dim=12, **common)
-            return _save(tf.Qwen3ForSequenceClassification(config), tokenizer, directory)
-        config = tf.LlamaConfig(num_labels=1, problem_type="regression", **common)
-        return _save(tf.LlamaForSequenceClassification(config), tokenizer, directory)
+        model = _decoder_model(tf, kind, common)
+        return _save(model, tokenizer, directory)
     raise ValueError(f"unknown tiny checkpoint kind {kind!r}")
+
+
+def _encoder_model(tf, kind: str, vocab_size: int, encoder: dict):
+    if kind == "ernie":  # ernie-3.0: 4 token types, task ids on (HF feeds task id 0)
+        config = tf.ErnieConfig(vocab_size=vocab_size, type_vocab_size=4, use_task_id=True, task_type_vocab_size=3,
+                                pad_token_id=0, num_labels=2, **encoder)
+        return tf.ErnieForSequenceClassification(config)
+    if kind == "distilbert":
+        config = tf.DistilBertConfig(vocab_size=vocab_size, dim=48, n_layers=2, n_heads=4, hidden_dim=96,
+                                     max_position_embeddings=128, initializer_range=0.3, dropout=0.0,
+                                     attention_dropout=0.0, seq_classif_dropout=0.0, pad_token_id=0, num_labels=2)
+        return tf.DistilBertForSequenceClassification(config)
+    if kind in ("modernbert", "modernbert_cls"):
+        # local_attention 8: the sliding window (4 tokens each side) is far shorter than the test sequences.
+        config = tf.ModernBertConfig(
+            vocab_size=vocab_size, hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+            max_position_embeddings=128, global_attn_every_n_layers=2, local_attention=8, initializer_range=0.3,
+            pad_token_id=0, bos_token_id=2, eos_token_id=3, cls_token_id=2, sep_token_id=3, num_labels=1,
+            classifier_pooling="cls" if kind == "modernbert_cls" else "mean",
+        )
+        return tf.ModernBertForSequenceClassification(config)
+    if kind == "deberta_v2":  # DeBERTa-v3 shape: relative attention, no absolute positions, no token types
+        config = tf.DebertaV2Config(
+            vocab_size=vocab_size, type_vocab_size=0, relative_attention=True, pos_att_type=["p2c", "c2p"],
+            position_buckets=16, max_relative_positions=-1, position_biased_input=False, norm_rel_ebd="layer_norm",
+            share_att_key=True, pooler_hidden_size=48, pooler_hidden_act="gelu", pad_token_id=0, num_labels=3,
+            **encoder,
+        )
+        return tf.DebertaV2ForSequenceClassification(config)
+    config = tf.ElectraConfig(vocab_size=vocab_size, embedding_size=48, pad_token_id=0, num_labels=2, **encoder)
+    return tf.ElectraForSequenceClassification(config)  # not in the table: the generic fallback's test model
+
+
+DECODER_KINDS = ("qwen2", "qwen3", "llama", "mistral", "gemma", "gemma2", "phi3", "gpt2", "jamba",
+                 "skywork_llama", "skywork_qwen3", "skywork_gemma2")
+
+
+def _decoder_model(tf, kind: str, common: dict):
+    if kind == "qwen2":
+        return tf.Qwen2ForSequenceClassification(tf.Qwen2Config(num_labels=2, **common))
+    if kind in ("qwen3", "skywork_qwen3"):
+        return tf.Qwen3ForSequenceClassification(tf.Qwen3Config(num_labels=1, head_dim=12, **common))
+    if kind == "llama":
+        return tf.LlamaForSequenceClassification(tf.LlamaConfig(num_labels=1, problem_type="regression", **common))
+    if kind == "skywork_llama":  # Skywork-Reward-V2-Llama-3.1: llama3 rope scaling, one label, no problem_type
+        rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64, "rope_theta": 500000.0}
+        return tf.LlamaForSequenceClassification(tf.LlamaConfig(num_labels=1, rope_scaling=rope, **common))
+    if kind == "mistral":  # sliding window far shorter than the test sequences
+        return tf.MistralForSequenceClassification(tf.MistralConfig(num_labels=1, sliding_window=6, **common))
+    if kind == "gemma":
+        return tf.GemmaForSequenceClassification(tf.GemmaConfig(num_labels=1, head_dim=12, **common))
+    if kind in ("gemma2", "skywork_gemma2"):
+        config = tf.Gemma2Config(num_labels=1, head_dim=12, sliding_window=6, attn_logit_softcapping=3.0,
+                                 final_logit_softcapping=30.0, query_pre_attn_scalar=12, **common)
+        return tf.Gemma2ForSequenceClassification(config)
+    if kind == "phi3":
+        return tf.Phi3ForSequenceClassification(tf.Phi3Config(num_labels=2, sliding_window=7, **common))
+    if kind == "gpt2":
+        config = tf.GPT2Config(vocab_size=common["vocab_size"], n_embd=48, n_layer=2, n_head=4, n_positions=128,
+                               initializer_range=0.3, pad_token_id=common["pad_token_id"],
+                               eos_token_id=common["eos_token_id"], bos_token_id=common["eos_token_id"],
+                               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, num_labels=2)
+        return tf.GPT2ForSequenceClassification(config)
+    if kind == "jamba":  # ai21labs/Jamba-tiny-reward-dev shape: attention every other layer, MoE, Mamba
+        config = tf.JambaConfig(num_labels=1, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+                                expert_layer_offset=1, num_experts=2, num_experts_per_tok=1, mamba_d_state=8,
+                                mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4, use_mamba_kernels=False, **common)
+        return tf.JambaForSequenceClassification(config)
+    raise ValueError(kind)
 
 
 # Model folder in model_repository/ → tiny checkpoint kind.
@@ -156,4 +223,28 @@ MODEL_FOLDERS = {
     "qwen3_classifier": "qwen3",
     "llama_classifier": "llama",
     "bert_embedder": "bert_embedding",
+}
+
+# Architecture → tiny checkpoint kind, for the parity tests (every HF-native family and the fallback).
+ARCHITECTURE_KINDS = {
+    "BertForSequenceClassification": "bert",
+    "XLMRobertaForSequenceClassification": "xlm_roberta",
+    "ErnieForSequenceClassification": "ernie",
+    "DistilBertForSequenceClassification": "distilbert",
+    "ModernBertForSequenceClassification": "modernbert",
+    "ModernBertForSequenceClassification/cls": "modernbert_cls",
+    "DebertaV2ForSequenceClassification": "deberta_v2",
+    "Qwen2ForSequenceClassification": "qwen2",
+    "Qwen3ForSequenceClassification": "qwen3",
+    "LlamaForSequenceClassification": "llama",
+    "MistralForSequenceClassification": "mistral",
+    "GemmaForSequenceClassification": "gemma",
+    "Gemma2ForSequenceClassification": "gemma2",
+    "Phi3ForSequenceClassification": "phi3",
+    "GPT2ForSequenceClassification": "gpt2",
+    "JambaForSequenceClassification": "jamba",
+    "Skywork-Reward-V2-Llama": "skywork_llama",
+    "Skywork-Reward-V2-Qwen3": "skywork_qwen3",
+    "Skywork-Reward-Gemma-2": "skywork_gemma2",
+    "ElectraForSequenceClassification (generic)": "electra",
 }

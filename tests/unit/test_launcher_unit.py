@@ -4,30 +4,70 @@ import subprocess
 import sys
 
 from model_runtime import launcher
-from model_runtime.launcher import config_with_parameters, parse_model_arguments
+from model_runtime.launcher import SOURCE_FOLDER, config_with_parameters, write_run_repository
+from model_runtime.model_config import complete_config
 from tests.conftest import MODEL_REPOSITORY
 
 
-def test_parse_model_arguments():
-    models = parse_model_arguments(["a", "b"], ["a.checkpoint=/x=y", "c.dtype=float16"])
-    assert models == {"a": {"checkpoint": "/x=y"}, "b": {}, "c": {"dtype": "float16"}}
+def parsed(text: str) -> dict:
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return json.loads(json_format.MessageToJson(text_format.Parse(text, model_config_pb2.ModelConfig()),
+                                                preserving_proto_field_name=True))
 
 
-def test_config_override_keeps_the_contract_and_sets_parameters():
-    config = json.loads(config_with_parameters(MODEL_REPOSITORY / "bert_classifier" / "config.pbtxt", {"checkpoint": "/ckpt"}))
-    assert config["name"] == "bert_classifier" and config["backend"] == "python"
+def test_generated_config_renames_and_sets_parameters():
+    config = parsed(config_with_parameters(MODEL_REPOSITORY / "bert_classifier" / "config.pbtxt",
+                                           {"checkpoint": "/ckpt", "dtype": "float16"}, name="two"))
+    assert config["name"] == "two" and config["backend"] == "python"
     assert config["parameters"]["checkpoint"]["string_value"] == "/ckpt"
-    assert config["parameters"]["dtype"]["string_value"] == "auto"  # untouched parameters stay
-    assert [i["name"] for i in config["input"]] == ["input_ids", "attention_mask", "token_type_ids"]
-    assert all(i["allow_ragged_batch"] for i in config["input"])
+    assert config["parameters"]["dtype"]["string_value"] == "float16"
 
 
-def test_every_repository_config_parses():
-    for folder in MODEL_REPOSITORY.iterdir():
-        if (folder / "config.pbtxt").exists():
-            config = json.loads(config_with_parameters(folder / "config.pbtxt", {}))
-            assert config["name"] == folder.name
-            assert config["dynamic_batching"]["default_queue_policy"]["max_queue_size"] > 0
+def test_every_repository_config_is_short_and_completes_to_the_shared_contract():
+    from model_runtime.families import by_name
+
+    folders = [f for f in MODEL_REPOSITORY.iterdir() if (f / "config.pbtxt").exists()]
+    assert len(folders) >= 17
+    for folder in folders:
+        text = (folder / "config.pbtxt").read_text()
+        config = parsed(text)
+        assert config["name"] == folder.name and config["backend"] == "python"
+        assert len([line for line in text.splitlines() if not line.startswith("#")]) <= 4, folder.name
+        family_name = (folder / "1" / "model.py").read_text().split('by_name("')[1].split('"')[0]
+        family = by_name(family_name)
+        assert family.folder == folder.name
+        complete_config(config, family.task, family.uses_token_types)
+        names = [i["name"] for i in config["input"]]
+        assert names[:2] == ["input_ids", "attention_mask"] and all(i["allow_ragged_batch"] for i in config["input"])
+        assert ("token_type_ids" in names) == family.uses_token_types
+        assert [o["name"] for o in config["output"]] == (["embeddings"] if family.task == "embed" else ["logits", "scores"])
+        assert config["dynamic_batching"]["default_queue_policy"]["max_queue_size"] > 0
+
+
+def test_declared_fields_win_over_the_completed_ones():
+    config = {"max_batch_size": 8, "input": [{"name": "input_ids", "data_type": "TYPE_INT64", "dims": [-1]}],
+              "sequence_batching": {}}
+    complete_config(config, "classify", False)
+    assert config["max_batch_size"] == 8 and "dynamic_batching" not in config
+    assert config["input"][0] == {"name": "input_ids", "data_type": "TYPE_INT64", "dims": [-1]}
+    assert [i["name"] for i in config["input"]] == ["input_ids", "attention_mask"]
+
+
+def test_run_repository_links_the_source_folder(tmp_path):
+    source = tmp_path / "repo"
+    (source / "a" / "1").mkdir(parents=True)
+    (source / "a" / "config.pbtxt").write_text('name: "a"\nbackend: "python"\n')
+    (source / "a" / "1" / "model.py").write_text("# model")
+    (source / "a" / "weights").mkdir()
+    models = {"a": {"checkpoint": "weights"}, "b-2": {SOURCE_FOLDER: "a", "checkpoint": "hub/id"}}
+    target = write_run_repository(source, models, tmp_path / "run")
+    assert parsed((target / "b-2" / "config.pbtxt").read_text())["name"] == "b-2"
+    assert (target / "b-2" / "1" / "model.py").read_text() == "# model"
+    a = parsed((target / "a" / "config.pbtxt").read_text())
+    assert a["parameters"]["checkpoint"]["string_value"] == str((source / "a" / "weights").resolve())
+    assert SOURCE_FOLDER not in parsed((target / "b-2" / "config.pbtxt").read_text()).get("parameters", {})
 
 
 def test_removes_only_stale_regions_of_dead_launchers(tmp_path, monkeypatch):

@@ -1,8 +1,8 @@
 """bert_embedder: the shared runtime serves it; this file only names the architecture family."""
 
-from model_runtime.families import BERT_EMBEDDING
+from model_runtime.families import by_name
 from model_runtime.triton_model import PackedTritonModel
 
 
 class TritonPythonModel(PackedTritonModel):
-    family = BERT_EMBEDDING
+    family = by_name("bert_embedding")

@@ -1,8 +1,8 @@
 """llama_classifier: the shared runtime serves it; this file only names the architecture family."""
 
-from model_runtime.families import LLAMA
+from model_runtime.families import by_name
 from model_runtime.triton_model import PackedTritonModel
 
 
 class TritonPythonModel(PackedTritonModel):
-    family = LLAMA
+    family = by_name("llama")

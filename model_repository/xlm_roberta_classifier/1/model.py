@@ -1,8 +1,8 @@
 """xlm_roberta_classifier: the shared runtime serves it; this file only names the architecture family."""
 
-from model_runtime.families import XLM_ROBERTA
+from model_runtime.families import by_name
 from model_runtime.triton_model import PackedTritonModel
 
 
 class TritonPythonModel(PackedTritonModel):
-    family = XLM_ROBERTA
+    family = by_name("xlm_roberta")

@@ -1,0 +1,9 @@
+"""Architectures that upstream ships only as remote code, served by the project's own modules.
+
+Each module here builds the model from ``config.json`` and the checkpoint's weights without
+importing the checkpoint's Python files (remote code never runs unless the user asks for the
+generic path with ``trust_remote_code``), and exposes its :class:`~model_runtime.families.Family`.
+Golden outputs recorded once from the upstream code pin them down (``tests/goldens/``).
+"""
+
+FAMILIES: tuple = ()
