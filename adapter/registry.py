@@ -14,6 +14,8 @@ from pathlib import Path
 
 from adapter.errors import NotFoundError, RouteNotOffered
 from adapter.tokenization import TextEncoder
+from model_runtime import families
+from model_runtime.launcher import SOURCE_FOLDER
 from model_runtime.settings import parse_bool
 from model_runtime.checkpoints import checkpoint_config, max_model_len_for, resolve_checkpoint, served_name
 
@@ -83,6 +85,11 @@ def build_served_model(triton_model: str, config: dict, repository: Path) -> Ser
         vocab_size=int(getattr(hf_config, "vocab_size", 0) or 0) or None,
     )
     id2label = {int(k): v for k, v in (getattr(hf_config, "id2label", None) or {}).items()}
+    # The family knows the width of its outputs (a gated reward head reduces num_labels to one score).
+    family = families.by_folder(parameters.get(SOURCE_FOLDER, triton_model))
+    num_labels = int(getattr(hf_config, "num_labels", 1) or 1)
+    if family is not None and family.output_labels(hf_config) != num_labels:
+        num_labels, id2label = family.output_labels(hf_config), {}
     return ServedModel(
         name=served_name(parameters, triton_model),
         triton_model=triton_model,
@@ -90,7 +97,7 @@ def build_served_model(triton_model: str, config: dict, repository: Path) -> Ser
         checkpoint=checkpoint,
         encoder=encoder,
         id2label=id2label,
-        num_labels=int(getattr(hf_config, "num_labels", 1) or 1) if task == "classify" else 0,
+        num_labels=num_labels if task == "classify" else 0,
         declares_st_activation=bool(getattr(hf_config, "sbert_ce_default_activation_function", None) or (
             (getattr(hf_config, "sentence_transformers", None) or {}).get("activation_fn")
             if isinstance(getattr(hf_config, "sentence_transformers", None), dict) else None)),

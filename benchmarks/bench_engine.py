@@ -59,6 +59,10 @@ def model_shapes(smoke: bool) -> list[Shape]:
                   max_position_embeddings=514, pad_token_id=1, num_labels=1, **tiny), ("rerank8",)),
             Shape("tiny-qwen3", families.QWEN3, dict(model_type="qwen3", vocab_size=1000, num_key_value_heads=1,
                   head_dim=16, pad_token_id=0, num_labels=1, **tiny), ("classify32",)),
+            Shape("tiny-modernbert", families.MODERNBERT, dict(model_type="modernbert", vocab_size=1000,
+                  local_attention=16, global_attn_every_n_layers=2, pad_token_id=0, num_labels=1, **tiny), ("rerank8",)),
+            Shape("tiny-gemma2", families.GEMMA2, dict(model_type="gemma2", vocab_size=1000, num_key_value_heads=1,
+                  head_dim=16, sliding_window=32, pad_token_id=0, num_labels=1, **tiny), ("classify32",)),
         ]
     return [
         Shape("bge-reranker-v2-m3", families.XLM_ROBERTA, dict(
@@ -84,6 +88,18 @@ def model_shapes(smoke: bool) -> list[Shape]:
             model_type="llama", vocab_size=128256, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
             num_key_value_heads=8, intermediate_size=8192, pad_token_id=0, num_labels=1,
             max_position_embeddings=131072), ("reward",)),
+        # gte-reranker-modernbert-base: 22 layers, global attention every third, 128-token local windows.
+        Shape("ModernBERT-base-reranker", families.MODERNBERT, dict(
+            model_type="modernbert", vocab_size=50368, hidden_size=768, num_hidden_layers=22, num_attention_heads=12,
+            intermediate_size=1152, global_attn_every_n_layers=3, local_attention=128, max_position_embeddings=8192,
+            classifier_pooling="mean", pad_token_id=0, num_labels=1), ("rerank64",)),
+        # A Gemma-2-2B reward model (e.g. Skywork-Reward-Gemma-2 / GRM-Gemma2-2B shapes): soft-capped
+        # attention, so the engine runs it padded with eager attention, as HF does.
+        Shape("Gemma2-2B-reward", families.GEMMA2, dict(
+            model_type="gemma2", vocab_size=256000, hidden_size=2304, num_hidden_layers=26, num_attention_heads=8,
+            num_key_value_heads=4, head_dim=256, intermediate_size=9216, sliding_window=4096,
+            attn_logit_softcapping=50.0, final_logit_softcapping=30.0, query_pre_attn_scalar=256, pad_token_id=0,
+            num_labels=1, max_position_embeddings=8192), ("reward",)),
     ]
 
 
@@ -108,13 +124,10 @@ def build_model(shape: Shape, device: torch.device, dtype: torch.dtype):
     import transformers as tf
 
     config = tf.AutoConfig.for_model(**shape.config)
-    model_class = {"xlm-roberta": tf.XLMRobertaForSequenceClassification, "bert": tf.BertForSequenceClassification,
-                   "qwen3": tf.Qwen3ForSequenceClassification, "qwen2": tf.Qwen2ForSequenceClassification,
-                   "llama": tf.LlamaForSequenceClassification}[shape.config["model_type"]]
-    config.architectures = [model_class.__name__]
+    config.architectures = [shape.family.architectures[0]]
     torch.manual_seed(0)
     with torch.device(device):
-        model = model_class(config)
+        model = tf.AutoModelForSequenceClassification.from_config(config)
     return model.to(dtype).eval()
 
 
@@ -123,7 +136,7 @@ def flops_per_request(shape: Shape, lengths: torch.Tensor, model) -> float:
     embedding = sum(p.numel() for n, p in model.named_parameters() if "embed" in n)
     dense = sum(p.numel() for p in model.parameters()) - embedding
     layers, hidden = shape.config["num_hidden_layers"], shape.config["hidden_size"]
-    causal = 0.5 if shape.family.fused_gather else 1.0
+    causal = 0.5 if shape.family.caches_kv else 1.0
     attention = 4 * layers * hidden * float((lengths.double() ** 2).sum()) * causal
     return 2 * dense * float(lengths.sum()) + attention
 
@@ -197,12 +210,15 @@ def run(shapes: list[Shape], device: torch.device, out_dir: Path, commit: str, r
 
         # Eager systems first: compiling rewires the shared model's layers for good.
         by_case: dict[str, dict[str, dict]] = {}
-        for system in ("padded", "packed", "packed_compiled"):
+        # A family with no packed body (Gemma2's soft-capping) is measured as the engine's padded body.
+        systems = ("padded", "packed", "packed_compiled") if shape.family.packed else ("padded", "packed")
+        for system in systems:
             compile_start = time.perf_counter()
             engine = PackedEngine(shape.family, model, settings(system == "packed_compiled")) if system != "padded" else None
             compile_seconds = time.perf_counter() - compile_start if system == "packed_compiled" else 0.0
             # One model object serves every system: switch its attention for each.
-            model.set_attn_implementation(varlen.register() if system != "padded" else "sdpa")
+            packed_body = system != "padded" and shape.family.packed
+            model.set_attn_implementation(varlen.register() if packed_body else shape.family.padded_attention)
             for name, batch, padded_inputs, sequences, tokens, flops in cases:
                 if system == "padded":
                     def fn(padded_inputs=padded_inputs, model=model):
@@ -227,7 +243,8 @@ def run(shapes: list[Shape], device: torch.device, out_dir: Path, commit: str, r
                 by_case.setdefault(name, {})[system] = row
             del engine
         for name, systems in by_case.items():
-            padded_row, packed_row, compiled_row = systems["padded"], systems["packed"], systems["packed_compiled"]
+            padded_row, packed_row = systems["padded"], systems["packed"]
+            compiled_row = systems.get("packed_compiled", packed_row)
             print(f"{shape.name:<26}{name:<11} padded {padded_row['sequences_per_s']:>9.0f} seq/s  "
                   f"packed {packed_row['sequences_per_s']:>9.0f}  compiled {compiled_row['sequences_per_s']:>9.0f} seq/s"
                   f"  x{compiled_row['sequences_per_s'] / padded_row['sequences_per_s']:.2f}"

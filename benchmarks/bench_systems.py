@@ -43,13 +43,13 @@ from model_runtime.launcher import TritonServer, free_port, wait_for_http
 from benchmarks.results_csv import write_csv
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-FOLDER = {families.BERT: "bert_classifier", families.XLM_ROBERTA: "xlm_roberta_classifier",
-          families.QWEN2: "qwen2_classifier", families.QWEN3: "qwen3_classifier", families.LLAMA: "llama_classifier"}
 SYSTEM_WORKLOADS = {  # the (shape, workload) pairs the goals are about
     "bge-reranker-v2-m3": ("rerank64",),
     "ms-marco-MiniLM-L6": ("rerank64", "classify32"),
     "Qwen3-Reranker-0.6B": ("rerank64",),
     "Qwen2.5-1.5B-classifier": ("classify32",),  # two labels: no score/rerank route (vLLM's rule)
+    "ModernBERT-base-reranker": ("rerank64",),
+    "Gemma2-2B-reward": ("reward",),
     "tiny-xlm-roberta": ("rerank8",),
 }
 
@@ -65,6 +65,8 @@ def request_bodies(workload: str, model: str, count: int, vocabulary: int, seed:
                 length = int(math.exp(rng.gauss(math.log(140), 0.45)))
                 documents.append(words(rng, max(8, min(length, 512 - query_words - 4)), vocabulary))
             bodies.append({"model": model, "query": words(rng, query_words, vocabulary), "documents": documents})
+        elif workload == "reward":  # one prompt + answer of 256-1,024 tokens per request
+            bodies.append({"model": model, "input": [words(rng, rng.randint(256, 1024), vocabulary)]})
         else:
             bodies.append({"model": model, "input": [words(rng, rng.randint(8, 64), vocabulary)
                                                      for _ in range(int(workload[len("classify"):]))]})
@@ -154,7 +156,7 @@ def bench_shape(shape, workloads, args, work: Path, meta: dict, peak: float) -> 
 
     checkpoint = save_checkpoint(shape, work / shape.name)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    folder = FOLDER[shape.family]
+    folder = shape.family.folder
     rows: list[dict] = []
     triton = TritonServer(PROJECT_ROOT / "model_repository",
                           {folder: {"checkpoint": str(checkpoint), "served_model_name": shape.name}},

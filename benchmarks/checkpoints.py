@@ -29,7 +29,7 @@ BPE_OVERHEAD = 1 + len(LETTERS) + len(LETTERS) + len(LETTERS) ** 2 + 8
 
 
 def is_decoder(shape: Shape) -> bool:
-    return shape.config["model_type"] not in ("bert", "xlm-roberta")
+    return shape.family.caches_kv
 
 
 def word_count(shape: Shape) -> int:
@@ -48,6 +48,8 @@ def word_tokenizer(shape: Shape):
     from transformers import PreTrainedTokenizerFast
 
     model_type = shape.config["model_type"]
+    if model_type == "modernbert":  # BERT-style [CLS] / [SEP] specials, as ModernBERT's own tokenizer
+        model_type = "bert"
     if model_type == "bert":
         specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     elif model_type == "xlm-roberta":

@@ -88,6 +88,10 @@ class Family:
     def activation_for(self, config) -> Activation:
         return activation_for_config(config) if self.task == "classify" else Activation.IDENTITY
 
+    def output_labels(self, config) -> int:
+        """Width of ``logits`` / ``scores``: the config's num_labels unless the head reduces it."""
+        return int(getattr(config, "num_labels", 1) or 1)
+
     def position_offset(self, config) -> int:
         """First position id of every sequence (RoBERTa-style models start after padding_idx)."""
         return 0
@@ -272,6 +276,14 @@ def by_name(name: str) -> Family:
         if family.name == name:
             return family
     raise UnsupportedArchitecture(f"no family named {name!r}; known: {', '.join(f.name for f in all_families())}")
+
+
+def by_folder(folder: str) -> Family | None:
+    """The family a model_repository folder serves (None for folders that are not the runtime's)."""
+    for family in (*all_families(), GENERIC):
+        if family.folder == folder:
+            return family
+    return None
 
 
 def architecture_of(config) -> str:

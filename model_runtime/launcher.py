@@ -215,7 +215,8 @@ def process_cmdline(pid: int) -> str:
 # ----------------------------------------------------------------------------------------------
 # The per-run model repository
 
-# Parameter naming the model_repository folder a served model is made from (not passed to Triton).
+# Parameter naming the model_repository folder a served model is made from (the adapter reads it to
+# know the family; the model ignores it).
 SOURCE_FOLDER = "model_folder"
 
 
@@ -243,8 +244,8 @@ def write_run_repository(source: Path, models: dict[str, dict[str, str]], target
     """
     target.mkdir(parents=True, exist_ok=True)
     for name, parameters in models.items():
-        parameters = dict(parameters)
-        folder = source / parameters.pop(SOURCE_FOLDER, name)
+        parameters = {**parameters, SOURCE_FOLDER: parameters.get(SOURCE_FOLDER, name)}
+        folder = source / parameters[SOURCE_FOLDER]
         if not (folder / "config.pbtxt").exists():
             raise LauncherError(f"no model folder {folder.name!r} in {source}")
         checkpoint = parameters.get("checkpoint", "")

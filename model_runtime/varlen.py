@@ -46,7 +46,7 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     groups = q.shape[1] // k.shape[1]
     reach = -1 if sliding_window is None else int(sliding_window) - 1  # -1: unlimited
 
-    if q.is_cuda:
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):  # FlashAttention has no fp32 kernel
         from torch.nn.attention.varlen import varlen_attn
 
         if softcap is not None:
@@ -71,7 +71,7 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):  # CPU fallback only: one attention per sequence
+    for start, end in zip(bounds[:-1], bounds[1:]):  # CPU / fp32 fallback: one attention per sequence
         out[start:end] = _reference_attention(
             q[start:end].transpose(0, 1), k[start:end].transpose(0, 1), v[start:end].transpose(0, 1),
             causal, scaling, reach, softcap,

@@ -6,4 +6,6 @@ generic path with ``trust_remote_code``), and exposes its :class:`~model_runtime
 Golden outputs recorded once from the upstream code pin them down (``tests/goldens/``).
 """
 
-FAMILIES: tuple = ()
+from model_runtime.native import gte_new, internlm2, llama_bidirectional, llama_normal_weights, qwen2_reward
+
+FAMILIES: tuple = (gte_new.FAMILY, llama_bidirectional.FAMILY, llama_normal_weights.FAMILY, internlm2.FAMILY, qwen2_reward.FAMILY)

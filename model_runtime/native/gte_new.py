@@ -84,7 +84,8 @@ def check_config(config) -> None:
         raise UnsupportedArchitecture(
             f"GTE-new position_embedding_type {config.position_embedding_type!r} is not served (rope only, as vLLM)")
     if config.layer_norm_type not in ("layer_norm", "rms_norm"):
-        raise UnsupportedArchitecture(f"GTE-new layer_norm_type {config.layer_norm_type!r} is not layer_norm or rms_norm")
+        raise UnsupportedArchitecture(
+            f"GTE-new layer_norm_type {config.layer_norm_type!r} is not layer_norm or rms_norm")
     if config.hidden_size % config.num_attention_heads:
         raise UnsupportedArchitecture("GTE-new hidden_size is not a multiple of num_attention_heads")
     scaling = config.gte_rope_scaling
@@ -300,7 +301,8 @@ class GteNewForSequenceClassification(nn.Module):
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
                 cu_seq_lens_q: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """Logits ``[num_seqs, num_labels]`` of a packed stream (tests and debugging; the engine pools itself)."""
-        hidden = self.new(input_ids, token_type_ids=token_type_ids, cu_seq_lens_q=cu_seq_lens_q, **kwargs).last_hidden_state[0]
+        hidden = self.new(input_ids, token_type_ids=token_type_ids, cu_seq_lens_q=cu_seq_lens_q,
+                          **kwargs).last_hidden_state[0]
         starts = (cu_seq_lens_q[:-1].long() if cu_seq_lens_q is not None
                   else torch.zeros(1, dtype=torch.long, device=hidden.device))
         return self.classifier(self.new.pooler(hidden[starts]))

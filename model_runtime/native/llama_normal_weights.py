@@ -83,10 +83,15 @@ class LlamaNormalWeightsFamily(DecoderFamily):
         logits = model.score(pooled)  # [n, num_labels], model dtype
         means = logits.view(-1, half, 2)[:, :, 0]
         gate = model.weights(pooled)  # [n, half], float16
-        return means.float() * gate.float()  # SGLang's product promotes fp16 x bf16 to float32 as well
+        # SGLang multiplies model-dtype means by the fp16 gate: float32 for fp32/bf16 models (type promotion),
+        # float16 for fp16 models; float32 here at every dtype.
+        return means.float() * gate.float()
 
     def head_linear(self, model: nn.Module) -> nn.Linear:
         return model.normal_weights_sum
+
+    def output_labels(self, config) -> int:
+        return 1  # one gated reward, whatever num_labels (the score layer's width) says
 
 
 FAMILY = LlamaNormalWeightsFamily(

@@ -71,27 +71,46 @@ def test_kernels_on_vs_off(family, monkeypatch):
 
 
 def shapes():
+    """Real-config shapes (fewer layers) of every family with a packed path, and the padded-only ones."""
     import transformers as tf
 
     common = dict(num_labels=1, pad_token_id=1)
+    decoder = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=6,
+                   num_attention_heads=16, num_key_value_heads=4, **common)
     return {
         "bert": (tf.BertConfig(num_labels=1), tf.BertForSequenceClassification, families.BERT),
         "xlm_roberta": (tf.XLMRobertaConfig(vocab_size=50000, max_position_embeddings=514, **common),
                         tf.XLMRobertaForSequenceClassification, families.XLM_ROBERTA),
+        "ernie": (tf.ErnieConfig(vocab_size=40000, type_vocab_size=4, use_task_id=True, task_type_vocab_size=3,
+                                 max_position_embeddings=2048, **common),
+                  tf.ErnieForSequenceClassification, families.ERNIE),
+        "distilbert": (tf.DistilBertConfig(**common), tf.DistilBertForSequenceClassification, families.DISTILBERT),
+        # gte-reranker-modernbert-base: local layers see 64 tokens each side, so 512-token sequences test the window.
+        "modernbert": (tf.ModernBertConfig(vocab_size=50368, hidden_size=768, intermediate_size=1152,
+                                           num_hidden_layers=9, num_attention_heads=12, global_attn_every_n_layers=3,
+                                           local_attention=128, max_position_embeddings=8192, classifier_pooling="mean",
+                                           num_labels=1, pad_token_id=50283),
+                       tf.ModernBertForSequenceClassification, families.MODERNBERT),
         "qwen2": (tf.Qwen2Config(vocab_size=32000, hidden_size=896, intermediate_size=4864, num_hidden_layers=6,
                                  num_attention_heads=14, num_key_value_heads=2, **common),
                   tf.Qwen2ForSequenceClassification, families.QWEN2),
         "qwen3": (tf.Qwen3Config(vocab_size=32000, hidden_size=1024, intermediate_size=3072, num_hidden_layers=6,
                                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, **common),
                   tf.Qwen3ForSequenceClassification, families.QWEN3),
-        "llama": (tf.LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=6,
-                                 num_attention_heads=16, num_key_value_heads=4, **common),
-                  tf.LlamaForSequenceClassification, families.LLAMA),
+        "llama": (tf.LlamaConfig(**decoder), tf.LlamaForSequenceClassification, families.LLAMA),
+        # A sliding window shorter than the sequences, so FlashAttention's window is exercised.
+        "mistral": (tf.MistralConfig(sliding_window=128, **decoder), tf.MistralForSequenceClassification,
+                    families.MISTRAL),
+        "gemma": (tf.GemmaConfig(head_dim=64, **decoder), tf.GemmaForSequenceClassification, families.GEMMA),
+        "phi3": (tf.Phi3Config(sliding_window=128, **decoder), tf.Phi3ForSequenceClassification, families.PHI3),
+        "gpt2": (tf.GPT2Config(n_embd=1024, n_layer=6, n_head=16, **common), tf.GPT2ForSequenceClassification,
+                 families.GPT2),
     }
 
 
 @pytest.mark.parametrize("compile", ["none", "layers"])
-@pytest.mark.parametrize("name", ["bert", "xlm_roberta", "qwen2", "qwen3", "llama"])
+@pytest.mark.parametrize("name", ["bert", "xlm_roberta", "ernie", "distilbert", "modernbert", "qwen2", "qwen3", "llama",
+                                  "mistral", "gemma", "phi3", "gpt2"])
 def test_varlen_engine_matches_padded_hf_within_bf16_noise(name, compile):
     """Packed varlen bf16 (eager or compiled layers) vs padded HF fp32 must be no worse than
     padded HF bf16 vs fp32."""

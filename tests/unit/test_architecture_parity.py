@@ -154,3 +154,17 @@ def test_family_detection_and_the_unsupported_message():
     assert "T5ForConditionalGeneration" in message and "ModernBertForSequenceClassification" in message
     with pytest.raises(families.UnsupportedArchitecture, match="Qwen3ForSequenceClassification"):
         families.QWEN2.check_architecture({"architectures": ["Qwen3ForSequenceClassification"]})
+
+
+def test_readme_model_table_lists_every_family_and_folder():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = readme.split("<!-- model-table:start -->")[1].split("<!-- model-table:end -->")[0]
+    rows = {line.split("|")[2].strip().strip("`"): line for line in table.splitlines()[2:] if line.startswith("|")}
+    for family in (*families.all_families(), families.GENERIC):
+        assert family.folder in rows, f"README model table lacks {family.folder}"
+        if family is not families.GENERIC:
+            for architecture in family.architectures:
+                assert f"`{architecture}`" in rows[family.folder], (family.folder, architecture)
+        assert ("padded" in rows[family.folder]) == (not family.packed), family.folder

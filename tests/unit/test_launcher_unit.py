@@ -67,7 +67,7 @@ def test_run_repository_links_the_source_folder(tmp_path):
     assert (target / "b-2" / "1" / "model.py").read_text() == "# model"
     a = parsed((target / "a" / "config.pbtxt").read_text())
     assert a["parameters"]["checkpoint"]["string_value"] == str((source / "a" / "weights").resolve())
-    assert SOURCE_FOLDER not in parsed((target / "b-2" / "config.pbtxt").read_text()).get("parameters", {})
+    assert parsed((target / "b-2" / "config.pbtxt").read_text())["parameters"][SOURCE_FOLDER]["string_value"] == "a"
 
 
 def test_removes_only_stale_regions_of_dead_launchers(tmp_path, monkeypatch):
