@@ -35,7 +35,8 @@ def create_app(checkpoint: str) -> FastAPI:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    model = AutoModelForSequenceClassification.from_pretrained(checkpoint, dtype=dtype, attn_implementation="sdpa")
+    # transformers' default attention: SDPA where the model supports it, eager otherwise (Gemma2).
+    model = AutoModelForSequenceClassification.from_pretrained(checkpoint, dtype=dtype)
     model = model.to(device).eval()
     gpu = threading.Lock()
 

@@ -213,7 +213,7 @@ def bench_shape(shape, workloads, args, work: Path, meta: dict, peak: float) -> 
                           f"{r['triton_compute_input_ms']}/{r['triton_compute_infer_ms']}/{r['triton_compute_output_ms']} ms "
                           f"x{r['triton_requests_per_execution']}  adapter tok/inf/total {r['adapter_tokenize_ms']}/"
                           f"{r['adapter_inference_ms']}/{r['adapter_total_ms']} ms", flush=True)
-            if shape.family in (families.BERT, families.XLM_ROBERTA) and workload.startswith("rerank"):
+            if shape.family in (families.BERT, families.XLM_ROBERTA, families.MODERNBERT) and workload.startswith("rerank"):
                 rows.append(_sentence_transformers_row(checkpoint, bodies, row))
                 print(f"{shape.name:<24}{workload:<11}{'st':<14}      {rows[-1]['pairs_per_s']:>9.0f} pairs/s", flush=True)
     finally:

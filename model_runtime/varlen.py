@@ -84,8 +84,9 @@ def _reference_attention(q, k, v, causal: bool, scaling, reach: int, softcap) ->
     length = q.shape[1]
     mask = None
     if causal or reach >= 0:
-        offset = torch.arange(length).unsqueeze(1) - torch.arange(length).unsqueeze(0)  # query - key
-        allowed = torch.ones(length, length, dtype=torch.bool)
+        positions = torch.arange(length, device=q.device)
+        offset = positions.unsqueeze(1) - positions.unsqueeze(0)  # query - key
+        allowed = torch.ones(length, length, dtype=torch.bool, device=q.device)
         if causal:
             allowed &= offset >= 0
         if reach >= 0:
