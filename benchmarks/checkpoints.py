@@ -29,7 +29,7 @@ BPE_OVERHEAD = 1 + len(LETTERS) + len(LETTERS) + len(LETTERS) ** 2 + 8
 
 
 def is_decoder(shape: Shape) -> bool:
-    return shape.family.caches_kv
+    return shape.config["model_type"] not in ("bert", "xlm-roberta", "modernbert")
 
 
 def word_count(shape: Shape) -> int:

@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from model_runtime.families import BertFamily, UnsupportedArchitecture, read_config_dict
+from model_runtime.native.weights import checkpoint_folder, load_state
 from model_runtime.varlen import packed_attention
 
 # NewConfig's defaults (Alibaba-NLP/new-impl configuration.py), for keys a config.json leaves out.
@@ -314,24 +314,6 @@ class GteNewForSequenceClassification(nn.Module):
 _IGNORED_SUFFIXES = ("position_ids", "rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 
 
-def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    files = sorted(folder.glob("*.safetensors"))
-    if files:
-        from safetensors.torch import load_file
-
-        state = {}
-        for file in files:  # one file or the shards of an index
-            state.update(load_file(str(file)))
-        return state
-    bins = sorted(folder.glob("pytorch_model*.bin"))
-    if not bins:
-        raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin weights in {folder}")
-    state = {}
-    for file in bins:
-        state.update(torch.load(file, map_location="cpu", weights_only=True))
-    return state
-
-
 def convert_state_dict(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
     """Upstream names → this module's (the same, except unpacked q/k/v projections are fused)."""
     state = {name: tensor for name, tensor in state.items() if not name.endswith(_IGNORED_SUFFIXES)}
@@ -346,15 +328,6 @@ def convert_state_dict(state: dict[str, torch.Tensor], config) -> dict[str, torc
     return state
 
 
-def local_folder(checkpoint: str) -> Path:
-    path = Path(checkpoint)
-    if path.is_dir():
-        return path
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(checkpoint, allow_patterns=["*.json", "*.safetensors", "pytorch_model*.bin"]))
-
-
 @dataclass(frozen=True)
 class GteNewFamily(BertFamily):
     """``NewForSequenceClassification``: CLS pooling, NewPooler (dense + tanh), ``classifier``."""
@@ -366,7 +339,7 @@ class GteNewFamily(BertFamily):
              trust_remote_code: bool = False) -> nn.Module:
         config = self.read_config(checkpoint)
         check_config(config)
-        state = convert_state_dict(read_state_dict(local_folder(checkpoint)), config)
+        state = convert_state_dict(load_state(checkpoint_folder(checkpoint)), config)
         with torch.device("meta"):
             model = GteNewForSequenceClassification(config)
         model.load_state_dict(state, strict=True, assign=True)

@@ -34,76 +34,20 @@ activation is ``PoolerClassify`` (sigmoid for one label) with ``use_activation``
 
 from __future__ import annotations
 
-import contextlib
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from model_runtime.activation import Activation
 from model_runtime.families import DecoderFamily, UnsupportedArchitecture, read_config_dict
+from model_runtime.native.weights import assign_weights, checkpoint_folder, load_state, parameters_on_meta
 
 ARCHITECTURE = "InternLM2ForRewardModel"
 
 
 # ----------------------------------------------------------------------------------------------
 # Helpers shared by the native decoder families (qwen2_reward imports them)
-
-
-def checkpoint_folder(checkpoint: str) -> Path:
-    """A local folder as is; a hub id downloaded (config and safetensors only)."""
-    if os.path.isdir(checkpoint):
-        return Path(checkpoint)
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(checkpoint, allow_patterns=["*.json", "*.safetensors"]))
-
-
-def load_safetensors(folder: Path) -> dict[str, torch.Tensor]:
-    """Every ``*.safetensors`` file of the folder (a single file or the shards of an index)."""
-    from safetensors.torch import load_file
-
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors weights in {folder}")
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        state.update(load_file(str(file)))
-    return state
-
-
-@contextlib.contextmanager
-def parameters_on_meta():
-    """Build modules with their parameters on the meta device (no init cost, no memory); buffers
-    (rotary inverse frequencies) stay real. The weights then come from ``load_state_dict(assign=True)``."""
-    register = nn.Module.register_parameter
-
-    def register_on_meta(module, name, param):
-        register(module, name, param)
-        if param is not None:
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
-
-    nn.Module.register_parameter = register_on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
-
-
-def assign_weights(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype,
-                   device: torch.device) -> nn.Module:
-    """Load ``state`` (exactly the model's parameters) in ``dtype``; buffers keep their own dtype."""
-    expected = {name for name, _ in model.named_parameters()}
-    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint weights do not match the architecture: missing {missing[:8]}, "
-                         f"unexpected {unexpected[:8]}")
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    return model.to(device).eval()
 
 
 def num_labels_of(raw: dict, default: int = 1) -> int:
@@ -217,7 +161,7 @@ def load_internlm2_reward(checkpoint: str, dtype: torch.dtype, device: torch.dev
     config._attn_implementation = attention if attention in ("sdpa", "eager") else "sdpa"
     with parameters_on_meta():
         model = LlamaForSequenceClassification(config)
-    return assign_weights(model, internlm2_to_llama(load_safetensors(folder), config), dtype, device)
+    return assign_weights(model, internlm2_to_llama(load_state(folder), config), dtype, device)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from model_runtime.families import DecoderFamily, UnsupportedArchitecture, read_config_dict
+from model_runtime.native.weights import checkpoint_folder, load_state
 
 # config.json "pooling" -> kernels pooling method (vLLM: avg -> MEAN, cls -> CLS, last -> LAST)
 POOLING = {"avg": "mean", "cls": "cls", "last": "last"}
@@ -55,26 +56,6 @@ def llama_config_from_dict(config_dict: dict):
     return config
 
 
-def load_safetensors_state(checkpoint: str) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint folder (``*.safetensors``, sharded or not) or hub id."""
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
-    folder = Path(checkpoint)
-    if not folder.is_dir():
-        from huggingface_hub import snapshot_download
-
-        folder = Path(snapshot_download(checkpoint, allow_patterns=["*.json", "*.safetensors"]))
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors in {folder}")
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        state.update(load_file(str(file)))
-    return state
-
-
 @dataclass(frozen=True)
 class LlamaBidirectionalFamily(DecoderFamily):
     pooling: str = "mean"  # the upstream default ("avg"); pooling_for reads the config
@@ -95,7 +76,7 @@ class LlamaBidirectionalFamily(DecoderFamily):
         self.check_architecture(config)
         self.pooling_for(config)  # fail at load on a pooling we do not serve
         model = LlamaForSequenceClassification(config)
-        model.load_state_dict(load_safetensors_state(checkpoint), strict=True)
+        model.load_state_dict(load_state(checkpoint_folder(checkpoint)), strict=True)
         for module in model.modules():
             if hasattr(module, "is_causal"):
                 module.is_causal = False

@@ -27,7 +27,8 @@ from torch import nn
 
 from model_runtime.activation import Activation
 from model_runtime.families import DecoderFamily, UnsupportedArchitecture, read_config_dict
-from model_runtime.native.llama_bidirectional import llama_config_from_dict, load_safetensors_state
+from model_runtime.native.llama_bidirectional import llama_config_from_dict
+from model_runtime.native.weights import checkpoint_folder, load_state
 
 
 class NormalWeights(nn.Module):
@@ -66,7 +67,7 @@ class LlamaNormalWeightsFamily(DecoderFamily):
         config._attn_implementation = attention
         model = LlamaForSequenceClassification(config)
         model.weights = NormalWeights(config.hidden_size, num_labels)
-        model.load_state_dict(load_safetensors_state(checkpoint), strict=True)
+        model.load_state_dict(load_state(checkpoint_folder(checkpoint)), strict=True)
         model.to(device=device, dtype=dtype)
         model.weights.to(torch.float16)  # as SGLang: the gate computes in float16 at every model dtype
         # The sum over attributes, as the engine's last linear (not a checkpoint parameter).

@@ -23,13 +23,8 @@ from torch import nn
 
 from model_runtime.activation import Activation
 from model_runtime.families import DecoderFamily, UnsupportedArchitecture, read_config_dict
-from model_runtime.native.internlm2 import (
-    assign_weights,
-    checkpoint_folder,
-    load_safetensors,
-    num_labels_of,
-    parameters_on_meta,
-)
+from model_runtime.native.internlm2 import num_labels_of
+from model_runtime.native.weights import assign_weights, checkpoint_folder, load_state, parameters_on_meta
 
 ARCHITECTURE = "Qwen2ForRewardModel"
 
@@ -81,7 +76,7 @@ def load_qwen2_reward(checkpoint: str, dtype: torch.dtype, device: torch.device,
     config._attn_implementation = attention if attention in ("sdpa", "eager") else "sdpa"
     with parameters_on_meta():
         model = Qwen2RewardModel(config)
-    state = {k: v for k, v in load_safetensors(folder).items()
+    state = {k: v for k, v in load_state(folder).items()
              if not k.startswith("lm_head.") and not k.endswith("rotary_emb.inv_freq")}
     if config.tie_word_embeddings:
         raise UnsupportedArchitecture(f"{ARCHITECTURE} with tied word embeddings is not expected")
