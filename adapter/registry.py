@@ -16,6 +16,8 @@ from adapter.errors import NotFoundError, RouteNotOffered
 from adapter.tokenization import TextEncoder
 from model_runtime import families
 from model_runtime.launcher import SOURCE_FOLDER
+from model_runtime.llm_rerankers import conversion_for
+from model_runtime.score_templates import template_text
 from model_runtime.settings import parse_bool
 from model_runtime.checkpoints import checkpoint_config, max_model_len_for, resolve_checkpoint, served_name
 
@@ -32,6 +34,9 @@ class ServedModel:
     # SGLang's cross-encoders apply only a sentence-transformers activation the config declares
     # (else raw logits); vLLM's rule is applied by the Triton model ("scores").
     declares_st_activation: bool = False
+    # Jinja text rendering (query, document[, instruction]) into one prompt (LLM rerankers), or None:
+    # the pair is tokenized as a text pair.
+    score_template: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -85,11 +90,19 @@ def build_served_model(triton_model: str, config: dict, repository: Path) -> Ser
         vocab_size=int(getattr(hf_config, "vocab_size", 0) or 0) or None,
     )
     id2label = {int(k): v for k, v in (getattr(hf_config, "id2label", None) or {}).items()}
-    # The family knows the width of its outputs (a gated reward head reduces num_labels to one score).
+    # The family knows the width of its outputs (a gated reward head reduces num_labels to one score);
+    # a causal LM served as a reranker has the labels its conversion builds.
     family = families.by_folder(parameters.get(SOURCE_FOLDER, triton_model))
     num_labels = int(getattr(hf_config, "num_labels", 1) or 1)
     if family is not None and family.output_labels(hf_config) != num_labels:
         num_labels, id2label = family.output_labels(hf_config), {}
+    conversion = None
+    if family is not None and (family.caches_kv or parameters.get("hf_overrides")):
+        raw = families.read_config_dict(checkpoint)
+        conversion = conversion_for(raw, checkpoint, parameters.get("hf_overrides", ""))
+        if conversion is not None and (conversion.method or families.Family.architecture_is_causal_lm(raw)):
+            num_labels, id2label = conversion.num_labels, {}
+    template_name = parameters.get("score_template", "").strip()
     return ServedModel(
         name=served_name(parameters, triton_model),
         triton_model=triton_model,
@@ -98,6 +111,7 @@ def build_served_model(triton_model: str, config: dict, repository: Path) -> Ser
         encoder=encoder,
         id2label=id2label,
         num_labels=num_labels if task == "classify" else 0,
+        score_template=template_text(template_name) if template_name else None,
         declares_st_activation=bool(getattr(hf_config, "sbert_ce_default_activation_function", None) or (
             (getattr(hf_config, "sentence_transformers", None) or {}).get("activation_fn")
             if isinstance(getattr(hf_config, "sentence_transformers", None), dict) else None)),

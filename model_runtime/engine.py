@@ -21,7 +21,7 @@ import logging
 import torch
 
 import kernels
-from model_runtime import varlen
+from model_runtime import prefix_reuse, varlen
 from model_runtime.activation import apply_activation
 from model_runtime.checkpoints import max_model_len_for
 from model_runtime.families import Family, GenericFamily
@@ -60,6 +60,9 @@ class PackedEngine:
         if self.body_mode == "varlen" and hasattr(model, "set_attn_implementation"):
             model.set_attn_implementation(varlen.register())
         self.is_generic = isinstance(family, GenericFamily)
+        # Documents of one request that share a prompt prefix compute it once (causal packed bodies).
+        self.reuses_prefix = (settings.prefix_reuse == "auto" and self.body_mode == "varlen" and family.causal
+                              and not self.is_generic)
         self.compiled = not self.is_generic and (settings.compile == "layers" or (
             settings.compile == "auto" and self.body_mode == "varlen" and family.compile_by_default))
         if self.compiled:
@@ -77,13 +80,30 @@ class PackedEngine:
 
     @classmethod
     def load(cls, family: Family, settings: ModelSettings) -> PackedEngine:
-        config = family.read_config(settings.checkpoint, settings.trust_remote_code)
-        if settings.architecture not in family.architectures:
-            family.check_architecture(config)
+        from model_runtime import llm_rerankers
+        from model_runtime.families import read_config_dict
+
         body = body_for(family, settings.attention)
         if body != settings.attention:
             logger.warning("%s: %s", settings.model_name, family.padded_reason)
         attention = family.padded_attention if body == "padded" else "sdpa"
+        conversion = None
+        if settings.hf_overrides or family.caches_kv:  # only decoders are converted from a causal LM
+            raw = read_config_dict(settings.checkpoint)
+            conversion = llm_rerankers.conversion_for(raw, settings.checkpoint, settings.hf_overrides)
+            if conversion is not None and not (conversion.method or family.architecture_is_causal_lm(raw)):
+                conversion = None  # an architecture override only: the family loads it as usual
+        if conversion is not None:
+            if conversion.architecture not in family.architectures:
+                raise llm_rerankers.UnsupportedArchitecture(
+                    f"{settings.checkpoint} converts to {conversion.architecture}, which the {family.name} family "
+                    f"does not serve; {llm_rerankers.supported_hint(conversion.architecture)}")
+            model = llm_rerankers.load_converted(conversion, settings.checkpoint, settings.dtype, settings.device,
+                                                 attention)
+            return cls(family, model, settings)
+        config = family.read_config(settings.checkpoint, settings.trust_remote_code)
+        if settings.architecture not in family.architectures:
+            family.check_architecture(config)
         model = family.load(settings.checkpoint, settings.dtype, settings.device, attention, settings.trust_remote_code)
         return cls(family, model, settings)
 
@@ -92,7 +112,8 @@ class PackedEngine:
             f"family={self.family.name} checkpoint={self.settings.checkpoint} device={self.device} "
             f"dtype={self.settings.dtype} pooling={self.pooling} activation={self.activation.value} "
             f"max_model_len={self.limits.max_model_len} max_tokens_per_forward={self.settings.max_tokens_per_forward} "
-            f"body={self.body_mode} compiled_layers={self.compiled} pooling_and_head={kernels.implementation(self.device)}"
+            f"body={self.body_mode} compiled_layers={self.compiled} prefix_reuse={self.reuses_prefix} "
+            f"pooling_and_head={kernels.implementation(self.device)}"
             + (f" (slow path: {self.family.padded_reason})" if self.body_mode != self.settings.attention
                or self.is_generic else "")
         )
@@ -105,6 +126,11 @@ class PackedEngine:
         if self.family.uses_token_types and batch.token_type_ids is not None:
             token_types = batch.token_type_ids.to(self.device, non_blocking=True)
         cu_seqlens = batch.cu_seqlens
+        if self.reuses_prefix:
+            reused = prefix_reuse.plan_chunks(batch.input_ids, cu_seqlens, batch.sequences_per_request,
+                                              self.settings.max_tokens_per_forward, self.position_offset)
+            if reused is not None and not (self.family.skips_trailing_pad and self._ends_in_pad(batch)):
+                return self._run_reused(reused)
 
         chunks: list[dict[str, torch.Tensor]] = []
         for first, last in token_budget_chunks(batch.lengths, self.settings.max_tokens_per_forward):
@@ -145,6 +171,36 @@ class PackedEngine:
             logit_mean=self.settings.logit_mean, logit_sigma=self.settings.logit_sigma,
         )
         return {"logits": logits, "scores": scores}
+
+    def _ends_in_pad(self, batch: PackedBatch) -> bool:
+        pad = getattr(self.config, "pad_token_id", None)
+        return pad is not None and bool((batch.input_ids[batch.cu_seqlens[1:].long() - 1] == pad).any())
+
+    def _run_reused(self, chunks: list[prefix_reuse.ReusedChunk]) -> dict[str, torch.Tensor]:
+        """Forwards over reused-prefix streams; each sequence pooled at its last token."""
+        linear = self.family.head_linear(self.model)
+        outputs: list[dict[str, torch.Tensor]] = []
+        for chunk in chunks:
+            to_device = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
+            inputs = {
+                "input_ids": to_device(chunk.input_ids).unsqueeze(0),
+                "position_ids": to_device(chunk.positions).unsqueeze(0),
+                "cu_seq_lens_q": to_device(chunk.cu_seqlens_q),
+                "cu_seq_lens_k": to_device(chunk.cu_seqlens_k),
+                "max_length_q": chunk.max_length_q,
+                "max_length_k": chunk.max_length_k,
+                "key_index": to_device(chunk.key_index),
+                "use_cache": False,
+            }
+            hidden = self.family.body(self.model)(**inputs).last_hidden_state[0]
+            pooled = hidden.index_select(0, to_device(chunk.pool_rows))
+            features = self.family.head_features(self.model, pooled)
+            logits, scores = kernels.score_head(
+                pooled if features is None else features, linear.weight, linear.bias, self.activation.value,
+                gather="rows", logit_mean=self.settings.logit_mean, logit_sigma=self.settings.logit_sigma,
+            )
+            outputs.append({"logits": logits, "scores": scores})
+        return {name: torch.cat([o[name] for o in outputs]).float().cpu() for name in self.output_names}
 
     def _last_non_pad_rows(self, host_ids: torch.Tensor, host_cu: torch.Tensor) -> torch.Tensor | None:
         """Row of each sequence's last non-pad token (HF's sequence-classification rule), or None when

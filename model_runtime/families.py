@@ -53,6 +53,7 @@ class Family:
     # does (a sequence ending in pad ids, e.g. pad = eos, is pooled before them).
     skips_trailing_pad: bool = False
     caches_kv: bool = False  # the body builds a KV cache unless called with use_cache=False
+    causal: bool = False  # causal attention: documents sharing a prompt prefix may reuse it
     example: str = ""  # a checkpoint of this architecture (README table, error messages)
     folder: str = ""  # its model_repository folder
 
@@ -67,6 +68,10 @@ class Family:
                 f"checkpoint architecture {found} is not served by the {self.name} family "
                 f"(expected one of {', '.join(self.architectures)}); {supported_hint(found)}"
             )
+
+    @staticmethod
+    def architecture_is_causal_lm(config: dict) -> bool:
+        return architecture_of(config).endswith("ForCausalLM")
 
     def read_config(self, checkpoint: str, trust_remote_code: bool = False):
         from transformers import AutoConfig
@@ -176,6 +181,7 @@ class DecoderFamily(Family):
     compile_by_default: bool = True
     skips_trailing_pad: bool = True
     caches_kv: bool = True
+    causal: bool = True
 
     def head_linear(self, model):
         return model.score

@@ -23,8 +23,9 @@ import re
 from pathlib import Path
 
 from model_runtime.checkpoints import resolve_checkpoint, served_name
-from model_runtime.families import GENERIC, UnsupportedArchitecture, family_for_config, read_config_dict
+from model_runtime.families import GENERIC, Family, UnsupportedArchitecture, family_for_config, read_config_dict
 from model_runtime.launcher import SOURCE_FOLDER
+from model_runtime.llm_rerankers import conversion_for
 from model_runtime.settings import parse_bool
 
 _NOT_IN_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -79,9 +80,20 @@ def _folder_for_checkpoint(checkpoint: str, parameters: dict[str, str], reposito
     except (OSError, ValueError) as error:
         raise PlanError(f"cannot read config.json of {checkpoint!r}: {error}") from error
     try:
-        family = family_for_config(config, parameters.get("architecture", ""))
+        override = parameters.get("architecture", "")
+        conversion = conversion_for(config, checkpoint, parameters.get("hf_overrides", ""))
+        if conversion is not None:  # a causal LM served as a classifier (an LLM reranker)
+            override = override or conversion.architecture
+            if conversion.overrides:
+                parameters["hf_overrides"] = conversion.to_json()
+            if conversion.score_template:
+                parameters.setdefault("score_template", conversion.score_template)
+        family = family_for_config(config, override)
     except UnsupportedArchitecture as error:
         raise PlanError(f"{checkpoint}: {error}") from error
+    if family is GENERIC and architecture_is_causal(config):
+        raise PlanError(f"{checkpoint}: {(config.get('architectures') or ['?'])[0]} has no classifier family to convert "
+                        "into; serve it with hf_overrides naming a served architecture, as vLLM's --hf-overrides")
     if family is GENERIC and config.get("auto_map") and not parse_bool(
             parameters.get("trust_remote_code", "false"), "trust_remote_code"):
         raise PlanError(
@@ -91,6 +103,9 @@ def _folder_for_checkpoint(checkpoint: str, parameters: dict[str, str], reposito
     if not (repository / family.folder / "config.pbtxt").exists():
         raise PlanError(f"{checkpoint}: family {family.name} has no model folder {family.folder!r} in {repository}")
     return family.folder
+
+
+architecture_is_causal = Family.architecture_is_causal_lm
 
 
 def _unique(name: str, taken: dict) -> str:

@@ -33,6 +33,12 @@ class ModelSettings:
     # Serve the checkpoint as this architecture whatever config.json says (vLLM's --hf-overrides
     # '{"architectures": [...]}'): e.g. GteNewForSequenceClassification for NewForSequenceClassification.
     architecture: str = ""
+    # vLLM's --hf-overrides JSON for LLM rerankers (architectures, classifier_from_token, method,
+    # is_original_qwen3_reranker): see model_runtime/llm_rerankers.py.
+    hf_overrides: str = ""
+    # "auto": documents of one request sharing a prompt prefix compute it once (causal packed
+    # bodies, model_runtime/prefix_reuse.py); "off": every sequence computes its whole prompt.
+    prefix_reuse: str = "auto"
 
     @classmethod
     def from_triton_args(cls, args: dict) -> ModelSettings:
@@ -78,7 +84,15 @@ class ModelSettings:
             compile=compile_mode,
             trust_remote_code=parse_bool(parameters.get("trust_remote_code", "false"), "trust_remote_code"),
             architecture=parameters.get("architecture", "").strip(),
+            hf_overrides=parameters.get("hf_overrides", "").strip(),
+            prefix_reuse=_choice(parameters.get("prefix_reuse", "auto"), "prefix_reuse", ("auto", "off")),
         )
+
+
+def _choice(value: str, name: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} parameter {value!r} is not one of {', '.join(allowed)}")
+    return value
 
 
 def parse_bool(value: str, name: str) -> bool:

@@ -44,6 +44,14 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     causal = bool(getattr(module, "is_causal", False))
     q, k, v = (t.squeeze(0).transpose(0, 1) for t in (query, key, value))  # [T, H, D]
     groups = q.shape[1] // k.shape[1]
+    # Shared-prefix reuse (model_runtime/prefix_reuse.py): each segment's keys are gathered rows of
+    # the stream (a document's keys are its prefix's, then its own), so key ranges differ from query
+    # ranges and causal masking aligns each segment's queries to its last keys.
+    cu_keys, max_keys = cu_seqlens, max_length
+    key_index = kwargs.get("key_index")
+    if key_index is not None:
+        k, v = k.index_select(0, key_index), v.index_select(0, key_index)
+        cu_keys, max_keys = kwargs["cu_seq_lens_k"], int(kwargs["max_length_k"])
     reach = -1 if sliding_window is None else int(sliding_window) - 1  # -1: unlimited
 
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):  # FlashAttention has no fp32 kernel
@@ -62,7 +70,7 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
         # copies per decoder layer, 11% of the compiled Qwen3 forward (profile_qwen3_after_copy_fix_h200.csv;
         # passing them strided instead measured the same, the copy then happens below this call).
         out = varlen_attn(
-            q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens, cu_seqlens, max_length, max_length,
+            q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens, cu_keys, max_length, max_keys,
             scale=scaling, window_size=(reach, 0) if causal else (reach, reach), **extra,
         )
         return out.unsqueeze(0), None
@@ -70,23 +78,25 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     out = torch.empty_like(q)
-    bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):  # CPU / fp32 fallback: one attention per sequence
+    bounds, key_bounds = cu_seqlens.tolist(), cu_keys.tolist()
+    for start, end, key_start, key_end in zip(bounds[:-1], bounds[1:], key_bounds[:-1], key_bounds[1:]):
+        # CPU / fp32 fallback: one attention per sequence
         out[start:end] = _reference_attention(
-            q[start:end].transpose(0, 1), k[start:end].transpose(0, 1), v[start:end].transpose(0, 1),
+            q[start:end].transpose(0, 1), k[key_start:key_end].transpose(0, 1), v[key_start:key_end].transpose(0, 1),
             causal, scaling, reach, softcap,
         ).transpose(0, 1)
     return out.unsqueeze(0), None
 
 
 def _reference_attention(q, k, v, causal: bool, scaling, reach: int, softcap) -> torch.Tensor:
-    """One sequence ``[H, L, D]`` on the CPU: SDPA, with the window as a mask; eager when soft-capped."""
-    length = q.shape[1]
+    """One sequence ``[H, Lq, D]`` against keys ``[H, Lk, D]`` (Lk >= Lq, queries being the last Lq
+    positions) on the CPU: SDPA with the causal rule and the window as a mask; eager when soft-capped."""
+    length, key_length = q.shape[1], k.shape[1]
     mask = None
     if causal or reach >= 0:
-        positions = torch.arange(length, device=q.device)
-        offset = positions.unsqueeze(1) - positions.unsqueeze(0)  # query - key
-        allowed = torch.ones(length, length, dtype=torch.bool, device=q.device)
+        query_positions = torch.arange(key_length - length, key_length, device=q.device)
+        offset = query_positions.unsqueeze(1) - torch.arange(key_length, device=q.device).unsqueeze(0)  # query - key
+        allowed = torch.ones(length, key_length, dtype=torch.bool, device=q.device)
         if causal:
             allowed &= offset >= 0
         if reach >= 0:

@@ -136,6 +136,13 @@ def build_checkpoint(kind: str, directory: Path, seed: int = 0) -> Path:
     if kind in ("ernie", "distilbert", "modernbert", "modernbert_cls", "deberta_v2", "electra"):
         tokenizer = wordpiece_tokenizer(directory)
         return _save(_encoder_model(tf, kind, len(tokenizer), encoder), tokenizer, directory)
+    if kind in CAUSAL_KINDS:  # LLM rerankers in their original form: a causal LM whose vocabulary has the labels
+        tokenizer = byte_level_tokenizer(directory)
+        tokenizer.add_tokens(list(LABEL_TOKENS))
+        # 512 positions: rendered reranker prompts (system prompt, instruction, query, document) are long
+        common = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.eos_token_id, **{**decoder, "max_position_embeddings": 512})
+        return _save(_causal_model(tf, kind, common), tokenizer, directory)
     if kind in DECODER_KINDS:
         tokenizer = byte_level_tokenizer(directory)
         common = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -178,6 +185,20 @@ def _encoder_model(tf, kind: str, vocab_size: int, encoder: dict):
 
 DECODER_KINDS = ("qwen2", "qwen3", "llama", "mistral", "gemma", "gemma2", "phi3", "gpt2", "jamba",
                  "skywork_llama", "skywork_qwen3", "skywork_gemma2")
+
+
+LABEL_TOKENS = ("yes", "no", "Yes")  # "0" and "1" are single bytes of the byte-level alphabet already
+CAUSAL_KINDS = ("qwen3_causal", "gemma_causal", "qwen2_causal", "llama_causal")
+
+
+def _causal_model(tf, kind: str, common: dict):
+    if kind == "qwen3_causal":  # Qwen3-Reranker-0.6B ties its embeddings, as Qwen3-0.6B does
+        return tf.Qwen3ForCausalLM(tf.Qwen3Config(head_dim=12, tie_word_embeddings=True, **common))
+    if kind == "gemma_causal":
+        return tf.GemmaForCausalLM(tf.GemmaConfig(head_dim=12, **common))
+    if kind == "qwen2_causal":
+        return tf.Qwen2ForCausalLM(tf.Qwen2Config(tie_word_embeddings=False, **common))
+    return tf.LlamaForCausalLM(tf.LlamaConfig(tie_word_embeddings=False, **common))
 
 
 def _decoder_model(tf, kind: str, common: dict):

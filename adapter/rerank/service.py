@@ -5,7 +5,7 @@ from __future__ import annotations
 from adapter.registry import ServedModel
 from adapter.rerank.protocol import RerankDocument, RerankRequest, RerankResponse, RerankResult, RerankUsage
 from adapter.common.protocol import check_item_count
-from adapter.score.service import score_pairs, truncate_sides
+from adapter.score.service import score_pairs, template_variables, truncate_sides
 from adapter.settings import Settings
 from adapter.triton_gateway import TritonGateway
 
@@ -18,7 +18,7 @@ async def rerank(
     query, truncated = truncate_sides(request, model, [request.query], documents)
     scores, prompt_tokens = await score_pairs(
         model, query, truncated, gateway, settings, request.use_activation,
-        options=request.prompt_options(model.max_model_len),
+        options=request.prompt_options(model.max_model_len), template_variables=template_variables(request),
     )
     order = sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)  # sorted() is stable
     if 0 < request.top_n < len(order):

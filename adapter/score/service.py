@@ -7,17 +7,19 @@ for 1:N, and return the cosine similarity, as vLLM's ``BiEncoderIOProcessor`` do
 
 from __future__ import annotations
 
+import asyncio
 from typing import Callable
 
 import numpy as np
 
 from adapter.common.protocol import UsageInfo, check_item_count
-from adapter.errors import BadRequestError
+from adapter.errors import BadRequestError, sanitize_message
 from adapter.registry import ServedModel
 from adapter.score.protocol import ScoreData, ScoreRequest, ScoreResponse, ScoringFields
 from adapter.settings import Settings
 from adapter.tokenization import DEFAULT_OPTIONS, Encoded, PromptOptions
 from adapter.triton_gateway import TritonGateway
+from model_runtime.score_templates import render
 
 
 def pair_up(queries: list[str], documents: list[str]) -> list[str]:
@@ -44,17 +46,25 @@ async def score_pairs(
     options: PromptOptions = DEFAULT_OPTIONS,
     length_check: Callable[[ServedModel, Encoded], None] | None = None,
     per_item_tokens: bool = False,
+    template_variables: dict | None = None,
 ) -> tuple[list[float], int | list[int]]:
     """One score per document, and the prompt tokens used (in total, or per document).
 
-    ``options`` (vLLM's truncation) applies to each joint pair prompt of a cross-encoder and to each
+    ``options`` (vLLM's truncation) applies to each joint pair prompt of a cross-encoder (for an LLM
+    reranker: to the prompt its score template renders, with ``template_variables``) and to each
     text of a bi-encoder; ``length_check`` replaces vLLM's length rule (SGLang's is stricter).
     """
     paired = pair_up(queries, documents)
     thread_above = settings.tokenize_in_thread_above
     check_length = length_check is None
     if model.is_cross_encoder:
-        encoded = await model.encoder.encode_async(paired, documents, thread_above, options, check_length=check_length)
+        if model.score_template is not None:
+            prompts = await render_prompts(model.score_template, paired, documents, template_variables or {},
+                                           thread_above)
+            encoded = await model.encoder.encode_async(prompts, None, thread_above, options, check_length=check_length)
+        else:
+            encoded = await model.encoder.encode_async(paired, documents, thread_above, options,
+                                                       check_length=check_length)
         if length_check is not None:
             length_check(model, encoded)
         output = "logits" if use_activation is False else "scores"
@@ -85,6 +95,29 @@ async def score_pairs(
     return scores.tolist(), encoded_queries.num_tokens + encoded_documents.num_tokens
 
 
+async def render_prompts(template: str, queries: list[str], documents: list[str], variables: dict,
+                         thread_above: int) -> list[str]:
+    """One prompt per pair through the score template; a template error is the client's 400."""
+    def render_all() -> list[str]:
+        try:
+            return [render(template, query, document, **variables) for query, document in zip(queries, documents)]
+        except Exception as error:  # noqa: BLE001 - jinja errors from the request's variables
+            raise BadRequestError(sanitize_message(f"Could not render the score template: {error}")) from None
+
+    if len(queries) > thread_above:
+        return await asyncio.to_thread(render_all)
+    return render_all()
+
+
+def template_variables(request: ScoringFields) -> dict:
+    """The score template's variables: ``chat_template_kwargs``, and ``instruction`` when given
+    (the template's own default instruction applies when it is not)."""
+    variables = dict(request.chat_template_kwargs or {})
+    if request.instruction is not None:
+        variables["instruction"] = request.instruction
+    return variables
+
+
 def truncate_sides(request: ScoringFields, model: ServedModel, queries: list[str],
                    documents: list[str]) -> tuple[list[str], list[str]]:
     """``max_tokens_per_query`` / ``max_tokens_per_doc``: cut each text to that many tokens first
@@ -113,7 +146,8 @@ async def score(
     check_item_count(max(len(queries), len(documents)), settings.max_items_per_request)
     queries, documents = truncate_sides(request, model, queries, documents)
     scores, prompt_tokens = await score_pairs(model, queries, documents, gateway, settings, request.use_activation,
-                                              options=request.prompt_options(model.max_model_len))
+                                              options=request.prompt_options(model.max_model_len),
+                                              template_variables=template_variables(request))
     return ScoreResponse(
         id=response_id,
         model=model.name,

@@ -117,9 +117,13 @@ async def rerank(request: RerankRequest, model: ServedModel, gateway: TritonGate
     if any(not document.strip() for document in request.documents):
         raise BadRequestError("Each document cannot be empty or whitespace only")
     check_item_count(len(request.documents), settings.max_items_per_request)
+    # SGLang scores an LLM reranker by p(yes) / (p(yes) + p(no)), activated; cross-encoders get raw
+    # logits unless the checkpoint declares an activation.
     scores, lengths = await score_pairs(
         model, [request.query], request.documents, gateway, settings,
-        use_activation=model.declares_st_activation, length_check=check_context_length, per_item_tokens=True,
+        use_activation=model.declares_st_activation or model.score_template is not None,
+        length_check=check_context_length, per_item_tokens=True,
+        template_variables={} if request.instruct is None else {"instruction": request.instruct},
     )
     order = sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)
     if request.top_n is not None:

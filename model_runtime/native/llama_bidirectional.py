@@ -61,6 +61,7 @@ class LlamaBidirectionalFamily(DecoderFamily):
     pooling: str = "mean"  # the upstream default ("avg"); pooling_for reads the config
     fused_gather: bool = False  # mean pooling is no row gather
     skips_trailing_pad: bool = False  # upstream pools by attention_mask, never by pad ids
+    causal: bool = False  # bidirectional: a shared prefix's states depend on each document
     bodies: tuple[str, ...] = ("varlen",)
     padded_reason: str = ("bidirectional attention runs on the packed body only "
                           "(HF's padded Llama path builds a causal mask)")

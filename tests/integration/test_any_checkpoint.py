@@ -38,6 +38,8 @@ def checkpoints(tmp_path_factory):
         "modernbert": build_checkpoint("modernbert", root / "modernbert"),
         "gemma2": build_checkpoint("gemma2", root / "gemma2"),
     }
+    # An LLM reranker in its original form, named as published: recognised with no flag (issue #11).
+    made["llm-reranker"] = build_checkpoint("qwen3_causal", root / "Qwen3-Reranker-0.6B")
     reward = build_golden_checkpoint(load_golden("qwen2_reward"), root / "qwen2-math-rm")
     wordpiece_tokenizer(reward)  # the golden has no tokenizer; 300 ids fit its vocabulary
     made["reward"] = reward
@@ -77,8 +79,8 @@ def hf_logits(checkpoint, texts):
 def test_the_plan_picks_folders_from_config_json_and_names_are_stable(plan, checkpoints):
     folders = {name: params["model_folder"] for name, params in plan.items()}
     assert sorted(folders.values()) == sorted(["qwen3_classifier", "qwen3_classifier", "modernbert_classifier",
-                                               "gemma2_classifier", "qwen2_reward"])
-    assert len(set(plan)) == 5
+                                               "gemma2_classifier", "qwen2_reward", "qwen3_classifier"])
+    assert len(set(plan)) == 6
     assert plan == plan_models([str(p) for p in checkpoints.values()], MODEL_REPOSITORY,
                                {str(checkpoints["rerank-a"]): {"served_model_name": "rerank-a"},
                                 str(checkpoints["rerank-b"]): {"served_model_name": "rerank-b"}})
@@ -89,7 +91,7 @@ def test_models_lists_each_checkpoint_under_its_served_name(stack, checkpoints):
     _, url = stack
     ids = {card["id"] for card in httpx.get(f"{url}/v1/models").json()["data"]}
     assert ids == {"rerank-a", "rerank-b", str(checkpoints["modernbert"]), str(checkpoints["gemma2"]),
-                   str(checkpoints["reward"])}
+                   str(checkpoints["reward"]), str(checkpoints["llm-reranker"])}
 
 
 def test_two_rerankers_of_one_architecture_answer_with_their_own_weights(stack, checkpoints):
@@ -179,3 +181,84 @@ def test_a_checkpoint_in_the_wrong_folder_fails_the_start_naming_both(tmp_path, 
         TritonServer(MODEL_REPOSITORY, plan, log_path=tmp_path / "log", ready_timeout_s=240).start()
     assert "served architectures" in str(error.value)
     assert time.monotonic() - started < 180
+
+
+# --- LLM rerankers in their original form (issue #11) ------------------------------------------------
+
+QUERY = "capital of france"
+DOCUMENTS = ["paris is the capital of france", "pizza and pasta", "the capital city is paris on the river", "rain"]
+
+
+def llm_reranker_expected(checkpoint, query, documents, instruction=None):
+    """HF's next-token recipe on the rendered prompts: sigmoid(l_yes - l_no) at the last position."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from model_runtime.score_templates import render, template_text
+
+    template = template_text("qwen3_reranker")
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
+    yes, no = tokenizer.convert_tokens_to_ids(["yes", "no"])
+    scores, tokens = [], 0
+    with torch.inference_mode():
+        for document in documents:
+            variables = {} if instruction is None else {"instruction": instruction}
+            ids = tokenizer(render(template, query, document, **variables), return_tensors="pt")
+            tokens += ids["input_ids"].shape[1]
+            logits = model(**ids).logits[0, -1]
+            scores.append(torch.sigmoid(logits[yes] - logits[no]).item())
+    return scores, tokens
+
+
+@pytest.mark.parametrize("path", ["/rerank", "/v1/rerank", "/v2/rerank"])
+def test_llm_reranker_scores_through_the_rerank_routes(stack, checkpoints, path):
+    _, url = stack
+    expected, tokens = llm_reranker_expected(checkpoints["llm-reranker"], QUERY, DOCUMENTS)
+    body = httpx.post(f"{url}{path}", json={"model": str(checkpoints["llm-reranker"]), "query": QUERY,
+                                             "documents": DOCUMENTS}, timeout=60).json()
+    got = {item["index"]: item["relevance_score"] for item in body["results"]}
+    assert [got[i] for i in range(len(DOCUMENTS))] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    assert [item["index"] for item in body["results"]] == sorted(range(4), key=lambda i: -expected[i])
+    assert body["usage"]["prompt_tokens"] == tokens  # the rendered prompts, not the raw texts
+
+
+def test_llm_reranker_instruction_and_score_route(stack, checkpoints):
+    _, url = stack
+    instruction = "Given a cooking question, find the recipe"
+    expected, _ = llm_reranker_expected(checkpoints["llm-reranker"], QUERY, DOCUMENTS, instruction)
+    default, _ = llm_reranker_expected(checkpoints["llm-reranker"], QUERY, DOCUMENTS)
+    assert expected != pytest.approx(default)
+    body = httpx.post(f"{url}/score", json={"model": str(checkpoints["llm-reranker"]), "queries": QUERY,
+                                            "documents": DOCUMENTS, "instruction": instruction}, timeout=60).json()
+    assert [item["score"] for item in body["data"]] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    # chat_template_kwargs carries it too (vLLM's other spelling)
+    body = httpx.post(f"{url}/rerank", json={"model": str(checkpoints["llm-reranker"]), "query": QUERY,
+                                             "documents": DOCUMENTS,
+                                             "chat_template_kwargs": {"instruction": instruction}}, timeout=60).json()
+    got = {item["index"]: item["relevance_score"] for item in body["results"]}
+    assert [got[i] for i in range(4)] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+
+
+def test_llm_reranker_through_sglang_rerank_with_instruct(stack, checkpoints):
+    _, url = stack
+    instruction = "Given a cooking question, find the recipe"
+    expected, _ = llm_reranker_expected(checkpoints["llm-reranker"], QUERY, DOCUMENTS, instruction)
+    body = httpx.post(f"{url}/sglang/v1/rerank", json={"model": str(checkpoints["llm-reranker"]), "query": QUERY,
+                                                       "documents": DOCUMENTS, "instruct": instruction},
+                      timeout=60).json()
+    got = {item["index"]: item["score"] for item in body}
+    assert [got[i] for i in range(4)] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+
+
+def test_llm_reranker_truncates_the_document_before_rendering(stack, checkpoints):
+    from transformers import AutoTokenizer
+
+    _, url = stack
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoints["llm-reranker"]))
+    document = DOCUMENTS[2]
+    ids = tokenizer(document, add_special_tokens=False)
+    cut = document[: ids.token_to_chars(2).end]  # the text of the first three tokens
+    expected, _ = llm_reranker_expected(checkpoints["llm-reranker"], QUERY, [cut])
+    body = httpx.post(f"{url}/rerank", json={"model": str(checkpoints["llm-reranker"]), "query": QUERY,
+                                             "documents": [document], "max_tokens_per_doc": 3}, timeout=60).json()
+    assert body["results"][0]["relevance_score"] == pytest.approx(expected[0], rel=1e-4, abs=1e-5)
