@@ -167,3 +167,39 @@ def test_native_families_on_the_gpu(golden_name, tmp_path):
     # Measured on the H200: 0.7-3.9e-2, and 0.107 for the Normal_Weights reward, a sum of five gated
     # attribute means whose cancellation magnifies the relative error (its gate is fp16, as SGLang's).
     assert errors[torch.bfloat16] < (0.15 if golden_name == "llama_normal_weights" else 0.06)
+
+
+@pytest.mark.parametrize("compile", ["none", "layers"])
+def test_prefix_reuse_matches_the_plain_path_within_bf16_noise(compile):
+    """Rerank-shaped batches (a 90-token shared prefix, documents of 8-300 tokens, several requests)
+    through a Qwen3-shaped decoder: FlashAttention with gathered prefix keys (more keys than queries,
+    causal aligned to the last key) against the plain packed path, both against fp32."""
+    import dataclasses
+
+    config, model_class, family = shapes()["qwen3"]
+    config.architectures = [model_class.__name__]
+    torch.manual_seed(0)
+    model_fp32 = model_class(config).to("cuda").eval()
+    model_bf16 = model_class(config).to("cuda").eval()
+    model_bf16.load_state_dict(model_fp32.state_dict())
+    model_bf16 = model_bf16.to(torch.bfloat16)
+    generator = torch.Generator().manual_seed(3)
+    requests = []
+    for documents in (64, 1, 7):
+        prefix = torch.randint(5, config.vocab_size, (90,), generator=generator)
+        rows = [torch.cat([prefix, torch.randint(5, config.vocab_size, (int(n),), generator=generator)])
+                for n in torch.randint(8, 300, (documents,), generator=generator)]
+        requests.append(RequestSequences(torch.cat(rows), torch.tensor([len(r) for r in rows]), None))
+    batch = PackedBatch.pack(requests)
+    reference_engine = engine_for(family, model_fp32)  # fp32: per-sequence SDPA on the GPU, no reuse
+    reference = PackedEngine(family, model_fp32, dataclasses.replace(reference_engine.settings,
+                                                                     prefix_reuse="off")).run(batch)["logits"]
+    plain_engine = engine_for(family, model_bf16, compile)
+    plain = PackedEngine(family, model_bf16, dataclasses.replace(plain_engine.settings, prefix_reuse="off")).run(batch)
+    reused_engine = PackedEngine(family, model_bf16, dataclasses.replace(plain_engine.settings, prefix_reuse="auto"))
+    assert reused_engine.reuses_prefix
+    reused = reused_engine.run(batch)
+    plain_error, reuse_error = relative_error(plain["logits"], reference), relative_error(reused["logits"], reference)
+    print(f"prefix reuse compile={compile}: plain bf16 vs fp32 {plain_error:.2e}; reused bf16 vs fp32 {reuse_error:.2e}; "
+          f"reused vs plain {relative_error(reused['logits'], plain['logits']):.2e}")
+    assert reuse_error <= 1.5 * plain_error + 1e-3
