@@ -158,6 +158,51 @@ def token_counts(tokenizer, template: str, rng_seed: int, count: int = 8):
     return held / pairs, computed / pairs, 1 - computed / held
 
 
+def engine_rows(name, family, checkpoint, tokenizer, template, meta, peak, flops_of, requests: int = 16) -> list[dict]:
+    """The packed engine alone on rerank batches as the dynamic batcher hands them over (``requests``
+    64-document requests per run), with and without reuse: the GPU side of the HTTP rows."""
+    import dataclasses
+
+    from model_runtime.engine import PackedEngine
+    from model_runtime.packing import PackedBatch, RequestSequences
+    from model_runtime.settings import ModelSettings
+
+    rng = random.Random(7)
+    batch_requests, lengths = [], []
+    for _ in range(requests):
+        body = rerank_body(rng, name)
+        rows = [torch.tensor(tokenizer(render(template, body["query"], d))["input_ids"]) for d in body["documents"]]
+        batch_requests.append(RequestSequences(torch.cat(rows), torch.tensor([len(r) for r in rows]), None))
+        lengths.append(torch.tensor([len(r) for r in rows]))
+    batch = PackedBatch.pack(batch_requests)
+    settings = ModelSettings(model_name=name, checkpoint=str(checkpoint), device=torch.device("cuda"),
+                             dtype=torch.bfloat16, max_tokens_per_forward=16384, max_model_len=0, logit_mean=0.0,
+                             logit_sigma=1.0, attention="varlen", output_names=("logits", "scores"), compile="auto")
+    engine = PackedEngine.load(family, settings)
+    rows = []
+    for system, reuse in (("engine_no_reuse", "off"), ("engine_reuse", "auto")):
+        # compile="none" here: the layers were compiled once, at load, and stay compiled modules
+        engine = PackedEngine(family, engine.model, dataclasses.replace(settings, prefix_reuse=reuse, compile="none"))
+        engine.run(batch)
+        times = []
+        for _ in range(5):
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            engine.run(batch)
+            times.append(time.perf_counter() - started)
+        seconds = statistics.median(times)
+        pairs = batch.num_seqs
+        rows.append({**meta, "model": name, "workload": f"rerank{DOCUMENTS}x{requests}", "system": system,
+                     "concurrency": "", "requests": requests, "pairs_per_s": round(pairs / seconds, 1),
+                     "p50_ms": round(1000 * seconds, 2), "p99_ms": "", "mfu_held_pct": round(
+                         100 * flops_of(torch.cat(lengths)) / seconds / 1e12 / peak, 1)})
+        print(f"{name:<24}{system:<15}      {rows[-1]['pairs_per_s']:>9.0f} pairs/s  {rows[-1]['p50_ms']} ms per "
+              f"{requests} requests  MFU held {rows[-1]['mfu_held_pct']}%", flush=True)
+    del engine
+    torch.cuda.empty_cache()
+    return rows
+
+
 def bench_shape(name, family, config, template_name, args, meta, peak) -> list[dict]:
     from transformers import AutoTokenizer
 
@@ -171,10 +216,20 @@ def bench_shape(name, family, config, template_name, args, meta, peak) -> list[d
             f"{triton_name}-noreuse": {**parameters, "prefix_reuse": "off", "served_model_name": f"{name}-noreuse"},
             }
     plan[triton_name]["served_model_name"] = name
+    rows: list[dict] = []
+    if torch.cuda.is_available() and not args.smoke:
+        from benchmarks.bench_engine import build_model
+
+        counter = Shape(name, family, {**config, "num_labels": 1}, ())
+        meta_model = build_model(counter, torch.device("meta"), torch.bfloat16)
+        rows += engine_rows(name, family, checkpoint, tokenizer, template, meta, peak,
+                            lambda lengths: flops_per_request(counter, lengths, meta_model))
+        if args.engine_only:
+            return rows
     cpus = cpu_plan(args.pin_cpus)
     triton = TritonServer(PROJECT_ROOT / "model_repository", plan, log_path=args.work / f"{name}-triton.log",
                           ready_timeout_s=900)
-    processes, rows = [], []
+    processes = []
     try:
         triton.start()
         if cpus["triton"]:
@@ -240,6 +295,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--name", default="llm_rerankers")
     parser.add_argument("--pin-cpus", action="store_true")
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--engine-only", action="store_true", help="only the engine rows (no servers)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.concurrency, args.seconds, args.requests, args.adapter_workers = [1, 2], 1.0, 3, 1
