@@ -33,7 +33,7 @@ $(INSTALLED): pyproject.toml Makefile
 	touch $@
 
 serve: $(INSTALLED)
-	$(PY) -m adapter.stack --host $(HOST) --port $(PORT) $(foreach m,$(MODELS),--model $(m)) $(foreach s,$(SET),--set $(s))
+	$(PY) -m adapter.stack --host $(HOST) --port $(PORT) $(foreach m,$(MODELS),--model '$(m)') $(foreach s,$(SET),--set '$(s)')
 
 test: $(INSTALLED)
 	$(PY) -m pytest -q --durations=10 $(PYTEST_ARGS)
@@ -49,10 +49,12 @@ bench: $(INSTALLED)
 		$(PY) -m benchmarks.bench_kernels --out benchmarks/results --commit $$(git rev-parse --short HEAD) && \
 		$(PY) -m benchmarks.bench_engine --out benchmarks/results --commit $$(git rev-parse --short HEAD) && \
 		$(PY) -m benchmarks.profile_engine --out benchmarks/results --commit $$(git rev-parse --short HEAD) && \
-		$(PY) -m benchmarks.bench_systems --out benchmarks/results --commit $$(git rev-parse --short HEAD); \
+		$(PY) -m benchmarks.bench_systems --out benchmarks/results --commit $$(git rev-parse --short HEAD) && \
+		$(PY) -m benchmarks.bench_llm_rerankers --out benchmarks/results --pin-cpus --commit $$(git rev-parse --short HEAD); \
 	else \
 		$(PY) -m benchmarks.bench_engine --smoke --out .cache/bench-smoke && \
-		$(PY) -m benchmarks.bench_systems --smoke --out .cache/bench-smoke; \
+		$(PY) -m benchmarks.bench_systems --smoke --out .cache/bench-smoke && \
+		$(PY) -m benchmarks.bench_llm_rerankers --smoke --out .cache/bench-smoke; \
 	fi
 
 clean:

@@ -108,19 +108,24 @@ def shapes():
     }
 
 
-@pytest.mark.parametrize("compile", ["none", "layers"])
-@pytest.mark.parametrize("name", ["bert", "xlm_roberta", "ernie", "distilbert", "modernbert", "qwen2", "qwen3", "llama",
-                                  "mistral", "gemma", "phi3", "gpt2"])
-def test_varlen_engine_matches_padded_hf_within_bf16_noise(name, compile):
-    """Packed varlen bf16 (eager or compiled layers) vs padded HF fp32 must be no worse than
-    padded HF bf16 vs fp32."""
+def fp32_and_bf16(name):
+    """The shape's random model in fp32 and the same weights in bf16, on the GPU."""
     config, model_class, family = shapes()[name]
     config.architectures = [model_class.__name__]
     torch.manual_seed(0)
     model_fp32 = model_class(config).to("cuda").eval()
     model_bf16 = model_class(config).to("cuda").eval()
     model_bf16.load_state_dict(model_fp32.state_dict())
-    model_bf16 = model_bf16.to(torch.bfloat16)
+    return config, family, model_fp32, model_bf16.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("compile", ["none", "layers"])
+@pytest.mark.parametrize("name", ["bert", "xlm_roberta", "ernie", "distilbert", "modernbert", "qwen2", "qwen3", "llama",
+                                  "mistral", "gemma", "phi3", "gpt2"])
+def test_varlen_engine_matches_padded_hf_within_bf16_noise(name, compile):
+    """Packed varlen bf16 (eager or compiled layers) vs padded HF fp32 must be no worse than
+    padded HF bf16 vs fp32."""
+    config, family, model_fp32, model_bf16 = fp32_and_bf16(name)
 
     batch = random_batch(config.vocab_size, count=48, seed=2)
     lengths = batch.lengths
@@ -176,13 +181,7 @@ def test_prefix_reuse_matches_the_plain_path_within_bf16_noise(compile):
     causal aligned to the last key) against the plain packed path, both against fp32."""
     import dataclasses
 
-    config, model_class, family = shapes()["qwen3"]
-    config.architectures = [model_class.__name__]
-    torch.manual_seed(0)
-    model_fp32 = model_class(config).to("cuda").eval()
-    model_bf16 = model_class(config).to("cuda").eval()
-    model_bf16.load_state_dict(model_fp32.state_dict())
-    model_bf16 = model_bf16.to(torch.bfloat16)
+    config, family, model_fp32, model_bf16 = fp32_and_bf16("qwen3")
     generator = torch.Generator().manual_seed(3)
     requests = []
     for documents in (64, 1, 7):

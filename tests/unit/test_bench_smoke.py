@@ -65,3 +65,12 @@ def test_profile_groups_kernels_by_name(kernel, expected):
     from benchmarks.profile_engine import category
 
     assert category(kernel) == expected
+
+
+def test_llm_reranker_benchmark_smoke(tmp_path):
+    """Recognises the named causal LM, serves it with and without reuse beside the plain HF recipe."""
+    from benchmarks import bench_llm_rerankers
+
+    rows = bench_llm_rerankers.main(["--smoke", "--out", str(tmp_path), "--work", str(tmp_path / "work")])
+    assert {r["system"] for r in rows} == {"http_reuse", "http_no_reuse", "baseline_http"}
+    assert all(r["pairs_per_s"] > 0 and 0 < r["prefix_share"] < 1 for r in rows)
