@@ -39,7 +39,7 @@ import torch
 from benchmarks.bench_engine import flops_per_request, matmul_peak_tflops, model_shapes
 from benchmarks.checkpoints import save_checkpoint, word_count, words
 from model_runtime import families
-from model_runtime.launcher import TritonServer, free_port, wait_for_http
+from model_runtime.launcher import TritonServer, free_port, spawn_tied_to_this_process, wait_for_http
 from benchmarks.results_csv import write_csv
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -108,9 +108,9 @@ async def load(send, bodies: list[dict], concurrency: int, seconds: float, max_r
 def start(command: list[str], env: dict, log: Path, cpus: str | None = None) -> subprocess.Popen:
     if cpus:
         command = ["taskset", "-c", cpus, *command]  # children (uvicorn workers) inherit the mask
-    with log.open("wb") as handle:
-        return subprocess.Popen(command, cwd=PROJECT_ROOT, env={**os.environ, **env}, stdout=handle,
-                                stderr=subprocess.STDOUT)
+    with log.open("wb") as handle:  # killed with this process, however it ends
+        return spawn_tied_to_this_process(command, cwd=PROJECT_ROOT, env={**os.environ, **env}, stdout=handle,
+                                          stderr=subprocess.STDOUT)
 
 
 def pin_process_tree(pid: int, cpus: set[int]) -> None:

@@ -205,6 +205,38 @@ def descendant_pids(pid: int) -> list[int]:
     return found
 
 
+_PR_SET_PDEATHSIG = 1
+_libc = None
+_spawner: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGKILL when the parent goes, however it goes (kill -9 included).
+    Survives the exec; the check after it covers a parent that died before the call."""
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:
+        os._exit(1)
+
+
+def spawn_tied_to_this_process(command: list[str], **popen_kwargs) -> subprocess.Popen:
+    """``Popen`` in its own session (signals to our group do not reach it; ``stop`` kills its whole
+    group) that the kernel kills if this process dies without stopping it.
+
+    PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, so children are forked
+    from one spawner thread that lives as long as this process (``make serve`` starts the server
+    from a short-lived worker thread).
+    """
+    global _libc, _spawner
+    if _libc is None:
+        import ctypes
+
+        _libc = ctypes.CDLL(None, use_errno=True)
+    if _spawner is None:
+        _spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="launcher-spawner")
+    return _spawner.submit(subprocess.Popen, command, start_new_session=True, preexec_fn=_die_with_parent,
+                           **popen_kwargs).result()
+
+
 def process_cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -349,9 +381,7 @@ class TritonServer:
         if self.log_path is not None:
             self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
             output = self._log_file
-        self.process = subprocess.Popen(
-            command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        self.process = spawn_tied_to_this_process(command, env=env, stdout=output, stderr=subprocess.STDOUT)
         try:
             self._wait_live()
             self._load_models()

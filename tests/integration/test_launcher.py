@@ -75,6 +75,27 @@ def test_sigterm_stops_server_and_stubs_and_removes_shm(tmp_path):
             process.kill()
 
 
+def test_killing_the_launcher_leaves_no_process_behind(tmp_path):
+    """kill -9 of the launcher (a test run stopped by a timeout): its tritonserver and stubs go too."""
+    command = [sys.executable, "-m", "model_runtime.launcher", "--model-repository", str(FAULT_MODELS),
+               "--load", "echo", "--log-file", str(tmp_path / "log")]
+    process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline(), f"launcher exited early with {process.wait()}"
+        children = descendants(process.pid)
+        assert any("triton_python_backend_stub" in launcher.process_cmdline(p) for p in children)
+        process.kill()
+        process.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(launcher.pid_alive(p) and not _is_zombie(p) for p in children):
+            time.sleep(0.2)
+        left = [launcher.process_cmdline(p) for p in children if launcher.pid_alive(p) and not _is_zombie(p)]
+        assert not left, f"outlived a killed launcher: {left}"
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
 def _is_zombie(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "Z"
