@@ -21,6 +21,7 @@ from adapter.registry import ModelRegistry, build_served_model
 from adapter.rerank.router import router as rerank_router
 from adapter.rerank.router import v1_rerank_router as vllm_v1_rerank_router
 from adapter.score.router import router as score_router
+from adapter.disconnect import CancelOnDisconnectMiddleware
 from adapter.security import ApiKeyMiddleware, BodySizeLimitMiddleware
 from adapter.settings import Settings, get_settings
 from adapter.sglang.router import SGLANG_PATHS
@@ -28,7 +29,7 @@ from adapter.sglang.router import router as sglang_router
 from adapter.sglang.router import v1_rerank_router as sglang_v1_rerank_router
 from adapter.tokenize.router import router as tokenize_router
 from adapter.timing import install_timing_headers
-from adapter.triton_gateway import TritonGateway
+from adapter.triton_gateway import AdmissionLimits, TritonGateway
 
 logger = logging.getLogger("adapter")
 
@@ -68,6 +69,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.gateway = TritonGateway(
                 client, timeout_s=settings.triton_timeout_s, max_rows=settings.max_sequences_per_triton_request,
                 max_tokens_per_request=settings.max_tokens_per_request,
+                admission=AdmissionLimits(settings.max_inflight_tokens_per_model, settings.max_queued_tokens_per_model,
+                                          settings.admission_wait_s),
             )
             yield
         finally:
@@ -89,6 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     # Outermost first to run: the API key, then the body size.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(CancelOnDisconnectMiddleware)
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
     install_metrics(app, settings.triton_metrics_url)  # outermost: 401s and 413s are counted too

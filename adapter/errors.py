@@ -76,6 +76,16 @@ class PayloadTooLargeError(AdapterError):
     status, error_type = HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "PayloadTooLargeError"
 
 
+class TooManyRequestsError(AdapterError):
+    """Overload: refused at admission (adapter/admission.py); clients retry after ``Retry-After``."""
+
+    status, error_type = HTTPStatus.TOO_MANY_REQUESTS, "TooManyRequestsError"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class ServiceUnavailableError(AdapterError):
     status, error_type = HTTPStatus.SERVICE_UNAVAILABLE, "ServiceUnavailableError"
 
@@ -207,7 +217,11 @@ def install_exception_handlers(app: FastAPI) -> None:
         if exc.status >= 500:
             logger.warning("%s: %s", exc.error_type, exc.message)
         count_error(request, exc.error_type)
-        return error_body(exc.status, exc.error_type, exc.message, exc.param, flavour_of(request))
+        response = error_body(exc.status, exc.error_type, exc.message, exc.param, flavour_of(request))
+        retry_after = getattr(exc, "retry_after_s", None)
+        if retry_after is not None:
+            response.headers["Retry-After"] = str(retry_after)
+        return response
 
     @app.exception_handler(ValueError)
     @app.exception_handler(TypeError)

@@ -80,6 +80,9 @@ class AdapterMetrics:
     duration: Histogram
     in_flight: Gauge
     errors: Counter
+    admitted: Counter
+    rejected: Counter
+    queue_wait: Histogram
 
 
 _metrics: AdapterMetrics | None = None
@@ -116,6 +119,12 @@ def get_metrics() -> AdapterMetrics:
                 errors=Counter(
                     "adapter_errors_total", "Error responses, by the error type of their body.", ["route", "error_type"]
                 ),
+                admitted=Counter("adapter_admitted_total", "Requests admitted to a served model (admission control).",
+                                 ["model"]),
+                rejected=Counter("adapter_rejected_total", "Requests refused by admission control (429).",
+                                 ["model", "reason"]),
+                queue_wait=Histogram("adapter_admission_wait_seconds", "Time admitted requests waited for admission.",
+                                     ["model"], buckets=DURATION_BUCKETS),
             )
     return _metrics
 

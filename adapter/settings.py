@@ -30,6 +30,21 @@ class Settings(BaseSettings):
         description="gRPC deadline of one Triton call. Too low fails long batches under load with 504; too high "
         "keeps clients waiting on a stuck server.",
     )
+    max_inflight_tokens_per_model: int = Field(
+        131072, gt=0,
+        description="Admission control, per served model and adapter worker: tokens being computed at once "
+        "(sent to Triton). The default holds a few dynamic batches of the engine's 16,384-token forwards.",
+    )
+    max_queued_tokens_per_model: int = Field(
+        131072, ge=0,
+        description="Admission control: tokens more that may wait for admission; beyond, requests are refused at "
+        "once with 429 and Retry-After.",
+    )
+    admission_wait_s: float = Field(
+        10.0, gt=0,
+        description="Admission control: longest wait for admission before a 429 (an admitted request then runs "
+        "under triton_timeout_s, which Triton's queue also honours).",
+    )
     startup_timeout_s: float = Field(
         120.0, gt=0, description="How long to wait at start for Triton to be ready and to list its models."
     )

@@ -8,11 +8,13 @@ them (and other clients' requests) into one forward again.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 import numpy as np
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
+from adapter.admission import Admission
 from adapter.errors import BadRequestError, from_triton
 from adapter.timing import timed
 from adapter.tokenization import Encoded
@@ -24,13 +26,33 @@ def _tensor(name: str, array: np.ndarray) -> grpcaio.InferInput:
     return tensor
 
 
+@dataclass(frozen=True)
+class AdmissionLimits:
+    max_inflight_tokens: int
+    max_queued_tokens: int
+    max_wait_s: float
+
+
+UNLIMITED = AdmissionLimits(2**62, 0, 1.0)
+
+
 class TritonGateway:
     def __init__(self, client: grpcaio.InferenceServerClient, *, timeout_s: float, max_rows: int,
-                 max_tokens_per_request: int = 2**62):
+                 max_tokens_per_request: int = 2**62, admission: AdmissionLimits = UNLIMITED):
         self.client = client
         self.timeout_s = timeout_s
         self.max_rows = max_rows
         self.max_tokens_per_request = max_tokens_per_request
+        self.admission_limits = admission
+        self._admissions: dict[str, Admission] = {}
+
+    def admission(self, triton_model: str) -> Admission:
+        if triton_model not in self._admissions:
+            limits = self.admission_limits
+            self._admissions[triton_model] = Admission(
+                triton_model, max_inflight_tokens=limits.max_inflight_tokens,
+                max_queued_tokens=limits.max_queued_tokens, max_wait_s=limits.max_wait_s)
+        return self._admissions[triton_model]
 
     def check(self, encoded: Encoded) -> None:
         """The per-request limits every route shares, checked before anything reaches Triton."""
@@ -50,8 +72,10 @@ class TritonGateway:
         self.check(encoded)
         count = encoded.num_sequences
         chunks = [(start, min(start + self.max_rows, count)) for start in range(0, count, self.max_rows)]
-        with timed("inference"):
-            results = await asyncio.gather(*(self._infer_rows(triton_model, encoded, a, b, outputs) for a, b in chunks))
+        async with self.admission(triton_model).admit(encoded.num_tokens):
+            with timed("inference"):
+                results = await asyncio.gather(
+                    *(self._infer_rows(triton_model, encoded, a, b, outputs) for a, b in chunks))
         return {name: np.concatenate([result[name] for result in results]) for name in outputs}
 
     async def _infer_rows(self, triton_model, encoded: Encoded, start: int, end: int, outputs):
@@ -70,6 +94,9 @@ class TritonGateway:
                 inputs,
                 outputs=[grpcaio.InferRequestedOutput(name) for name in outputs],
                 client_timeout=self.timeout_s,
+                # Triton's queue drops the request when the client would have given up anyway (the
+                # model's queue policy allows the override), instead of its 60 s default.
+                timeout=int(self.timeout_s * 1_000_000),
             )
         except InferenceServerException as error:
             raise from_triton(error) from None

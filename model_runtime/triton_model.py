@@ -52,6 +52,9 @@ class PackedTritonModel:
         responses: list = [None] * len(requests)
         accepted: list[tuple[int, RequestSequences]] = []
         for index, request in enumerate(requests):
+            if request.is_cancelled():  # its client gave up while it queued: compute nothing for it
+                responses[index] = _error("request cancelled", pb_utils.TritonError.CANCELLED)
+                continue
             try:
                 sequences = read_sequences(
                     _input(request, "input_ids"),

@@ -25,9 +25,9 @@ class FakeTritonClient:
         self.calls: list[dict] = []
         self.error = error
 
-    async def infer(self, model_name, inputs, outputs=None, client_timeout=None):
+    async def infer(self, model_name, inputs, outputs=None, client_timeout=None, timeout=None):
         tensors = {tensor.name(): tensor for tensor in inputs}
-        self.calls.append({"model": model_name, "shapes": {n: t.shape() for n, t in tensors.items()}})
+        self.calls.append({"model": model_name, "shapes": {n: t.shape() for n, t in tensors.items()}, "timeout": timeout})
         if self.error is not None:
             raise self.error
         ids = np.frombuffer(tensors["input_ids"]._raw_content, dtype=np.int64).reshape(tensors["input_ids"].shape())

@@ -1,0 +1,93 @@
+"""Admission control: a bound on the work each served model holds, and on how long a request waits.
+
+Without it every request waits in Triton's queue, and under overload all of them time out late
+(60 s) instead of a few being refused at once. Per Triton model and adapter worker:
+
+* up to ``max_inflight_tokens`` tokens are being computed (sent to Triton); a request larger than
+  the bound alone runs when nothing else does;
+* up to ``max_queued_tokens`` more wait here, first come first served, each at most
+  ``max_wait_s``;
+* anything beyond is refused at once with 429 and ``Retry-After`` (what OpenAI's, Cohere's and
+  TEI's clients retry on; TEI answers 429 when its permits are spent).
+
+A request that leaves (client gone, cancelled) gives its place back whether it waited or ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import math
+import time
+
+from adapter.errors import TooManyRequestsError
+from adapter.metrics import get_metrics
+
+
+class Admission:
+    def __init__(self, model: str, *, max_inflight_tokens: int, max_queued_tokens: int, max_wait_s: float):
+        self.model = model
+        self.max_inflight_tokens = max_inflight_tokens
+        self.max_queued_tokens = max_queued_tokens
+        self.max_wait_s = max_wait_s
+        self.inflight_tokens = 0
+        self.queued_tokens = 0
+        self._waiters: collections.deque[tuple[int, asyncio.Future]] = collections.deque()
+
+    def _fits(self, tokens: int) -> bool:
+        return self.inflight_tokens == 0 or self.inflight_tokens + tokens <= self.max_inflight_tokens
+
+    def _refuse(self, reason: str, message: str) -> TooManyRequestsError:
+        get_metrics().rejected.labels(self.model, reason).inc()
+        retry_after = max(1, math.ceil(self.max_wait_s))
+        return TooManyRequestsError(message, retry_after_s=retry_after)
+
+    @contextlib.asynccontextmanager
+    async def admit(self, tokens: int):
+        metrics = get_metrics()
+        started = time.perf_counter()
+        if self._waiters or not self._fits(tokens):
+            if self.queued_tokens + tokens > self.max_queued_tokens:
+                raise self._refuse("queue_full", f"The server is busy: model {self.model} holds its maximum of "
+                                                 "queued work. Retry later.")
+            waiter = asyncio.get_running_loop().create_future()
+            entry = (tokens, waiter)
+            self._waiters.append(entry)
+            self.queued_tokens += tokens
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter), timeout=self.max_wait_s)
+            except (asyncio.TimeoutError, asyncio.CancelledError) as error:
+                if waiter.done() and not waiter.cancelled():  # admitted just as it gave up: hand it on
+                    self._release(tokens)
+                else:
+                    waiter.cancel()
+                    self._waiters.remove(entry)
+                    self.queued_tokens -= tokens
+                    self._wake()
+                if isinstance(error, asyncio.CancelledError):
+                    raise
+                raise self._refuse("wait_timeout", f"The server is busy: model {self.model} did not start this "
+                                                   f"request within {self.max_wait_s:g} s. Retry later.") from None
+        else:
+            self.inflight_tokens += tokens
+        metrics.admitted.labels(self.model).inc()
+        metrics.queue_wait.labels(self.model).observe(time.perf_counter() - started)
+        try:
+            yield
+        finally:
+            self._release(tokens)
+
+    def _release(self, tokens: int) -> None:
+        self.inflight_tokens -= tokens
+        self._wake()
+
+    def _wake(self) -> None:
+        """Start waiters in order while they fit (the head of the line first: no overtaking)."""
+        while self._waiters and self._fits(self._waiters[0][0]):
+            tokens, waiter = self._waiters.popleft()
+            self.queued_tokens -= tokens
+            if waiter.cancelled():
+                continue
+            self.inflight_tokens += tokens
+            waiter.set_result(None)

@@ -1,0 +1,97 @@
+"""Overload and abandoned requests against the real stack (Triton + an adapter with small bounds)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+import urllib.request
+
+import httpx
+import pytest
+
+from tests.conftest import running_adapter
+from tests.tiny_models import corpus
+
+pytestmark = pytest.mark.integration
+
+MODEL = "bert_classifier"
+
+
+@pytest.fixture(scope="module")
+def small_adapter(triton_server, tmp_path_factory):
+    """One worker that admits ~3 requests of ~40 tokens at a time and queues ~3 more."""
+    with running_adapter(triton_server, tmp_path_factory.mktemp("overload"), max_inflight_tokens_per_model="120",
+                         max_queued_tokens_per_model="120", admission_wait_s="20", workers="1") as url:
+        yield url
+
+
+def classify_body(texts: int = 4) -> dict:
+    return {"model": MODEL, "input": corpus(texts, seed=texts)}
+
+
+def test_ten_times_the_capacity_is_answered_200_or_fast_429(small_adapter):
+    async def run():
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=200)) as client:
+            async def one():
+                started = time.perf_counter()
+                response = await client.post(f"{small_adapter}/classify", json=classify_body())
+                return response, time.perf_counter() - started
+            return await asyncio.gather(*(one() for _ in range(120)))
+
+    results = asyncio.run(run())
+    statuses = [response.status_code for response, _ in results]
+    assert set(statuses) <= {200, 429}, statuses
+    refused = [(r, s) for r, s in results if r.status_code == 429]
+    admitted = [r for r, _ in results if r.status_code == 200]
+    assert refused and admitted
+    for response, seconds in refused:
+        body = response.json()["error"]
+        assert body["type"] == "TooManyRequestsError" and body["code"] == 429 and "busy" in body["message"]
+        assert int(response.headers["Retry-After"]) >= 1
+    assert sorted(s for _, s in refused)[len(refused) // 2] < 1.0  # refusals come at once, not after a wait
+    for response in admitted:
+        assert all(abs(sum(item["probs"]) - 1) < 1e-5 for item in response.json()["data"])
+    # afterwards the server is normal again, and the refusals are counted
+    assert httpx.post(f"{small_adapter}/classify", json=classify_body(), timeout=60).status_code == 200
+    metrics = httpx.get(f"{small_adapter}/metrics").text
+    assert f'adapter_rejected_total{{model="{MODEL}",reason="queue_full"}}' in metrics
+
+
+def triton_inference_count(triton_server) -> int:
+    with urllib.request.urlopen(f"{triton_server.http_url}/v2/models/{MODEL}/stats") as response:
+        stats = json.loads(response.read())["model_stats"][0]
+    return int(stats["inference_count"])
+
+
+@pytest.fixture(scope="module")
+def queueing_adapter(triton_server, tmp_path_factory):
+    """One worker that runs one request of ~150 tokens at a time and lets everything else wait."""
+    with running_adapter(triton_server, tmp_path_factory.mktemp("queueing"), max_inflight_tokens_per_model="120",
+                         max_queued_tokens_per_model="1000000", admission_wait_s="60", workers="1") as url:
+        yield url
+
+
+def test_abandoned_requests_are_not_computed(queueing_adapter, triton_server):
+    host, port = queueing_adapter.removeprefix("http://").split(":")
+    body = json.dumps(classify_body(16)).encode()
+    request = (f"POST /classify HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    before = triton_inference_count(triton_server)
+    sockets = []
+    for _ in range(40):
+        connection = socket.create_connection((host, int(port)))
+        connection.sendall(request)
+        sockets.append(connection)
+    time.sleep(0.05)
+    for connection in sockets:  # every client gives up at once
+        connection.close()
+    started = time.perf_counter()
+    response = httpx.post(f"{queueing_adapter}/classify", json=classify_body(), timeout=60)
+    assert response.status_code == 200
+    assert time.perf_counter() - started < 5.0  # not behind 40 abandoned requests' work
+    time.sleep(1.0)
+    computed = triton_inference_count(triton_server) - before - 4  # the follow-up request's 4 texts
+    # Without cancellation all 40 are computed (checked by disabling the middleware: 40 of 40).
+    assert computed <= 16 * 5, f"{computed // 16} of 40 abandoned requests were computed"

@@ -1,0 +1,85 @@
+"""Admission control: bounded work in flight and waiting, first come first served, fast refusal."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from adapter.admission import Admission
+from adapter.errors import TooManyRequestsError
+
+
+def admission(**limits) -> Admission:
+    return Admission("m", **{"max_inflight_tokens": 100, "max_queued_tokens": 100, "max_wait_s": 5.0, **limits})
+
+
+async def hold(gate: Admission, tokens: int, release: asyncio.Event, order: list | None = None, name: str = ""):
+    async with gate.admit(tokens):
+        if order is not None:
+            order.append(name)
+        await release.wait()
+
+
+def test_admits_within_the_bound_queues_in_order_and_refuses_beyond_at_once():
+    async def scenario():
+        gate, release = admission(), asyncio.Event()
+        order: list[str] = []
+        running = [asyncio.create_task(hold(gate, 60, release, order, "a"))]
+        await asyncio.sleep(0)
+        running += [asyncio.create_task(hold(gate, 60, release, order, name)) for name in ("b", "c")]  # 120 queued?
+        await asyncio.sleep(0.01)
+        assert gate.inflight_tokens == 60 and order == ["a"]
+        # b (60) waits; c (60) would bring the queue to 120 > 100: refused
+        assert gate.queued_tokens == 60
+        with pytest.raises(TooManyRequestsError) as refused:
+            await running[2]
+        assert refused.value.retry_after_s >= 1
+        started = time.perf_counter()
+        with pytest.raises(TooManyRequestsError):
+            async with gate.admit(50):
+                pass
+        assert time.perf_counter() - started < 0.05  # refused without waiting
+        release.set()
+        await asyncio.gather(*running[:2])
+        assert order == ["a", "b"] and gate.inflight_tokens == 0 and gate.queued_tokens == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_request_larger_than_the_bound_runs_alone_and_waits_time_out():
+    async def scenario():
+        gate, release = admission(max_wait_s=0.1), asyncio.Event()
+        big = asyncio.create_task(hold(gate, 500, release))
+        await asyncio.sleep(0.01)
+        assert gate.inflight_tokens == 500
+        started = time.perf_counter()
+        with pytest.raises(TooManyRequestsError, match="within 0.1 s"):
+            async with gate.admit(10):
+                pass
+        assert 0.09 < time.perf_counter() - started < 1.0
+        assert gate.queued_tokens == 0
+        release.set()
+        await big
+
+    asyncio.run(scenario())
+
+
+def test_a_cancelled_waiter_gives_its_place_back():
+    async def scenario():
+        gate, release = admission(), asyncio.Event()
+        first = asyncio.create_task(hold(gate, 100, release))
+        await asyncio.sleep(0.01)
+        waiting = asyncio.create_task(hold(gate, 80, release))
+        await asyncio.sleep(0.01)
+        assert gate.queued_tokens == 80
+        waiting.cancel()  # the client left while it waited
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert gate.queued_tokens == 0
+        release.set()
+        await first
+        assert gate.inflight_tokens == 0
+
+    asyncio.run(scenario())
