@@ -74,6 +74,10 @@ UNTRUSTED_CHAT_TEMPLATE = (
     "Refused request with untrusted chat template."
 )
 MAX_TOKENIZER_VARIANTS = 8  # differently truncating copies of the backend kept per model
+# No token of a real vocabulary spans more characters than this, so a text longer than
+# (tokens + 1) * MAX_CHARS_PER_TOKEN characters holds more than `tokens` tokens: an over-long text is
+# refused, or cut before the tokenizer sees it, without tokenizing megabytes (a 1 MB text took 2 s).
+MAX_CHARS_PER_TOKEN = 64
 
 
 class TextEncoder:
@@ -124,6 +128,8 @@ class TextEncoder:
     def encode(self, texts: list[str], pairs: list[str] | None = None, options: PromptOptions = DEFAULT_OPTIONS,
                *, check_length: bool = True) -> Encoded:
         """Tokenize (text pairs as ``[CLS] a [SEP] b [SEP]``); over-long inputs are a 400."""
+        texts, pairs = self._bounded(texts, options, check_length), (
+            None if pairs is None else self._bounded(pairs, options, check_length))
         inputs = list(zip(texts, pairs)) if pairs is not None else texts
         if options.truncate_to is None:
             backend = self.backend if check_length else self._backend_truncating_to(None)
@@ -152,6 +158,19 @@ class TextEncoder:
                 itertools.chain.from_iterable(e.type_ids for e in encodings), dtype=np.int64, count=total
             )
         return Encoded(ids, lengths, types)
+
+    def _bounded(self, texts: list[str], options: PromptOptions, check_length: bool) -> list[str]:
+        """Texts too long for any tokenization to fit: refused (no truncation asked) or cut on the side
+        truncation drops, keeping more characters than the kept tokens can span."""
+        keep = options.truncate_to if options.truncate_to is not None else self.max_model_len
+        limit = (keep + 1) * MAX_CHARS_PER_TOKEN
+        if not any(len(text) > limit for text in texts):
+            return texts
+        if options.truncate_to is None and check_length:
+            raise too_long_error(self.max_model_len, self.max_model_len + 1, at_least=True)
+        if (options.side or self.truncation_direction) == "left":
+            return [text[-limit:] if len(text) > limit else text for text in texts]
+        return [text[:limit] if len(text) > limit else text for text in texts]
 
     def _sliced(self, encodings, keep: int, side: str) -> Encoded:
         """vLLM with an explicit side: slice the full ids, special tokens included."""
@@ -224,6 +243,7 @@ class TextEncoder:
 
     def truncate_text(self, text: str, max_tokens: int) -> str:
         """The longest prefix of ``text`` that is at most ``max_tokens`` tokens (no special tokens)."""
+        text = text[: (max_tokens + 1) * MAX_CHARS_PER_TOKEN]  # enough for max_tokens + 1 tokens
         encoding = self._backend_truncating_to(None).encode(text, add_special_tokens=False)
         if len(encoding.ids) <= max_tokens:
             return text

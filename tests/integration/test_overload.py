@@ -95,3 +95,19 @@ def test_abandoned_requests_are_not_computed(queueing_adapter, triton_server):
     computed = triton_inference_count(triton_server) - before - 4  # the follow-up request's 4 texts
     # Without cancellation all 40 are computed (checked by disabling the middleware: 40 of 40).
     assert computed <= 16 * 5, f"{computed // 16} of 40 abandoned requests were computed"
+
+
+def test_megabytes_of_text_cost_no_tokenizer_time(adapter_url):
+    huge = "paris is the capital of france " * 100000  # 3 MB: ~2 s of tokenizing here without the bound
+    for body, status in (({"model": MODEL, "input": huge}, 400),
+                         ({"model": MODEL, "input": huge, "truncate_prompt_tokens": 5}, 200)):
+        started = time.perf_counter()
+        response = httpx.post(f"{adapter_url}/classify", json=body, timeout=60)
+        assert response.status_code == status, response.text
+        assert time.perf_counter() - started < 1.0
+    assert "maximum context length is 128 tokens" in httpx.post(
+        f"{adapter_url}/classify", json={"model": MODEL, "input": huge}, timeout=60).json()["error"]["message"]
+    started = time.perf_counter()
+    response = httpx.post(f"{adapter_url}/rerank", json={"model": "xlm_roberta_classifier", "query": "paris",
+                                                         "documents": [huge], "max_tokens_per_doc": 20}, timeout=60)
+    assert response.status_code == 200 and time.perf_counter() - started < 1.0
