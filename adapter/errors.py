@@ -117,6 +117,8 @@ TRITON_STATUS_TO_ERROR: dict[str, type[AdapterError]] = {
 
 def from_triton(error: InferenceServerException) -> AdapterError:
     error_class = TRITON_STATUS_TO_ERROR.get(str(error.status()), InternalServerError)
+    if "is not healthy" in (error.message() or ""):
+        error_class = ServiceUnavailableError  # a dead stub, which the stack is reloading: retry shortly
     return error_class(sanitize_message(error.message() or str(error)))
 
 

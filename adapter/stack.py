@@ -5,7 +5,8 @@
    (``bert_classifier`` → builtin:sentiment-minilm, ``bert_embedder`` → builtin:all-MiniLM-L6-v2)
    or the ones named with ``--model`` (see :mod:`model_runtime.serving_plan`);
 3. runs the HTTP adapter on ``--host``/``--port`` and prints the URL and a sample request;
-4. stops everything on Ctrl-C / SIGTERM, or when Triton or one of its stubs dies.
+4. reloads a model whose stub dies and restarts a dead tritonserver (bounded: a crash loop stops the
+   stack with a non-zero exit), and stops everything on Ctrl-C / SIGTERM.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import os
 import logging
 import signal
 import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import uvicorn
@@ -24,7 +27,7 @@ from adapter.app import create_app
 from adapter.settings import Settings
 from model_runtime.builtin import prepare_all
 from model_runtime.checkpoints import PROJECT_ROOT, served_name
-from model_runtime.launcher import SOURCE_FOLDER, LauncherError, TritonServer
+from model_runtime.launcher import SOURCE_FOLDER, LauncherError, ServerDied, StubDied, TritonServer
 from model_runtime.serving_plan import PlanError, parse_sets, plan_models
 
 DEFAULT_MODELS = ("bert_classifier", "bert_embedder")
@@ -41,8 +44,29 @@ def sample_requests(base_url: str) -> str:
     )
 
 
-async def _watch(triton: TritonServer, web: uvicorn.Server, failures: list[str]) -> None:
-    """Stop the adapter if Triton or a stub dies; announce the URL once it is up."""
+@dataclass
+class Recovery:
+    """Bounded restarts: each target (a model's stub, or tritonserver) may fail ``limit`` times in
+    ``window_s``; one more failure is a crash loop, reported, and the stack exits non-zero for its
+    supervisor (compose, systemd, Kubernetes) to act on."""
+
+    limit: int = 3
+    window_s: float = 300.0
+    failures: dict[str, list[float]] = field(default_factory=dict)
+
+    def allow(self, target: str) -> bool:
+        now = time.monotonic()
+        recent = [t for t in self.failures.get(target, []) if now - t < self.window_s] + [now]
+        self.failures[target] = recent
+        return len(recent) <= self.limit
+
+    def backoff_s(self, target: str) -> float:
+        return min(8.0, 0.5 * 2 ** (len(self.failures.get(target, [])) - 1))
+
+
+async def _watch(triton: TritonServer, web: uvicorn.Server, failures: list[str], recovery: Recovery) -> None:
+    """Announce the URL once up; reload a model whose stub died (the others keep serving), restart a
+    dead tritonserver on the same ports; stop everything on a crash loop."""
     announced = False
     while not web.should_exit:
         if web.started and not announced:
@@ -52,9 +76,23 @@ async def _watch(triton: TritonServer, web: uvicorn.Server, failures: list[str])
             announced = True
         try:
             triton.check()
-        except LauncherError as error:
-            failures.append(str(error))
-            web.should_exit = True
+        except (StubDied, ServerDied) as died:
+            target = died.model if isinstance(died, StubDied) else "tritonserver"
+            if not recovery.allow(target):
+                failures.append(f"{target} crash-looping ({recovery.limit} restarts within {recovery.window_s:g} s): "
+                                f"{died}")
+                web.should_exit = True
+                break
+            logger.warning("%s died; %s", target, "reloading it" if target != "tritonserver" else "restarting")
+            await asyncio.sleep(recovery.backoff_s(target))
+            try:
+                if isinstance(died, StubDied):
+                    await asyncio.to_thread(triton.reload, died.model)
+                else:
+                    await asyncio.to_thread(triton.restart)
+                logger.warning("%s is back", target)
+            except LauncherError as error:
+                logger.error("recovering %s failed: %s", target, error)  # checked again, counted again
         await asyncio.sleep(0.5)
 
 
@@ -111,7 +149,7 @@ async def serve(args: argparse.Namespace) -> int:
                             host=args.host, port=args.port, triton_metrics_url=metrics_url)
         web = uvicorn.Server(uvicorn.Config(create_app(settings), host=args.host, port=args.port, log_level="info"))
         stop.web = web
-        watcher = asyncio.create_task(_watch(triton, web, failures))
+        watcher = asyncio.create_task(_watch(triton, web, failures, Recovery()))
         await web.serve()
         watcher.cancel()
     finally:

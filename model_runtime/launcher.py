@@ -50,6 +50,18 @@ class LauncherError(RuntimeError):
     """The server could not be started, died, or a model failed to load."""
 
 
+class ServerDied(LauncherError):
+    """tritonserver itself exited."""
+
+
+class StubDied(LauncherError):
+    """One model's Python backend stub died; the server and the other models still run."""
+
+    def __init__(self, message: str, model: str):
+        super().__init__(message)
+        self.model = model
+
+
 # ----------------------------------------------------------------------------------------------
 # The wheel's files
 
@@ -396,14 +408,34 @@ class TritonServer:
         """Raise :class:`LauncherError` if the server or any stub it started has died."""
         if self.process is None or self.process.poll() is not None:
             code = None if self.process is None else self.process.returncode
-            raise LauncherError(f"tritonserver exited with code {code}.{self._log_tail()}")
+            raise ServerDied(f"tritonserver exited with code {code}.{self._log_tail()}")
         alive = set(self._current_stub_pids())
         for pid, model in self.stub_pids.items():
             if pid not in alive:
-                raise LauncherError(
+                raise StubDied(
                     f"the Python backend stub of model {model!r} (pid {pid}) died; its requests "
-                    f"fail with 'Stub process is not healthy'.{self._log_tail()}"
-                )
+                    f"fail with 'Stub process is not healthy'.{self._log_tail()}", model)
+
+    def reload(self, name: str) -> None:
+        """Load ``name`` again through the repository API (Triton starts new stubs for it; the other
+        models keep serving), then track its new stub."""
+        self.stub_pids = {pid: model for pid, model in self.stub_pids.items() if model != name}
+        # A load of an unchanged, loaded model is a no-op in Triton, so unload it first.
+        self._request("POST", f"/v2/repository/models/{name}/unload", b"{}", timeout=self.ready_timeout_s)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and self._request("GET", f"/v2/models/{name}/ready")[0] == 200:
+            time.sleep(0.1)
+        status, payload = self._request("POST", f"/v2/repository/models/{name}/load", b"{}",
+                                        timeout=self.ready_timeout_s)
+        if status != 200:
+            message = json.loads(payload or b"{}").get("error", payload.decode(errors="replace"))
+            raise LauncherError(f"model {name!r} failed to reload: {message}")
+        self.stub_pids.update({pid: m for pid, m in self._current_stub_pids().items() if m == name})
+
+    def restart(self) -> TritonServer:
+        """A new server on the same ports (clients reconnect to the address they know)."""
+        self.stop()
+        return self.start()
 
     def stop(self) -> None:
         """SIGTERM the server (it unloads models and stops its stubs), then clean up."""

@@ -1,0 +1,120 @@
+"""Chaos against the whole stack (``python -m adapter.stack``, as ``make serve`` runs it).
+
+kill -9 one model's stub under load: that model answers 503 at once and then correctly again,
+the other model never fails. kill -9 tritonserver: the stack restarts it on the same ports and
+both models come back. SIGTERM then leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from model_runtime import launcher
+from model_runtime.launcher import free_port, spawn_tied_to_this_process, wait_for_http
+from tests.conftest import PROJECT_ROOT
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_checkpoints, tmp_path_factory):
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("recovery") / "stack.log"
+    command = [sys.executable, "-m", "adapter.stack", "--port", str(port),
+               "--model", f"bert_classifier={tiny_checkpoints['bert_classifier']}",
+               "--model", f"xlm_roberta_classifier={tiny_checkpoints['xlm_roberta_classifier']}"]
+    with log_path.open("wb") as log:
+        process = spawn_tied_to_this_process(command, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{url}/health", process, timeout_s=300, log_path=log_path)
+        yield url, process, log_path
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def classify(url: str, model: str) -> httpx.Response:
+    return httpx.post(f"{url}/classify", json={"model": str(model), "input": ["the movie was great", "rain"]},
+                      timeout=30)
+
+
+def processes_of(pid: int, needle: str) -> list[int]:
+    return [p for p in launcher.descendant_pids(pid) if needle in launcher.process_cmdline(p)]
+
+
+def until_ok(url: str, model: str, seconds: float) -> tuple[float, list[tuple[int, float]]]:
+    """Poll until 200; returns the time it took and every non-200 (status, seconds to answer)."""
+    started, failures = time.monotonic(), []
+    while time.monotonic() - started < seconds:
+        begin = time.monotonic()
+        try:
+            response = classify(url, model)
+            status = response.status_code
+        except httpx.HTTPError:
+            status = 0
+        if status == 200:
+            return time.monotonic() - started, failures
+        failures.append((status, time.monotonic() - begin))
+        time.sleep(0.2)
+    raise AssertionError(f"{model} did not come back within {seconds} s: {failures[-5:]}")
+
+
+def test_a_dead_stub_costs_only_its_model_a_few_seconds(stack, tiny_checkpoints):
+    url, process, log_path = stack
+    bert, xlm = tiny_checkpoints["bert_classifier"], tiny_checkpoints["xlm_roberta_classifier"]
+    assert classify(url, bert).status_code == 200
+    other_failures: list[int] = []
+    stop = threading.Event()
+
+    def load_other_model():
+        while not stop.is_set():
+            status = classify(url, xlm).status_code
+            if status != 200:
+                other_failures.append(status)
+
+    loader = threading.Thread(target=load_other_model)
+    loader.start()
+    try:
+        (stub,) = processes_of(process.pid, "bert_classifier/1/model.py")
+        os.kill(stub, signal.SIGKILL)
+        recovered_s, failures = until_ok(url, bert, 60)
+    finally:
+        stop.set()
+        loader.join()
+    assert all(status == 503 and seconds < 2 for status, seconds in failures), failures
+    assert not other_failures, f"the other model failed: {other_failures[:5]}"
+    assert processes_of(process.pid, "bert_classifier/1/model.py") != [stub]
+    print(f"stub kill: back after {recovered_s:.1f} s, {len(failures)} fast 503s")
+
+
+def test_a_dead_tritonserver_is_restarted(stack, tiny_checkpoints):
+    url, process, _ = stack
+    (server,) = processes_of(process.pid, "bin/tritonserver")
+    os.kill(server, signal.SIGKILL)
+    for model in ("bert_classifier", "xlm_roberta_classifier"):
+        recovered_s, failures = until_ok(url, tiny_checkpoints[model], 120)
+        assert all(status in (0, 503) for status, _ in failures), failures
+    assert process.poll() is None
+
+
+def test_sigterm_leaves_nothing_behind(stack):
+    url, process, _ = stack
+    children = launcher.descendant_pids(process.pid)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=90) == 0
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(launcher.pid_alive(p) for p in children):
+        time.sleep(0.2)
+    zombies_or_gone = [p for p in children if launcher.pid_alive(p)
+                       and "Z" not in open(f"/proc/{p}/stat").read().split(")")[1].split()[0]]
+    assert not zombies_or_gone
