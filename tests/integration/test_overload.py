@@ -50,7 +50,10 @@ def test_ten_times_the_capacity_is_answered_200_or_fast_429(small_adapter):
         body = response.json()["error"]
         assert body["type"] == "TooManyRequestsError" and body["code"] == 429 and "busy" in body["message"]
         assert int(response.headers["Retry-After"]) >= 1
-    assert sorted(s for _, s in refused)[len(refused) // 2] < 1.0  # refusals come at once, not after a wait
+    refusal_s = sorted(s for _, s in refused)
+    print(f"overload: {len(admitted)} admitted, {len(refused)} refused; refusal p50 {1000 * refusal_s[len(refusal_s) // 2]:.0f} ms"
+          f" p99 {1000 * refusal_s[int(len(refusal_s) * 0.99)]:.0f} ms (120 concurrent clients, 2 cores)")
+    assert refusal_s[len(refusal_s) // 2] < 1.0  # refusals come at once, not after a wait
     for response in admitted:
         assert all(abs(sum(item["probs"]) - 1) < 1e-5 for item in response.json()["data"])
     # afterwards the server is normal again, and the refusals are counted
