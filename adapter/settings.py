@@ -36,9 +36,9 @@ class Settings(BaseSettings):
         "(sent to Triton). The default holds a few dynamic batches of the engine's 16,384-token forwards.",
     )
     max_queued_tokens_per_model: int = Field(
-        131072, ge=0,
-        description="Admission control: tokens more that may wait for admission; beyond, requests are refused at "
-        "once with 429 and Retry-After.",
+        524288, ge=0,
+        description="Admission control: tokens more that may wait for admission (about 64 rerank requests of 64 "
+        "documents); beyond, requests are refused at once with 429 and Retry-After.",
     )
     admission_wait_s: float = Field(
         10.0, gt=0,
