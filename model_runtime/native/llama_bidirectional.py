@@ -57,7 +57,32 @@ def llama_config_from_dict(config_dict: dict):
 
 
 @dataclass(frozen=True)
-class LlamaBidirectionalFamily(DecoderFamily):
+class NativeLlamaFamily(DecoderFamily):
+    """Llama-body architectures upstream ships as remote code: the config from config.json, the
+    weights (upstream names = transformers' Llama names) into a stock ``LlamaForSequenceClassification``,
+    with ``customize(model, config)`` adding what the architecture changes before the weights load."""
+
+    def read_config(self, checkpoint: str, trust_remote_code: bool = False):
+        return llama_config_from_dict(read_config_dict(checkpoint))
+
+    def customize(self, model: nn.Module, config) -> None:
+        """Modules the architecture adds or changes, before its weights are loaded."""
+
+    def load_llama(self, checkpoint: str, attention: str = "") -> nn.Module:
+        from transformers import LlamaForSequenceClassification
+
+        config = self.read_config(checkpoint)
+        self.check_architecture(config)
+        if attention:
+            config._attn_implementation = attention
+        model = LlamaForSequenceClassification(config)
+        self.customize(model, config)
+        model.load_state_dict(load_state(checkpoint_folder(checkpoint)), strict=True)
+        return model
+
+
+@dataclass(frozen=True)
+class LlamaBidirectionalFamily(NativeLlamaFamily):
     pooling: str = "mean"  # the upstream default ("avg"); pooling_for reads the config
     fused_gather: bool = False  # mean pooling is no row gather
     skips_trailing_pad: bool = False  # upstream pools by attention_mask, never by pad ids
@@ -66,18 +91,12 @@ class LlamaBidirectionalFamily(DecoderFamily):
     padded_reason: str = ("bidirectional attention runs on the packed body only "
                           "(HF's padded Llama path builds a causal mask)")
 
-    def read_config(self, checkpoint: str, trust_remote_code: bool = False):
-        return llama_config_from_dict(read_config_dict(checkpoint))
+    def customize(self, model: nn.Module, config) -> None:
+        self.pooling_for(config)  # fail at load on a pooling we do not serve
 
     def load(self, checkpoint: str, dtype: torch.dtype, device: torch.device, attention: str = "sdpa",
              trust_remote_code: bool = False) -> nn.Module:
-        from transformers import LlamaForSequenceClassification
-
-        config = self.read_config(checkpoint)
-        self.check_architecture(config)
-        self.pooling_for(config)  # fail at load on a pooling we do not serve
-        model = LlamaForSequenceClassification(config)
-        model.load_state_dict(load_state(checkpoint_folder(checkpoint)), strict=True)
+        model = self.load_llama(checkpoint)
         for module in model.modules():
             if hasattr(module, "is_causal"):
                 module.is_causal = False

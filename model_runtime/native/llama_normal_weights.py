@@ -26,9 +26,8 @@ import torch
 from torch import nn
 
 from model_runtime.activation import Activation
-from model_runtime.families import DecoderFamily, UnsupportedArchitecture, read_config_dict
-from model_runtime.native.llama_bidirectional import llama_config_from_dict
-from model_runtime.native.weights import checkpoint_folder, load_state
+from model_runtime.families import UnsupportedArchitecture
+from model_runtime.native.llama_bidirectional import NativeLlamaFamily
 
 
 class NormalWeights(nn.Module):
@@ -47,27 +46,21 @@ class NormalWeights(nn.Module):
 
 
 @dataclass(frozen=True)
-class LlamaNormalWeightsFamily(DecoderFamily):
+class LlamaNormalWeightsFamily(NativeLlamaFamily):
     fused_gather: bool = False  # the gate and the products come between the gather and the sum
     skips_trailing_pad: bool = False  # SGLang pools the sequence's last token, pad or not
 
-    def read_config(self, checkpoint: str, trust_remote_code: bool = False):
-        return llama_config_from_dict(read_config_dict(checkpoint))
-
-    def load(self, checkpoint: str, dtype: torch.dtype, device: torch.device, attention: str = "sdpa",
-             trust_remote_code: bool = False) -> nn.Module:
-        from transformers import LlamaForSequenceClassification
-
-        config = self.read_config(checkpoint)
-        self.check_architecture(config)
+    def customize(self, model: nn.Module, config) -> None:
         num_labels = int(config.num_labels)
         if num_labels < 2 or num_labels % 2:
             raise UnsupportedArchitecture(
                 f"{self.architectures[0]} needs an even num_labels ((mean, uncertainty) pairs), got {num_labels}")
-        config._attn_implementation = attention
-        model = LlamaForSequenceClassification(config)
         model.weights = NormalWeights(config.hidden_size, num_labels)
-        model.load_state_dict(load_state(checkpoint_folder(checkpoint)), strict=True)
+
+    def load(self, checkpoint: str, dtype: torch.dtype, device: torch.device, attention: str = "sdpa",
+             trust_remote_code: bool = False) -> nn.Module:
+        model = self.load_llama(checkpoint, attention)
+        num_labels = int(model.config.num_labels)
         model.to(device=device, dtype=dtype)
         model.weights.to(torch.float16)  # as SGLang: the gate computes in float16 at every model dtype
         # The sum over attributes, as the engine's last linear (not a checkpoint parameter).
