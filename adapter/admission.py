@@ -11,6 +11,10 @@ Without it every request waits in Triton's queue, and under overload all of them
   TEI's clients retry on; TEI answers 429 when its permits are spent).
 
 A request that leaves (client gone, cancelled) gives its place back whether it waited or ran.
+
+Refusing is cheap only if it comes before the work: :meth:`Admission.refuse_if_full` runs before a
+request is tokenized and refuses it when a request as small as the smallest of the recent ones would
+not fit in the queue, so an overloaded worker spends no tokenizer time on requests it will refuse.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ class Admission:
         self.inflight_tokens = 0
         self.queued_tokens = 0
         self._waiters: collections.deque[tuple[int, asyncio.Future]] = collections.deque()
+        # Sizes of the last requests seen: the smallest is what an untokenized request costs at least.
+        self._recent_sizes: collections.deque[int] = collections.deque(maxlen=64)
 
     def _fits(self, tokens: int) -> bool:
         return self.inflight_tokens == 0 or self.inflight_tokens + tokens <= self.max_inflight_tokens
@@ -43,14 +49,24 @@ class Admission:
         retry_after = max(1, math.ceil(self.max_wait_s))
         return TooManyRequestsError(message, retry_after_s=retry_after)
 
+    def refuse_if_full(self) -> None:
+        """Before tokenizing: refuse at once when the queue has no room for a request as small as the
+        smallest recent one (the full check comes in :meth:`admit` once the size is known)."""
+        if self._waiters and self._recent_sizes and \
+                self.queued_tokens + min(self._recent_sizes) > self.max_queued_tokens:
+            raise self._refuse("queue_full", self._queue_full_message())
+
+    def _queue_full_message(self) -> str:
+        return f"The server is busy: model {self.model} holds its maximum of queued work. Retry later."
+
     @contextlib.asynccontextmanager
     async def admit(self, tokens: int):
         metrics = get_metrics()
         started = time.perf_counter()
+        self._recent_sizes.append(tokens)
         if self._waiters or not self._fits(tokens):
             if self.queued_tokens + tokens > self.max_queued_tokens:
-                raise self._refuse("queue_full", f"The server is busy: model {self.model} holds its maximum of "
-                                                 "queued work. Retry later.")
+                raise self._refuse("queue_full", self._queue_full_message())
             waiter = asyncio.get_running_loop().create_future()
             entry = (tokens, waiter)
             self._waiters.append(entry)

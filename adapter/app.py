@@ -22,6 +22,7 @@ from adapter.rerank.router import router as rerank_router
 from adapter.rerank.router import v1_rerank_router as vllm_v1_rerank_router
 from adapter.score.router import router as score_router
 from adapter.disconnect import CancelOnDisconnectMiddleware
+from adapter.lifecycle import DrainMiddleware, Lifecycle, SignalDrain
 from adapter.security import ApiKeyMiddleware, BodySizeLimitMiddleware
 from adapter.settings import Settings, get_settings
 from adapter.sglang.router import SGLANG_PATHS
@@ -57,8 +58,9 @@ async def discover_models(client: grpcaio.InferenceServerClient, settings: Setti
     return ModelRegistry(models)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = None) -> FastAPI:
     settings = settings or get_settings()
+    lifecycle = lifecycle or Lifecycle()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -72,7 +74,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 admission=AdmissionLimits(settings.max_inflight_tokens_per_model, settings.max_queued_tokens_per_model,
                                           settings.admission_wait_s),
             )
-            yield
+            async with SignalDrain(lifecycle, settings.drain_timeout_s):
+                yield
         finally:
             await client.close()
 
@@ -86,6 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_timing_headers(app)
     # /v1/rerank speaks one flavour (a setting); each is also served under its own path.
     v1_rerank = sglang_v1_rerank_router if settings.rerank_v1_flavour == "sglang" else vllm_v1_rerank_router
+    app.state.lifecycle = lifecycle
     app.state.sglang_paths = SGLANG_PATHS | ({"/v1/rerank"} if settings.rerank_v1_flavour == "sglang" else set())
     for router in (classify_router, score_router, rerank_router, v1_rerank, sglang_router, pooling_router,
                    tokenize_router, invocations_router, models_router):
@@ -93,6 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Outermost first to run: the API key, then the body size.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(CancelOnDisconnectMiddleware)
+    app.add_middleware(DrainMiddleware, lifecycle=lifecycle)  # counts what a graceful shutdown waits for
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
     install_metrics(app, settings.triton_metrics_url)  # outermost: 401s and 413s are counted too

@@ -45,6 +45,11 @@ class Settings(BaseSettings):
         description="Admission control: longest wait for admission before a 429 (an admitted request then runs "
         "under triton_timeout_s, which Triton's queue also honours).",
     )
+    drain_timeout_s: float = Field(
+        30.0, ge=0,
+        description="Graceful shutdown: after SIGTERM, /health answers 503 at once and requests in flight get up "
+        "to this long to finish before the server stops (new requests get 503 meanwhile).",
+    )
     startup_timeout_s: float = Field(
         120.0, gt=0, description="How long to wait at start for Triton to be ready and to list its models."
     )

@@ -54,6 +54,10 @@ class TritonGateway:
                 max_queued_tokens=limits.max_queued_tokens, max_wait_s=limits.max_wait_s)
         return self._admissions[triton_model]
 
+    def refuse_if_busy(self, triton_model: str) -> None:
+        """429 before any tokenizing when the model's admission queue is full (services call it first)."""
+        self.admission(triton_model).refuse_if_full()
+
     def check(self, encoded: Encoded) -> None:
         """The per-request limits every route shares, checked before anything reaches Triton."""
         if encoded.num_sequences and int(encoded.lengths.min()) == 0:
@@ -107,3 +111,13 @@ class TritonGateway:
             return bool(await self.client.is_server_ready(client_timeout=5))
         except InferenceServerException:
             return False
+
+    async def unavailable_models(self) -> dict[str, str] | None:
+        """Models Triton does not have READY, with its reason (a stub being reloaded shows here);
+        None when Triton itself does not answer."""
+        try:
+            index = await self.client.get_model_repository_index(as_json=True, client_timeout=5)
+        except InferenceServerException:
+            return None
+        return {entry["name"]: " ".join(filter(None, (entry.get("state", "UNKNOWN"), entry.get("reason"))))
+                for entry in index.get("models", []) if entry.get("state") != "READY"}

@@ -55,6 +55,7 @@ async def classify(
     settings: Settings,
     response_id: str,
 ) -> ClassificationResponse:
+    gateway.refuse_if_busy(model.triton_model)
     encoded = await encode_prompts(model, request, settings)
     output = "logits" if request.use_activation is False else "scores"
     probs = (await gateway.infer(model.triton_model, encoded, (output,)))[output]

@@ -1,10 +1,12 @@
 from importlib.metadata import PackageNotFoundError, version
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
 
 from adapter.dependencies import GatewayDep, RegistryDep
 from adapter.errors import NotFoundError
 from adapter.models.protocol import ModelCard, ModelList
+from adapter.triton_gateway import TritonGateway
 
 router = APIRouter(tags=["models"])
 
@@ -27,19 +29,33 @@ async def retrieve_model(model: str, registry: RegistryDep) -> ModelCard:
     raise NotFoundError(f"The model `{model}` does not exist.", param="model")
 
 
-@router.get("/health", summary="200 with an empty body while Triton is ready, else 503")
-async def health(gateway: GatewayDep) -> Response:
-    return Response(status_code=200 if await gateway.ready() else 503)
+async def readiness(request: Request, gateway: TritonGateway) -> Response:
+    """200 with an empty body (vLLM's) while Triton and every model are ready; otherwise 503 with why:
+    draining for a shutdown, Triton unreachable, or the models that are not ready (a stub being
+    reloaded after a crash shows here, while the other models keep serving)."""
+    if request.app.state.lifecycle.draining:
+        return JSONResponse({"status": "draining"}, status_code=503)
+    if await gateway.ready():
+        return Response(status_code=200)
+    unavailable = await gateway.unavailable_models()
+    if unavailable is None:
+        return JSONResponse({"status": "unavailable", "message": "Triton does not answer"}, status_code=503)
+    return JSONResponse({"status": "degraded", "unavailable_models": unavailable}, status_code=503)
+
+
+@router.get("/health", summary="200 with an empty body while Triton and its models are ready, else 503 with why")
+async def health(request: Request, gateway: GatewayDep) -> Response:
+    return await readiness(request, gateway)
 
 
 @router.get("/ping", summary="SageMaker health check: the same as /health")
-async def ping(gateway: GatewayDep) -> Response:
-    return Response(status_code=200 if await gateway.ready() else 503)
+async def ping(request: Request, gateway: GatewayDep) -> Response:
+    return await readiness(request, gateway)
 
 
 @router.post("/ping", summary="SageMaker health check (POST): the same as /health")
-async def ping_post(gateway: GatewayDep) -> Response:
-    return Response(status_code=200 if await gateway.ready() else 503)
+async def ping_post(request: Request, gateway: GatewayDep) -> Response:
+    return await readiness(request, gateway)
 
 
 @router.get("/version", summary="The adapter's version (vLLM's route)")

@@ -26,6 +26,7 @@ def encode_row(row: np.ndarray, request: PoolingRequest) -> list[float] | str:
 
 async def pool(request: PoolingRequest, model: ServedModel, gateway: TritonGateway, settings: Settings,
                response_id: str) -> PoolingResponse:
+    gateway.refuse_if_busy(model.triton_model)
     task = request.task or model.task
     if task != model.task:
         raise BadRequestError(f"Unsupported task: {task!r} Supported tasks: ({model.task!r},)")

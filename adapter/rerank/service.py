@@ -15,6 +15,7 @@ async def rerank(
 ) -> RerankResponse:
     documents = [request.documents] if isinstance(request.documents, str) else list(request.documents)
     check_item_count(len(documents), settings.max_items_per_request)
+    gateway.refuse_if_busy(model.triton_model)  # before truncate_sides tokenizes
     query, truncated = truncate_sides(request, model, [request.query], documents)
     scores, prompt_tokens = await score_pairs(
         model, query, truncated, gateway, settings, request.use_activation,

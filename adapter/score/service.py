@@ -54,6 +54,7 @@ async def score_pairs(
     reranker: to the prompt its score template renders, with ``template_variables``) and to each
     text of a bi-encoder; ``length_check`` replaces vLLM's length rule (SGLang's is stricter).
     """
+    gateway.refuse_if_busy(model.triton_model)
     paired = pair_up(queries, documents)
     thread_above = settings.tokenize_in_thread_above
     check_length = length_check is None

@@ -84,6 +84,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 async def classify_v1(request: ClassifyRequest, model: ServedModel, gateway: TritonGateway,
                       settings: Settings) -> ClassifyResponse:
+    gateway.refuse_if_busy(model.triton_model)
     validate_classify_input(request.input)
     if isinstance(request.input, str):
         encoded = await encode_texts(model, [request.input], None, settings)
@@ -144,6 +145,7 @@ async def rerank(request: RerankRequest, model: ServedModel, gateway: TritonGate
 async def classify_native(request: NativeEncodeRequest, model: ServedModel, gateway: TritonGateway,
                           settings: Settings) -> NativeEncodeResult | list[NativeEncodeResult]:
     """SGLang's native ``/classify``: the raw head output (or the embedding) per input, with meta_info."""
+    gateway.refuse_if_busy(model.triton_model)
     started = time.perf_counter()
     if request.text is None and request.input_ids is None:
         raise BadRequestError("At least one of text, input_ids, image, video, or audio should be provided")

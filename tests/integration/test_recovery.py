@@ -69,6 +69,16 @@ def until_ok(url: str, model: str, seconds: float) -> tuple[float, list[tuple[in
     raise AssertionError(f"{model} did not come back within {seconds} s: {failures[-5:]}")
 
 
+def health_until_degraded(url: str, seconds: float) -> dict:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        response = httpx.get(f"{url}/health", timeout=5)
+        if response.status_code == 503:
+            return response.json()
+        time.sleep(0.1)
+    raise AssertionError(f"/health never reported the dead stub's model within {seconds} s")
+
+
 def test_a_dead_stub_costs_only_its_model_a_few_seconds(stack, tiny_checkpoints):
     url, process, log_path = stack
     bert, xlm = tiny_checkpoints["bert_classifier"], tiny_checkpoints["xlm_roberta_classifier"]
@@ -87,11 +97,15 @@ def test_a_dead_stub_costs_only_its_model_a_few_seconds(stack, tiny_checkpoints)
     try:
         (stub,) = processes_of(process.pid, "bert_classifier/1/model.py")
         os.kill(stub, signal.SIGKILL)
+        degraded = health_until_degraded(url, 30)
         recovered_s, failures = until_ok(url, bert, 60)
     finally:
         stop.set()
         loader.join()
     assert all(status == 503 and seconds < 2 for status, seconds in failures), failures
+    # /health named the model being reloaded (and only it) while it was away
+    assert degraded["status"] == "degraded" and list(degraded["unavailable_models"]) == ["bert_classifier"]
+    assert httpx.get(f"{url}/health").status_code == 200
     assert not other_failures, f"the other model failed: {other_failures[:5]}"
     assert processes_of(process.pid, "bert_classifier/1/model.py") != [stub]
     print(f"stub kill: back after {recovered_s:.1f} s, {len(failures)} fast 503s")

@@ -83,3 +83,24 @@ def test_a_cancelled_waiter_gives_its_place_back():
         assert gate.inflight_tokens == 0
 
     asyncio.run(scenario())
+
+
+def test_refuse_if_full_refuses_before_tokenizing_only_when_a_small_request_would_not_fit():
+    async def scenario():
+        gate, release = admission(max_queued_tokens=100), asyncio.Event()
+        gate.refuse_if_full()  # nothing seen, nothing queued: open
+        running = [asyncio.create_task(hold(gate, 100, release))]
+        await asyncio.sleep(0.01)
+        running.append(asyncio.create_task(hold(gate, 20, release)))  # waits: the queue holds 20 of 100
+        await asyncio.sleep(0.01)
+        gate.refuse_if_full()  # a request as small as the smallest recent one (20) still fits
+        running.append(asyncio.create_task(hold(gate, 70, release)))
+        await asyncio.sleep(0.01)
+        assert gate.queued_tokens == 90
+        with pytest.raises(TooManyRequestsError, match="maximum of queued work"):
+            gate.refuse_if_full()  # 90 + 20 > 100: refused with no size known
+        release.set()
+        await asyncio.gather(*running)
+        gate.refuse_if_full()  # drained: open again
+
+    asyncio.run(scenario())

@@ -1,0 +1,102 @@
+"""SIGTERM drains: readiness goes 503 first, requests in flight finish, new ones get a fast 503, then exit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from model_runtime.launcher import free_port, spawn_tied_to_this_process, wait_for_http
+from tests.conftest import PROJECT_ROOT
+from tests.tiny_models import corpus
+
+pytestmark = pytest.mark.integration
+
+MODEL = "bert_classifier"
+
+
+def start_adapter(triton_server, log_path, **settings: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {"ADAPTER_TRITON_GRPC_URL": triton_server.grpc_url, "ADAPTER_HOST": "127.0.0.1", "ADAPTER_PORT": str(port),
+           **{f"ADAPTER_{key.upper()}": value for key, value in settings.items()}}
+    with log_path.open("wb") as log:
+        process = spawn_tied_to_this_process([sys.executable, "-m", "adapter"], cwd=PROJECT_ROOT,
+                                             env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    wait_for_http(f"{url}/health", process, timeout_s=120, log_path=log_path)
+    return process, url
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(triton_server, tmp_path, workers):
+    # One request of ~40 tokens runs at a time: 40 requests stay in flight for a while.
+    process, url = start_adapter(triton_server, tmp_path / "adapter.log", workers=workers,
+                                 max_inflight_tokens_per_model="60", max_queued_tokens_per_model="1000000",
+                                 admission_wait_s="120", drain_timeout_s="120")
+    try:
+        results: list[int] = []
+
+        def one(index: int) -> None:
+            body = {"model": MODEL, "input": corpus(16, seed=index)}
+            try:
+                results.append(httpx.post(f"{url}/classify", json=body, timeout=120).status_code)
+            except httpx.HTTPError as error:
+                results.append(repr(error))
+
+        clients = [threading.Thread(target=one, args=(i,)) for i in range(40)]
+        for client in clients:
+            client.start()
+        time.sleep(0.5)
+        assert len(results) < 40, "the load finished before the signal: make it larger"
+        process.send_signal(signal.SIGTERM)
+        health = refused = None
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (health is None or refused is None):
+            response = httpx.get(f"{url}/health", timeout=5)
+            if response.status_code == 503:
+                health = response
+                refused = httpx.post(f"{url}/classify", json={"model": MODEL, "input": ["new"]}, timeout=5)
+            time.sleep(0.05)
+        assert health is not None and health.json() == {"status": "draining"}
+        assert refused.status_code == 503 and refused.headers["connection"] == "close"
+        assert "shutting down" in refused.json()["error"]["message"]
+        for client in clients:
+            client.join(timeout=120)
+        assert results == [200] * 40, results  # nothing cut mid-response
+        assert process.wait(timeout=30) in (0, -signal.SIGTERM)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_the_drain_timeout_bounds_the_wait(triton_server, tmp_path):
+    process, url = start_adapter(triton_server, tmp_path / "adapter.log", max_inflight_tokens_per_model="60",
+                                 max_queued_tokens_per_model="1000000", admission_wait_s="120", drain_timeout_s="0.5")
+    try:
+        def one(index: int) -> None:
+            try:
+                httpx.post(f"{url}/classify", json={"model": MODEL, "input": corpus(16, seed=index)}, timeout=60)
+            except httpx.HTTPError:
+                pass
+
+        clients = [threading.Thread(target=one, args=(i,)) for i in range(200)]
+        for client in clients:
+            client.start()
+        time.sleep(0.5)
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+        assert time.monotonic() - started < 10  # not the 200 requests' time
+        for client in clients:
+            client.join(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
