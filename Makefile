@@ -50,11 +50,13 @@ bench: $(INSTALLED)
 		$(PY) -m benchmarks.bench_engine --out benchmarks/results --commit $$(git rev-parse --short HEAD) && \
 		$(PY) -m benchmarks.profile_engine --out benchmarks/results --commit $$(git rev-parse --short HEAD) && \
 		$(PY) -m benchmarks.bench_systems --out benchmarks/results --commit $$(git rev-parse --short HEAD) && \
-		$(PY) -m benchmarks.bench_llm_rerankers --out benchmarks/results --pin-cpus --commit $$(git rev-parse --short HEAD); \
+		$(PY) -m benchmarks.bench_llm_rerankers --out benchmarks/results --pin-cpus --commit $$(git rev-parse --short HEAD) && \
+		$(PY) -m benchmarks.bench_reliability --out benchmarks/results --name h200 --random-checkpoints --commit $$(git rev-parse --short HEAD); \
 	else \
 		$(PY) -m benchmarks.bench_engine --smoke --out .cache/bench-smoke && \
 		$(PY) -m benchmarks.bench_systems --smoke --out .cache/bench-smoke && \
-		$(PY) -m benchmarks.bench_llm_rerankers --smoke --out .cache/bench-smoke; \
+		$(PY) -m benchmarks.bench_llm_rerankers --smoke --out .cache/bench-smoke && \
+		$(PY) -m benchmarks.bench_reliability --smoke --out .cache/bench-smoke; \
 	fi
 
 clean:

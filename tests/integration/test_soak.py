@@ -1,0 +1,34 @@
+"""Soak: the whole stack (as ``make serve`` runs it) under a steady load for 60 s: no error, and the
+memory of the adapter, tritonserver and every stub stays within a bound (no leak per request)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from benchmarks import bench_reliability
+
+pytestmark = pytest.mark.integration
+
+SOAK_S = 60.0
+# Growth allowed over the soak after its first fifth (allocator and caches warming up), per process.
+MAX_GROWTH_MIB = 64.0
+
+
+def test_a_steady_minute_has_no_error_and_no_memory_growth(tmp_path):
+    process, url = bench_reliability.start_stack(tmp_path)
+    samples: list[dict] = []
+    try:
+        row = asyncio.run(bench_reliability.soak(url, process.pid, clients=4, seconds=SOAK_S, sample_s=2.0, seed=7,
+                                                 samples=samples))
+    finally:
+        bench_reliability.stop_stack(process)
+    print({key: value for key, value in row.items() if "rss" in key or key in ("requests", "errors")})
+    assert row["requests"] > 20 and row["errors"] == 0
+    warm = samples[len(samples) // 5]
+    names = [key for key in samples[-1] if key.startswith("rss_mib:")]
+    assert {"rss_mib:adapter", "rss_mib:tritonserver"} <= set(names) and any("stub:" in n for n in names)
+    for name in names:
+        assert samples[-1][name] > 0, f"{name} died during the soak"
+        assert samples[-1][name] - warm[name] < MAX_GROWTH_MIB, (name, warm[name], samples[-1][name])
