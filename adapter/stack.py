@@ -96,6 +96,13 @@ async def _watch(triton: TritonServer, web: uvicorn.Server, failures: list[str],
         await asyncio.sleep(0.5)
 
 
+def uses_builtins(model_args: list[str], repository: Path) -> bool:
+    """Whether the plan needs the built-in checkpoints: the defaults, a ``builtin:`` checkpoint, or a
+    model folder named alone (its config.pbtxt's default checkpoint is a built-in one)."""
+    return not model_args or any("builtin:" in arg or ("=" not in arg and (repository / arg).is_dir())
+                                 for arg in model_args)
+
+
 class _StopRequests:
     """SIGINT/SIGTERM handler for the whole run.
 
@@ -118,8 +125,9 @@ class _StopRequests:
 
 async def serve(args: argparse.Namespace) -> int:
     stop = _StopRequests()
-    print("Preparing built-in models (cached after the first run)...", flush=True)
-    await asyncio.to_thread(prepare_all)
+    if uses_builtins(args.model, args.model_repository):
+        print("Preparing built-in models (cached after the first run)...", flush=True)
+        await asyncio.to_thread(prepare_all)
     try:
         models = plan_models(args.model or list(DEFAULT_MODELS), args.model_repository, parse_sets(args.set))
     except PlanError as error:
