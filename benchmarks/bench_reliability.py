@@ -36,6 +36,7 @@ from pathlib import Path
 
 import aiohttp
 import numpy as np
+import orjson
 
 from benchmarks.results_csv import write_csv
 from model_runtime import launcher
@@ -45,6 +46,7 @@ from model_runtime.launcher import free_port, spawn_tied_to_this_process, wait_f
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CLASSIFIER, EMBEDDER = "sentiment-minilm", "all-MiniLM-L6-v2"
 CLASSIFIER_STUB = "bert_classifier/1/model.py"
+JSON = {"Content-Type": "application/json"}
 
 
 def vocabulary() -> list[str]:
@@ -54,18 +56,22 @@ def vocabulary() -> list[str]:
 
 
 class Bodies:
-    """Unique request bodies from a seed: ``texts`` texts of about ``words`` words each."""
+    """Unique request bodies from a seed, cheap to make (a load generator that spends milliseconds per
+    body measures its own lag, not the server): each body draws ``texts`` texts of about ``words``
+    words from a pool built once, in a fresh combination, and is serialized with orjson."""
 
-    def __init__(self, seed: int, texts: int = 32, words: int = 120):
-        self.rng, self.texts, self.words, self.vocabulary = random.Random(seed), texts, words, vocabulary()
+    def __init__(self, seed: int, texts: int = 32, words: int = 120, pool: int = 4096):
+        self.rng, self.texts = random.Random(seed), texts
+        vocabulary_words = vocabulary()
+        self.pool = [" ".join(self.rng.choices(vocabulary_words, k=words)) for _ in range(pool)]
+        self.queries = [" ".join(self.rng.choices(vocabulary_words, k=12)) for _ in range(pool)]
 
-    def classify(self) -> dict:
-        return {"model": CLASSIFIER, "input": [" ".join(self.rng.choices(self.vocabulary, k=self.words))
-                                               for _ in range(self.texts)]}
+    def classify(self) -> bytes:
+        return orjson.dumps({"model": CLASSIFIER, "input": self.rng.sample(self.pool, self.texts)})
 
-    def rerank(self) -> dict:
-        return {"model": EMBEDDER, "query": " ".join(self.rng.choices(self.vocabulary, k=12)),
-                "documents": [" ".join(self.rng.choices(self.vocabulary, k=self.words)) for _ in range(self.texts)]}
+    def rerank(self) -> bytes:
+        return orjson.dumps({"model": EMBEDDER, "query": self.rng.choice(self.queries),
+                             "documents": self.rng.sample(self.pool, self.texts)})
 
 
 def rss_mib(pid: int) -> float:
@@ -117,7 +123,7 @@ async def closed_loop(session: aiohttp.ClientSession, url: str, next_body, clien
             path, body = next_body()
             started = time.perf_counter()
             try:
-                async with session.post(f"{url}{path}", json=body) as response:
+                async with session.post(f"{url}{path}", data=body, headers=JSON) as response:
                     await response.read()
                     status = response.status
             except (aiohttp.ClientError, asyncio.TimeoutError):
@@ -165,7 +171,7 @@ async def recovery(url: str, stack_pid: int, clients: int, seed: int, limit_s: f
         answers: list[int] = []
         while time.perf_counter() - killed < limit_s:
             try:
-                async with client.post(f"{url}/classify", json=bodies.classify()) as response:
+                async with client.post(f"{url}/classify", data=bodies.classify(), headers=JSON) as response:
                     await response.read()
                     answers.append(response.status)
             except (aiohttp.ClientError, asyncio.TimeoutError):
@@ -279,6 +285,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--sample-s", type=float, default=5.0)
     parser.add_argument("--random-checkpoints", action="store_true",
                         help="MiniLM-shaped random weights in place of the built-in checkpoints")
+    parser.add_argument("--phases", nargs="*", default=["overload", "recovery", "soak"])
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -288,13 +295,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows, samples = [], []
     process, url = start_stack(args.work, models=random_checkpoint_models(args.work) if args.random_checkpoints else None)
     try:
-        rows.append({**meta, **asyncio.run(overload(url, args.overload_clients, args.overload_s, seed=1))})
-        print(rows[-1], flush=True)
-        rows.append({**meta, **asyncio.run(recovery(url, process.pid, args.steady_clients, seed=2))})
-        print(rows[-1], flush=True)
-        rows.append({**meta, **asyncio.run(soak(url, process.pid, args.steady_clients, args.soak_s, args.sample_s,
-                                                seed=3, samples=samples))})
-        print(rows[-1], flush=True)
+        phases = {
+            "overload": lambda: overload(url, args.overload_clients, args.overload_s, seed=1),
+            "recovery": lambda: recovery(url, process.pid, args.steady_clients, seed=2),
+            "soak": lambda: soak(url, process.pid, args.steady_clients, args.soak_s, args.sample_s, seed=3,
+                                 samples=samples),
+        }
+        for phase in args.phases:
+            rows.append({**meta, **asyncio.run(phases[phase]())})
+            print(rows[-1], flush=True)
     finally:
         stop_stack(process)
         if rows:
