@@ -6,12 +6,14 @@ Runs ``python -m adapter.stack`` on the embedded default models and drives ``/cl
 of ~120 words per request, the body of issue #12's report; bodies never repeat) with closed-loop
 clients:
 
-1. **overload**: ``--overload-clients`` clients (10x and more what the server holds) for
+1. **refusal_point**: the load held just past what the server admits (its capacity measured with 64
+   closed-loop clients, then Poisson arrivals at 1.5x it): refusal and admitted latency there.
+2. **overload**: ``--overload-clients`` clients (10x and more what the server holds) for
    ``--overload-s``; every answer is a 200 or the documented 429, refused ones at once. Rows: admitted
    and refused requests/s, refusal and admitted latency p50/p99, anything else counted as an error.
-2. **recovery**: steady load on both models, then kill -9 the classifier's stub: the time until it
+3. **recovery**: steady load on both models, then kill -9 the classifier's stub: the time until it
    answers 200 again, what it answered meanwhile, and the other model's failures (goal: none).
-3. **soak**: steady load for ``--soak-s``, sampling the resident memory of the adapter (the stack
+4. **soak**: steady load for ``--soak-s``, sampling the resident memory of the adapter (the stack
    process), tritonserver and each stub every ``--sample-s``; rows per sample go to
    ``reliability_soak_<name>.csv``, the slope (MiB/min, least squares after the first fifth) and the
    error count to ``reliability_<name>.csv``.
@@ -151,6 +153,42 @@ async def overload(url: str, clients: int, seconds: float, seed: int) -> dict:
                 admitted_p50_ms=percentile_ms(admitted, 50), admitted_p99_ms=percentile_ms(admitted, 99))
 
 
+async def refusal_point(url: str, capacity_clients: int, seconds: float, over: float, seed: int) -> dict:
+    """Load held just past what the server admits: its capacity measured with ``capacity_clients``
+    closed-loop clients, then Poisson arrivals at ``over`` x that rate for ``seconds``."""
+    bodies, record, arrivals = Bodies(seed), [], []
+    async with session() as client:
+        await closed_loop(client, url, lambda: ("/classify", bodies.classify()), capacity_clients, seconds / 2,
+                          record)
+        capacity = sum(1 for _, status, _ in record if status == 200) / (seconds / 2)
+        rng, origin = random.Random(seed), time.perf_counter()
+
+        async def one() -> None:
+            started = time.perf_counter()
+            try:
+                async with client.post(f"{url}/classify", data=bodies.classify(), headers=JSON) as response:
+                    await response.read()
+                    status = response.status
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                status = 0
+            arrivals.append((status, time.perf_counter() - started))
+
+        tasks, due = [], origin
+        while due - origin < seconds:
+            due += rng.expovariate(over * capacity)
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            tasks.append(asyncio.create_task(one()))
+        await asyncio.gather(*tasks)
+    admitted = [latency for status, latency in arrivals if status == 200]
+    refused = [latency for status, latency in arrivals if status == 429]
+    return dict(phase="refusal_point", clients=capacity_clients, seconds=seconds, capacity_per_s=round(capacity, 1),
+                offered_per_s=round(over * capacity, 1), requests=len(arrivals),
+                admitted_per_s=round(len(admitted) / seconds, 1), refused_per_s=round(len(refused) / seconds, 1),
+                errors=len(arrivals) - len(admitted) - len(refused),
+                refusal_p50_ms=percentile_ms(refused, 50), refusal_p99_ms=percentile_ms(refused, 99),
+                admitted_p50_ms=percentile_ms(admitted, 50), admitted_p99_ms=percentile_ms(admitted, 99))
+
+
 async def recovery(url: str, stack_pid: int, clients: int, seed: int, limit_s: float = 120) -> dict:
     """kill -9 the classifier's stub under load on both models."""
     bodies = Bodies(seed, texts=8, words=40)
@@ -285,17 +323,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--sample-s", type=float, default=5.0)
     parser.add_argument("--random-checkpoints", action="store_true",
                         help="MiniLM-shaped random weights in place of the built-in checkpoints")
-    parser.add_argument("--phases", nargs="*", default=["overload", "recovery", "soak"])
+    parser.add_argument("--refusal-s", type=float, default=30.0)
+    parser.add_argument("--refusal-over", type=float, default=1.5, help="offered load / measured capacity")
+    parser.add_argument("--phases", nargs="*", default=["refusal_point", "overload", "recovery", "soak"])
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
     if args.smoke:
         args.overload_clients, args.overload_s, args.steady_clients, args.soak_s, args.sample_s = 40, 3, 2, 5, 1
+        args.refusal_s = 4
     args.work.mkdir(parents=True, exist_ok=True)
     meta = dict(device=device_name(), python=platform.python_version(), commit=args.commit)
     rows, samples = [], []
     process, url = start_stack(args.work, models=random_checkpoint_models(args.work) if args.random_checkpoints else None)
     try:
         phases = {
+            "refusal_point": lambda: refusal_point(url, 64, args.refusal_s, args.refusal_over, seed=4),
             "overload": lambda: overload(url, args.overload_clients, args.overload_s, seed=1),
             "recovery": lambda: recovery(url, process.pid, args.steady_clients, seed=2),
             "soak": lambda: soak(url, process.pid, args.steady_clients, args.soak_s, args.sample_s, seed=3,

@@ -104,3 +104,26 @@ def test_refuse_if_full_refuses_before_tokenizing_only_when_a_small_request_woul
         gate.refuse_if_full()  # drained: open again
 
     asyncio.run(scenario())
+
+
+def test_the_queue_holds_no_more_than_the_measured_rate_drains_within_the_wait_bound():
+    async def scenario():
+        gate = admission(max_inflight_tokens=100, max_queued_tokens=10**9, max_wait_s=0.3)
+
+        async def work(tokens: int = 100):
+            async with gate.admit(tokens):
+                await asyncio.sleep(0.05)  # one request of 100 tokens at a time: ~2,000 tokens/s
+
+        for _ in range(6):  # measure the rate
+            await work()
+        assert 1000 < gate.rate() < 2500
+        queued = [asyncio.create_task(work()) for _ in range(4)]  # one runs, 300 tokens queue: ~0.15-0.2 s
+        await asyncio.sleep(0.01)
+        assert gate.queued_tokens == 300
+        started = time.perf_counter()
+        with pytest.raises(TooManyRequestsError, match="maximum of queued work"):
+            await work(1000)  # would wait for ~0.65 s of work > 0.3 s: refused at once, not after the wait
+        assert time.perf_counter() - started < 0.02
+        await asyncio.gather(*queued)  # the admitted ones all finish
+
+    asyncio.run(scenario())
