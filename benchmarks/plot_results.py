@@ -6,6 +6,7 @@ kernels_<gpu>.csv → kernels_<gpu>.png: per kernel, achieved share of the devic
 bandwidth and speedup over the torch composite, against the number of sequences.
 engine_<gpu>.csv → engine_<gpu>.png: sequences/s of the packed engine and padded HF per model and
 workload, with model-FLOP utilisation.
+reliability_soak_<name>.csv → reliability_soak_<name>.png: memory of every process over a soak.
 """
 
 from __future__ import annotations
@@ -114,6 +115,21 @@ def plot_systems(csv_path: Path) -> Path:
     return save_next_to(figure, csv_path, dpi=100)
 
 
+def plot_soak(csv_path: Path) -> Path:
+    """reliability_soak_<name>.csv → its PNG: resident memory of every stack process over the soak."""
+    rows = list(csv.DictReader(csv_path.open()))
+    figure, axis = plt.subplots(figsize=(7.5, 4))
+    minutes = [float(r["t_s"]) / 60 for r in rows]
+    for name in [key for key in rows[0] if key.startswith("rss_mib:")]:
+        axis.plot(minutes, [float(r[name]) for r in rows], label=name.removeprefix("rss_mib:"))
+    axis.set_xlabel("minutes of steady load")
+    axis.set_ylabel("resident memory (MiB)")
+    axis.set_ylim(bottom=0)
+    axis.legend(fontsize=8)
+    axis.set_title(f"Soak: {rows[-1]['requests']} requests, memory of each process ({csv_path.stem})", fontsize=10)
+    return save_next_to(figure, csv_path, dpi=110)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results"))
@@ -125,6 +141,8 @@ def main() -> None:
         print("wrote", plot_engine(path))
     for path in sorted(args.results.glob("systems*.csv")):
         print("wrote", plot_systems(path))
+    for path in sorted(args.results.glob("reliability_soak_*.csv")):
+        print("wrote", plot_soak(path))
 
 
 if __name__ == "__main__":

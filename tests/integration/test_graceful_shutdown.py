@@ -49,12 +49,15 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(triton_server, t
             except httpx.HTTPError as error:
                 results.append(repr(error))
 
-        clients = [threading.Thread(target=one, args=(i,)) for i in range(40)]
+        clients = [threading.Thread(target=one, args=(i,)) for i in range(120)]
         for client in clients:
             client.start()
-        time.sleep(0.5)
-        assert len(results) < 40, "the load finished before the signal: make it larger"
+        deadline = time.monotonic() + 10
+        while not results and time.monotonic() < deadline:  # the work has started
+            time.sleep(0.01)
+        assert len(results) < 120, "the load finished before the signal: make it larger"
         process.send_signal(signal.SIGTERM)
+        done_before_signal = len(results)
         health = refused = None
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and (health is None or refused is None):
@@ -68,7 +71,10 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(triton_server, t
         assert "shutting down" in refused.json()["error"]["message"]
         for client in clients:
             client.join(timeout=120)
-        assert results == [200] * 40, results  # nothing cut mid-response
+        # Nothing cut mid-response: requests the server had taken finished with 200 after the signal;
+        # those that reached it after the signal got the fast 503 (no connection was dropped).
+        assert set(results) <= {200, 503}, results
+        assert results.count(200) > done_before_signal + 5, (done_before_signal, results)
         assert process.wait(timeout=30) in (0, -signal.SIGTERM)
     finally:
         if process.poll() is None:
