@@ -44,6 +44,7 @@ class Admission:
         self._recent_sizes: collections.deque[int] = collections.deque(maxlen=64)
         # Finished requests of the last RATE_WINDOW_S: (time, tokens, busy seconds so far then).
         self._finished: collections.deque[tuple[float, int, float]] = collections.deque()
+        self._finished_tokens = 0  # sum over _finished but its oldest entry
         self._busy_s = 0.0  # time with work in flight, up to _busy_since
         self._busy_since: float | None = None  # set while work is in flight
 
@@ -57,10 +58,12 @@ class Admission:
         now = time.monotonic()
         while self._finished and now - self._finished[0][0] > self.RATE_WINDOW_S:
             self._finished.popleft()
+            if self._finished:
+                self._finished_tokens -= self._finished[0][1]  # the new oldest entry leaves the sum
         if len(self._finished) < 4:
             return None
         busy = self._busy_now(now) - self._finished[0][2]
-        return sum(tokens for _, tokens, _ in list(self._finished)[1:]) / max(busy, 1e-3)
+        return self._finished_tokens / max(busy, 1e-3)
 
     def _queue_too_slow(self, extra_tokens: int) -> bool:
         """The queue ahead would take longer than max_wait_s to drain at the measured rate."""
@@ -132,6 +135,8 @@ class Admission:
         now = time.monotonic()
         self.inflight_tokens -= tokens
         if finished:
+            if self._finished:
+                self._finished_tokens += tokens
             self._finished.append((now, tokens, self._busy_now(now)))
         if self.inflight_tokens == 0 and self._busy_since is not None:
             self._busy_s += now - self._busy_since
