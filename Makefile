@@ -25,7 +25,7 @@ $(INSTALLED): pyproject.toml Makefile
 	# torch==2.13.0 is the CPU wheel on CI machines' disk; where torch is already there (the
 	# GPU image) nothing is reinstalled.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install --no-build-isolation -e ".[test]"
+	$(PY) -m pip install --no-build-isolation -e ".[runtime,test]"
 	$(PY) -m pip install --no-deps nvidia-pytriton==0.7.0
 	# The Triton stub ignores PYTHONPATH: it imports from this venv, so the project root goes
 	# into the venv's site-packages as a .pth.

@@ -17,21 +17,15 @@ import os
 import logging
 import signal
 import sys
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import uvicorn
 
 from adapter.app import create_app
 from adapter.settings import Settings
-from model_runtime.builtin import prepare_all
-from model_runtime.checkpoints import PROJECT_ROOT, served_name
-from model_runtime.launcher import SOURCE_FOLDER, LauncherError, ServerDied, StubDied, TritonServer
-from model_runtime.serving_plan import PlanError, parse_sets, plan_models
-
-DEFAULT_MODELS = ("bert_classifier", "bert_embedder")
-logger = logging.getLogger("serve")
+from model_runtime.launcher import LauncherError, ServerDied, StubDied, TritonServer
+from model_runtime.serve_triton import add_model_arguments, model_entries, start_triton
+from model_runtime.serving_plan import PlanError
+from model_runtime.supervision import CrashLoop, Recovery, recover
 
 
 def sample_requests(base_url: str) -> str:
@@ -42,26 +36,6 @@ def sample_requests(base_url: str) -> str:
         "  -d '{\"model\": \"all-MiniLM-L6-v2\", \"query\": \"What is the capital of France?\", "
         "\"documents\": [\"Berlin is in Germany.\", \"Paris is the capital of France.\"]}'"
     )
-
-
-@dataclass
-class Recovery:
-    """Bounded restarts: each target (a model's stub, or tritonserver) may fail ``limit`` times in
-    ``window_s``; one more failure is a crash loop, reported, and the stack exits non-zero for its
-    supervisor (compose, systemd, Kubernetes) to act on."""
-
-    limit: int = 3
-    window_s: float = 300.0
-    failures: dict[str, list[float]] = field(default_factory=dict)
-
-    def allow(self, target: str) -> bool:
-        now = time.monotonic()
-        recent = [t for t in self.failures.get(target, []) if now - t < self.window_s] + [now]
-        self.failures[target] = recent
-        return len(recent) <= self.limit
-
-    def backoff_s(self, target: str) -> float:
-        return min(8.0, 0.5 * 2 ** (len(self.failures.get(target, [])) - 1))
 
 
 async def _watch(triton: TritonServer, web: uvicorn.Server, failures: list[str], recovery: Recovery) -> None:
@@ -77,30 +51,13 @@ async def _watch(triton: TritonServer, web: uvicorn.Server, failures: list[str],
         try:
             triton.check()
         except (StubDied, ServerDied) as died:
-            target = died.model if isinstance(died, StubDied) else "tritonserver"
-            if not recovery.allow(target):
-                failures.append(f"{target} crash-looping ({recovery.limit} restarts within {recovery.window_s:g} s): "
-                                f"{died}")
+            try:
+                await asyncio.to_thread(recover, triton, died, recovery)
+            except CrashLoop as loop:
+                failures.append(str(loop))
                 web.should_exit = True
                 break
-            logger.warning("%s died; %s", target, "reloading it" if target != "tritonserver" else "restarting")
-            await asyncio.sleep(recovery.backoff_s(target))
-            try:
-                if isinstance(died, StubDied):
-                    await asyncio.to_thread(triton.reload, died.model)
-                else:
-                    await asyncio.to_thread(triton.restart)
-                logger.warning("%s is back", target)
-            except LauncherError as error:
-                logger.error("recovering %s failed: %s", target, error)  # checked again, counted again
         await asyncio.sleep(0.5)
-
-
-def uses_builtins(model_args: list[str], repository: Path) -> bool:
-    """Whether the plan needs the built-in checkpoints: the defaults, a ``builtin:`` checkpoint, or a
-    model folder named alone (its config.pbtxt's default checkpoint is a built-in one)."""
-    return not model_args or any("builtin:" in arg or ("=" not in arg and (repository / arg).is_dir())
-                                 for arg in model_args)
 
 
 class _StopRequests:
@@ -125,25 +82,13 @@ class _StopRequests:
 
 async def serve(args: argparse.Namespace) -> int:
     stop = _StopRequests()
-    if uses_builtins(args.model, args.model_repository):
-        print("Preparing built-in models (cached after the first run)...", flush=True)
-        await asyncio.to_thread(prepare_all)
+    entries, sets = model_entries(args)
     try:
-        models = plan_models(args.model or list(DEFAULT_MODELS), args.model_repository, parse_sets(args.set))
+        triton = await asyncio.to_thread(start_triton, entries, sets, args.model_repository,
+                                         log_path=args.triton_log, grpc_port=args.triton_grpc_port)
     except PlanError as error:
         print(f"serve: {error}", file=sys.stderr, flush=True)
         return 2
-    for name, parameters in models.items():
-        print(f"  {served_name(parameters, name)}: Triton model {name} ({parameters[SOURCE_FOLDER]})", flush=True)
-    triton = TritonServer(
-        model_repository=args.model_repository,
-        models=models,
-        grpc_port=args.triton_grpc_port,
-        log_path=args.triton_log,
-    )
-    print(f"Starting tritonserver with {', '.join(triton.models)}...", flush=True)
-    try:
-        await asyncio.to_thread(triton.start)
     except LauncherError as error:
         print(f"serve: {error}", file=sys.stderr, flush=True)
         return 1
@@ -172,17 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m adapter.stack", description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument(
-        "--model", action="append", default=[], metavar="CHECKPOINT|FOLDER[=CHECKPOINT]",
-        help="a checkpoint (local folder, builtin:NAME or hub id; its config.json picks the architecture), a "
-        "model folder, or FOLDER=CHECKPOINT; repeatable. "
-        f"Default: {' '.join(DEFAULT_MODELS)} with the built-in checkpoints.",
-    )
-    parser.add_argument("--set", action="append", default=[], metavar="NAME.key=value",
-                        help="set a model parameter (NAME: the --model value or its Triton name); repeatable")
-    parser.add_argument("--model-repository", type=Path, default=PROJECT_ROOT / "model_repository")
+    add_model_arguments(parser)
     parser.add_argument("--triton-grpc-port", type=int, default=0, help="0 picks a free port")
-    parser.add_argument("--triton-log", type=Path, default=None, help="tritonserver log file (default: stdout)")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return asyncio.run(serve(parser.parse_args(argv)))
 

