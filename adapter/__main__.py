@@ -1,10 +1,10 @@
 """``python -m adapter``: run the HTTP adapter against a running Triton (settings from ADAPTER_* env)."""
 
-import copy
 import os
 
 import uvicorn
 
+from adapter.log_config import uvicorn_log_config
 from adapter.metrics import prepare_multiprocess_dir
 from adapter.settings import get_settings
 
@@ -15,9 +15,5 @@ if __name__ == "__main__":
         os.environ.setdefault("RAYON_NUM_THREADS", str(settings.tokenizer_threads))
     prepare_multiprocess_dir(settings.workers)  # several workers: /metrics sums them through a shared folder
     # A factory, so each of `workers` processes builds its own app (and Triton client) from the env.
-    # uvicorn's logging, with the adapter's own INFO lines (the models it serves, draining) on the
-    # same handler; applied in every worker.
-    log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
-    log_config["loggers"]["adapter"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
     uvicorn.run("adapter.app:create_app", factory=True, host=settings.host, port=settings.port,
-                workers=settings.workers, log_level="info", log_config=log_config)
+                workers=settings.workers, log_level="info", log_config=uvicorn_log_config())

@@ -21,6 +21,7 @@ import sys
 import uvicorn
 
 from adapter.app import create_app
+from adapter.log_config import uvicorn_log_config
 from adapter.settings import Settings
 from model_runtime.launcher import LauncherError, ServerDied, StubDied, TritonServer
 from model_runtime.serve_triton import add_model_arguments, model_entries, start_triton
@@ -100,7 +101,8 @@ async def serve(args: argparse.Namespace) -> int:
         metrics_url = os.environ.get("ADAPTER_TRITON_METRICS_URL") or f"http://127.0.0.1:{triton.metrics_port}/metrics"
         settings = Settings(triton_grpc_url=triton.grpc_url, model_repository=args.model_repository,
                             host=args.host, port=args.port, triton_metrics_url=metrics_url)
-        web = uvicorn.Server(uvicorn.Config(create_app(settings), host=args.host, port=args.port, log_level="info"))
+        web = uvicorn.Server(uvicorn.Config(create_app(settings), host=args.host, port=args.port, log_level="info",
+                                            log_config=uvicorn_log_config()))
         stop.web = web
         watcher = asyncio.create_task(_watch(triton, web, failures, Recovery()))
         await web.serve()

@@ -51,8 +51,8 @@ def start_triton(entries: list[str], sets: list[str], repository: Path, *, log_p
     began = time.monotonic()
     triton.start()
     print(describe_models(triton), flush=True)
-    print(f"Triton ready in {time.monotonic() - began:.1f} s: gRPC {triton.grpc_url}, HTTP {triton.http_url}, "
-          f"metrics :{triton.metrics_port}", flush=True)
+    print(f"Triton ready in {time.monotonic() - began:.1f} s on {triton.address}: gRPC :{triton.grpc_port}, "
+          f"HTTP :{triton.http_port}, metrics :{triton.metrics_port}", flush=True)
     return triton
 
 

@@ -64,6 +64,21 @@ def test_prints_url_and_sample_request(make_serve):
     assert f"curl -s {url}/classify" in output and f"curl -s {url}/rerank" in output
 
 
+def test_console_shows_what_loaded_and_keeps_triton_s_log_in_a_file(make_serve):
+    """A newcomer's console: each model with its placement and load time, the log's path; none of
+    Triton's option table or its harmless CUDA/NVML lines on a CPU-only host."""
+    _, _, log_path = make_serve
+    output = log_path.read_text()
+    triton_log = Path(re.search(r"its log: (\S+)\)", output).group(1))
+    assert re.search(r"sentiment-minilm: Triton model bert_classifier .*1 instance on (CPU|GPU \d+), loaded in [\d.]+ s",
+                     output)
+    assert re.search(r"all-MiniLM-L6-v2: Triton model bert_embedder .*loaded in [\d.]+ s", output)
+    assert "Triton ready in" in output
+    for noise in ("CudaDriverHelper", "NVML", "+------", "LOAD REPORT", "MISSING"):
+        assert noise not in output, f"{noise!r} on the console"
+    assert "successfully loaded 'bert_classifier'" in triton_log.read_text()  # Triton's own log, in full
+
+
 def test_readme_sample_curl_answers(make_serve):
     url, _, _ = make_serve
     script = readme_sample_curl().replace("http://127.0.0.1:8080", url)

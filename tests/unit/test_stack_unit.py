@@ -1,10 +1,22 @@
-"""make serve's plan helpers that need no running stack."""
+"""make serve's and the triton container's start-up helpers that need no running stack."""
 
+import argparse
+import os
+import subprocess
+import sys
 from pathlib import Path
 
-from adapter.stack import Recovery, uses_builtins
+import pytest
+import yaml
 
-REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
+from adapter.settings import Settings
+from model_runtime.launcher import LauncherError, ServerDied, StubDied
+from model_runtime.serve_triton import add_model_arguments, model_entries
+from model_runtime.serving_plan import uses_builtins
+from model_runtime.supervision import CrashLoop, Recovery, placement, recover
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+REPOSITORY = PROJECT_ROOT / "model_repository"
 
 
 def test_builtins_are_prepared_only_when_the_plan_uses_them():
@@ -20,3 +32,88 @@ def test_recovery_allows_a_bounded_number_of_restarts_with_growing_backoff():
     assert recovery.allow("m") and recovery.backoff_s("m") == 1.0
     assert not recovery.allow("m")  # the third failure within the window is a crash loop
     assert recovery.allow("other")
+
+
+class FakeServer:
+    def __init__(self, fail_with: LauncherError | None = None):
+        self.calls: list[tuple[str, ...]] = []
+        self.fail_with = fail_with
+
+    def reload(self, name: str) -> None:
+        self.calls.append(("reload", name))
+        if self.fail_with:
+            raise self.fail_with
+
+    def restart(self) -> None:
+        self.calls.append(("restart",))
+
+
+def test_recover_reloads_a_dead_stub_restarts_a_dead_server_and_stops_a_crash_loop():
+    server, recovery, slept = FakeServer(), Recovery(limit=1, window_s=60), []
+    recover(server, StubDied("stub died", "bert_classifier"), recovery, sleep=slept.append)
+    recover(server, ServerDied("server died"), recovery, sleep=slept.append)
+    assert server.calls == [("reload", "bert_classifier"), ("restart",)] and slept == [0.5, 0.5]
+    with pytest.raises(CrashLoop, match="bert_classifier crash-looping"):
+        recover(server, StubDied("again", "bert_classifier"), recovery, sleep=slept.append)
+    failing = FakeServer(fail_with=LauncherError("load failed"))
+    recover(failing, StubDied("x", "m"), Recovery(), sleep=lambda _s: None)  # logged; the next check sees it again
+    assert failing.calls == [("reload", "m")]
+
+
+def test_placement_reads_triton_s_completed_instance_groups():
+    assert placement({"instance_group": [{"kind": "KIND_CPU", "count": 1}]}) == "1 instance on CPU"
+    assert placement({"instance_group": [{"kind": "KIND_GPU", "count": 1, "gpus": [0]},
+                                         {"kind": "KIND_GPU", "count": 1, "gpus": [1]}]}) == "2 instances on GPU 0, 1"
+
+
+def test_models_and_sets_come_from_the_environment_when_not_given(monkeypatch):
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser)
+    monkeypatch.setenv("MODELS", "BAAI/bge-reranker-v2-m3 'bert_classifier=/data/my model'")
+    monkeypatch.setenv("SET", "bert_classifier.dtype=float16")
+    assert model_entries(parser.parse_args([])) == (
+        ["BAAI/bge-reranker-v2-m3", "bert_classifier=/data/my model"], ["bert_classifier.dtype=float16"])
+    assert model_entries(parser.parse_args(["--model", "x"])) == (["x"], ["bert_classifier.dtype=float16"])
+    assert parser.parse_args(["--triton-log", "-"]).triton_log is None  # '-': Triton's log on stdout
+
+
+def test_compose_passes_every_adapter_setting_through():
+    compose = yaml.safe_load((PROJECT_ROOT / "docker-compose.yml").read_text())
+    environment = compose["services"]["adapter"]["environment"]
+    expected = {f"ADAPTER_{name.upper()}" for name in Settings.model_fields}
+    assert expected <= set(environment), f"not passed through: {sorted(expected - set(environment))}"
+    assert compose["services"]["adapter"]["depends_on"]["triton"]["condition"] == "service_healthy"
+
+
+def test_a_child_of_a_pid_1_parent_is_spawned(tmp_path):
+    """In a container the launcher itself is pid 1: its children must not take that for orphanhood."""
+    script = (
+        "import os, sys\n"
+        "from model_runtime.launcher import spawn_tied_to_this_process\n"
+        "child = spawn_tied_to_this_process([sys.executable, '-c', 'print(\"child ran\")'])\n"
+        "sys.exit(child.wait())\n"
+    )
+    unshare = ["unshare", "--pid", "--fork", "--mount-proc"]
+    if os.geteuid() != 0 or subprocess.run([*unshare, "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs a pid namespace (root with unshare)")
+    result = subprocess.run([*unshare, sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=PROJECT_ROOT, timeout=60)
+    assert result.returncode == 0 and "child ran" in result.stdout, result.stderr
+
+
+def test_healthy_probes_stay_off_the_console_and_failing_ones_do_not():
+    import logging
+    import logging.config
+
+    from adapter.log_config import uvicorn_log_config
+
+    logging.config.dictConfig(uvicorn_log_config())
+    handler = logging.getLogger("uvicorn.access").handlers[0]
+
+    def shown(path: str, status: int) -> bool:
+        record = logging.LogRecord("uvicorn.access", logging.INFO, "", 0, '%s - "%s %s HTTP/%s" %d',
+                                   ("127.0.0.1:5", "GET", path, "1.1", status), None)
+        return bool(handler.filter(record))
+
+    assert not shown("/health", 200) and not shown("/ping", 200)
+    assert shown("/health", 503) and shown("/classify", 200)
