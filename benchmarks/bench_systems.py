@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import math
 import os
 import platform
@@ -39,7 +40,7 @@ import torch
 from benchmarks.bench_engine import flops_per_request, matmul_peak_tflops, model_shapes
 from benchmarks.checkpoints import save_checkpoint, word_count, words
 from model_runtime import families
-from model_runtime.launcher import TritonServer, free_port, spawn_tied_to_this_process, wait_for_http
+from model_runtime.launcher import INSTANCE_COUNT, TritonServer, free_port, spawn_tied_to_this_process, wait_for_http
 from benchmarks.results_csv import write_csv
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -54,23 +55,27 @@ SYSTEM_WORKLOADS = {  # the (shape, workload) pairs the goals are about
 }
 
 
-def request_bodies(workload: str, model: str, count: int, vocabulary: int, seed: int = 0) -> list[dict]:
+def body_stream(workload: str, model: str, vocabulary: int, seed: int = 0):
+    """Request bodies without end, none repeated (a server with a prefix or response cache must not
+    be measured on repeats), the same sequence for the same seed."""
     rng = random.Random(seed)
-    bodies = []
-    for _ in range(count):
+    while True:
         if workload.startswith("rerank"):
             query_words = rng.randint(6, 20)
             documents = []
             for _ in range(int(workload[len("rerank"):])):
                 length = int(math.exp(rng.gauss(math.log(140), 0.45)))
                 documents.append(words(rng, max(8, min(length, 512 - query_words - 4)), vocabulary))
-            bodies.append({"model": model, "query": words(rng, query_words, vocabulary), "documents": documents})
+            yield {"model": model, "query": words(rng, query_words, vocabulary), "documents": documents}
         elif workload == "reward":  # one prompt + answer of 256-1,024 tokens per request
-            bodies.append({"model": model, "input": [words(rng, rng.randint(256, 1024), vocabulary)]})
+            yield {"model": model, "input": [words(rng, rng.randint(256, 1024), vocabulary)]}
         else:
-            bodies.append({"model": model, "input": [words(rng, rng.randint(8, 64), vocabulary)
-                                                     for _ in range(int(workload[len("classify"):]))]})
-    return bodies
+            yield {"model": model, "input": [words(rng, rng.randint(8, 64), vocabulary)
+                                             for _ in range(int(workload[len("classify"):]))]}
+
+
+def request_bodies(workload: str, model: str, count: int, vocabulary: int, seed: int = 0) -> list[dict]:
+    return list(itertools.islice(body_stream(workload, model, vocabulary, seed), count))
 
 
 def body_texts(body: dict) -> tuple[list[str], list[str] | None]:
@@ -80,19 +85,20 @@ def body_texts(body: dict) -> tuple[list[str], list[str] | None]:
 
 
 async def load(send, bodies: list[dict], concurrency: int, seconds: float, max_requests: int):
-    """Closed-loop clients: each sends its next request when the last one returns."""
+    """Closed-loop clients: each sends its next request when the last one returns. ``bodies`` holds
+    ``concurrency`` warm-up bodies, then one body for each request of the level: none is sent twice."""
     latencies: list[float] = []
     done_pairs = 0
-    deadline = time.perf_counter() + seconds
-    counter = iter(range(10**9))
+    measured = bodies[concurrency:]
+    counter = iter(range(min(max_requests, len(measured))))
 
     async def client():
         nonlocal done_pairs
         while time.perf_counter() < deadline or not latencies:  # at least one result per level
-            index = next(counter)
-            if index >= max_requests:
+            index = next(counter, None)
+            if index is None:
                 return
-            body = bodies[index % len(bodies)]
+            body = measured[index]
             start = time.perf_counter()
             await send(body)
             latencies.append(time.perf_counter() - start)
@@ -151,30 +157,39 @@ def gpu_memory_gib() -> float:
     return round((total - free) / 2**30, 2)
 
 
-def bench_shape(shape, workloads, args, work: Path, meta: dict, peak: float) -> list[dict]:
+def bench_shape(shape, workloads, args, work: Path, meta: dict, peak: float, instances: int = 1) -> list[dict]:
     from transformers import AutoTokenizer
 
     checkpoint = save_checkpoint(shape, work / shape.name)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     folder = shape.family.folder
     rows: list[dict] = []
-    triton = TritonServer(PROJECT_ROOT / "model_repository",
-                          {folder: {"checkpoint": str(checkpoint), "served_model_name": shape.name}},
+    parameters = {"checkpoint": str(checkpoint), "served_model_name": shape.name,
+                  **({INSTANCE_COUNT: str(instances)} if instances > 1 else {}), **dict(args.model_set)}
+    triton = TritonServer(PROJECT_ROOT / "model_repository", {folder: parameters},
                           log_path=work / f"{shape.name}-triton.log", ready_timeout_s=600)
+    cpus = cpu_plan(args.pin_cpus)
+    meta = {**meta, "instances": instances, "adapter_workers": args.adapter_workers, "pinned": bool(cpus["triton"]),
+            **{f"set_{key}": value for key, value in args.model_set}}
     processes = []
     try:
         triton.start()
+        if cpus["triton"]:
+            pin_process_tree(triton.process.pid, cpu_set(cpus["triton"]))
         adapter_port, baseline_port = free_port(), free_port()
         processes.append(start([sys.executable, "-m", "adapter"], {
             "ADAPTER_TRITON_GRPC_URL": triton.grpc_url, "ADAPTER_PORT": str(adapter_port),
-            "ADAPTER_MAX_SEQUENCES_PER_TRITON_REQUEST": "64", "ADAPTER_WORKERS": str(args.adapter_workers)}, work / f"{shape.name}-adapter.log"))
+            "ADAPTER_MAX_SEQUENCES_PER_TRITON_REQUEST": "64", "ADAPTER_WORKERS": str(args.adapter_workers)},
+            work / f"{shape.name}-adapter.log", cpus["adapter"]))
         processes.append(start([sys.executable, "-m", "benchmarks.baseline_server", str(checkpoint),
-                                "--port", str(baseline_port)], {}, work / f"{shape.name}-baseline.log"))
+                                "--port", str(baseline_port)], {}, work / f"{shape.name}-baseline.log",
+                               cpus["baseline"]))
         wait_for_http(f"http://127.0.0.1:{adapter_port}/health", processes[0], 300)
         wait_for_http(f"http://127.0.0.1:{baseline_port}/health", processes[1], 300)
 
         for workload in workloads:
-            bodies = request_bodies(workload, shape.name, 64 if not args.smoke else 4, word_count(shape))
+            stream = body_stream(workload, shape.name, word_count(shape))
+            bodies = list(itertools.islice(stream, 64 if not args.smoke else 4))  # bare forward, st, FLOPs
             lengths = [torch.tensor([len(ids) for ids in tokenizer(*body_texts(b))["input_ids"]]) for b in bodies]
             flops_per_pair = sum(flops_per_request(shape, l, _param_counter(shape)) for l in lengths) / sum(len(l) for l in lengths)
             tokens_per_pair = float(sum(int(l.sum()) for l in lengths)) / sum(len(l) for l in lengths)
@@ -196,24 +211,27 @@ def bench_shape(shape, workloads, args, work: Path, meta: dict, peak: float) -> 
             print(f"{shape.name:<24}{workload:<11}{'bare_forward':<14}c=1   {rows[-1]['pairs_per_s']:>9.0f} pairs/s  "
                   f"p50 {rows[-1]['p50_ms']} ms", flush=True)
 
-            grpc_inputs = [_padded_inputs(tokenizer, body) for body in bodies]
             for concurrency in args.concurrency:
-                for system in ("http", "grpc", "baseline_http"):
+                for system in [s for s in ("http", "grpc", "baseline_http") if s in args.systems]:
                     headers: list = []
+                    # Fresh bodies for every level: warm-up, then one per request at most.
+                    level = list(itertools.islice(stream, concurrency + max(args.requests, 2 * concurrency)))
+                    grpc_inputs = [_padded_inputs(tokenizer, body) for body in level] if system == "grpc" else []
                     before = _triton_stats(triton.grpc_url, folder)
                     pairs, seconds, latencies = asyncio.run(_sweep_level(
-                        system, bodies, grpc_inputs, concurrency, args, triton.grpc_url, folder,
+                        system, level, grpc_inputs, concurrency, args, triton.grpc_url, folder,
                         f"http://127.0.0.1:{adapter_port}{path}", f"http://127.0.0.1:{baseline_port}{path}", headers))
                     rows.append(row(system, concurrency, pairs, seconds, latencies))
                     rows[-1].update(_breakdown(before, _triton_stats(triton.grpc_url, folder), headers, system))
                     r = rows[-1]
-                    print(f"{shape.name:<24}{workload:<11}{system:<14}c={concurrency:<3} "
+                    print(f"{shape.name:<24}{workload:<11}{system:<14}i={instances} c={concurrency:<3} "
                           f"{r['pairs_per_s']:>9.0f} pairs/s  p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  "
                           f"MFU {r['mfu_pct']}%  triton queue/in/infer/out {r['triton_queue_ms']}/"
                           f"{r['triton_compute_input_ms']}/{r['triton_compute_infer_ms']}/{r['triton_compute_output_ms']} ms "
                           f"x{r['triton_requests_per_execution']}  adapter tok/inf/total {r['adapter_tokenize_ms']}/"
                           f"{r['adapter_inference_ms']}/{r['adapter_total_ms']} ms", flush=True)
-            if shape.family in (families.BERT, families.XLM_ROBERTA, families.MODERNBERT) and workload.startswith("rerank"):
+            if ("sentence_transformers" in args.systems and workload.startswith("rerank")
+                    and shape.family in (families.BERT, families.XLM_ROBERTA, families.MODERNBERT)):
                 rows.append(_sentence_transformers_row(checkpoint, bodies, row))
                 print(f"{shape.name:<24}{workload:<11}{'st':<14}      {rows[-1]['pairs_per_s']:>9.0f} pairs/s", flush=True)
     finally:
@@ -363,6 +381,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--requests", type=int, default=96, help="request bound of one concurrency level")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-systems"))
     parser.add_argument("--adapter-workers", type=int, default=4)
+    parser.add_argument("--instance-counts", type=int, nargs="*", default=[1],
+                        help="model instances per GPU to compare in this run (the instance_count parameter)")
+    parser.add_argument("--systems", nargs="*", default=["http", "grpc", "baseline_http", "sentence_transformers"])
+    parser.add_argument("--model-set", type=lambda v: tuple(v.split("=", 1)), action="append", default=[],
+                        metavar="KEY=VALUE", help="a model parameter for every shape (e.g. max_tokens_per_forward=65536)")
     parser.add_argument("--name", default="", help="suffix of the CSV name (systems_<name>.csv)")
     parser.add_argument("--pin-cpus", action="store_true",
                         help="give Triton, the adapter, the baseline server and the load generator disjoint cores")
@@ -378,8 +401,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for shape in model_shapes(args.smoke):
         if shape.name in SYSTEM_WORKLOADS and (not args.models or shape.name in args.models):
-            rows += bench_shape(shape, SYSTEM_WORKLOADS[shape.name], args, args.work, meta, peak)
-            write_rows(args, rows)  # after every shape: a later failure keeps what was measured
+            for instances in args.instance_counts:
+                rows += bench_shape(shape, SYSTEM_WORKLOADS[shape.name], args, args.work, meta, peak, instances)
+                write_rows(args, rows)  # after every run: a later failure keeps what was measured
     return rows
 
 

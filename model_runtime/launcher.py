@@ -270,14 +270,28 @@ def process_cmdline(pid: int) -> str:
 SOURCE_FOLDER = "model_folder"
 
 
+# Not a model parameter: the number of instances of the model on each device, which becomes the
+# config's instance_group (KIND_AUTO: on every GPU Triton sees, else on the CPU). Several instances
+# are several stub processes: one prepares and answers its batch while another's runs on the GPU.
+INSTANCE_COUNT = "instance_count"
+
+
 def config_with_parameters(config_pbtxt: Path, parameters: dict[str, str], name: str | None = None) -> str:
-    """The model's config.pbtxt (text format) renamed to ``name``, with ``parameters`` set or replaced."""
+    """The model's config.pbtxt (text format) renamed to ``name``, with ``parameters`` set or replaced
+    (and ``instance_count`` turned into its instance_group)."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
     config = text_format.Parse(config_pbtxt.read_text(), model_config_pb2.ModelConfig())
     if name is not None:
         config.name = name
+    parameters = dict(parameters)
+    count = parameters.pop(INSTANCE_COUNT, "").strip()
+    if count:
+        if not count.isdigit() or int(count) < 1:
+            raise LauncherError(f"{INSTANCE_COUNT} must be a positive integer, got {count!r}")
+        del config.instance_group[:]
+        config.instance_group.add(count=int(count))
     for key, value in parameters.items():
         config.parameters[key].string_value = value
     return text_format.MessageToString(config)

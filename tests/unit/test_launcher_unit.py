@@ -1,4 +1,6 @@
+import pytest
 import json
+import pytest
 import os
 import subprocess
 import sys
@@ -81,3 +83,21 @@ def test_removes_only_stale_regions_of_dead_launchers(tmp_path, monkeypatch):
         path.write_bytes(b"")
     assert launcher.remove_stale_shm_regions() == [stale]
     assert not stale.exists() and live.exists() and foreign.exists()
+
+
+def test_instance_count_becomes_the_instance_group_not_a_parameter(tmp_path):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from model_runtime.launcher import LauncherError, config_with_parameters
+
+    source = tmp_path / "config.pbtxt"
+    source.write_text('name: "m"\nbackend: "python"\n')
+    config = text_format.Parse(config_with_parameters(source, {"instance_count": "2", "dtype": "float16"}, "x"),
+                               model_config_pb2.ModelConfig())
+    assert [(group.count, group.kind) for group in config.instance_group] == [(2, model_config_pb2.ModelInstanceGroup.KIND_AUTO)]
+    assert dict(config.parameters).keys() == {"dtype"}
+    plain = text_format.Parse(config_with_parameters(source, {}, "x"), model_config_pb2.ModelConfig())
+    assert not plain.instance_group  # Triton's own placement: one instance per GPU, or one on the CPU
+    with pytest.raises(LauncherError, match="positive integer"):
+        config_with_parameters(source, {"instance_count": "0"})
