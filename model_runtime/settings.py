@@ -39,6 +39,11 @@ class ModelSettings:
     # "auto": documents of one request sharing a prompt prefix compute it once (causal packed
     # bodies, model_runtime/prefix_reuse.py); "off": every sequence computes its whole prompt.
     prefix_reuse: str = "auto"
+    # torch's intra-op threads in this stub (0: torch's default, one per core). On a GPU the stub's
+    # CPU work is small tensor ops (reading and unpadding inputs) that one core's worth of threads
+    # does best: with a thread per core they contend with the adapter and the other stubs, and
+    # unpadding a 64-document request took 3.8 ms instead of 0.6 ms on a busy 16-core host.
+    cpu_threads: int = 0
 
     @classmethod
     def from_triton_args(cls, args: dict) -> ModelSettings:
@@ -86,7 +91,20 @@ class ModelSettings:
             architecture=parameters.get("architecture", "").strip(),
             hf_overrides=parameters.get("hf_overrides", "").strip(),
             prefix_reuse=_choice(parameters.get("prefix_reuse", "auto"), "prefix_reuse", ("auto", "off")),
+            cpu_threads=_cpu_threads(parameters.get("cpu_threads", "auto"), device),
         )
+
+
+# "auto" on a GPU instance: measured best under load (micro-benchmark in the README's Performance).
+GPU_STUB_CPU_THREADS = 4
+
+
+def _cpu_threads(value: str, device: torch.device) -> int:
+    if value.strip() == "auto":
+        return GPU_STUB_CPU_THREADS if device.type == "cuda" else 0
+    if not value.strip().isdigit():
+        raise ValueError(f"cpu_threads parameter {value!r} is not auto or a whole number")
+    return int(value)
 
 
 def _choice(value: str, name: str, allowed: tuple[str, ...]) -> str:

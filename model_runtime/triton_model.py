@@ -40,6 +40,8 @@ class PackedTritonModel:
 
     def initialize(self, args: dict) -> None:
         settings = ModelSettings.from_triton_args(args)
+        if settings.cpu_threads:
+            torch.set_num_threads(settings.cpu_threads)
         self.engine = PackedEngine.load(self.family, settings)
         missing = set(self.engine.output_names) - set(settings.output_names)
         if missing:

@@ -34,3 +34,15 @@ def test_compile_parameter_values(tmp_path, value):
 def test_unknown_parameter_values_are_refused(tmp_path, name, value):
     with pytest.raises(ValueError, match=name):
         ModelSettings.from_triton_args(triton_args(tmp_path, **{name: value}))
+
+
+def test_gpu_stubs_use_a_few_cpu_threads_and_cpu_stubs_torch_s_default():
+    import torch
+
+    from model_runtime.settings import GPU_STUB_CPU_THREADS, _cpu_threads
+
+    assert _cpu_threads("auto", torch.device("cuda", 0)) == GPU_STUB_CPU_THREADS
+    assert _cpu_threads("auto", torch.device("cpu")) == 0  # the CPU forward wants every core
+    assert _cpu_threads("2", torch.device("cpu")) == 2
+    with pytest.raises(ValueError, match="cpu_threads"):
+        _cpu_threads("many", torch.device("cpu"))
