@@ -46,7 +46,7 @@ from benchmarks.results_csv import write_csv
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SYSTEM_WORKLOADS = {  # the (shape, workload) pairs the goals are about
     "bge-reranker-v2-m3": ("rerank64",),
-    "ms-marco-MiniLM-L6": ("rerank64", "classify32"),
+    "ms-marco-MiniLM-L6": ("rerank64", "classify32", "classify1"),
     "Qwen3-Reranker-0.6B": ("rerank64",),
     "Qwen2.5-1.5B-classifier": ("classify32",),  # two labels: no score/rerank route (vLLM's rule)
     "ModernBERT-base-reranker": ("rerank64",),
@@ -181,11 +181,12 @@ def bench_shape(shape, workloads, args, work: Path, meta: dict, peak: float, ins
             "ADAPTER_TRITON_GRPC_URL": triton.grpc_url, "ADAPTER_PORT": str(adapter_port),
             "ADAPTER_MAX_SEQUENCES_PER_TRITON_REQUEST": "64", "ADAPTER_WORKERS": str(args.adapter_workers)},
             work / f"{shape.name}-adapter.log", cpus["adapter"]))
-        processes.append(start([sys.executable, "-m", "benchmarks.baseline_server", str(checkpoint),
-                                "--port", str(baseline_port)], {}, work / f"{shape.name}-baseline.log",
-                               cpus["baseline"]))
         wait_for_http(f"http://127.0.0.1:{adapter_port}/health", processes[0], 300)
-        wait_for_http(f"http://127.0.0.1:{baseline_port}/health", processes[1], 300)
+        if "baseline_http" in args.systems:
+            processes.append(start([sys.executable, "-m", "benchmarks.baseline_server", str(checkpoint),
+                                    "--port", str(baseline_port)], {}, work / f"{shape.name}-baseline.log",
+                                   cpus["baseline"]))
+            wait_for_http(f"http://127.0.0.1:{baseline_port}/health", processes[1], 300)
 
         for workload in workloads:
             stream = body_stream(workload, shape.name, word_count(shape))
