@@ -49,7 +49,8 @@ bench: $(INSTALLED)
 		$(PY) -m benchmarks.bench_kernels --out benchmarks/results --commit $$(git rev-parse --short HEAD) && \
 		$(PY) -m benchmarks.bench_engine --out benchmarks/results --commit $$(git rev-parse --short HEAD) && \
 		$(PY) -m benchmarks.profile_engine --out benchmarks/results --commit $$(git rev-parse --short HEAD) && \
-		$(PY) -m benchmarks.bench_systems --out benchmarks/results --commit $$(git rev-parse --short HEAD) && \
+		$(PY) -m benchmarks.bench_systems --out benchmarks/results --instance-counts 1 2 --commit $$(git rev-parse --short HEAD) && \
+		$(PY) -m benchmarks.profile_stack --out benchmarks/results --models ms-marco-MiniLM-L6 bge-reranker-v2-m3 --instance-counts 1 2 --commit $$(git rev-parse --short HEAD) && \
 		$(PY) -m benchmarks.bench_llm_rerankers --out benchmarks/results --pin-cpus --commit $$(git rev-parse --short HEAD) && \
 		$(PY) -m benchmarks.bench_reliability --out benchmarks/results --name h200 --random-checkpoints --commit $$(git rev-parse --short HEAD); \
 	else \

@@ -12,7 +12,10 @@ from benchmarks import bench_reliability
 pytestmark = pytest.mark.integration
 
 SOAK_S = 60.0
-# Growth allowed over the soak after its first fifth (allocator and caches warming up), per process.
+# Growth allowed over the soak's second half, per process. The first half is warm-up: on the CPU the
+# padded body's allocator high-water mark follows the largest dynamic batch seen so far, which random
+# traffic takes 10-30 s to produce (one stub rose 449 -> 686 MiB over 16 s, then stayed flat). A leak
+# per request still shows: ~200 requests run in the second half.
 MAX_GROWTH_MIB = 64.0
 
 
@@ -26,7 +29,7 @@ def test_a_steady_minute_has_no_error_and_no_memory_growth(tmp_path):
         bench_reliability.stop_stack(process)
     print({key: value for key, value in row.items() if "rss" in key or key in ("requests", "errors")})
     assert row["requests"] > 20 and row["errors"] == 0
-    warm = samples[len(samples) // 5]
+    warm = samples[len(samples) // 2]
     names = [key for key in samples[-1] if key.startswith("rss_mib:")]
     assert {"rss_mib:adapter", "rss_mib:tritonserver"} <= set(names) and any("stub:" in n for n in names)
     for name in names:

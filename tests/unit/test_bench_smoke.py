@@ -74,3 +74,29 @@ def test_llm_reranker_benchmark_smoke(tmp_path):
     rows = bench_llm_rerankers.main(["--smoke", "--out", str(tmp_path), "--work", str(tmp_path / "work")])
     assert {r["system"] for r in rows} == {"http_reuse", "http_no_reuse", "baseline_http"}
     assert all(r["pairs_per_s"] > 0 and 0 < r["prefix_share"] < 1 for r in rows)
+
+
+def test_benchmark_bodies_never_repeat_and_are_reproducible():
+    import itertools
+
+    from benchmarks.bench_systems import body_stream
+
+    for workload in ("rerank64", "classify1", "reward"):
+        first = list(itertools.islice(body_stream(workload, "m", 5000, seed=3), 300))
+        keys = [repr(body) for body in first]
+        assert len(set(keys)) == len(keys), workload
+        assert first == list(itertools.islice(body_stream(workload, "m", 5000, seed=3), 300))
+
+
+def test_stack_profile_groups_sampled_stacks_by_their_innermost_known_frame(tmp_path):
+    from benchmarks.profile_stack import STUB_GROUPS, grouped_shares
+
+    raw = tmp_path / "stub.txt"
+    raw.write_text(
+        "execute (model_runtime/triton_model.py:59);read_sequences (model_runtime/packing.py:86) 30\n"
+        "execute (model_runtime/triton_model.py:73);PackedEngine.run (model_runtime/engine.py:147);"
+        "forward (torch/nn/modules/linear.py:134) 60\n"
+        "<module> (x.py:1) 10\n")
+    assert grouped_shares(raw, STUB_GROUPS) == {
+        "engine: forward (CPU side: launches, syncs)": 60.0, "read inputs (DLPack, validate, unpad)": 30.0, "other": 10.0}
+    assert grouped_shares(tmp_path / "missing.txt", STUB_GROUPS) == {}
