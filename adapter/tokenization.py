@@ -36,11 +36,14 @@ class Encoded:
         width = int(lengths.max()) if len(rows) else 0
         keep = np.arange(width)[None, :] < lengths[:, None]
         ids = np.zeros((len(rows), width), dtype=np.int64)
-        ids[keep] = np.fromiter((token for row in rows for token in row), dtype=np.int64, count=int(lengths.sum()))
+        # chain.from_iterable, not a generator expression: the tokens are walked in C, not by Python
+        # bytecode per token (0.25 vs 0.43 ms for a 64-document rerank's 15k tokens).
+        ids[keep] = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(lengths.sum()))
         types = None
         if token_type_ids is not None:
             types = np.zeros_like(ids)
-            types[keep] = np.fromiter((t for row in token_type_ids for t in row), dtype=np.int64, count=int(lengths.sum()))
+            types[keep] = np.fromiter(itertools.chain.from_iterable(token_type_ids), dtype=np.int64,
+                                      count=int(lengths.sum()))
         return cls(ids, lengths, types)
 
 

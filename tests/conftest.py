@@ -45,17 +45,15 @@ def triton_server(tiny_checkpoints, tmp_path_factory):
         server.check()  # a stub that died during the session fails the last test loudly
 
 
-@contextlib.contextmanager
-def running_adapter(triton_server, log_dir: Path, **settings: str):
-    """A real adapter process (uvicorn) in front of ``triton_server``; ``settings`` are ADAPTER_* values."""
+def start_adapter(triton_server, log_path: Path, **settings: str) -> tuple[subprocess.Popen, str]:
+    """A real adapter process (uvicorn) in front of ``triton_server``, ready; ``settings`` are ADAPTER_*
+    values. The caller stops it (tests that signal it need the process)."""
     port = free_port()
-    log_path = log_dir / "adapter.log"
     env = {
         **os.environ,
         "ADAPTER_TRITON_GRPC_URL": triton_server.grpc_url,
         "ADAPTER_HOST": "127.0.0.1",
         "ADAPTER_PORT": str(port),
-        "ADAPTER_MAX_SEQUENCES_PER_TRITON_REQUEST": "4",  # small, so multi-request splitting is exercised
         **{f"ADAPTER_{key.upper()}": value for key, value in settings.items()},
     }
     with log_path.open("wb") as log:
@@ -65,6 +63,18 @@ def running_adapter(triton_server, log_dir: Path, **settings: str):
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(f"{url}/health", process, timeout_s=120, log_path=log_path)
+    except BaseException:
+        process.kill()
+        raise
+    return process, url
+
+
+@contextlib.contextmanager
+def running_adapter(triton_server, log_dir: Path, **settings: str):
+    """:func:`start_adapter` for the length of a ``with`` block."""
+    settings.setdefault("max_sequences_per_triton_request", "4")  # small, so multi-request splitting is exercised
+    process, url = start_adapter(triton_server, log_dir / "adapter.log", **settings)
+    try:
         yield url
     finally:
         process.terminate()
