@@ -37,7 +37,7 @@ from benchmarks.bench_engine import model_shapes
 from benchmarks.bench_systems import SYSTEM_WORKLOADS, _sweep_level, body_stream, start
 from benchmarks.checkpoints import save_checkpoint, word_count
 from benchmarks.results_csv import write_csv
-from model_runtime.launcher import INSTANCE_COUNT, TritonServer, child_pids, free_port, wait_for_http
+from model_runtime.launcher import INSTANCE_COUNT, TritonServer, descendant_pids, free_port, wait_for_http
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Frame groups, first match wins on "function (file)" of any frame of a sample, innermost first.
@@ -55,15 +55,6 @@ ADAPTER_GROUPS = (
     ("JSON (parse, validate, serialise)", ("orjson", "json", "pydantic", "model_validate", "render")),
     ("HTTP and event loop", ("uvicorn", "h11", "httptools", "asyncio", "starlette", "fastapi", "select", "epoll")),
 )
-
-
-def descendants(pid: int) -> list[int]:
-    found, pending = [], child_pids(pid)
-    while pending:
-        child = pending.pop()
-        found.append(child)
-        pending.extend(child_pids(child))
-    return found
 
 
 def cmdline(pid: int) -> str:
@@ -142,8 +133,8 @@ def profile_shape(shape, args, meta: dict, instances: int) -> list[dict]:
         path = "/rerank" if workload.startswith("rerank") else "/classify"
         for concurrency in args.concurrency:
             level = list(itertools.islice(stream, concurrency + args.max_requests))
-            stubs = [pid for pid in descendants(triton.process.pid) if "triton_python_backend_stub" in cmdline(pid)]
-            workers = [pid for pid in descendants(adapter.pid) if "multiprocessing" in cmdline(pid)] or [adapter.pid]
+            stubs = [pid for pid in descendant_pids(triton.process.pid) if "triton_python_backend_stub" in cmdline(pid)]
+            workers = [pid for pid in descendant_pids(adapter.pid) if "multiprocessing" in cmdline(pid)] or [adapter.pid]
             tag = f"{shape.name}-i{instances}-c{concurrency}"
             spies = [(role, pid, start_py_spy(pid, args.seconds, args.work / f"{tag}-{role}-{pid}.txt"))
                      for role, pids in (("stub", stubs), ("adapter", workers)) for pid in pids]
