@@ -80,6 +80,8 @@ def sentence_transformers_max_seq_length(checkpoint: str) -> int | None:
 
 def max_model_len_for(config, checkpoint: str) -> int:
     """The longest sequence the checkpoint takes, as vLLM derives it."""
+    if hasattr(config, "get_text_config"):  # multimodal configs keep it in their text config
+        config = config.get_text_config()
     length = int(getattr(config, "max_position_embeddings", 0) or 0)
     if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
         # RoBERTa positions start after padding_idx, so two slots are not usable.

@@ -48,12 +48,13 @@ class PackedEngine:
         self.config = config
         self.pooling = family.pooling_for(config)
         self.activation = family.activation_for(config)
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         self.limits = SequenceLimits(
-            vocab_size=int(config.vocab_size),
+            vocab_size=int(text_config.vocab_size),
             max_model_len=settings.max_model_len or max_model_len_for(config, settings.checkpoint),
             type_vocab_size=int(getattr(config, "type_vocab_size", 1) or 1) if family.uses_token_types else 1,
         )
-        self.pad_token_id = int(getattr(config, "pad_token_id", None) or 0)
+        self.pad_token_id = int(getattr(text_config, "pad_token_id", None) or getattr(config, "pad_token_id", None) or 0)
         self.output_names = ("embeddings",) if family.task == "embed" else ("logits", "scores")
 
         self.position_offset = family.position_offset(config)
@@ -83,6 +84,8 @@ class PackedEngine:
         from model_runtime import llm_rerankers
         from model_runtime.families import read_config_dict
 
+        if family.vision:
+            return cls._load_vision(family, settings)
         body = body_for(family, settings.attention)
         if body != settings.attention:
             logger.warning("%s: %s", settings.model_name, family.padded_reason)
@@ -107,6 +110,26 @@ class PackedEngine:
         model = family.load(settings.checkpoint, settings.dtype, settings.device, attention, settings.trust_remote_code)
         return cls(family, model, settings)
 
+    @classmethod
+    def _load_vision(cls, family, settings: ModelSettings) -> PackedEngine:
+        """A vision-language family (model_runtime/vision.py): its own body and head; an original
+        generative reranker converted from its LM head as the text ones are."""
+        import dataclasses
+
+        from model_runtime import llm_rerankers
+        from model_runtime.families import read_config_dict
+
+        conversion = llm_rerankers.conversion_for(read_config_dict(settings.checkpoint), settings.checkpoint,
+                                                  settings.hf_overrides)
+        if conversion is not None and conversion.architecture not in family.architectures:
+            raise llm_rerankers.UnsupportedArchitecture(
+                f"{settings.checkpoint} converts to {conversion.architecture}, which the {family.name} family "
+                f"does not serve; {llm_rerankers.supported_hint(conversion.architecture)}")
+        model = family.load_vision(settings.checkpoint, settings.dtype, settings.device, conversion)
+        # vLLM's pooler logit_bias (jina-reranker-m0: 2.65) is the kernel's logit_mean shift.
+        settings = dataclasses.replace(settings, logit_mean=settings.logit_mean + family.logit_bias)
+        return cls(family, model, settings)
+
     def describe(self) -> str:
         return (
             f"family={self.family.name} checkpoint={self.settings.checkpoint} device={self.device} "
@@ -119,8 +142,14 @@ class PackedEngine:
         )
 
     @torch.inference_mode()
-    def run(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
-        """Float32 CPU outputs, one row per sequence, in batch order."""
+    def run(self, batch: PackedBatch, images=None) -> dict[str, torch.Tensor]:
+        """Float32 CPU outputs, one row per sequence, in batch order (``images``: a vision family's
+        :class:`~model_runtime.vision.BatchImages`)."""
+        if self.family.vision:
+            from model_runtime import vision
+
+            return vision.run_vision(self, batch, images or vision.BatchImages.concat(
+                [vision.RequestImages.none(batch.num_seqs)]))
         input_ids = batch.input_ids.to(self.device, non_blocking=True)
         token_types = None
         if self.family.uses_token_types and batch.token_type_ids is not None:

@@ -25,6 +25,7 @@ from torch import nn
 from model_runtime.activation import Activation, activation_for_config
 
 BODIES = ("varlen", "padded")
+GENERATIVE_SUFFIXES = ("ForCausalLM", "ForConditionalGeneration")
 
 
 class UnsupportedArchitecture(ValueError):
@@ -54,6 +55,7 @@ class Family:
     skips_trailing_pad: bool = False
     caches_kv: bool = False  # the body builds a KV cache unless called with use_cache=False
     causal: bool = False  # causal attention: documents sharing a prompt prefix may reuse it
+    vision: bool = False  # reads pixel inputs besides token ids (model_runtime/vision.py)
     example: str = ""  # a checkpoint of this architecture (README table, error messages)
     folder: str = ""  # its model_repository folder
 
@@ -71,7 +73,8 @@ class Family:
 
     @staticmethod
     def architecture_is_causal_lm(config: dict) -> bool:
-        return architecture_of(config).endswith("ForCausalLM")
+        """A generative checkpoint (text ``*ForCausalLM`` or multimodal ``*ForConditionalGeneration``)."""
+        return architecture_of(config).endswith(GENERATIVE_SUFFIXES)
 
     def read_config(self, checkpoint: str, trust_remote_code: bool = False):
         from transformers import AutoConfig
@@ -268,9 +271,9 @@ GENERIC = GenericFamily(name="generic", architectures=("*ForSequenceClassificati
 
 
 def _register_native() -> tuple[Family, ...]:
-    from model_runtime import native
+    from model_runtime import native, vision
 
-    return native.FAMILIES
+    return native.FAMILIES + vision.FAMILIES
 
 
 def all_families() -> tuple[Family, ...]:

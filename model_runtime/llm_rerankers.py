@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from model_runtime.families import UnsupportedArchitecture, supported_hint  # noqa: F401 - re-exported
+from model_runtime.families import GENERATIVE_SUFFIXES, UnsupportedArchitecture, supported_hint  # noqa: F401
 
 FROM_2_WAY_SOFTMAX = "from_2_way_softmax"
 NO_POST_PROCESSING = "no_post_processing"
@@ -55,7 +55,7 @@ class Conversion:
             raise UnsupportedArchitecture(f"hf_overrides keys {sorted(unknown)} are not served; "
                                           f"known: {sorted(_OVERRIDE_KEYS)}")
         architectures = overrides.get("architectures") or [
-            causal_architecture.replace("ForCausalLM", "ForSequenceClassification")]
+            re.sub(r"For(CausalLM|ConditionalGeneration)$", "ForSequenceClassification", causal_architecture)]
         tokens = tuple(overrides.get("classifier_from_token") or ())
         method = overrides.get("method", "")
         if overrides.get("is_original_qwen3_reranker"):
@@ -81,6 +81,9 @@ KNOWN_RERANKERS = (
     (re.compile(r"bge-reranker-v2-gemma", re.I), "GemmaForCausalLM",
      {"architectures": ["GemmaForSequenceClassification"], "classifier_from_token": ["Yes"],
       "method": NO_POST_PROCESSING}, "bge_reranker_v2_gemma"),
+    (re.compile(r"qwen3[-_]vl[-_]reranker", re.I), "Qwen3VLForConditionalGeneration",
+     {"architectures": ["Qwen3VLForSequenceClassification"], "classifier_from_token": ["no", "yes"],
+      "is_original_qwen3_reranker": True}, "qwen3_vl_reranker"),
     (re.compile(r"mxbai-rerank-(base|large)-v2", re.I), "Qwen2ForCausalLM",
      {"architectures": ["Qwen2ForSequenceClassification"], "classifier_from_token": ["0", "1"],
       "method": FROM_2_WAY_SOFTMAX}, "mxbai_rerank_v2"),
@@ -101,7 +104,7 @@ def conversion_for(config: dict, checkpoint: str, hf_overrides: str = "") -> Con
         if not isinstance(overrides, dict):
             raise UnsupportedArchitecture("hf_overrides must be a JSON object")
         return Conversion.from_overrides(overrides, architecture, template)
-    if not architecture.endswith("ForCausalLM"):
+    if not architecture.endswith(GENERATIVE_SUFFIXES):
         return None
     for pattern, causal, overrides, template in KNOWN_RERANKERS:
         if causal == architecture and pattern.search(names):

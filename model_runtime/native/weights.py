@@ -70,3 +70,20 @@ def assign_weights(model: nn.Module, state: dict[str, torch.Tensor], dtype: torc
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model.to(device).eval()
+
+
+def read_tensors(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """Only the tensors whose names start with ``prefix`` (a head of a multi-GB checkpoint), without
+    reading the rest: safetensors files are opened lazily; ``.bin`` files are read whole."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        return {name: tensor for name, tensor in load_state(Path(folder)).items() if name.startswith(prefix)}
+    from safetensors import safe_open
+
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():
+                if name.startswith(prefix):
+                    tensors[name] = handle.get_tensor(name)
+    return tensors
