@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapter.errors import NotFoundError, RouteNotOffered
+from adapter.multimodal import VisionPrompter
 from adapter.tokenization import TextEncoder
 from model_runtime import families
 from model_runtime.launcher import SOURCE_FOLDER
@@ -37,6 +38,10 @@ class ServedModel:
     # Jinja text rendering (query, document[, instruction]) into one prompt (LLM rerankers), or None:
     # the pair is tokenized as a text pair.
     score_template: str | None = None
+    # config.json's architecture (vLLM names it when a text-only model is sent an image)
+    architecture: str = ""
+    # Vision-language models: the checkpoint's image processor and placeholder rules; None: text only.
+    vision: VisionPrompter | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -103,7 +108,12 @@ def build_served_model(triton_model: str, config: dict, repository: Path) -> Ser
         if conversion is not None and (conversion.method or families.Family.architecture_is_causal_lm(raw)):
             num_labels, id2label = conversion.num_labels, {}
     template_name = parameters.get("score_template", "").strip()
+    vision = None
+    if family is not None and family.vision:
+        vision = VisionPrompter(family, checkpoint, encoder, int(getattr(hf_config, "image_token_id")))
     return ServedModel(
+        architecture=families.architecture_of(hf_config),
+        vision=vision,
         name=served_name(parameters, triton_model),
         triton_model=triton_model,
         task=task,

@@ -112,6 +112,21 @@ class Settings(BaseSettings):
         description="Triton's Prometheus endpoint (http://host:8002/metrics). When set, GET /metrics appends it "
         "after the adapter's own metrics.",
     )
+    # Images by URL (vision-language models). A server that fetches any URL it is sent is an SSRF hole,
+    # so fetching is off until domains are named (vLLM's --allowed-media-domains; vLLM fetches any).
+    allowed_media_domains: list[str] = Field(
+        default_factory=list,
+        description="Hosts whose http(s) image URLs are fetched (exact names; a JSON list in the environment). Empty: "
+        "only data: URLs are read and every http(s) URL is a 400.",
+    )
+    media_fetch_timeout_s: float = Field(5.0, gt=0, description="Whole-download limit of one image URL "
+                                         "(vLLM's VLLM_IMAGE_FETCH_TIMEOUT).")
+    media_max_redirects: int = Field(3, ge=0, description="Redirects followed per image URL; each hop's host must be "
+                                     "allowed too.")
+    max_image_bytes: int = Field(20 * 2**20, ge=1, description="Largest encoded image, fetched or in a data: URL.")
+    max_image_pixels: int = Field(50_000_000, ge=1, description="Largest decoded image (width x height).")
+    max_images_per_prompt: int = Field(16, ge=0, description="Most images in one prompt (vLLM's "
+                                       "--limit-mm-per-prompt '{\"image\": N}'); more is a 400.")
     host: str = Field("127.0.0.1", description="Address the HTTP server binds.")
     port: int = Field(8080, description="Port the HTTP server binds.")
 

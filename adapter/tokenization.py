@@ -15,12 +15,38 @@ from adapter.timing import timed
 
 
 @dataclass(frozen=True)
+class VisionArrays:
+    """The images of an encoded request (vision-language models), in row and prompt order."""
+
+    pixel_values: np.ndarray  # [patches, patch_dim] float32, every image's patches in turn
+    image_grid_thw: np.ndarray  # [images, 3] int64
+    images_per_row: np.ndarray  # [n] int64
+
+    def rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``pixel_values`` [len(rows), P, D] (right-padded with zeros) and ``image_grid_thw``
+        [len(rows), K, 3] (zero rows after each row's images) of the given rows: the Triton inputs."""
+        image_starts = np.concatenate([[0], np.cumsum(self.images_per_row)])
+        patches = self.image_grid_thw.prod(axis=1)
+        patch_starts = np.concatenate([[0], np.cumsum(patches)])
+        counts = self.images_per_row[rows]
+        row_patches = [int(patches[image_starts[r]:image_starts[r + 1]].sum()) for r in rows]
+        pixels = np.zeros((len(rows), max(row_patches, default=0), self.pixel_values.shape[1]), np.float32)
+        grids = np.zeros((len(rows), max(int(counts.max(initial=0)), 1), 3), np.int64)
+        for i, r in enumerate(rows):
+            a, b = image_starts[r], image_starts[r + 1]
+            pixels[i, :row_patches[i]] = self.pixel_values[patch_starts[a]:patch_starts[b]]
+            grids[i, :b - a] = self.image_grid_thw[a:b]
+        return pixels, grids
+
+
+@dataclass(frozen=True)
 class Encoded:
     """Right-padded token ids as the tokenizer returns them: no per-token Python objects."""
 
     input_ids: np.ndarray  # [n, width] int64
     lengths: np.ndarray  # [n] int64
     token_type_ids: np.ndarray | None  # [n, width] int64
+    vision: VisionArrays | None = None  # the rows' images (vision-language models)
 
     @property
     def num_tokens(self) -> int:

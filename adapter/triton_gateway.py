@@ -21,7 +21,7 @@ from adapter.tokenization import Encoded
 
 
 def _tensor(name: str, array: np.ndarray) -> grpcaio.InferInput:
-    tensor = grpcaio.InferInput(name, list(array.shape), "INT64")
+    tensor = grpcaio.InferInput(name, list(array.shape), "FP32" if array.dtype == np.float32 else "INT64")
     tensor.set_data_from_numpy(array)
     return tensor
 
@@ -74,6 +74,8 @@ class TritonGateway:
     async def infer(self, triton_model: str, encoded: Encoded, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
         """One row per sequence for each requested output, in input order."""
         self.check(encoded)
+        if encoded.vision is not None:
+            return await self._infer_vision(triton_model, encoded, outputs)
         count = encoded.num_sequences
         chunks = [(start, min(start + self.max_rows, count)) for start in range(0, count, self.max_rows)]
         async with self.admission(triton_model).admit(encoded.num_tokens):
@@ -81,6 +83,35 @@ class TritonGateway:
                 results = await asyncio.gather(
                     *(self._infer_rows(triton_model, encoded, a, b, outputs) for a, b in chunks))
         return {name: np.concatenate([result[name] for result in results]) for name in outputs}
+
+    async def _infer_vision(self, triton_model: str, encoded: Encoded, outputs) -> dict[str, np.ndarray]:
+        """Rows with images and rows without go in separate Triton requests (pixel_values is padded per
+        request to its largest row, so a text row beside an image row would carry an image of zeros)."""
+        has_images = encoded.vision.images_per_row > 0
+        groups = [np.nonzero(has_images)[0], np.nonzero(~has_images)[0]]
+        chunks = [rows[start:start + self.max_rows] for rows in groups for start in range(0, len(rows), self.max_rows)]
+        async with self.admission(triton_model).admit(encoded.num_tokens):
+            with timed("inference"):
+                results = await asyncio.gather(*(self._infer_selected(triton_model, encoded, rows, outputs)
+                                                 for rows in chunks))
+        order = np.concatenate(chunks)
+        merged = {}
+        for name in outputs:
+            values = np.concatenate([result[name] for result in results])
+            merged[name] = np.empty_like(values)
+            merged[name][order] = values
+        return merged
+
+    async def _infer_selected(self, triton_model: str, encoded: Encoded, rows: np.ndarray, outputs):
+        lengths = encoded.lengths[rows]
+        width = int(lengths.max())
+        mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+        inputs = [_tensor("input_ids", np.ascontiguousarray(encoded.input_ids[rows, :width])),
+                  _tensor("attention_mask", mask)]
+        if encoded.vision.images_per_row[rows].any():
+            pixels, grids = encoded.vision.rows(rows)
+            inputs += [_tensor("pixel_values", pixels), _tensor("image_grid_thw", grids)]
+        return await self._call(triton_model, inputs, outputs)
 
     async def _infer_rows(self, triton_model, encoded: Encoded, start: int, end: int, outputs):
         lengths = encoded.lengths[start:end]
@@ -92,6 +123,9 @@ class TritonGateway:
         ]
         if encoded.token_type_ids is not None:
             inputs.append(_tensor("token_type_ids", np.ascontiguousarray(encoded.token_type_ids[start:end, :width])))
+        return await self._call(triton_model, inputs, outputs)
+
+    async def _call(self, triton_model: str, inputs: list, outputs) -> dict[str, np.ndarray]:
         try:
             result = await self.client.infer(
                 triton_model,

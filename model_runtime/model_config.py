@@ -30,6 +30,16 @@ _TOKEN_INPUTS = (
 _TOKEN_TYPE_INPUT = {"name": "token_type_ids", "data_type": "TYPE_INT64", "dims": [-1], "allow_ragged_batch": True,
                      "optional": True}
 
+# Vision-language models (model_runtime/vision.py): each row's image patches in prompt order, right-
+# padded with zeros [batch, patches, patch_dim], and each row's (t, h, w) patch grids [batch, images, 3]
+# (zero rows after its last image). Absent: a text-only request.
+_VISION_INPUTS = (
+    {"name": "pixel_values", "data_type": "TYPE_FP32", "dims": [-1, -1], "allow_ragged_batch": True,
+     "optional": True},
+    {"name": "image_grid_thw", "data_type": "TYPE_INT64", "dims": [-1, 3], "allow_ragged_batch": True,
+     "optional": True},
+)
+
 _OUTPUTS = {
     # Raw head output and the activated scores (vLLM's rule) per sequence: [batch, num_labels].
     "classify": ({"name": "logits", "data_type": "TYPE_FP32", "dims": [-1]},
@@ -54,11 +64,12 @@ DYNAMIC_BATCHING = {
 _SCHEDULERS = ("dynamic_batching", "sequence_batching", "ensemble_scheduling")
 
 
-def complete_config(config: dict, task: str, uses_token_types: bool) -> dict:
+def complete_config(config: dict, task: str, uses_token_types: bool, vision: bool = False) -> dict:
     """Fill ``config`` (Triton's JSON form, modified in place) with the shared fields it lacks."""
     if not config.get("max_batch_size"):
         config["max_batch_size"] = MAX_BATCH_SIZE
-    inputs = list(_TOKEN_INPUTS) + ([_TOKEN_TYPE_INPUT] if uses_token_types else [])
+    inputs = list(_TOKEN_INPUTS) + ([_TOKEN_TYPE_INPUT] if uses_token_types else []) + (
+        list(_VISION_INPUTS) if vision else [])
     _add_missing(config, "input", inputs)
     _add_missing(config, "output", _OUTPUTS[task])
     if not any(key in config for key in _SCHEDULERS):

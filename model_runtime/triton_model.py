@@ -16,6 +16,7 @@ from model_runtime.families import Family
 from model_runtime.model_config import complete_config
 from model_runtime.packing import InvalidRequest, PackedBatch, RequestSequences, read_sequences
 from model_runtime.settings import ModelSettings
+from model_runtime.vision import BatchImages, read_images
 
 
 def _input(request, name: str) -> torch.Tensor | None:
@@ -35,7 +36,8 @@ class PackedTritonModel:
     @classmethod
     def auto_complete_config(cls, auto_complete_model_config):
         """Triton calls this at load: the shared inputs, outputs and batching (model_config.py)."""
-        complete_config(auto_complete_model_config.as_dict(), cls.family.task, cls.family.uses_token_types)
+        complete_config(auto_complete_model_config.as_dict(), cls.family.task, cls.family.uses_token_types,
+                        cls.family.vision)
         return auto_complete_model_config
 
     def initialize(self, args: dict) -> None:
@@ -53,6 +55,7 @@ class PackedTritonModel:
     def execute(self, requests: list) -> list:
         responses: list = [None] * len(requests)
         accepted: list[tuple[int, RequestSequences]] = []
+        images = []
         for index, request in enumerate(requests):
             if request.is_cancelled():  # its client gave up while it queued: compute nothing for it
                 responses[index] = _error("request cancelled", pb_utils.TritonError.CANCELLED)
@@ -64,6 +67,9 @@ class PackedTritonModel:
                     _input(request, "token_type_ids"),
                     self.engine.limits,
                 )
+                if self.family.vision:
+                    images.append(read_images(_input(request, "pixel_values"), _input(request, "image_grid_thw"),
+                                              sequences.lengths.numel()))
             except InvalidRequest as error:
                 responses[index] = _error(str(error), pb_utils.TritonError.INVALID_ARG)
                 continue
@@ -72,7 +78,7 @@ class PackedTritonModel:
         if accepted:
             batch = PackedBatch.pack([sequences for _, sequences in accepted])
             try:
-                outputs = self.engine.run(batch)
+                outputs = self.engine.run(batch, BatchImages.concat(images) if self.family.vision else None)
             except Exception as error:  # noqa: BLE001 - one failed forward must still answer every request
                 for index, _ in accepted:
                     responses[index] = _error(f"model failed: {error}", pb_utils.TritonError.INTERNAL)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -64,10 +64,6 @@ class VisionFamily(Family):
     video_placeholder: str = ""  # "" when the model reads no video
     # The original generative form of the checkpoint this family converts (yes/no rerankers).
     generative_architecture: str = ""
-    processor_kwargs: dict = field(default_factory=dict, compare=False)
-
-    def check_architecture(self, config) -> None:
-        Family.check_architecture(self, config)
 
     def head_linear(self, model: nn.Module) -> nn.Linear:
         return model.score if self.head == "linear" else model.score[2]
@@ -293,7 +289,6 @@ FAMILIES: tuple[VisionFamily, ...] = (
     VisionFamily(name="jina_vl", architectures=("JinaVLForRanking", "JinaVLForSequenceClassification"),
                  backbone="Qwen2VLModel", head="mlp", fused_gather=False, logit_bias=2.65, score_token_id=100,
                  score_format="**Document**:\n{document}\n**Query**:\n{query}",
-                 processor_kwargs={"min_pixels": 3136, "max_pixels": 602112},
                  example="jinaai/jina-reranker-m0", folder="jina_vl_reranker"),
     VisionFamily(name="qwen3_vl", architectures=("Qwen3VLForSequenceClassification",), backbone="Qwen3VLModel",
                  video_placeholder=QWEN_VIDEO, generative_architecture="Qwen3VLForConditionalGeneration",

@@ -12,10 +12,30 @@ from adapter.classify.protocol import (
 )
 from adapter.common.protocol import UsageInfo, check_item_count
 from adapter.errors import BadRequestError
+from adapter.media import MediaLoader
+from adapter.multimodal import check_image_count, load_images, parse_parts
 from adapter.registry import ServedModel
 from adapter.settings import Settings
 from adapter.tokenization import UNTRUSTED_CHAT_TEMPLATE, Encoded
 from adapter.triton_gateway import TritonGateway
+
+
+def chat_with_image_markers(messages: list[dict]) -> tuple[list[dict], list[str]]:
+    """Messages whose content lists hold images → string contents in vLLM's form (one marker per image
+    first, then the texts joined by newlines), and the image URLs in marker order. Messages without
+    images are left as they are."""
+    rendered, urls = [], []
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list) or not any(
+                isinstance(part, dict) and (part.get("type") not in (None, "text") or "image_url" in part)
+                for part in content):
+            rendered.append(message)
+            continue
+        side = parse_parts(content, param="messages")
+        rendered.append({**message, "content": side.prompt(len(urls))})
+        urls.extend(side.image_urls)
+    return rendered, urls
 
 
 async def encode_prompts(
@@ -28,12 +48,20 @@ async def encode_prompts(
     if isinstance(request, ClassificationChatRequest):
         if request.chat_template:
             raise BadRequestError(UNTRUSTED_CHAT_TEMPLATE)
+        messages, urls = chat_with_image_markers(request.messages)
+        if urls and model.vision is None:
+            raise BadRequestError(f"{model.name} is not a multimodal model")
         prompt = await model.encoder.render_chat_async(
-            request.messages,
+            messages,
             add_generation_prompt=request.add_generation_prompt,
             continue_final_message=request.continue_final_message,
             chat_template_kwargs=request.chat_template_kwargs,
         )
+        if model.vision is not None and urls:
+            check_image_count(len(urls), settings.max_images_per_prompt)
+            ordered = [urls[i] for i in model.vision.image_order(prompt)]
+            loaded = await load_images(MediaLoader(settings), ordered)
+            return await model.vision.encode([prompt], [[loaded[url] for url in ordered]], options, thread_above)
         return await model.encoder.encode_async([prompt], None, thread_above, options)
     value = request.input
     if isinstance(value, str):

@@ -5,18 +5,19 @@ from __future__ import annotations
 from pydantic import Field
 
 from adapter.common.protocol import OpenAIBaseModel, random_request_id
-from adapter.score.protocol import ScoringFields
+from adapter.score.protocol import MultiModalItem, ScoreItem, ScoringFields
 
 
 class RerankRequest(ScoringFields):
-    query: str = Field(..., description="One query.")
-    documents: str | list[str] = Field(..., description="Documents to rank; a bare string is one document.")
+    query: ScoreItem = Field(..., description="One query: a text, or {\"content\": [parts]} (multimodal models).")
+    documents: ScoreItem | list[ScoreItem] = Field(
+        ..., description="Documents to rank: texts or {\"content\": [parts]} items; one item is one document.")
     top_n: int = Field(0, ge=0, description="Return the best n; 0 (default) returns all.")
 
 
 class RerankDocument(OpenAIBaseModel):
     text: str | None
-    multi_modal: None = None
+    multi_modal: list[dict] | None = None  # a multimodal document's content parts, echoed
 
 
 class RerankResult(OpenAIBaseModel):

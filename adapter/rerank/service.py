@@ -10,10 +10,17 @@ from adapter.settings import Settings
 from adapter.triton_gateway import TritonGateway
 
 
+def echo(document) -> RerankDocument:
+    """vLLM's echo: a text as ``text``; a multimodal document's parts as ``multi_modal``, text null."""
+    if isinstance(document, str):
+        return RerankDocument(text=document)
+    return RerankDocument(text=None, multi_modal=document.content)
+
+
 async def rerank(
     request: RerankRequest, model: ServedModel, gateway: TritonGateway, settings: Settings, response_id: str
 ) -> RerankResponse:
-    documents = [request.documents] if isinstance(request.documents, str) else list(request.documents)
+    documents = list(request.documents) if isinstance(request.documents, list) else [request.documents]
     check_item_count(len(documents), settings.max_items_per_request)
     gateway.refuse_if_busy(model.triton_model)  # before truncate_sides tokenizes
     query, truncated = truncate_sides(request, model, [request.query], documents)
@@ -29,6 +36,6 @@ async def rerank(
         model=model.name,
         usage=RerankUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens),
         results=[
-            RerankResult(index=i, document=RerankDocument(text=documents[i]), relevance_score=scores[i]) for i in order
+            RerankResult(index=i, document=echo(documents[i]), relevance_score=scores[i]) for i in order
         ],
     )

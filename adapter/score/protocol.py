@@ -13,7 +13,14 @@ from pydantic import Field, model_validator
 
 from adapter.common.protocol import OpenAIBaseModel, PoolingRequestBase, UsageInfo, now, random_request_id
 
-ScoreInput = str | list[str]
+class MultiModalItem(OpenAIBaseModel):
+    """vLLM's ``ScoreMultiModalParam``: ``{"content": [parts]}`` with text and image_url parts."""
+
+    content: list[dict[str, Any] | str]
+
+
+ScoreItem = str | MultiModalItem
+ScoreInput = ScoreItem | list[ScoreItem]
 SIDE_NAMES = (("queries", "documents"), ("queries", "items"), ("data_1", "data_2"), ("text_1", "text_2"))
 
 
@@ -47,7 +54,7 @@ class ScoreRequest(ScoringFields):
             )
         return self
 
-    def sides(self) -> tuple[list[str], list[str]] | None:
+    def sides(self) -> tuple[list[ScoreItem], list[ScoreItem]] | None:
         for first, second in SIDE_NAMES:
             left, right = getattr(self, first), getattr(self, second)
             if left is not None and right is not None:
@@ -55,8 +62,8 @@ class ScoreRequest(ScoringFields):
         return None
 
 
-def as_list(side: ScoreInput) -> list[str]:
-    return [side] if isinstance(side, str) else list(side)
+def as_list(side: ScoreInput) -> list[ScoreItem]:
+    return list(side) if isinstance(side, list) else [side]
 
 
 class ScoreData(OpenAIBaseModel):

@@ -14,6 +14,8 @@ import numpy as np
 
 from adapter.common.protocol import UsageInfo, check_item_count
 from adapter.errors import BadRequestError, sanitize_message
+from adapter.media import MediaLoader
+from adapter.multimodal import check_image_count, is_multimodal, load_images, parse_item
 from adapter.registry import ServedModel
 from adapter.score.protocol import ScoreData, ScoreRequest, ScoreResponse, ScoringFields
 from adapter.settings import Settings
@@ -55,6 +57,11 @@ async def score_pairs(
     text of a bi-encoder; ``length_check`` replaces vLLM's length rule (SGLang's is stricter).
     """
     gateway.refuse_if_busy(model.triton_model)
+    if model.vision is None and any(map(is_multimodal, (*queries, *documents))):
+        raise BadRequestError(f"MultiModalParam is not supported for {model.architecture}")
+    if model.vision is not None:
+        return await score_vision_pairs(model, queries, documents, gateway, settings, use_activation, options=options,
+                                        per_item_tokens=per_item_tokens, template_variables=template_variables)
     paired = pair_up(queries, documents)
     thread_above = settings.tokenize_in_thread_above
     check_length = length_check is None
@@ -96,6 +103,39 @@ async def score_pairs(
     return scores.tolist(), encoded_queries.num_tokens + encoded_documents.num_tokens
 
 
+async def score_vision_pairs(model: ServedModel, queries: list, documents: list, gateway: TritonGateway,
+                             settings: Settings, use_activation: bool | None, *, options: PromptOptions,
+                             per_item_tokens: bool, template_variables: dict | None) -> tuple[list[float], int | list[int]]:
+    """Pairs of texts and/or ``{"content": [parts]}`` items through a vision-language reranker: each side in
+    vLLM's string form (image placeholders first), joined by the model's score template or format, then
+    the checkpoint's image processor; images load concurrently, each distinct URL once."""
+    paired = pair_up(queries, documents)
+    query_sides = {id(q): parse_item(q) for q in queries}
+    prompts, row_urls = [], []
+    for query, document in zip(paired, documents):
+        query_side, document_side = query_sides[id(query)], parse_item(document)
+        urls = query_side.image_urls + document_side.image_urls
+        check_image_count(len(urls), settings.max_images_per_prompt)
+        query_text, document_text = query_side.prompt(0), document_side.prompt(len(query_side.image_urls))
+        if model.score_template is not None:
+            try:
+                prompt = render(model.score_template, query_text, document_text, **(template_variables or {}))
+            except Exception as error:  # noqa: BLE001 - jinja errors from the request's variables
+                raise BadRequestError(sanitize_message(f"Could not render the score template: {error}")) from None
+        elif model.vision.family.score_format:
+            prompt = model.vision.family.score_format.format(query=query_text, document=document_text)
+        else:
+            prompt = query_text + document_text
+        prompts.append(prompt)
+        row_urls.append([urls[i] for i in model.vision.image_order(prompt)])
+    loaded = await load_images(MediaLoader(settings), [url for urls in row_urls for url in urls])
+    encoded = await model.vision.encode(prompts, [[loaded[url] for url in urls] for urls in row_urls], options,
+                                        settings.tokenize_in_thread_above)
+    output = "logits" if use_activation is False else "scores"
+    scores = (await gateway.infer(model.triton_model, encoded, (output,)))[output][:, 0]
+    return scores.tolist(), (encoded.lengths.tolist() if per_item_tokens else encoded.num_tokens)
+
+
 async def render_prompts(template: str, queries: list[str], documents: list[str], variables: dict,
                          thread_above: int) -> list[str]:
     """One prompt per pair through the score template; a template error is the client's 400."""
@@ -133,10 +173,13 @@ def truncate_sides(request: ScoringFields, model: ServedModel, queries: list[str
     if reserved:
         raise BadRequestError(f"chat_template_kwargs may not set the reserved key(s) {sorted(reserved)}",
                               param="chat_template_kwargs")
+    # A multimodal item is kept whole (vLLM truncates the text of string items only).
     if request.max_tokens_per_query:
-        queries = [model.encoder.truncate_text(q, request.max_tokens_per_query) for q in queries]
+        queries = [model.encoder.truncate_text(q, request.max_tokens_per_query) if isinstance(q, str) else q
+                   for q in queries]
     if request.max_tokens_per_doc:
-        documents = [model.encoder.truncate_text(d, request.max_tokens_per_doc) for d in documents]
+        documents = [model.encoder.truncate_text(d, request.max_tokens_per_doc) if isinstance(d, str) else d
+                     for d in documents]
     return queries, documents
 
 

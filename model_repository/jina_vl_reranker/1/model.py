@@ -1,0 +1,8 @@
+"""jina_vl_reranker: the shared runtime serves it; this file only names the architecture family."""
+
+from model_runtime.families import by_name
+from model_runtime.triton_model import PackedTritonModel
+
+
+class TritonPythonModel(PackedTritonModel):
+    family = by_name("jina_vl")

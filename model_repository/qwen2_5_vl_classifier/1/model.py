@@ -1,0 +1,8 @@
+"""qwen2_5_vl_classifier: the shared runtime serves it; this file only names the architecture family."""
+
+from model_runtime.families import by_name
+from model_runtime.triton_model import PackedTritonModel
+
+
+class TritonPythonModel(PackedTritonModel):
+    family = by_name("qwen2_5_vl")
