@@ -86,28 +86,15 @@ class VisionPrompter:
     """A vision-language model's preprocessing: its image processor, placeholders and token rules."""
 
     def __init__(self, family, checkpoint: str, encoder: TextEncoder, image_token_id: int):
-        from transformers import AutoImageProcessor
-
         self.family = family
         self.encoder = encoder
-        self.image_processor = AutoImageProcessor.from_pretrained(checkpoint)
-        self.merge = int(getattr(self.image_processor, "merge_size", 2) or 2) ** 2
+        self.image_processor = family.image_processor(checkpoint)
         self.image_token_id = image_token_id
-        placeholder = family.image_placeholder
-        self.pad_token = "<|image_pad|>"
-        if self.pad_token not in placeholder:
-            raise ValueError(f"{family.name}: image placeholder {placeholder!r} has no {self.pad_token}")
-        self.placeholder = placeholder
 
     def expand(self, text: str, grids: np.ndarray) -> str:
-        """The k-th image marker → a placeholder with one pad token per merged patch of the k-th image."""
+        """The k-th image marker → the k-th image's expanded placeholder."""
         counter = iter(range(len(grids)))
-
-        def placeholder(match: re.Match) -> str:
-            tokens = int(np.prod(grids[next(counter)])) // self.merge
-            return self.placeholder.replace(self.pad_token, self.pad_token * tokens)
-
-        return _MARKER_PATTERN.sub(placeholder, text)
+        return _MARKER_PATTERN.sub(lambda _: self.family.image_text(grids[next(counter)], self.image_processor), text)
 
     @staticmethod
     def image_order(prompt: str) -> list[int]:
@@ -131,8 +118,9 @@ class VisionPrompter:
         encoded = await self.encoder.encode_async(texts, None, thread_above, options)
         if self.family.score_token_id is not None:
             encoded = _appended(encoded, self.family.score_token_id)
-        expected = np.array([int(grids[starts[i]:starts[i + 1]].prod(axis=1).sum()) // self.merge
-                             for i in range(len(prompts))], dtype=np.int64)
+        expected = np.array([sum(self.family.image_text(grid, self.image_processor).count(self.family.image_pad_token)
+                                 for grid in grids[starts[i]:starts[i + 1]]) for i in range(len(prompts))],
+                            dtype=np.int64)
         found = (encoded.input_ids == self.image_token_id).sum(axis=1)
         if not np.array_equal(found, expected):
             row = int(np.nonzero(found != expected)[0][0])

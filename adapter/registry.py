@@ -85,7 +85,11 @@ def build_served_model(triton_model: str, config: dict, repository: Path) -> Ser
     task = "embed" if "embeddings" in outputs else "classify"
     checkpoint = resolve_checkpoint(parameters.get("checkpoint", ""), repository / triton_model)
     trust_remote_code = parse_bool(parameters.get("trust_remote_code", "false"), "trust_remote_code")
-    hf_config = checkpoint_config(checkpoint, trust_remote_code)
+    family = families.by_folder(parameters.get(SOURCE_FOLDER, triton_model))
+    if family is not None and family.vision:
+        hf_config = family.adapter_config(checkpoint)
+    else:
+        hf_config = checkpoint_config(checkpoint, trust_remote_code)
     max_model_len = int(parameters.get("max_model_len", "0") or 0) or max_model_len_for(hf_config, checkpoint)
     input_names = {tensor["name"] for tensor in config.get("input", [])}
     encoder = TextEncoder(
@@ -97,7 +101,6 @@ def build_served_model(triton_model: str, config: dict, repository: Path) -> Ser
     id2label = {int(k): v for k, v in (getattr(hf_config, "id2label", None) or {}).items()}
     # The family knows the width of its outputs (a gated reward head reduces num_labels to one score);
     # a causal LM served as a reranker has the labels its conversion builds.
-    family = families.by_folder(parameters.get(SOURCE_FOLDER, triton_model))
     num_labels = int(getattr(hf_config, "num_labels", 1) or 1)
     if family is not None and family.output_labels(hf_config) != num_labels:
         num_labels, id2label = family.output_labels(hf_config), {}

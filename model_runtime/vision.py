@@ -60,7 +60,8 @@ class VisionFamily(Family):
     # How a (query, document) pair is written when no score template applies: "{query}"/"{document}"
     # are the texts with their image placeholders first. "" tokenizes query + document as one text.
     score_format: str = ""
-    image_placeholder: str = QWEN_IMAGE
+    image_placeholder: str = QWEN_IMAGE  # one image in a prompt before expansion
+    image_pad_token: str = "<|image_pad|>"  # the token repeated per image feature (the model's image_token_id)
     video_placeholder: str = ""  # "" when the model reads no video
     # The original generative form of the checkpoint this family converts (yes/no rerankers).
     generative_architecture: str = ""
@@ -78,6 +79,31 @@ class VisionFamily(Family):
 
     def load_vision(self, checkpoint: str, dtype: torch.dtype, device: torch.device, conversion=None) -> nn.Module:
         return VisionClassifier.load(self, checkpoint, dtype, device, conversion)
+
+    # The adapter's side: the checkpoint's image processor and how an image is written into a prompt.
+
+    def adapter_config(self, checkpoint: str):
+        """The config the adapter reads labels, lengths and the image token from."""
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(checkpoint)
+
+    def image_processor(self, checkpoint: str):
+        from transformers import AutoImageProcessor
+
+        return AutoImageProcessor.from_pretrained(checkpoint)
+
+    def image_text(self, grid, processor) -> str:
+        """One image's placeholder expanded as the checkpoint's processor does: the pad token once per
+        merged patch (t * h * w / merge_size^2)."""
+        merge = int(getattr(processor, "merge_size", 2) or 2) ** 2
+        tokens = int(torch.tensor(list(grid)).prod()) // merge
+        return self.image_placeholder.replace(self.image_pad_token, self.image_pad_token * tokens)
+
+    def render_pair(self, query_side, document_side) -> tuple[str, list[int]] | None:
+        """A (query, document) prompt the family writes itself, with the order of its images; None: the
+        score template, ``score_format`` or query + document decide."""
+        return None
 
 
 class VisionClassifier(nn.Module):
@@ -271,7 +297,7 @@ def run_vision(engine, batch: PackedBatch, images: BatchImages) -> dict[str, tor
         device = engine.device
         hidden = model.hidden_states(
             padded.to(device), keep.long().to(device),
-            None if pixels is None else pixels.to(device, model.model.dtype), None if grids is None else grids.to(device))
+            None if pixels is None else pixels.to(device, engine.settings.dtype), None if grids is None else grids.to(device))
         hidden = hidden[keep.to(device)]
         local_cu = host_cu.to(device)
         chunks.append(engine._pool_and_score(hidden, local_cu, batch.input_ids[begin:end].to(device),

@@ -153,3 +153,98 @@ def reference_scores(kind: str, directory: Path, prompts: list[str], images: lis
         scores.append(torch.sigmoid(logit) if activation and logit.numel() == 1 else (
             torch.softmax(logit, -1) if activation else logit))
     return torch.stack(scores)
+
+
+NEMOTRON_TOKENS = ["<img>", "</img>", "<IMG_CONTEXT>"]
+
+
+def build_nemotron_vl_checkpoint(directory: Path, seed: int = 0) -> Path:
+    """LlamaNemotronVLForSequenceClassification shrunk: SigLIP on 32 px tiles of 8 px patches (4 tokens per
+    tile after the pixel shuffle), a 2-layer bidirectional Llama; weights under upstream's names."""
+    from safetensors.torch import save_file
+
+    from model_runtime.native.llama_nemotron_vl import FAMILY, NemotronVLClassifier
+
+    torch.manual_seed(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = byte_level_tokenizer(directory)
+    tokenizer.add_special_tokens({"additional_special_tokens": NEMOTRON_TOKENS})
+    tokenizer.save_pretrained(directory)
+    config = {
+        "architectures": ["LlamaNemotronVLForSequenceClassification"], "model_type": "llama_nemotron_vl_rerank",
+        "auto_map": {"AutoModelForSequenceClassification": "modeling_llama_nemotron_vl.LlamaNemotronVLForSequenceClassification"},
+        "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 16, "intermediate_size": 32,
+                          "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+        "llm_config": {"model_type": "llama_bidirec", "architectures": ["LlamaBidirectionalForSequenceClassification"],
+                       "vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                       "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+                       "pad_token_id": 0, "pooling": "avg"},
+        "downsample_ratio": 0.5, "force_image_size": 32, "min_dynamic_patch": 1, "max_dynamic_patch": 4,
+        "dynamic_image_size": True, "use_thumbnail": True, "pooling": "avg", "num_labels": 1,
+        "img_context_token_id": tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"), "template": "bidirectional-llama-retriever",
+    }
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    model = NemotronVLClassifier(config, FAMILY)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() > 1:
+                parameter.normal_(0, 0.2)
+    state = {}
+    for name, tensor in model.state_dict().items():  # upstream's layout: the vision tower flat
+        name = name.replace("vision_model.vision_model.", "vision_model.")
+        name = "model." + name if name.startswith("language_model.") else name  # a prefix some exports carry
+        state[name] = tensor.contiguous()
+    state["vision_model.head.probe"] = torch.zeros(1, 1, 16)  # SigLIP's unused pooling head, as shipped
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    return directory
+
+
+@torch.inference_mode()
+def nemotron_reference_scores(directory: Path, prompts: list[str], images: list[list]) -> torch.Tensor:
+    """One unpadded sequence at a time, attention over the whole sequence (no mask), SigLIP tiles
+    pixel-shuffled by index arithmetic, mean pooling, sigmoid of the score."""
+    import transformers as tf
+    from safetensors.torch import load_file
+
+    from model_runtime.native.llama_nemotron_vl import FAMILY
+
+    config = json.loads((directory / "config.json").read_text())
+    state = load_file(str(directory / "model.safetensors"))
+    vision = tf.SiglipVisionModel(tf.SiglipVisionConfig(**{k: v for k, v in config["vision_config"].items()
+                                                          if k != "model_type"}, vision_use_head=False)).eval()
+    nested = any(key.startswith("vision_model.") for key in vision.state_dict())
+    vision.load_state_dict({("vision_model." if nested else "") + k.removeprefix("vision_model."): v
+                            for k, v in state.items()
+                            if k.startswith("vision_model.") and not k.startswith("vision_model.head.")})
+    llm_values = {k: v for k, v in config["llm_config"].items() if k not in ("model_type", "architectures")}
+    llm = tf.LlamaModel(tf.LlamaConfig(**llm_values)).eval()
+    llm.load_state_dict({k.removeprefix("model.language_model."): v for k, v in state.items()
+                         if k.startswith("model.language_model.")})
+    tokenizer = tf.AutoTokenizer.from_pretrained(directory)
+    processor = FAMILY.image_processor(str(directory))
+    scores = []
+    for prompt, row_images in zip(prompts, images):
+        text = prompt
+        features = []
+        for image in row_images:
+            tiles = processor([image])["pixel_values"]
+            text = text.replace("<image>", "<img>" + "<IMG_CONTEXT>" * (4 * len(tiles)) + "</img>", 1)
+            states = vision(pixel_values=torch.from_numpy(tiles).reshape(-1, 3, 32, 32)).last_hidden_state  # [N,16,16]
+            grid = states.reshape(-1, 4, 4, 16)  # [N, w, h, C] as upstream reads it
+            # out[n, a, b] = concat over (di, dj) of grid[n, 2a+di?...]: written as upstream's two transposes
+            x = grid.reshape(-1, 4, 2, 32).transpose(1, 2).reshape(-1, 2, 2, 64).transpose(1, 2)
+            h = x.reshape(-1, 4, 64)
+            h = torch.nn.functional.layer_norm(h, (64,), state["mlp1.0.weight"], state["mlp1.0.bias"])
+            h = torch.nn.functional.gelu(h @ state["mlp1.1.weight"].T + state["mlp1.1.bias"])
+            features.append(h @ state["mlp1.3.weight"].T + state["mlp1.3.bias"])
+        ids = torch.tensor([tokenizer(text)["input_ids"]])
+        embeds = llm.embed_tokens(ids)
+        if features:
+            slots = ids[0] == config["img_context_token_id"]
+            embeds[0, slots] = torch.cat([f.reshape(-1, 32) for f in features])
+        for layer in llm.layers:
+            layer.self_attn.is_causal = False
+        hidden = llm(inputs_embeds=embeds, attention_mask=torch.ones(1, 1, ids.shape[1], ids.shape[1], dtype=torch.bool),
+                     use_cache=False).last_hidden_state[0]
+        scores.append(torch.sigmoid(hidden.mean(0) @ state["score.weight"].T))
+    return torch.stack(scores)

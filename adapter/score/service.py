@@ -117,6 +117,14 @@ async def score_vision_pairs(model: ServedModel, queries: list, documents: list,
         urls = query_side.image_urls + document_side.image_urls
         check_image_count(len(urls), settings.max_images_per_prompt)
         query_text, document_text = query_side.prompt(0), document_side.prompt(len(query_side.image_urls))
+        try:
+            written = model.vision.family.render_pair(query_side, document_side)
+        except ValueError as error:  # the family's own limits (e.g. one image per document)
+            raise BadRequestError(str(error)) from None
+        if written is not None:
+            prompts.append(written[0])
+            row_urls.append([urls[i] for i in written[1]])
+            continue
         if model.score_template is not None:
             try:
                 prompt = render(model.score_template, query_text, document_text, **(template_variables or {}))

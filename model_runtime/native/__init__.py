@@ -6,6 +6,7 @@ generic path with ``trust_remote_code``), and exposes its :class:`~model_runtime
 Golden outputs recorded once from the upstream code pin them down (``tests/goldens/``).
 """
 
-from model_runtime.native import gte_new, internlm2, llama_bidirectional, llama_normal_weights, qwen2_reward
+from model_runtime.native import gte_new, internlm2, llama_bidirectional, llama_nemotron_vl, llama_normal_weights, qwen2_reward
 
-FAMILIES: tuple = (gte_new.FAMILY, llama_bidirectional.FAMILY, llama_normal_weights.FAMILY, internlm2.FAMILY, qwen2_reward.FAMILY)
+FAMILIES: tuple = (gte_new.FAMILY, llama_bidirectional.FAMILY, llama_normal_weights.FAMILY, internlm2.FAMILY, qwen2_reward.FAMILY,
+            llama_nemotron_vl.FAMILY)

@@ -22,12 +22,20 @@ from model_runtime.score_templates import render, template_text
 from model_runtime.serving_plan import plan_models
 from model_runtime.vision import QWEN_IMAGE
 from tests.conftest import MODEL_REPOSITORY, running_adapter
-from tests.tiny_vision import build_vision_checkpoint, data_url, image_bytes, make_image, reference_scores
+from tests.tiny_vision import (
+    build_nemotron_vl_checkpoint,
+    build_vision_checkpoint,
+    data_url,
+    image_bytes,
+    make_image,
+    nemotron_reference_scores,
+    reference_scores,
+)
 
 pytestmark = pytest.mark.integration
 
 SERVED = {"qwen2_5_vl": "vl-classifier", "jina_vl": "jina-m0", "qwen3_vl": "qwen3-vl-seqcls",
-          "qwen3_vl_reranker": "qwen3-vl-reranker"}
+          "qwen3_vl_reranker": "qwen3-vl-reranker", "llama_nemotron_vl": "nemotron-vl"}
 IMAGES = [make_image(90, 70, seed=1), make_image(60, 120, seed=2), make_image(50, 50, seed=3)]
 
 
@@ -35,8 +43,10 @@ IMAGES = [make_image(90, 70, seed=1), make_image(60, 120, seed=2), make_image(50
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("vision")
     folders = {"qwen3_vl_reranker": "Qwen3-VL-Reranker-2B"}
-    return {kind: build_vision_checkpoint(kind, root / folders.get(kind, kind), seed=i)
-            for i, kind in enumerate(SERVED)}
+    made = {kind: build_vision_checkpoint(kind, root / folders.get(kind, kind), seed=i)
+            for i, kind in enumerate(SERVED) if kind != "llama_nemotron_vl"}
+    made["llama_nemotron_vl"] = build_nemotron_vl_checkpoint(root / "llama-nemotron-rerank-vl")
+    return made
 
 
 class _ImageHandler(http.server.BaseHTTPRequestHandler):
@@ -99,6 +109,14 @@ def expected_pair_scores(kind, checkpoint, query, documents):
         texts = [part["text"] for part in item if "text" in part]
         return QWEN_IMAGE * len(images) + "\n".join(texts), images
 
+    if kind == "llama_nemotron_vl":  # nemotron-vl-rerank.jinja: the document's image first
+        prompts, images = [], []
+        for document in documents:
+            document_text, document_images = side(document)
+            prompts.append(("<image> " if document_images else "") + f"question:{query} \n \n passage:"
+                           + document_text.replace(QWEN_IMAGE, ""))
+            images.append(document_images)
+        return nemotron_reference_scores(checkpoint, prompts, images).flatten().numpy()
     query_text, query_images = side(query)
     prompts, images = [], []
     for document in documents:

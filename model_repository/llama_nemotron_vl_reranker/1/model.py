@@ -1,0 +1,8 @@
+"""llama_nemotron_vl_reranker: the shared runtime serves it; this file only names the architecture family."""
+
+from model_runtime.families import by_name
+from model_runtime.triton_model import PackedTritonModel
+
+
+class TritonPythonModel(PackedTritonModel):
+    family = by_name("llama_nemotron_vl")
