@@ -82,7 +82,8 @@ def jina_m0_checkpoint(directory: Path, smoke: bool) -> Path:
     if smoke:
         return tiny
     config = json.loads((directory / "config.json").read_text())
-    text = dict(config["text_config"], hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+    text = {k: v for k, v in config["text_config"].items() if k not in ("layer_types", "max_window_layers")}
+    text = dict(text, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                 num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
                 rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]})
     vision = dict(config["vision_config"], depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4)
