@@ -21,7 +21,7 @@ import pytest
 
 from model_runtime.score_templates import TEMPLATE_DIR, _compiled, render, template_text
 
-SHIPPED = ("bge_reranker_v2_gemma", "mxbai_rerank_v2", "qwen3_reranker")
+SHIPPED = ("bge_reranker_v2_gemma", "mxbai_rerank_v2", "qwen3_reranker", "qwen3_vl_reranker")
 
 # Content that must pass through untouched: newlines, Jinja-looking text, a trailing space.
 TRICKY_QUERY = "line one\nline two {{ x }} "
@@ -203,6 +203,24 @@ def test_mxbai_content_is_literal():
 # --- lookup ----------------------------------------------------------------------------------------------
 
 
+QWEN3_VL_EXPECTED = (
+    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the Instruct "
+    "provided. Note that the answer can only be \"yes\" or \"no\".<|im_end|>\n<|im_start|>user\n"
+    "<Instruct>: Find the photo<Query>:a cat\n<Document>:<|vision_start|><|image_pad|><|vision_end|>snow"
+    "<|im_end|>\n<|im_start|>assistant\n"
+)
+
+
+def test_qwen3_vl_reranker_prompt_follows_the_published_format():
+    """No newline before <Query>:, none after the colons, no think block; the prompt ends in the opened
+    assistant turn (the model card's builder and vLLM's qwen3_vl_reranker.jinja)."""
+    text = template_text("qwen3_vl_reranker")
+    document = "<|vision_start|><|image_pad|><|vision_end|>snow"
+    assert render(text, "a cat", document, instruction="Find the photo") == QWEN3_VL_EXPECTED
+    default = render(text, "a cat", document)
+    assert "<Instruct>: Given a search query, retrieve relevant candidates that answer the query.<Query>:" in default
+
+
 def test_shipped_templates_present():
     assert tuple(sorted(p.stem for p in TEMPLATE_DIR.glob("*.jinja"))) == SHIPPED
 
@@ -218,4 +236,4 @@ def test_unknown_template_lists_shipped_ones():
         template_text("no_such_reranker")
     message = str(excinfo.value)
     assert "no_such_reranker" in message
-    assert "(bge_reranker_v2_gemma, mxbai_rerank_v2, qwen3_reranker)" in message
+    assert f"({', '.join(SHIPPED)})" in message
