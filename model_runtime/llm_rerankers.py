@@ -109,6 +109,8 @@ def conversion_for(config: dict, checkpoint: str, hf_overrides: str = "") -> Con
     for pattern, causal, overrides, template in KNOWN_RERANKERS:
         if causal == architecture and pattern.search(names):
             return Conversion.from_overrides(overrides, architecture, template)
+    if not architecture.endswith("ForCausalLM"):
+        return None  # a multimodal generative checkpoint converts when it is a known reranker or hf_overrides ask
     return Conversion.from_overrides({}, architecture)  # vLLM's --convert classify: the checkpoint's head
 
 

@@ -131,7 +131,7 @@ class VisionClassifier(nn.Module):
              conversion=None) -> VisionClassifier:
         import transformers
 
-        from model_runtime.native.weights import checkpoint_folder, read_tensors
+        from model_runtime.native.weights import checkpoint_folder
 
         body_class = getattr(transformers, family.backbone)
         body = body_class.from_pretrained(checkpoint, dtype=dtype, attn_implementation="sdpa")
