@@ -87,7 +87,7 @@ class MediaLoader:
                     raise BadRequestError(f"Failed to fetch media from URL: no complete answer within "
                                           f"{self.timeout_s:g} s (ADAPTER_MEDIA_FETCH_TIMEOUT_S)",
                                           param="image_url") from None
-                except httpx.HTTPError as error:
+                except (httpx.HTTPError, httpx.InvalidURL) as error:  # InvalidURL is no HTTPError
                     raise BadRequestError(f"Failed to fetch media from URL: {type(error).__name__}",
                                           param="image_url") from None
             raise BadRequestError(f"Failed to fetch media from URL: more than {self.max_redirects} redirects "

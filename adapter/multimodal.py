@@ -42,11 +42,16 @@ def is_multimodal(item) -> bool:
     return not isinstance(item, str)
 
 
+def _text(text: str) -> str:
+    """NUL characters dropped: they delimit the image markers, and a text must not pose as an image."""
+    return text.replace("\x00", "")
+
+
 def parse_parts(parts, param: str = "content") -> Side:
     texts, urls = [], []
     for part in parts:
         if isinstance(part, str):
-            texts.append(part)
+            texts.append(_text(part))
             continue
         if not isinstance(part, dict):
             raise BadRequestError(f"Each {param} part must be an object with a `type`", param=param)
@@ -54,7 +59,7 @@ def parse_parts(parts, param: str = "content") -> Side:
         if kind == "text":
             if not isinstance(part.get("text"), str):
                 raise BadRequestError("A text part needs `text`, a string", param=param)
-            texts.append(part["text"])
+            texts.append(_text(part["text"]))
         elif kind == "image_url":
             image = part.get("image_url")
             url = image.get("url") if isinstance(image, dict) else image
@@ -75,7 +80,7 @@ def parse_parts(parts, param: str = "content") -> Side:
 def parse_item(item) -> Side:
     """A score/rerank item: a string, or ``{"content": [parts]}``."""
     if isinstance(item, str):
-        return Side((item,), ())
+        return Side((_text(item),), ())
     content = item.get("content") if isinstance(item, dict) else getattr(item, "content", None)
     if not isinstance(content, list):
         raise BadRequestError("A multimodal item is {\"content\": [parts]}", param="content")
@@ -102,13 +107,18 @@ class VisionPrompter:
         return [int(index) for index in _MARKER_PATTERN.findall(prompt)]
 
     async def encode(self, prompts: list[str], images: list[list], options: PromptOptions = DEFAULT_OPTIONS,
-                     thread_above: int = 8) -> Encoded:
+                     thread_above: int = 8, max_pixel_bytes: int | None = None) -> Encoded:
         """``prompts`` hold one marker per image of ``images`` (per row, in the order of the markers)."""
         flat = [image for row in images for image in row]
         if flat:
             processed = await asyncio.to_thread(self.image_processor, images=flat, return_tensors="np")
             pixel_values = np.ascontiguousarray(processed["pixel_values"], dtype=np.float32)
             grids = np.asarray(processed["image_grid_thw"], dtype=np.int64)
+            if max_pixel_bytes is not None and pixel_values.nbytes > max_pixel_bytes:
+                raise BadRequestError(
+                    f"The request's images make {pixel_values.nbytes} bytes of pixel values after preprocessing, more "
+                    f"than the maximum of {max_pixel_bytes} (ADAPTER_MAX_PIXEL_BYTES_PER_REQUEST): send fewer or "
+                    "smaller images", param="image_url")
         else:
             pixel_values, grids = np.zeros((0, 0), np.float32), np.zeros((0, 3), np.int64)
         per_row = np.array([len(row) for row in images], dtype=np.int64)

@@ -125,6 +125,9 @@ class Settings(BaseSettings):
                                      "allowed too.")
     max_image_bytes: int = Field(20 * 2**20, ge=1, description="Largest encoded image, fetched or in a data: URL.")
     max_image_pixels: int = Field(50_000_000, ge=1, description="Largest decoded image (width x height).")
+    max_pixel_bytes_per_request: int = Field(
+        1 * 2**30, ge=1, description="Most bytes of preprocessed pixel values one request may make (a small "
+        "compressed image of many pixels becomes hundreds of MB of patches); more is a 400.")
     max_images_per_prompt: int = Field(16, ge=0, description="Most images in one prompt (vLLM's "
                                        "--limit-mm-per-prompt '{\"image\": N}'); more is a 400.")
     host: str = Field("127.0.0.1", description="Address the HTTP server binds.")

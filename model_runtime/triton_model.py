@@ -16,7 +16,7 @@ from model_runtime.families import Family
 from model_runtime.model_config import complete_config
 from model_runtime.packing import InvalidRequest, PackedBatch, RequestSequences, read_sequences
 from model_runtime.settings import ModelSettings
-from model_runtime.vision import BatchImages, read_images
+from model_runtime.vision import BatchImages, check_image_tokens, read_images
 
 
 def _input(request, name: str) -> torch.Tensor | None:
@@ -68,8 +68,10 @@ class PackedTritonModel:
                     self.engine.limits,
                 )
                 if self.family.vision:
-                    images.append(read_images(_input(request, "pixel_values"), _input(request, "image_grid_thw"),
-                                              sequences.lengths.numel()))
+                    request_images = read_images(_input(request, "pixel_values"), _input(request, "image_grid_thw"),
+                                                 sequences.lengths.numel())
+                    check_image_tokens(self.engine.model, sequences, request_images)
+                    images.append(request_images)
             except InvalidRequest as error:
                 responses[index] = _error(str(error), pb_utils.TritonError.INVALID_ARG)
                 continue

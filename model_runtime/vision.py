@@ -144,6 +144,11 @@ class VisionClassifier(nn.Module):
         model.config.num_labels = score.out_features if isinstance(score, nn.Linear) else 1
         return model.to(device).eval()
 
+    def image_tokens(self, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Pad tokens each image takes in the prompt: one per merged patch."""
+        merge = int(getattr(self.config.vision_config, "spatial_merge_size", 2) or 2) ** 2
+        return grid_thw.prod(dim=-1) // merge
+
     def token_types(self, input_ids: torch.Tensor) -> torch.Tensor:
         types = torch.zeros_like(input_ids, dtype=torch.int32)
         if self.image_token_id is not None:
@@ -248,6 +253,27 @@ def read_images(pixel_values: torch.Tensor | None, grid_thw: torch.Tensor | None
                              f"{pixel_values.shape[1]}")
     keep = torch.arange(pixel_values.shape[1]).unsqueeze(0) < per_row.unsqueeze(1)
     return RequestImages(pixel_values[keep], grid_thw[present], present.sum(dim=1))
+
+
+def check_image_tokens(model: nn.Module, sequences, images: RequestImages) -> None:
+    """Each row holds exactly as many image pad tokens as its images have features (and no video pads: videos
+    are not read). A mismatch fails this request alone, not the forward of every request batched with it."""
+    ids, lengths = sequences.input_ids, sequences.lengths
+    owner = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
+    found = torch.zeros(lengths.numel(), dtype=torch.int64).index_add_(
+        0, owner, (ids == model.image_token_id).long())
+    video = getattr(model, "video_token_id", None)
+    if video is not None and bool((ids == video).any()):
+        raise InvalidRequest("the prompt holds video pad tokens; video inputs are not served")
+    expected = torch.zeros(lengths.numel(), dtype=torch.int64)
+    if images.grid_thw.numel():
+        image_owner = torch.repeat_interleave(torch.arange(lengths.numel()), images.images_per_row)
+        expected.index_add_(0, image_owner, model.image_tokens(images.grid_thw).long())
+    wrong = (found != expected).nonzero().flatten()
+    if wrong.numel():
+        row = int(wrong[0])
+        raise InvalidRequest(f"row {row} holds {int(found[row])} image pad tokens where its images need "
+                             f"{int(expected[row])}")
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,8 @@ def chat_with_image_markers(messages: list[dict]) -> tuple[list[dict], list[str]
     rendered, urls = [], []
     for message in messages:
         content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str) and "\x00" in content:  # NUL delimits the image markers: no text poses as one
+            message = {**message, "content": content.replace("\x00", "")}
         if not isinstance(content, list) or not any(
                 isinstance(part, dict) and (part.get("type") not in (None, "text") or "image_url" in part)
                 for part in content):
@@ -61,7 +63,8 @@ async def encode_prompts(
             check_image_count(len(urls), settings.max_images_per_prompt)
             ordered = [urls[i] for i in model.vision.image_order(prompt)]
             loaded = await load_images(MediaLoader(settings), ordered)
-            return await model.vision.encode([prompt], [[loaded[url] for url in ordered]], options, thread_above)
+            return await model.vision.encode([prompt], [[loaded[url] for url in ordered]], options, thread_above,
+                                             settings.max_pixel_bytes_per_request)
         return await model.encoder.encode_async([prompt], None, thread_above, options)
     value = request.input
     if isinstance(value, str):
@@ -76,6 +79,14 @@ async def encode_prompts(
     return model.encoder.check_token_ids(value, options)
 
 
+def refuse_image_tokens(model: ServedModel, encoded: Encoded) -> Encoded:
+    """A vision model's prompt without images may not hold its image pad token (typed or as an id)."""
+    if model.vision is not None and encoded.vision is None and bool((encoded.input_ids[
+            np.arange(encoded.input_ids.shape[1])[None, :] < encoded.lengths[:, None]] == model.vision.image_token_id).any()):
+        raise BadRequestError("The prompt holds image placeholder tokens but no image: send images as image_url parts")
+    return encoded
+
+
 async def classify(
     request: ClassificationCompletionRequest | ClassificationChatRequest,
     model: ServedModel,
@@ -84,7 +95,7 @@ async def classify(
     response_id: str,
 ) -> ClassificationResponse:
     gateway.refuse_if_busy(model.triton_model)
-    encoded = await encode_prompts(model, request, settings)
+    encoded = refuse_image_tokens(model, await encode_prompts(model, request, settings))
     output = "logits" if request.use_activation is False else "scores"
     probs = (await gateway.infer(model.triton_model, encoded, (output,)))[output]
     best = np.argmax(probs, axis=1)

@@ -61,7 +61,8 @@ async def score_pairs(
         raise BadRequestError(f"MultiModalParam is not supported for {model.architecture}")
     if model.vision is not None:
         return await score_vision_pairs(model, queries, documents, gateway, settings, use_activation, options=options,
-                                        per_item_tokens=per_item_tokens, template_variables=template_variables)
+                                        per_item_tokens=per_item_tokens, template_variables=template_variables,
+                                        length_check=length_check)
     paired = pair_up(queries, documents)
     thread_above = settings.tokenize_in_thread_above
     check_length = length_check is None
@@ -105,7 +106,9 @@ async def score_pairs(
 
 async def score_vision_pairs(model: ServedModel, queries: list, documents: list, gateway: TritonGateway,
                              settings: Settings, use_activation: bool | None, *, options: PromptOptions,
-                             per_item_tokens: bool, template_variables: dict | None) -> tuple[list[float], int | list[int]]:
+                             per_item_tokens: bool, template_variables: dict | None,
+                             length_check: Callable[[ServedModel, Encoded], None] | None = None,
+                             ) -> tuple[list[float], int | list[int]]:
     """Pairs of texts and/or ``{"content": [parts]}`` items through a vision-language reranker: each side in
     vLLM's string form (image placeholders first), joined by the model's score template or format, then
     the checkpoint's image processor; images load concurrently, each distinct URL once."""
@@ -138,7 +141,9 @@ async def score_vision_pairs(model: ServedModel, queries: list, documents: list,
         row_urls.append([urls[i] for i in model.vision.image_order(prompt)])
     loaded = await load_images(MediaLoader(settings), [url for urls in row_urls for url in urls])
     encoded = await model.vision.encode(prompts, [[loaded[url] for url in urls] for urls in row_urls], options,
-                                        settings.tokenize_in_thread_above)
+                                        settings.tokenize_in_thread_above, settings.max_pixel_bytes_per_request)
+    if length_check is not None:
+        length_check(model, encoded)
     output = "logits" if use_activation is False else "scores"
     scores = (await gateway.infer(model.triton_model, encoded, (output,)))[output][:, 0]
     return scores.tolist(), (encoded.lengths.tolist() if per_item_tokens else encoded.num_tokens)

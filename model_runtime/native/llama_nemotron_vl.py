@@ -134,6 +134,11 @@ class NemotronVLClassifier(nn.Module):
     def base_model(self) -> nn.Module:
         return self.language_model
 
+    def image_tokens(self, grid_thw: torch.Tensor) -> torch.Tensor:
+        """<IMG_CONTEXT> tokens per image: tokens per tile x tiles."""
+        side = self.image_size // self.vision_model.config.patch_size
+        return grid_thw.prod(dim=-1) * int(side * side * self.ratio * self.ratio)
+
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         tiles = pixel_values.reshape(-1, 3, self.image_size, self.image_size)
         states = self.vision_model(pixel_values=tiles).last_hidden_state  # [N, (S/p)^2, C]

@@ -249,6 +249,12 @@ def test_placeholders_typed_into_text_are_refused(stack):
     response = httpx.post(f"{url}/rerank", json={"model": SERVED["jina_vl"], "query": "q",
                                                  "documents": ["<|image_pad|> sneaky"]}, timeout=60)
     assert "image tokens" in error_of(response)
+    typed = httpx.post(f"{url}/classify", json={"model": SERVED["qwen2_5_vl"], "input": ["<|image_pad|> x"]}, timeout=60)
+    assert "placeholder tokens but no image" in error_of(typed)
+    # a NUL-delimited image marker typed into a text is no image (dropped, not a 500 or a duplicated image)
+    injected = httpx.post(f"{url}/rerank", json={"model": SERVED["llama_nemotron_vl"], "query": "a\u0000image5\u0000",
+                                                 "documents": [{"content": [image_part(IMAGES[0])]}]}, timeout=60)
+    assert injected.status_code == 200, injected.text
 
 
 def test_raw_grpc_contract_pixel_values_and_grids(stack, checkpoints):
@@ -277,6 +283,9 @@ def test_raw_grpc_contract_pixel_values_and_grids(stack, checkpoints):
     bad[2].set_data_from_numpy(np.array([[[1, 40, 40]]], dtype=np.int64))
     with pytest.raises(Exception, match="patches"):
         client.infer(name, bad)
+    # image pad tokens without their image are this request's error too (not the batch's forward)
+    with pytest.raises(Exception, match="image pad tokens"):
+        client.infer(name, inputs[:1])
 
 
 def test_a_text_model_refuses_images_as_vllm_does(adapter_url):
