@@ -77,7 +77,9 @@ def test_classify_single_string_and_token_ids(adapter_url, tiny_checkpoints):
     by_id_lists = post(adapter_url, "/classify", {"model": "bert_classifier", "input": [ids, ids[:2]]}).json()
     assert len(by_text["data"]) == len(by_ids["data"]) == 1 and len(by_id_lists["data"]) == 2
     np.testing.assert_allclose(by_text["data"][0]["probs"], by_ids["data"][0]["probs"], rtol=1e-6)
-    np.testing.assert_allclose(by_id_lists["data"][0]["probs"], by_ids["data"][0]["probs"], rtol=1e-6)
+    # A prompt sharing a forward with another prompt (or with another request Triton batched in) runs at another
+    # padded width on the CPU body: fp32 sums reorder by a few 1e-7 (6e-6 relative seen once on CI).
+    np.testing.assert_allclose(by_id_lists["data"][0]["probs"], by_ids["data"][0]["probs"], rtol=2e-5, atol=1e-6)
     assert by_ids["usage"]["prompt_tokens"] == len(ids)
     assert by_id_lists["usage"]["prompt_tokens"] == len(ids) + 2
 
