@@ -84,6 +84,22 @@ def running_adapter(triton_server, log_dir: Path, **settings: str):
             process.kill()
 
 
+@contextlib.contextmanager
+def http_server_on_loopback(handler):
+    """A threaded ``http.server`` with ``handler`` on a free loopback port; yields its base URL."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture(scope="session")
 def adapter_url(triton_server, tmp_path_factory):
     """The real adapter (uvicorn, separate process) in front of the session's Triton server."""

@@ -10,7 +10,6 @@ data: URLs or served by a loopback HTTP server. Scores equal HF's own forward (f
 from __future__ import annotations
 
 import http.server
-import threading
 
 import httpx
 import numpy as np
@@ -21,7 +20,7 @@ from model_runtime.launcher import TritonServer
 from model_runtime.score_templates import render, template_text
 from model_runtime.serving_plan import plan_models
 from model_runtime.vision import QWEN_IMAGE
-from tests.conftest import MODEL_REPOSITORY, running_adapter
+from tests.conftest import MODEL_REPOSITORY, http_server_on_loopback, running_adapter
 from tests.tiny_vision import (
     build_nemotron_vl_checkpoint,
     build_vision_checkpoint,
@@ -74,12 +73,8 @@ class _ImageHandler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def image_server():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ImageHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with http_server_on_loopback(_ImageHandler) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

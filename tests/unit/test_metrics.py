@@ -12,9 +12,8 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -27,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapter import metrics
 from adapter.metrics import count_error, install_metrics, prepare_multiprocess_dir, route_label
+from tests.conftest import http_server_on_loopback
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 TRITON_TEXT = (
@@ -230,12 +230,8 @@ class FakeTritonMetrics(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def triton_metrics_base():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeTritonMetrics)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with http_server_on_loopback(FakeTritonMetrics) as url:
+        yield url
 
 
 def dead_url() -> str:
