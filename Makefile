@@ -15,27 +15,62 @@ PORT ?= 8080
 MODELS ?=
 # Model parameters: SET="BAAI/bge-reranker-v2-m3.served_model_name=reranker /data/x.dtype=float16"
 SET ?=
+LOCK ?= requirements/lock.txt
+# torch 2.13.0+cpu: from this machine's disk where it lies there, else from PyTorch's CPU index.
+TORCH_SOURCE ?= $(if $(wildcard /opt/wheels/torch-2.13.0+cpu-*),,--extra-index-url https://download.pytorch.org/whl/cpu)
+UV_VERSION := 0.13.9
+UV := .cache/tools/bin/uv
+LOCK_INPUTS := pyproject.toml requirements/build.in --extra runtime --extra test --extra bench
+# --find-links: where this machine keeps torch 2.13.0+cpu (PyTorch's CPU index is not reachable here).
+LOCK_FLAGS := --python-version 3.11 --python-platform x86_64-manylinux_2_35 --generate-hashes \
+	--find-links /opt/wheels --annotation-style line --quiet
 
-.PHONY: install serve test test-unit test-integration bench clean
+.PHONY: install lock check-latest lint serve test test-unit test-integration bench clean
 
 install: $(INSTALLED)
 
-$(INSTALLED): pyproject.toml Makefile
+# Everything installs from the lock (requirements/lock.txt, hashes checked): CPython 3.11 on Linux
+# x86_64, torch 2.13.0+cpu (on CI machines' disk; elsewhere from download.pytorch.org/whl/cpu).
+# An environment that brings its own torch and triton (the GPU image) uses
+# LOCK=requirements/lock-gpu-image.txt. `make lock` refreshes both from pyproject.toml's ranges.
+$(INSTALLED): $(LOCK) requirements/tritonserver.txt pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	# torch==2.13.0 is the CPU wheel on CI machines' disk; where torch is already there (the
-	# GPU image) nothing is reinstalled.
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install --no-build-isolation -e ".[runtime,test]"
-	$(PY) -m pip install --no-deps nvidia-pytriton==0.7.0
-	# The Triton stub ignores PYTHONPATH: it imports from this venv, so the project root goes
-	# into the venv's site-packages as a .pth.
-	$(PY) -c "import sysconfig, pathlib; pathlib.Path(sysconfig.get_paths()['purelib'], 'project_root.pth').write_text('$(CURDIR)\n')"
+	$(PY) -m pip install -q --require-hashes -r $(LOCK) $(TORCH_SOURCE)
+	$(PY) -m pip install -q --no-deps --require-hashes -r requirements/tritonserver.txt
+	# The project itself, editable: the Triton stub imports it from this venv like any installed
+	# package (its poolserve_* packages live in the card folders; see pyproject.toml).
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
-serve: $(INSTALLED)
-	$(PY) -m adapter.stack --host $(HOST) --port $(PORT) $(foreach m,$(MODELS),--model '$(m)') $(foreach s,$(SET),--set '$(s)')
+# Resolve the newest versions pyproject.toml allows into the locks (uv, pinned, in .cache/tools).
+lock: $(UV)
+	$(UV) pip compile $(LOCK_INPUTS) --override requirements/torch-cpu.in $(LOCK_FLAGS) -o requirements/lock.txt
+	$(UV) pip compile $(LOCK_INPUTS) --override requirements/torch-cpu.in $(LOCK_FLAGS) \
+		--no-emit-package torch --no-emit-package triton -o requirements/lock-gpu-image.txt
+	$(UV) pip compile requirements/tritonserver.in $(LOCK_FLAGS) --no-deps -o requirements/tritonserver.txt
 
-test: $(INSTALLED)
+$(UV):
+	$(PYTHON) -m venv .cache/tools
+	.cache/tools/bin/pip install -q uv==$(UV_VERSION)
+
+# The newest releases pyproject.toml allows, in a throwaway venv: unit tests and one real-stack test.
+check-latest:
+	$(PYTHON) -m venv --clear .cache/latest
+	.cache/latest/bin/pip install -q "setuptools>=70.1" torch==2.13.0
+	.cache/latest/bin/pip install -q --upgrade --upgrade-strategy eager --no-build-isolation -e ".[runtime,test]"
+	.cache/latest/bin/pip install -q --no-deps nvidia-pytriton==0.7.0
+	.cache/latest/bin/pip list --format=freeze > .cache/latest/versions.txt
+	.cache/latest/bin/python -m pytest -q -p no:cacheprovider tests/unit tests/kernels \
+		tests/integration/test_adapter_api.py $(PYTEST_ARGS)
+
+serve: $(INSTALLED)
+	$(PY) -m poolserve_adapter.stack --host $(HOST) --port $(PORT) $(foreach m,$(MODELS),--model '$(m)') $(foreach s,$(SET),--set '$(s)')
+
+# ruff's rules and scope: pyproject.toml [tool.ruff]. A second or two; it runs before every `make test`.
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check .
+
+test: $(INSTALLED) lint
 	$(PY) -m pytest -q --durations=10 $(PYTEST_ARGS)
 
 test-unit: $(INSTALLED)
@@ -46,18 +81,18 @@ test-integration: $(INSTALLED)
 
 bench: $(INSTALLED)
 	if $(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then \
-		$(PY) -m benchmarks.bench_kernels --out benchmarks/results --commit $$(git rev-parse --short HEAD) && \
-		$(PY) -m benchmarks.bench_engine --out benchmarks/results --commit $$(git rev-parse --short HEAD) && \
-		$(PY) -m benchmarks.profile_engine --out benchmarks/results --commit $$(git rev-parse --short HEAD) && \
-		$(PY) -m benchmarks.bench_systems --out benchmarks/results --instance-counts 1 2 --commit $$(git rev-parse --short HEAD) && \
-		$(PY) -m benchmarks.profile_stack --out benchmarks/results --models ms-marco-MiniLM-L6 bge-reranker-v2-m3 --instance-counts 1 2 --commit $$(git rev-parse --short HEAD) && \
-		$(PY) -m benchmarks.bench_llm_rerankers --out benchmarks/results --pin-cpus --commit $$(git rev-parse --short HEAD) && \
-		$(PY) -m benchmarks.bench_reliability --out benchmarks/results --name h200 --random-checkpoints --commit $$(git rev-parse --short HEAD); \
+		$(PY) -m poolserve_bench.bench_kernels --out benchmarks/results --commit $$(git rev-parse --short HEAD) && \
+		$(PY) -m poolserve_bench.bench_engine --out benchmarks/results --commit $$(git rev-parse --short HEAD) && \
+		$(PY) -m poolserve_bench.profile_engine --out benchmarks/results --commit $$(git rev-parse --short HEAD) && \
+		$(PY) -m poolserve_bench.bench_systems --out benchmarks/results --instance-counts 1 2 --commit $$(git rev-parse --short HEAD) && \
+		$(PY) -m poolserve_bench.profile_stack --out benchmarks/results --models ms-marco-MiniLM-L6 bge-reranker-v2-m3 --instance-counts 1 2 --commit $$(git rev-parse --short HEAD) && \
+		$(PY) -m poolserve_bench.bench_llm_rerankers --out benchmarks/results --pin-cpus --commit $$(git rev-parse --short HEAD) && \
+		$(PY) -m poolserve_bench.bench_reliability --out benchmarks/results --name h200 --random-checkpoints --commit $$(git rev-parse --short HEAD); \
 	else \
-		$(PY) -m benchmarks.bench_engine --smoke --out .cache/bench-smoke && \
-		$(PY) -m benchmarks.bench_systems --smoke --out .cache/bench-smoke && \
-		$(PY) -m benchmarks.bench_llm_rerankers --smoke --out .cache/bench-smoke && \
-		$(PY) -m benchmarks.bench_reliability --smoke --out .cache/bench-smoke; \
+		$(PY) -m poolserve_bench.bench_engine --smoke --out .cache/bench-smoke && \
+		$(PY) -m poolserve_bench.bench_systems --smoke --out .cache/bench-smoke && \
+		$(PY) -m poolserve_bench.bench_llm_rerankers --smoke --out .cache/bench-smoke && \
+		$(PY) -m poolserve_bench.bench_reliability --smoke --out .cache/bench-smoke; \
 	fi
 
 clean:

@@ -1,7 +1,11 @@
 #!/bin/sh
-# Inside an image build, in /opt/project:
-#   install-project.sh EXTRAS [TORCH_INDEX_URL]  the project's dependencies (and EXTRAS) into /opt/venv, editable
-#   install-project.sh --no-deps PACKAGE...      more packages
+# Inside an image build, in /opt/project, into /opt/venv:
+#   install-project.sh deps LOCK [TORCH_INDEX_URL]   the locked dependencies (requirements/LOCK)
+#   install-project.sh tritonserver                  the locked nvidia-pytriton wheel (the server), no deps
+#   install-project.sh project                       the project itself, editable, no deps (after its sources)
+# The locks are resolved for CPython 3.11 (`make lock`): there they install with every hash checked.
+# On another Python (an NGC base image brings its own) the lock's versions become constraints on
+# pyproject.toml's ranges and pip fills in what that Python needs more.
 # With wheels in /opt/wheels (an offline build) pip uses them and no index at all.
 set -eu
 if [ ! -x /opt/venv/bin/python ]; then
@@ -16,22 +20,29 @@ if ls /opt/wheels/*.whl >/dev/null 2>&1; then
 else
     pip() { /opt/venv/bin/pip install "$@"; }
 fi
-if [ "$1" = --no-deps ]; then
-    pip "$@"
-    exit
-fi
-extras=$1
-torch_index=${2:-}
-# Editable installs need setuptools >= 64 (PEP 660) and its own bdist_wheel (>= 70.1); venvs
-# bundle older ones.
-pip "setuptools>=70.1"
-if [ -n "$torch_index" ]; then pip --index-url "$torch_index" torch; fi
-# The packages' folders exist before their sources are copied in (a later layer), so this
-# dependency layer stays cached while the code changes; the editable install points at them.
-for package in adapter model_runtime kernels benchmarks; do
-    mkdir -p "$package" && touch "$package/__init__.py"
-done
-pip --no-build-isolation -e ".${extras:+[$extras]}"
-# The Triton stub imports from this venv and ignores PYTHONPATH: model.py files find the project
-# through this .pth (as `make install` does).
-/opt/venv/bin/python -c "import sysconfig, pathlib; pathlib.Path(sysconfig.get_paths()['purelib'], 'project_root.pth').write_text('/opt/project\n')"
+locked_python=$(/opt/venv/bin/python -c 'import sys; print(sys.version_info[:2] == (3, 11))')
+case "$1" in
+deps)
+    lock=requirements/$2
+    torch_index=${3:-}
+    # lock-gpu-image.txt leaves torch (and its triton) to the image; one that has none takes it from
+    # TORCH_INDEX_URL (or the index) first, as the locked packages that need torch expect it there.
+    if ! grep -q '^torch==' "$lock" && ! /opt/venv/bin/python -c 'import torch' 2>/dev/null; then
+        pip ${torch_index:+--extra-index-url "$torch_index"} torch
+    fi
+    if [ "$locked_python" = True ]; then
+        pip --require-hashes -r "$lock" ${torch_index:+--extra-index-url "$torch_index"}
+    else
+        sed -e '/^ *--hash/d' -e '/^ *#/d' -e 's/ *\\$//' -e '/^torch==/d' -e '/^triton==/d' "$lock" \
+            > /tmp/lock-constraints.txt
+        # The project's own requirements (it has no sources in this layer yet: `project` installs them).
+        pip -c /tmp/lock-constraints.txt "setuptools>=70.1" ".[runtime]" ${torch_index:+--extra-index-url "$torch_index"}
+    fi ;;
+tritonserver)
+    pip --no-deps --require-hashes -r requirements/tritonserver.txt ;;
+project)
+    pip --no-deps --no-build-isolation -e . ;;
+*)
+    echo "usage: install-project.sh deps LOCK [TORCH_INDEX_URL] | tritonserver | project" >&2
+    exit 2 ;;
+esac

@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
     # `kernels` is imported, because triton.jit picks the interpreter at decoration time.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from model_runtime.launcher import TritonServer, free_port, spawn_tied_to_this_process, wait_for_http
+from poolserve_runtime.launcher import TritonServer, free_port, spawn_tied_to_this_process, wait_for_http
 from tests.tiny_models import MODEL_FOLDERS, build_checkpoint
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +58,7 @@ def start_adapter(triton_server, log_path: Path, **settings: str) -> tuple[subpr
     }
     with log_path.open("wb") as log:
         # Tied to the test run: a run killed by a timeout leaves no adapter behind.
-        process = spawn_tied_to_this_process([sys.executable, "-m", "adapter"], cwd=PROJECT_ROOT, env=env,
+        process = spawn_tied_to_this_process([sys.executable, "-m", "poolserve_adapter"], cwd=PROJECT_ROOT, env=env,
                                              stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -114,7 +114,7 @@ def reference_scores(kind: str, directory: Path, prompts: list[str], images: lis
     """HF's own forward, one unpadded sequence at a time, then the head vLLM applies: the reference."""
     import transformers as tf
 
-    from model_runtime.vision import QWEN_IMAGE
+    from poolserve_runtime.vision import QWEN_IMAGE
 
     generative = _KINDS[kind][0]
     model = getattr(tf, generative).from_pretrained(directory, dtype=torch.float32).eval()
@@ -163,7 +163,7 @@ def build_nemotron_vl_checkpoint(directory: Path, seed: int = 0) -> Path:
     tile after the pixel shuffle), a 2-layer bidirectional Llama; weights under upstream's names."""
     from safetensors.torch import save_file
 
-    from model_runtime.native.llama_nemotron_vl import FAMILY, NemotronVLClassifier
+    from poolserve_runtime.native.llama_nemotron_vl import FAMILY, NemotronVLClassifier
 
     torch.manual_seed(seed)
     directory.mkdir(parents=True, exist_ok=True)
@@ -206,7 +206,7 @@ def nemotron_reference_scores(directory: Path, prompts: list[str], images: list[
     import transformers as tf
     from safetensors.torch import load_file
 
-    from model_runtime.native.llama_nemotron_vl import FAMILY
+    from poolserve_runtime.native.llama_nemotron_vl import FAMILY
 
     config = json.loads((directory / "config.json").read_text())
     state = load_file(str(directory / "model.safetensors"))

@@ -2,7 +2,7 @@
 
 Images are built on ``$COMPOSE_TEST_BASE_IMAGE`` (default ``python:3.11-slim``; CI's docker service
 makes a local Debian one, as no registry is reachable there) with the nvidia-pytriton server, from
-a wheelhouse prepared here on the host from this venv's own versions, so the build needs no index.
+a wheelhouse of the lock's wheels prepared here on the host, so the build needs no index.
 Published ports are free ones, reached at ``$COMPOSE_TEST_ADDRESS`` (127.0.0.1, or the address of
 the network namespace CI's daemon runs in). Every project is brought down with its volumes; the
 tests check that nothing of it is left.
@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 import time
-import tomllib
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from model_runtime.launcher import free_port
+from poolserve_runtime.launcher import free_port
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 WHEELHOUSE = PROJECT_ROOT / "docker" / "wheelhouse"
@@ -52,17 +51,14 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def wheelhouse(tmp_path_factory) -> Path:
-    """Every wheel the images install, at the versions this venv runs (pip's own config here finds them)."""
-    project = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]
-    requirements = [*project["dependencies"], *project["optional-dependencies"]["runtime"], "setuptools>=70.1"]
-    frozen = subprocess.run([sys.executable, "-m", "pip", "freeze", "--exclude-editable"], capture_output=True,
-                            text=True, check=True).stdout
-    constraints = tmp_path_factory.mktemp("wheelhouse") / "constraints.txt"
+def wheelhouse() -> Path:
+    """Every wheel the images install: the lock's, hashes checked (pip's own config here finds them)."""
     WHEELHOUSE.mkdir(exist_ok=True)
-    constraints.write_text("\n".join(line for line in frozen.splitlines() if " @ " not in line) + "\n")
-    pip = [sys.executable, "-m", "pip", "download", "-q", "-d", str(WHEELHOUSE), "--only-binary=:all:"]
-    for command in ([*pip, "-c", str(constraints), *requirements], [*pip, "--no-deps", "nvidia-pytriton==0.7.0"]):
+    pip = [sys.executable, "-m", "pip", "download", "-q", "-d", str(WHEELHOUSE), "--only-binary=:all:",
+           "--require-hashes"]
+    requirements = PROJECT_ROOT / "requirements"
+    for command in ([*pip, "-r", str(requirements / "lock.txt")],
+                    [*pip, "--no-deps", "-r", str(requirements / "tritonserver.txt")]):
         result = subprocess.run(command, capture_output=True, text=True)
         assert result.returncode == 0, f"{' '.join(command)}:\n{result.stderr[-3000:]}"
     return WHEELHOUSE

@@ -7,15 +7,14 @@ compared with the padded HF model (bf16 vs fp32 differences bound the meaningful
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
-from model_runtime.engine import PackedEngine
-from model_runtime import families
-from model_runtime.families import BERT, QWEN3
-from model_runtime.packing import PackedBatch, RequestSequences
-from model_runtime.settings import ModelSettings
+from poolserve_runtime import families
+from poolserve_runtime.engine import PackedEngine
+from poolserve_runtime.families import BERT, QWEN3
+from poolserve_runtime.packing import PackedBatch, RequestSequences
+from poolserve_runtime.settings import ModelSettings
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -147,7 +146,7 @@ def test_native_families_on_the_gpu(golden_name, tmp_path):
     """The remote-code architectures served natively: fp32 on the GPU equals the upstream golden;
     bf16 through FlashAttention varlen stays within bf16 noise of it (these tiny goldens use large
     0.3-std weights, so bf16 errors are larger than on real checkpoints)."""
-    from model_runtime.families import by_name
+    from poolserve_runtime.families import by_name
     from tests.goldens.build import build_golden_checkpoint, load_golden
 
     golden = load_golden(golden_name)

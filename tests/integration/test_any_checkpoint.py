@@ -18,8 +18,8 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 
-from model_runtime.launcher import LauncherError, TritonServer
-from model_runtime.serving_plan import PlanError, plan_models
+from poolserve_runtime.launcher import LauncherError, TritonServer
+from poolserve_runtime.serving_plan import PlanError, plan_models
 from tests.conftest import MODEL_REPOSITORY, running_adapter
 from tests.goldens.build import build_golden_checkpoint, load_golden
 from tests.tiny_models import build_checkpoint, wordpiece_tokenizer
@@ -140,10 +140,10 @@ def test_modernbert_reranker_and_gemma2_reward_match_hf(stack, checkpoints):
 def test_native_reward_model_returns_raw_rewards_through_sglang_classify(stack, checkpoints):
     from transformers import AutoTokenizer
 
-    from model_runtime.engine import PackedEngine
-    from model_runtime.native import qwen2_reward
-    from model_runtime.packing import PackedBatch, RequestSequences
-    from model_runtime.settings import ModelSettings
+    from poolserve_runtime.engine import PackedEngine
+    from poolserve_runtime.native import qwen2_reward
+    from poolserve_runtime.packing import PackedBatch, RequestSequences
+    from poolserve_runtime.settings import ModelSettings
 
     _, url = stack
     body = httpx.post(f"{url}/classify", json={"model": str(checkpoints["reward"]), "text": TEXTS}, timeout=60).json()
@@ -193,7 +193,7 @@ def llm_reranker_expected(checkpoint, query, documents, instruction=None):
     """HF's next-token recipe on the rendered prompts: sigmoid(l_yes - l_no) at the last position."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from model_runtime.score_templates import render, template_text
+    from poolserve_runtime.score_templates import render, template_text
 
     template = template_text("qwen3_reranker")
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from model_runtime import launcher
-from model_runtime.launcher import LauncherError, TritonServer
+from poolserve_runtime import launcher
+from poolserve_runtime.launcher import LauncherError, TritonServer
 from tests.conftest import FAULT_MODELS, PROJECT_ROOT
 
 pytestmark = pytest.mark.integration
@@ -51,7 +51,7 @@ def test_unknown_model_folder_is_refused_before_starting(tmp_path):
 
 
 def test_sigterm_stops_server_and_stubs_and_removes_shm(tmp_path):
-    command = [sys.executable, "-m", "model_runtime.launcher", "--model-repository", str(FAULT_MODELS),
+    command = [sys.executable, "-m", "poolserve_runtime.launcher", "--model-repository", str(FAULT_MODELS),
                "--load", "echo", "--log-file", str(tmp_path / "log")]
     process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True)
     try:
@@ -77,7 +77,7 @@ def test_sigterm_stops_server_and_stubs_and_removes_shm(tmp_path):
 
 def test_killing_the_launcher_leaves_no_process_behind(tmp_path):
     """kill -9 of the launcher (a test run stopped by a timeout): its tritonserver and stubs go too."""
-    command = [sys.executable, "-m", "model_runtime.launcher", "--model-repository", str(FAULT_MODELS),
+    command = [sys.executable, "-m", "poolserve_runtime.launcher", "--model-repository", str(FAULT_MODELS),
                "--load", "echo", "--log-file", str(tmp_path / "log")]
     process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True)
     try:

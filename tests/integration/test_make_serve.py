@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from model_runtime import launcher
-from model_runtime.launcher import free_port, wait_for_http
+from poolserve_runtime import launcher
+from poolserve_runtime.launcher import free_port, wait_for_http
 from tests.conftest import PROJECT_ROOT
 
 pytestmark = pytest.mark.integration

@@ -1,4 +1,4 @@
-"""Chaos against the whole stack (``python -m adapter.stack``, as ``make serve`` runs it).
+"""Chaos against the whole stack (``python -m poolserve_adapter.stack``, as ``make serve`` runs it).
 
 kill -9 one model's stub under load: that model answers 503 at once and then correctly again,
 the other model never fails. kill -9 tritonserver: the stack restarts it on the same ports and
@@ -17,8 +17,8 @@ import time
 import httpx
 import pytest
 
-from model_runtime import launcher
-from model_runtime.launcher import free_port, spawn_tied_to_this_process, wait_for_http
+from poolserve_runtime import launcher
+from poolserve_runtime.launcher import free_port, spawn_tied_to_this_process, wait_for_http
 from tests.conftest import PROJECT_ROOT
 
 pytestmark = pytest.mark.integration
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.integration
 def stack(tiny_checkpoints, tmp_path_factory):
     port = free_port()
     log_path = tmp_path_factory.mktemp("recovery") / "stack.log"
-    command = [sys.executable, "-m", "adapter.stack", "--port", str(port),
+    command = [sys.executable, "-m", "poolserve_adapter.stack", "--port", str(port),
                "--model", f"bert_classifier={tiny_checkpoints['bert_classifier']}",
                "--model", f"xlm_roberta_classifier={tiny_checkpoints['xlm_roberta_classifier']}"]
     with log_path.open("wb") as log:

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from benchmarks import bench_reliability
+from poolserve_bench import bench_reliability
 
 pytestmark = pytest.mark.integration
 

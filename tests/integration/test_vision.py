@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from model_runtime.launcher import TritonServer
-from model_runtime.score_templates import render, template_text
-from model_runtime.serving_plan import plan_models
-from model_runtime.vision import QWEN_IMAGE
+from poolserve_runtime.launcher import TritonServer
+from poolserve_runtime.score_templates import render, template_text
+from poolserve_runtime.serving_plan import plan_models
+from poolserve_runtime.vision import QWEN_IMAGE
 from tests.conftest import MODEL_REPOSITORY, http_server_on_loopback, running_adapter
 from tests.tiny_vision import (
     build_nemotron_vl_checkpoint,
@@ -49,7 +49,7 @@ def checkpoints(tmp_path_factory):
 
 
 class _ImageHandler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802 - http.server's name
+    def do_GET(self):
         if self.path == "/redirect":
             self.send_response(302)
             self.send_header("Location", "/image.png")

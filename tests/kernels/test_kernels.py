@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.cosine import cosine_similarity_reference, cosine_similarity_triton
-from kernels.pooling import POOLING_METHODS, pool_reference, pool_triton
-from kernels.score_head import score_head_reference, score_head_triton
+from poolserve_kernels.cosine import cosine_similarity_reference, cosine_similarity_triton
+from poolserve_kernels.pooling import POOLING_METHODS, pool_reference, pool_triton
+from poolserve_kernels.score_head import score_head_reference, score_head_triton
 
 # Per-dtype tolerances: the kernels accumulate in fp32; the result is rounded to the output dtype.
 TOLERANCE = {

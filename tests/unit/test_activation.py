@@ -1,7 +1,7 @@
 import pytest
 from transformers import PretrainedConfig
 
-from model_runtime.activation import Activation, activation_for_config
+from poolserve_runtime.activation import Activation, activation_for_config
 
 
 def config(**kwargs):

@@ -10,12 +10,12 @@ import pytest
 from fastapi.testclient import TestClient
 from tritonclient.utils import InferenceServerException
 
-from adapter import errors
-from adapter.app import create_app
-from adapter.registry import ModelRegistry, ServedModel, served_name
-from adapter.settings import Settings
-from adapter.tokenization import Encoded, TextEncoder
-from adapter.triton_gateway import TritonGateway
+from poolserve_adapter import errors
+from poolserve_adapter.app import create_app
+from poolserve_adapter.registry import ModelRegistry, ServedModel, served_name
+from poolserve_adapter.settings import Settings
+from poolserve_adapter.tokenization import Encoded, TextEncoder
+from poolserve_adapter.triton_gateway import TritonGateway
 
 
 class FakeTritonClient:
@@ -119,7 +119,7 @@ def app_with_fake_triton(monkeypatch):
     async def fake_discover(_client, _settings):
         return registry
 
-    monkeypatch.setattr("adapter.app.discover_models", fake_discover)
+    monkeypatch.setattr("poolserve_adapter.app.discover_models", fake_discover)
     app = create_app(Settings(triton_grpc_url="127.0.0.1:1"))
     with TestClient(app) as test_client:
         app.state.gateway = TritonGateway(client, timeout_s=1, max_rows=64)
@@ -143,7 +143,7 @@ def test_over_long_is_caught_before_triton(app_with_fake_triton):
 
 
 def test_vocabulary_check_covers_ids_past_int64_and_negative_ids():
-    from adapter.errors import BadRequestError
+    from poolserve_adapter.errors import BadRequestError
 
     encoder = TextEncoder(WhitespaceTokenizer(), max_model_len=6, sends_token_types=False)  # vocabulary of 100
     encoder.check_vocabulary([[0, 99], [5]])

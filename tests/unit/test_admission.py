@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from adapter.admission import Admission
-from adapter.errors import TooManyRequestsError
+from poolserve_adapter.admission import Admission
+from poolserve_adapter.errors import TooManyRequestsError
 
 
 def admission(**limits) -> Admission:

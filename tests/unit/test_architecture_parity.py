@@ -13,11 +13,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_runtime import families
-from model_runtime.activation import activation_for_config, apply_activation
-from model_runtime.engine import PackedEngine
-from model_runtime.packing import PackedBatch, RequestSequences
-from model_runtime.settings import ModelSettings
+from poolserve_runtime import families
+from poolserve_runtime.activation import activation_for_config, apply_activation
+from poolserve_runtime.engine import PackedEngine
+from poolserve_runtime.packing import PackedBatch, RequestSequences
+from poolserve_runtime.settings import ModelSettings
 from tests.tiny_models import ARCHITECTURE_KINDS, build_checkpoint
 
 LENGTHS = [1, 9, 40, 3, 23, 2, 17]

@@ -1,8 +1,12 @@
 """The benchmark harnesses run end to end at smoke size on the CPU (their GPU numbers are not tests)."""
 
 import csv
+import json
+import random
 
-from benchmarks import bench_engine
+import pytest
+
+from poolserve_bench import bench_engine
 
 
 def test_engine_benchmark_smoke(tmp_path):
@@ -18,7 +22,7 @@ def test_engine_benchmark_smoke(tmp_path):
 
 def test_systems_benchmark_smoke(tmp_path):
     """Starts Triton, the adapter and the baseline server on the CPU and drives each briefly."""
-    from benchmarks import bench_systems
+    from poolserve_bench import bench_systems
 
     rows = bench_systems.main(["--smoke", "--out", str(tmp_path), "--work", str(tmp_path / "work")])
     systems = {r["system"] for r in rows}
@@ -27,11 +31,6 @@ def test_systems_benchmark_smoke(tmp_path):
     assert (tmp_path / "systems.csv").exists()
 
 
-import json
-import random
-
-import pytest
-
 
 @pytest.mark.parametrize("model_type,vocab_size", [
     ("bert", 30522), ("xlm-roberta", 250002), ("qwen2", 151936), ("qwen3", 1000), ("llama", 128256)])
@@ -39,8 +38,8 @@ def test_synthetic_tokenizer_is_one_token_per_word_through_auto_tokenizer(tmp_pa
     """AutoTokenizer rebuilds a qwen2 tokenizer from vocab and merges; the word count must survive that."""
     from transformers import AutoTokenizer
 
-    from benchmarks.checkpoints import word_count, word_tokenizer, words
-    from model_runtime import families
+    from poolserve_bench.checkpoints import word_count, word_tokenizer, words
+    from poolserve_runtime import families
 
     shape = bench_engine.Shape("synthetic", families.BERT, dict(model_type=model_type, vocab_size=vocab_size), ())
     word_tokenizer(shape).save_pretrained(tmp_path)
@@ -62,14 +61,14 @@ def test_synthetic_tokenizer_is_one_token_per_word_through_auto_tokenizer(tmp_pa
     ("void at::native::vectorized_elementwise_kernel<4, pow_tensor_scalar_kernel>", "elementwise / reduce (eager)"),
 ])
 def test_profile_groups_kernels_by_name(kernel, expected):
-    from benchmarks.profile_engine import category
+    from poolserve_bench.profile_engine import category
 
     assert category(kernel) == expected
 
 
 def test_llm_reranker_benchmark_smoke(tmp_path):
     """Recognises the named causal LM, serves it with and without reuse beside the plain HF recipe."""
-    from benchmarks import bench_llm_rerankers
+    from poolserve_bench import bench_llm_rerankers
 
     rows = bench_llm_rerankers.main(["--smoke", "--out", str(tmp_path), "--work", str(tmp_path / "work")])
     assert {r["system"] for r in rows} == {"http_reuse", "http_no_reuse", "baseline_http"}
@@ -79,7 +78,7 @@ def test_llm_reranker_benchmark_smoke(tmp_path):
 def test_benchmark_bodies_never_repeat_and_are_reproducible():
     import itertools
 
-    from benchmarks.bench_systems import body_stream
+    from poolserve_bench.bench_systems import body_stream
 
     for workload in ("rerank64", "classify1", "reward"):
         first = list(itertools.islice(body_stream(workload, "m", 5000, seed=3), 300))
@@ -89,12 +88,12 @@ def test_benchmark_bodies_never_repeat_and_are_reproducible():
 
 
 def test_stack_profile_groups_sampled_stacks_by_their_innermost_known_frame(tmp_path):
-    from benchmarks.profile_stack import STUB_GROUPS, grouped_shares
+    from poolserve_bench.profile_stack import STUB_GROUPS, grouped_shares
 
     raw = tmp_path / "stub.txt"
     raw.write_text(
-        "execute (model_runtime/triton_model.py:59);read_sequences (model_runtime/packing.py:86) 30\n"
-        "execute (model_runtime/triton_model.py:73);PackedEngine.run (model_runtime/engine.py:147);"
+        "execute (model_runtime/poolserve_runtime/triton_model.py:59);read_sequences (model_runtime/poolserve_runtime/packing.py:86) 30\n"
+        "execute (model_runtime/poolserve_runtime/triton_model.py:73);PackedEngine.run (model_runtime/poolserve_runtime/engine.py:147);"
         "forward (torch/nn/modules/linear.py:134) 60\n"
         "<module> (x.py:1) 10\n")
     assert grouped_shares(raw, STUB_GROUPS) == {

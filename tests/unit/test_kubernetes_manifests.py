@@ -7,8 +7,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from adapter.security import OPEN_PATHS
-from adapter.metrics import get_metrics
+from poolserve_adapter.metrics import get_metrics
+from poolserve_adapter.security import OPEN_PATHS
 
 MANIFESTS = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
 KINDS = {"deployment.yaml": "Deployment", "service.yaml": "Service", "hpa.yaml": "HorizontalPodAutoscaler"}

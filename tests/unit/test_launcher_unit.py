@@ -1,13 +1,13 @@
-import pytest
 import json
-import pytest
 import os
 import subprocess
 import sys
 
-from model_runtime import launcher
-from model_runtime.launcher import SOURCE_FOLDER, config_with_parameters, write_run_repository
-from model_runtime.model_config import complete_config
+import pytest
+
+from poolserve_runtime import launcher
+from poolserve_runtime.launcher import SOURCE_FOLDER, config_with_parameters, write_run_repository
+from poolserve_runtime.model_config import complete_config
 from tests.conftest import MODEL_REPOSITORY
 
 
@@ -28,7 +28,7 @@ def test_generated_config_renames_and_sets_parameters():
 
 
 def test_every_repository_config_is_short_and_completes_to_the_shared_contract():
-    from model_runtime.families import by_name
+    from poolserve_runtime.families import by_name
 
     folders = [f for f in MODEL_REPOSITORY.iterdir() if (f / "config.pbtxt").exists()]
     assert len(folders) >= 17
@@ -89,7 +89,7 @@ def test_instance_count_becomes_the_instance_group_not_a_parameter(tmp_path):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    from model_runtime.launcher import LauncherError, config_with_parameters
+    from poolserve_runtime.launcher import LauncherError, config_with_parameters
 
     source = tmp_path / "config.pbtxt"
     source.write_text('name: "m"\nbackend: "python"\n')

@@ -1,4 +1,4 @@
-"""adapter.metrics on a small app of its own: labels, exclusions, errors, Triton's metrics, multiprocess.
+"""poolserve_adapter.metrics on a small app of its own: labels, exclusions, errors, Triton's metrics, multiprocess.
 
 All tests share prometheus_client's default registry, so they assert deltas, never absolute values.
 The multiprocess case runs in subprocesses: its environment variable changes how every metric of a
@@ -24,8 +24,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapter import metrics
-from adapter.metrics import count_error, install_metrics, prepare_multiprocess_dir, route_label
+from poolserve_adapter import metrics
+from poolserve_adapter.metrics import count_error, install_metrics, prepare_multiprocess_dir, route_label
 from tests.conftest import http_server_on_loopback
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -91,7 +91,7 @@ def make_app(triton_metrics_url: str | None = None) -> FastAPI:
     async def in_flight():
         return {"in_flight": REGISTRY.get_sample_value("adapter_requests_in_flight")}
 
-    @app.exception_handler(StarletteHTTPException)  # the router's 404 and 405 too, as in adapter.errors
+    @app.exception_handler(StarletteHTTPException)  # the router's 404 and 405 too, as in poolserve_adapter.errors
     async def on_http_exception(request: Request, exc: StarletteHTTPException):
         count_error(request, HTTPStatus(exc.status_code).phrase)
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
@@ -297,7 +297,7 @@ WORKER = textwrap.dedent(
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = sys.argv[2]
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
-    from adapter.metrics import count_error, install_metrics
+    from poolserve_adapter.metrics import count_error, install_metrics
 
     app = FastAPI()
 

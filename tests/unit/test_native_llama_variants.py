@@ -14,13 +14,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from model_runtime import varlen
-from model_runtime.activation import apply_activation
-from model_runtime.engine import PackedEngine
-from model_runtime.native import llama_bidirectional, llama_normal_weights
-from model_runtime.packing import PackedBatch, RequestSequences
-from model_runtime.settings import ModelSettings
+import poolserve_kernels
+from poolserve_runtime import varlen
+from poolserve_runtime.activation import apply_activation
+from poolserve_runtime.engine import PackedEngine
+from poolserve_runtime.native import llama_bidirectional, llama_normal_weights
+from poolserve_runtime.packing import PackedBatch, RequestSequences
+from poolserve_runtime.settings import ModelSettings
 from tests.goldens.build import build_golden_checkpoint, load_golden
 
 CASES = {
@@ -96,7 +96,7 @@ def test_model_by_hand_matches_golden(case):
             input_ids=batch.input_ids.unsqueeze(0), position_ids=varlen.packed_positions(cu, batch.input_ids.numel()),
             cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_length, max_length_k=max_length, use_cache=False,
         ).last_hidden_state[0]
-        pooled = kernels.pool(hidden, cu, family.pooling_for(config))
+        pooled = poolserve_kernels.pool(hidden, cu, family.pooling_for(config))
         features = family.head_features(model, pooled)
         x = pooled if features is None else features
         linear = family.head_linear(model)

@@ -12,11 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_runtime.activation import Activation
-from model_runtime.engine import PackedEngine
-from model_runtime.native import internlm2, qwen2_reward
-from model_runtime.packing import PackedBatch, RequestSequences
-from model_runtime.settings import ModelSettings
+from poolserve_runtime.activation import Activation
+from poolserve_runtime.engine import PackedEngine
+from poolserve_runtime.native import internlm2, qwen2_reward
+from poolserve_runtime.packing import PackedBatch, RequestSequences
+from poolserve_runtime.settings import ModelSettings
 from tests.goldens.build import build_golden_checkpoint, load_golden
 
 CASES = {"internlm2_reward": internlm2.FAMILY, "qwen2_reward": qwen2_reward.FAMILY}

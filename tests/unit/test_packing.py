@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from model_runtime.packing import (
+from poolserve_runtime.packing import (
     InvalidRequest,
     PackedBatch,
     SequenceLimits,

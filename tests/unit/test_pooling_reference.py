@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.pooling import POOLING_METHODS, pool_reference
+from poolserve_kernels.pooling import POOLING_METHODS, pool_reference
 
 
 def naive(hidden, lengths, method):

@@ -12,10 +12,10 @@ import dataclasses
 import pytest
 import torch
 
-from model_runtime import families, prefix_reuse
-from model_runtime.engine import PackedEngine
-from model_runtime.packing import PackedBatch, RequestSequences
-from model_runtime.settings import ModelSettings
+from poolserve_runtime import families, prefix_reuse
+from poolserve_runtime.engine import PackedEngine
+from poolserve_runtime.packing import PackedBatch, RequestSequences
+from poolserve_runtime.settings import ModelSettings
 from tests.tiny_models import build_checkpoint
 
 
@@ -77,7 +77,7 @@ def test_converted_llm_reranker_reuses_its_rendered_prefix(checkpoints):
     """The case reuse is for: a Qwen3-Reranker-style causal LM scoring rendered prompts."""
     from transformers import AutoTokenizer
 
-    from model_runtime.score_templates import render, template_text
+    from poolserve_runtime.score_templates import render, template_text
 
     checkpoint = checkpoints["qwen3_causal"]
     overrides = '{"architectures": ["Qwen3ForSequenceClassification"], "classifier_from_token": ["no", "yes"], ' \

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from model_runtime.settings import ModelSettings
+from poolserve_runtime.settings import ModelSettings
 
 
 def triton_args(tmp_path, **parameters):
@@ -39,7 +39,7 @@ def test_unknown_parameter_values_are_refused(tmp_path, name, value):
 def test_gpu_stubs_use_a_few_cpu_threads_and_cpu_stubs_torch_s_default():
     import torch
 
-    from model_runtime.settings import GPU_STUB_CPU_THREADS, _cpu_threads
+    from poolserve_runtime.settings import GPU_STUB_CPU_THREADS, _cpu_threads
 
     assert _cpu_threads("auto", torch.device("cuda", 0)) == GPU_STUB_CPU_THREADS
     assert _cpu_threads("auto", torch.device("cpu")) == 0  # the CPU forward wants every core

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from adapter.settings import Settings
-from model_runtime.launcher import LauncherError, ServerDied, StubDied
-from model_runtime.serve_triton import add_model_arguments, model_entries
-from model_runtime.serving_plan import uses_builtins
-from model_runtime.supervision import CrashLoop, Recovery, placement, recover
+from poolserve_adapter.settings import Settings
+from poolserve_runtime.launcher import LauncherError, ServerDied, StubDied
+from poolserve_runtime.serve_triton import add_model_arguments, model_entries
+from poolserve_runtime.serving_plan import uses_builtins
+from poolserve_runtime.supervision import CrashLoop, Recovery, placement, recover
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 REPOSITORY = PROJECT_ROOT / "model_repository"
@@ -89,7 +89,7 @@ def test_a_child_of_a_pid_1_parent_is_spawned(tmp_path):
     """In a container the launcher itself is pid 1: its children must not take that for orphanhood."""
     script = (
         "import os, sys\n"
-        "from model_runtime.launcher import spawn_tied_to_this_process\n"
+        "from poolserve_runtime.launcher import spawn_tied_to_this_process\n"
         "child = spawn_tied_to_this_process([sys.executable, '-c', 'print(\"child ran\")'])\n"
         "sys.exit(child.wait())\n"
     )
@@ -105,7 +105,7 @@ def test_healthy_probes_stay_off_the_console_and_failing_ones_do_not():
     import logging
     import logging.config
 
-    from adapter.log_config import uvicorn_log_config
+    from poolserve_adapter.log_config import uvicorn_log_config
 
     logging.config.dictConfig(uvicorn_log_config())
     handler = logging.getLogger("uvicorn.access").handlers[0]

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from adapter.errors import BadRequestError
-from adapter.multimodal import parse_item, parse_parts
-from adapter.tokenization import VisionArrays
-from model_runtime.native.llama_nemotron_vl import TilingImageProcessor, pixel_shuffle, tile_grid
-from model_runtime.packing import InvalidRequest
-from model_runtime.vision import BatchImages, read_images
+from poolserve_adapter.errors import BadRequestError
+from poolserve_adapter.multimodal import parse_item, parse_parts
+from poolserve_adapter.tokenization import VisionArrays
+from poolserve_runtime.native.llama_nemotron_vl import TilingImageProcessor, pixel_shuffle, tile_grid
+from poolserve_runtime.packing import InvalidRequest
+from poolserve_runtime.vision import BatchImages, read_images
 
 
 def test_adapter_rows_and_model_reading_round_trip():

@@ -1,7 +1,7 @@
 """xlm_roberta_classifier: the shared runtime serves it; this file only names the architecture family."""
 
-from model_runtime.families import by_name
-from model_runtime.triton_model import PackedTritonModel
+from poolserve_runtime.families import by_name
+from poolserve_runtime.triton_model import PackedTritonModel
 
 
 class TritonPythonModel(PackedTritonModel):

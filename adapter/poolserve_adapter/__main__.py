@@ -1,0 +1,19 @@
+"""``python -m adapter``: run the HTTP adapter against a running Triton (settings from ADAPTER_* env)."""
+
+import os
+
+import uvicorn
+
+from poolserve_adapter.log_config import uvicorn_log_config
+from poolserve_adapter.metrics import prepare_multiprocess_dir
+from poolserve_adapter.settings import get_settings
+
+if __name__ == "__main__":
+    settings = get_settings()
+    # Read by the tokenizers library when its thread pool starts, in each worker process.
+    if settings.tokenizer_threads:
+        os.environ.setdefault("RAYON_NUM_THREADS", str(settings.tokenizer_threads))
+    prepare_multiprocess_dir(settings.workers)  # several workers: /metrics sums them through a shared folder
+    # A factory, so each of `workers` processes builds its own app (and Triton client) from the env.
+    uvicorn.run("poolserve_adapter.app:create_app", factory=True, host=settings.host, port=settings.port,
+                workers=settings.workers, log_level="info", log_config=uvicorn_log_config())

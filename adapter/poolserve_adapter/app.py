@@ -1,0 +1,121 @@
+"""The FastAPI application: lifespan-owned Triton client, one router per endpoint family."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager
+
+import tritonclient.grpc.aio as grpcaio
+from fastapi import FastAPI
+from tritonclient.utils import InferenceServerException
+
+from poolserve_adapter import __version__
+from poolserve_adapter.classify.router import router as classify_router
+from poolserve_adapter.disconnect import CancelOnDisconnectMiddleware
+from poolserve_adapter.errors import install_exception_handlers
+from poolserve_adapter.invocations.router import router as invocations_router
+from poolserve_adapter.lifecycle import DrainMiddleware, Lifecycle, SignalDrain
+from poolserve_adapter.metrics import install_metrics
+from poolserve_adapter.models.router import router as models_router
+from poolserve_adapter.pooling.router import router as pooling_router
+from poolserve_adapter.registry import ModelRegistry, build_served_model
+from poolserve_adapter.rerank.router import router as rerank_router
+from poolserve_adapter.rerank.router import v1_rerank_router as vllm_v1_rerank_router
+from poolserve_adapter.score.router import router as score_router
+from poolserve_adapter.security import ApiKeyMiddleware, BodySizeLimitMiddleware
+from poolserve_adapter.settings import Settings, get_settings
+from poolserve_adapter.sglang.router import SGLANG_PATHS
+from poolserve_adapter.sglang.router import router as sglang_router
+from poolserve_adapter.sglang.router import v1_rerank_router as sglang_v1_rerank_router
+from poolserve_adapter.timing import install_timing_headers
+from poolserve_adapter.tokenize.router import router as tokenize_router
+from poolserve_adapter.triton_gateway import AdmissionLimits, TritonGateway
+
+logger = logging.getLogger("adapter")
+
+
+async def discover_models(client: grpcaio.InferenceServerClient, settings: Settings) -> ModelRegistry:
+    """Wait for Triton, then build the registry from its ready models and their configs."""
+    deadline = time.monotonic() + settings.startup_timeout_s
+    while True:
+        try:
+            if await client.is_server_ready(client_timeout=5):
+                index = await client.get_model_repository_index(as_json=True)
+                ready = [m["name"] for m in index.get("models", []) if m.get("state") == "READY"]
+                if ready:
+                    break
+        except InferenceServerException:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"Triton at {settings.triton_grpc_url} has no ready model after {settings.startup_timeout_s}s")
+        await asyncio.sleep(0.5)
+    models = []
+    for name in sorted(ready):
+        config = (await client.get_model_config(name, as_json=True))["config"]
+        models.append(await asyncio.to_thread(build_served_model, name, config, settings.model_repository))
+        logger.info("serving %s as %r (%s)", name, models[-1].name, models[-1].task)
+    return ModelRegistry(models)
+
+
+def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    lifecycle = lifecycle or Lifecycle()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        client = grpcaio.InferenceServerClient(settings.triton_grpc_url)
+        try:
+            app.state.settings = settings
+            app.state.registry = await discover_models(client, settings)
+            app.state.gateway = TritonGateway(
+                client, timeout_s=settings.triton_timeout_s, max_rows=settings.max_sequences_per_triton_request,
+                max_tokens_per_request=settings.max_tokens_per_request,
+                admission=AdmissionLimits(settings.max_inflight_tokens_per_model, settings.max_queued_tokens_per_model,
+                                          settings.admission_wait_s),
+            )
+            async with SignalDrain(lifecycle, settings.drain_timeout_s):
+                yield
+        finally:
+            await client.close()
+
+    app = FastAPI(
+        title="triton-pooling-serve",
+        description="vLLM- and SGLang-compatible classify / score / rerank APIs over Triton Inference Server.",
+        version=__version__,
+        lifespan=lifespan,
+    )
+    install_exception_handlers(app)
+    install_timing_headers(app)
+    # /v1/rerank speaks one flavour (a setting); each is also served under its own path.
+    v1_rerank = sglang_v1_rerank_router if settings.rerank_v1_flavour == "sglang" else vllm_v1_rerank_router
+    app.state.lifecycle = lifecycle
+    app.state.sglang_paths = SGLANG_PATHS | ({"/v1/rerank"} if settings.rerank_v1_flavour == "sglang" else set())
+    for router in (classify_router, score_router, rerank_router, v1_rerank, sglang_router, pooling_router,
+                   tokenize_router, invocations_router, models_router):
+        app.include_router(router)
+    # Outermost first to run: the API key, then the body size.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(CancelOnDisconnectMiddleware)
+    app.add_middleware(DrainMiddleware, lifecycle=lifecycle)  # counts what a graceful shutdown waits for
+    if settings.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+    install_metrics(app, settings.triton_metrics_url)  # outermost: 401s and 413s are counted too
+    app.openapi = lambda: openapi_without_422(app)
+    return app
+
+
+def openapi_without_422(app: FastAPI) -> dict:
+    """FastAPI documents a 422 for every route; this API answers validation errors with 400."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema

@@ -1,0 +1,164 @@
+"""Shapes shared by every vLLM-style endpoint."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Literal
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from poolserve_adapter.errors import BadRequestError
+from poolserve_adapter.tokenization import PromptOptions
+
+
+def random_request_id() -> str:
+    """16 hex characters, as vLLM's ``random_uuid``-based ids."""
+    return secrets.token_hex(8)
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class OpenAIBaseModel(BaseModel):
+    """vLLM accepts and ignores unknown fields (``extra="allow"``)."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+
+class PoolingRequestBase(OpenAIBaseModel):
+    """Fields every vLLM pooling request has."""
+
+    model: str | None = Field(None, description="Served model name; null or absent: the served model for this task.")
+    user: str | None = Field(None, description="Accepted and ignored.")
+    request_id: str = Field(default_factory=random_request_id, description="Used in the response id.")
+    priority: int = Field(0, ge=-(2**63), le=2**63 - 1,
+                          description="Accepted; requests are served first come, first served.")
+    use_activation: bool | None = Field(
+        None, description="false returns raw logits (classifiers) or unnormalised similarity; null: the model's default."
+    )
+    truncate_prompt_tokens: int | None = Field(
+        None, ge=-1,
+        description="null: a prompt longer than the model's maximum is a 400; -1: truncate to the maximum; k: keep k "
+        "tokens (more than the maximum is a 400).",
+    )
+    truncation_side: Literal["left", "right"] | None = Field(
+        None,
+        description="null: the tokenizer truncates and keeps its special tokens; right / left: keep the first / last "
+        "k tokens of the full prompt, special tokens included.",
+    )
+    padding: Literal["max_length", "do_not_pad"] | None = Field(None, description="Accepted; the engine never pads.")
+    mm_processor_kwargs: dict | None = Field(None, description="Not supported: a non-empty value is a 400.")
+    cache_salt: str | None = Field(None, description="Accepted and ignored (there is no prefix cache).")
+
+    @model_validator(mode="after")
+    def _reject_unsupported(self):
+        salt = self.cache_salt
+        if salt is not None and (not salt or len(salt) > 128 or any(c in salt for c in "@/\\\x00")):
+            raise ValueError("cache_salt must be 1 to 128 characters without '@', '/', '\\' or NUL")
+        if self.mm_processor_kwargs:
+            raise ValueError("mm_processor_kwargs is not supported by this server (text models only)")
+        return self
+
+    def prompt_options(self, max_model_len: int, add_special_tokens: bool = True) -> PromptOptions:
+        """vLLM's truncation rules for this request (``PoolingBaseServing._validate_request``)."""
+        k = self.truncate_prompt_tokens
+        if k is not None and k > max_model_len:
+            raise BadRequestError(
+                "truncate_prompt_tokens value is greater than max_model_len. Please request a smaller truncation size."
+            )
+        if k == 0:
+            raise BadRequestError("The decoder prompt cannot be empty")
+        truncate_to = None if k is None else (max_model_len if k == -1 else k)
+        return PromptOptions(add_special_tokens=add_special_tokens, truncate_to=truncate_to, side=self.truncation_side)
+
+
+class UsageInfo(OpenAIBaseModel):
+    prompt_tokens: int = 0
+    total_tokens: int = 0
+    completion_tokens: int | None = 0
+    prompt_tokens_details: None = None
+    completion_tokens_details: None = None
+
+    @classmethod
+    def of(cls, prompt_tokens: int) -> UsageInfo:
+        return cls(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens)
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+class SGLangErrorResponse(BaseModel):
+    object: str = "error"
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class NativeErrorMessage(BaseModel):
+    message: str
+
+
+class NativeErrorResponse(BaseModel):
+    error: NativeErrorMessage
+
+
+UNAUTHORIZED = {401: {"description": 'API key missing or wrong (when one is set): {"error": "Unauthorized"}'}}
+TOO_LARGE = {413: {"description": "Request body larger than ADAPTER_MAX_BODY_BYTES"}}
+
+SGLANG_ERROR_RESPONSES = {
+    400: {"model": SGLangErrorResponse, "description": "Invalid request (validation, empty input, over-long input)"},
+    500: {"model": SGLangErrorResponse, "description": "Internal error"},
+    503: {"model": SGLangErrorResponse, "description": "Triton is unavailable or its queue is full"},
+    **UNAUTHORIZED, **TOO_LARGE,
+}
+
+ERROR_RESPONSES = {
+    400: {"model": ErrorResponse, "description": "Invalid request (validation, empty input, over-long input)"},
+    404: {"model": ErrorResponse, "description": "Unknown model, or a route the model does not offer"},
+    500: {"model": ErrorResponse, "description": "Internal error"},
+    503: {"model": ErrorResponse, "description": "Triton is unavailable or its queue is full"},
+    **UNAUTHORIZED, **TOO_LARGE,
+}
+
+
+async def require_json(request: Request) -> None:
+    """vLLM answers a non-JSON content type with a 400 validation error, not 415."""
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise RequestValidationError(["Unsupported Media Type: Only 'application/json' is allowed"])
+
+
+def response_id(prefix: str, request: Request, request_id: str) -> str:
+    """``prefix-<X-Request-Id header, else the body's request_id>``."""
+    return f"{prefix}-{request.headers.get('x-request-id') or request_id}"
+
+
+def reject_removed_parameters(body: dict) -> dict:
+    """vLLM's 400s for parameters it removed (``reject_removed_pooling_parameters``, ``check_removed_pooling_task``)."""
+    if isinstance(body, dict):
+        if "normalize" in body:
+            raise ValueError("Parameter `normalize` was removed; use `use_activation` instead.")
+        if body.get("task") in ("score", "encode"):
+            raise ValueError(f"The task `{body['task']}` was removed; use the pooling task of the model instead.")
+    return body
+
+
+def check_item_count(count: int, limit: int) -> None:
+    if count > limit:
+        raise BadRequestError(
+            f"Input list length {count} exceeds the maximum allowed count of {limit} per request "
+            "(ADAPTER_MAX_ITEMS_PER_REQUEST)."
+        )

@@ -1,0 +1,78 @@
+"""SGLang's OpenAI-style routes (flat error bodies) over the same Triton models.
+
+``/v1/classify``, ``/v1/tokenize``, ``/v1/detokenize`` and SGLang's rerank under ``/sglang/v1/rerank``
+(and under ``/v1/rerank`` when ``ADAPTER_RERANK_V1_FLAVOUR=sglang``). SGLang does not check
+``model``: a served name picks that model, anything else the first model able to serve the route.
+"""
+
+import orjson
+from fastapi import APIRouter, Depends
+from fastapi.responses import Response
+
+from poolserve_adapter.common.protocol import SGLANG_ERROR_RESPONSES, require_json
+from poolserve_adapter.dependencies import GatewayDep, RegistryDep, SettingsDep
+from poolserve_adapter.sglang import service
+from poolserve_adapter.sglang.protocol import (
+    ClassifyRequest,
+    ClassifyResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    RerankRequest,
+    RerankResult,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+
+router = APIRouter(tags=["sglang"])
+v1_rerank_router = APIRouter(tags=["sglang"])
+
+# Paths whose errors take SGLang's flat shape (read by poolserve_adapter.errors.flavour_of through app.state).
+SGLANG_PATHS = {"/v1/classify", "/sglang/v1/rerank", "/v1/tokenize", "/v1/detokenize"}
+
+
+@router.post("/v1/classify", response_model=ClassifyResponse, responses=SGLANG_ERROR_RESPONSES,
+             dependencies=[Depends(require_json)], summary="Classify texts (SGLang: softmax over the logits)")
+async def classify_v1(body: ClassifyRequest, registry: RegistryDep, gateway: GatewayDep,
+                      settings: SettingsDep) -> ClassifyResponse:
+    model = registry.resolve_lenient(body.model, capability="can_classify")
+    return await service.classify_v1(body, model, gateway, settings)
+
+
+async def _rerank(body: RerankRequest, registry, gateway, settings) -> Response:
+    model = registry.resolve_lenient(body.model, capability="can_cross_encode", fallback="can_score")
+    results = await service.rerank(body, model, gateway, settings)
+    exclude = set() if body.return_documents else {"document"}
+    return Response(orjson.dumps([r.model_dump(exclude=exclude) for r in results]), media_type="application/json")
+
+
+@router.post("/sglang/v1/rerank", response_model=list[RerankResult], responses=SGLANG_ERROR_RESPONSES,
+             dependencies=[Depends(require_json)], summary="Rerank documents (SGLang: a bare list, raw logits)")
+async def rerank_sglang(body: RerankRequest, registry: RegistryDep, gateway: GatewayDep,
+                        settings: SettingsDep) -> Response:
+    return await _rerank(body, registry, gateway, settings)
+
+
+@v1_rerank_router.post("/v1/rerank", response_model=list[RerankResult], responses=SGLANG_ERROR_RESPONSES,
+                       dependencies=[Depends(require_json)],
+                       summary="Rerank (SGLang flavour, ADAPTER_RERANK_V1_FLAVOUR=sglang)")
+async def rerank_v1(body: RerankRequest, registry: RegistryDep, gateway: GatewayDep, settings: SettingsDep) -> Response:
+    return await _rerank(body, registry, gateway, settings)
+
+
+# SGLang accepts PUT on its rerank route too.
+router.add_api_route("/sglang/v1/rerank", rerank_sglang, methods=["PUT"], include_in_schema=False,
+                     dependencies=[Depends(require_json)])
+v1_rerank_router.add_api_route("/v1/rerank", rerank_v1, methods=["PUT"], include_in_schema=False,
+                               dependencies=[Depends(require_json)])
+
+
+@router.post("/v1/tokenize", response_model=TokenizeResponse, responses=SGLANG_ERROR_RESPONSES,
+             dependencies=[Depends(require_json)], summary="Tokenize (SGLang)")
+async def tokenize_v1(body: TokenizeRequest, registry: RegistryDep, settings: SettingsDep) -> TokenizeResponse:
+    return service.tokenize(body, registry.resolve_lenient(body.model, capability="can_tokenize"), settings)
+
+
+@router.post("/v1/detokenize", response_model=DetokenizeResponse, responses=SGLANG_ERROR_RESPONSES,
+             dependencies=[Depends(require_json)], summary="Detokenize (SGLang)")
+async def detokenize_v1(body: DetokenizeRequest, registry: RegistryDep, settings: SettingsDep) -> DetokenizeResponse:
+    return service.detokenize(body, registry.resolve_lenient(body.model, capability="can_tokenize"), settings)

@@ -1,0 +1,157 @@
+"""All Triton calls of the adapter: token ids in, output arrays out, errors mapped once.
+
+Sequences go to Triton as right-padded ``[n, T]`` requests with an ``attention_mask`` of at most
+``max_sequences_per_triton_request`` rows, sent concurrently; the model's dynamic batcher packs
+them (and other clients' requests) into one forward again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import numpy as np
+import tritonclient.grpc.aio as grpcaio
+from tritonclient.utils import InferenceServerException
+
+from poolserve_adapter.admission import Admission
+from poolserve_adapter.errors import BadRequestError, from_triton
+from poolserve_adapter.timing import timed
+from poolserve_adapter.tokenization import Encoded
+
+
+def _tensor(name: str, array: np.ndarray) -> grpcaio.InferInput:
+    tensor = grpcaio.InferInput(name, list(array.shape), "FP32" if array.dtype == np.float32 else "INT64")
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+@dataclass(frozen=True)
+class AdmissionLimits:
+    max_inflight_tokens: int
+    max_queued_tokens: int
+    max_wait_s: float
+
+
+UNLIMITED = AdmissionLimits(2**62, 0, 1.0)
+
+
+class TritonGateway:
+    def __init__(self, client: grpcaio.InferenceServerClient, *, timeout_s: float, max_rows: int,
+                 max_tokens_per_request: int = 2**62, admission: AdmissionLimits = UNLIMITED):
+        self.client = client
+        self.timeout_s = timeout_s
+        self.max_rows = max_rows
+        self.max_tokens_per_request = max_tokens_per_request
+        self.admission_limits = admission
+        self._admissions: dict[str, Admission] = {}
+
+    def admission(self, triton_model: str) -> Admission:
+        if triton_model not in self._admissions:
+            limits = self.admission_limits
+            self._admissions[triton_model] = Admission(
+                triton_model, max_inflight_tokens=limits.max_inflight_tokens,
+                max_queued_tokens=limits.max_queued_tokens, max_wait_s=limits.max_wait_s)
+        return self._admissions[triton_model]
+
+    def refuse_if_busy(self, triton_model: str) -> None:
+        """429 before any tokenizing when the model's admission queue is full (services call it first)."""
+        self.admission(triton_model).refuse_if_full()
+
+    def check(self, encoded: Encoded) -> None:
+        """The per-request limits every route shares, checked before anything reaches Triton."""
+        if encoded.num_sequences and int(encoded.lengths.min()) == 0:
+            raise BadRequestError("The decoder prompt cannot be empty")
+        self.check_total_tokens(encoded.num_tokens)
+
+    def check_total_tokens(self, tokens: int) -> None:
+        if tokens > self.max_tokens_per_request:
+            raise BadRequestError(
+                f"The request holds {tokens} tokens, more than the maximum of "
+                f"{self.max_tokens_per_request} per request (ADAPTER_MAX_TOKENS_PER_REQUEST)."
+            )
+
+    async def infer(self, triton_model: str, encoded: Encoded, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """One row per sequence for each requested output, in input order."""
+        self.check(encoded)
+        if encoded.vision is not None:
+            return await self._infer_vision(triton_model, encoded, outputs)
+        count = encoded.num_sequences
+        chunks = [(start, min(start + self.max_rows, count)) for start in range(0, count, self.max_rows)]
+        async with self.admission(triton_model).admit(encoded.num_tokens):
+            with timed("inference"):
+                results = await asyncio.gather(
+                    *(self._infer_rows(triton_model, encoded, a, b, outputs) for a, b in chunks))
+        return {name: np.concatenate([result[name] for result in results]) for name in outputs}
+
+    async def _infer_vision(self, triton_model: str, encoded: Encoded, outputs) -> dict[str, np.ndarray]:
+        """Rows with images and rows without go in separate Triton requests (pixel_values is padded per
+        request to its largest row, so a text row beside an image row would carry an image of zeros)."""
+        has_images = encoded.vision.images_per_row > 0
+        groups = [np.nonzero(has_images)[0], np.nonzero(~has_images)[0]]
+        chunks = [rows[start:start + self.max_rows] for rows in groups for start in range(0, len(rows), self.max_rows)]
+        async with self.admission(triton_model).admit(encoded.num_tokens):
+            with timed("inference"):
+                results = await asyncio.gather(*(self._infer_selected(triton_model, encoded, rows, outputs)
+                                                 for rows in chunks))
+        order = np.concatenate(chunks)
+        merged = {}
+        for name in outputs:
+            values = np.concatenate([result[name] for result in results])
+            merged[name] = np.empty_like(values)
+            merged[name][order] = values
+        return merged
+
+    async def _infer_selected(self, triton_model: str, encoded: Encoded, rows: np.ndarray, outputs):
+        lengths = encoded.lengths[rows]
+        width = int(lengths.max())
+        mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+        inputs = [_tensor("input_ids", np.ascontiguousarray(encoded.input_ids[rows, :width])),
+                  _tensor("attention_mask", mask)]
+        if encoded.vision.images_per_row[rows].any():
+            pixels, grids = encoded.vision.rows(rows)
+            inputs += [_tensor("pixel_values", pixels), _tensor("image_grid_thw", grids)]
+        return await self._call(triton_model, inputs, outputs)
+
+    async def _infer_rows(self, triton_model, encoded: Encoded, start: int, end: int, outputs):
+        lengths = encoded.lengths[start:end]
+        width = int(lengths.max())  # each request is padded only to its own longest row
+        mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+        inputs = [
+            _tensor("input_ids", np.ascontiguousarray(encoded.input_ids[start:end, :width])),
+            _tensor("attention_mask", mask),
+        ]
+        if encoded.token_type_ids is not None:
+            inputs.append(_tensor("token_type_ids", np.ascontiguousarray(encoded.token_type_ids[start:end, :width])))
+        return await self._call(triton_model, inputs, outputs)
+
+    async def _call(self, triton_model: str, inputs: list, outputs) -> dict[str, np.ndarray]:
+        try:
+            result = await self.client.infer(
+                triton_model,
+                inputs,
+                outputs=[grpcaio.InferRequestedOutput(name) for name in outputs],
+                client_timeout=self.timeout_s,
+                # Triton's queue drops the request when the client would have given up anyway (the
+                # model's queue policy allows the override), instead of its 60 s default.
+                timeout=int(self.timeout_s * 1_000_000),
+            )
+        except InferenceServerException as error:
+            raise from_triton(error) from None
+        return {name: result.as_numpy(name) for name in outputs}
+
+    async def ready(self) -> bool:
+        try:
+            return bool(await self.client.is_server_ready(client_timeout=5))
+        except InferenceServerException:
+            return False
+
+    async def unavailable_models(self) -> dict[str, str] | None:
+        """Models Triton does not have READY, with its reason (a stub being reloaded shows here);
+        None when Triton itself does not answer."""
+        try:
+            index = await self.client.get_model_repository_index(as_json=True, client_timeout=5)
+        except InferenceServerException:
+            return None
+        return {entry["name"]: " ".join(filter(None, (entry.get("state", "UNKNOWN"), entry.get("reason"))))
+                for entry in index.get("models", []) if entry.get("state") != "READY"}

@@ -1,0 +1,52 @@
+"""Pooling, score-head and similarity operations on packed (unpadded) hidden states.
+
+Every operation takes hidden states ``[total_tokens, hidden]`` and ``cu_seqlens`` ``[num_seqs + 1]``
+(int32, starting at 0), so no padding is ever read. One function per operation: it launches the
+Triton kernel for CUDA tensors and runs the torch reference otherwise (the CPU path).
+``POOLING_KERNELS=torch`` in the environment forces the torch reference on CUDA too (to compare,
+or to rule the kernels out).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from poolserve_kernels.cosine import cosine_similarity_reference, cosine_similarity_triton
+from poolserve_kernels.pooling import POOLING_METHODS, pool_reference, pool_triton
+from poolserve_kernels.score_head import MAX_LABELS, score_head_reference, score_head_triton
+
+__all__ = ["POOLING_METHODS", "MAX_LABELS", "cosine_similarity", "implementation", "pool", "score_head"]
+
+
+def _use_triton(tensor: torch.Tensor) -> bool:
+    return tensor.is_cuda and os.environ.get("POOLING_KERNELS", "triton") != "torch"
+
+
+def implementation(device: torch.device) -> str:
+    """Which implementation the operations below use for tensors on ``device``."""
+    return "triton" if _use_triton(torch.empty(0, device=device)) else "torch-reference"
+
+
+def pool(hidden: torch.Tensor, cu_seqlens: torch.Tensor, method: str) -> torch.Tensor:
+    """``[num_seqs, hidden]`` pooled per sequence: cls, last, mean or mean_normalized."""
+    if _use_triton(hidden):
+        return pool_triton(hidden, cu_seqlens, method)
+    return pool_reference(hidden, cu_seqlens, method)
+
+
+def score_head(x, weight, bias, activation, *, gather="rows", cu_seqlens=None, logit_mean=0.0, logit_sigma=1.0):
+    """``(logits, scores)`` fp32: optional gather (cls/last), linear head, calibration, activation."""
+    if _use_triton(x) and weight.shape[0] <= MAX_LABELS:
+        return score_head_triton(x, weight, bias, activation, gather=gather, cu_seqlens=cu_seqlens,
+                                 logit_mean=logit_mean, logit_sigma=logit_sigma)
+    return score_head_reference(x, weight, bias, activation, gather=gather, cu_seqlens=cu_seqlens,
+                                logit_mean=logit_mean, logit_sigma=logit_sigma)
+
+
+def cosine_similarity(queries: torch.Tensor, documents: torch.Tensor) -> torch.Tensor:
+    """fp32 ``[N]``: 1:N when ``queries`` has one row, else N:N pairs."""
+    if _use_triton(documents):
+        return cosine_similarity_triton(queries, documents)
+    return cosine_similarity_reference(queries, documents)

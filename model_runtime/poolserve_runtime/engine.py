@@ -1,0 +1,317 @@
+"""The packed engine: one token stream in, pooled and scored sequences out.
+
+``PackedEngine.run`` takes a :class:`~poolserve_runtime.packing.PackedBatch`, splits it into forwards
+of at most ``max_tokens_per_forward`` tokens, runs the model body, and pools and scores every
+sequence by ``cu_seqlens`` through ``kernels`` (Triton kernels on CUDA, the torch reference on
+CPU): mean + L2 norm for embedding models; CLS pooling, the family's head features and the fused
+linear + activation head for encoders; one fused last-token + linear + activation launch for
+decoders.
+
+The body runs one of two ways (the ``attention`` parameter; ``auto`` picks by device):
+``varlen`` (the GPU default) feeds the packed stream straight to the stock HF model with
+per-sequence position ids and ``cu_seqlens`` through :mod:`poolserve_runtime.varlen`, so no padding
+is computed; ``padded`` (the CPU default) pads each chunk internally and runs HF's padded SDPA
+path, whose results it matches exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+import poolserve_kernels
+from poolserve_runtime import prefix_reuse, varlen
+from poolserve_runtime.activation import apply_activation
+from poolserve_runtime.checkpoints import max_model_len_for
+from poolserve_runtime.families import Family, GenericFamily
+from poolserve_runtime.packing import PackedBatch, RequestSequences, SequenceLimits, token_budget_chunks
+from poolserve_runtime.settings import ModelSettings
+
+logger = logging.getLogger(__name__)
+
+
+def body_for(family: Family, requested: str) -> str:
+    """The body an engine runs: the requested one when the architecture has it, else its only one."""
+    return requested if requested in family.bodies else family.bodies[0]
+
+
+class PackedEngine:
+    def __init__(self, family: Family, model: torch.nn.Module, settings: ModelSettings):
+        self.family = family
+        self.model = model
+        self.settings = settings
+        self.device = settings.device
+        self.body_mode = body_for(family, settings.attention)
+        config = model.config
+        self.config = config
+        self.pooling = family.pooling_for(config)
+        self.activation = family.activation_for(config)
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        self.limits = SequenceLimits(
+            vocab_size=int(text_config.vocab_size),
+            max_model_len=settings.max_model_len or max_model_len_for(config, settings.checkpoint),
+            type_vocab_size=int(getattr(config, "type_vocab_size", 1) or 1) if family.uses_token_types else 1,
+        )
+        self.pad_token_id = int(getattr(text_config, "pad_token_id", None) or getattr(config, "pad_token_id", None) or 0)
+        self.output_names = ("embeddings",) if family.task == "embed" else ("logits", "scores")
+
+        self.position_offset = family.position_offset(config)
+        if self.body_mode == "varlen" and hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation(varlen.register())
+        self.is_generic = isinstance(family, GenericFamily)
+        # Documents of one request that share a prompt prefix compute it once (causal packed bodies).
+        self.reuses_prefix = (settings.prefix_reuse == "auto" and self.body_mode == "varlen" and family.causal
+                              and not self.is_generic)
+        self.compiled = not self.is_generic and (settings.compile == "layers" or (
+            settings.compile == "auto" and self.body_mode == "varlen" and family.compile_by_default))
+        if self.compiled:
+            compile_layers(family.body(model))
+            self.warm_up()
+
+    def warm_up(self) -> None:
+        """Run batches of a few shapes so compilation happens at load, not on the first requests."""
+        generator = torch.Generator().manual_seed(0)
+        longest = min(self.limits.max_model_len, 64)
+        for lengths in ([longest // 2] * 2, [1, longest, 3], [longest] * 3 + [7]):
+            lengths = torch.tensor(lengths)
+            ids = torch.randint(0, self.limits.vocab_size, (int(lengths.sum()),), generator=generator)
+            self.run(PackedBatch.pack([RequestSequences(ids, lengths, None)]))
+
+    @classmethod
+    def load(cls, family: Family, settings: ModelSettings) -> PackedEngine:
+        from poolserve_runtime import llm_rerankers
+        from poolserve_runtime.families import read_config_dict
+
+        if family.vision:
+            return cls._load_vision(family, settings)
+        body = body_for(family, settings.attention)
+        if body != settings.attention:
+            logger.warning("%s: %s", settings.model_name, family.padded_reason)
+        attention = family.padded_attention if body == "padded" else "sdpa"
+        conversion = None
+        if settings.hf_overrides or family.caches_kv:  # only decoders are converted from a causal LM
+            raw = read_config_dict(settings.checkpoint)
+            conversion = llm_rerankers.conversion_for(raw, settings.checkpoint, settings.hf_overrides)
+            if conversion is not None and not (conversion.method or family.architecture_is_causal_lm(raw)):
+                conversion = None  # an architecture override only: the family loads it as usual
+        if conversion is not None:
+            if conversion.architecture not in family.architectures:
+                raise llm_rerankers.UnsupportedArchitecture(
+                    f"{settings.checkpoint} converts to {conversion.architecture}, which the {family.name} family "
+                    f"does not serve; {llm_rerankers.supported_hint(conversion.architecture)}")
+            model = llm_rerankers.load_converted(conversion, settings.checkpoint, settings.dtype, settings.device,
+                                                 attention)
+            return cls(family, model, settings)
+        config = family.read_config(settings.checkpoint, settings.trust_remote_code)
+        if settings.architecture not in family.architectures:
+            family.check_architecture(config)
+        model = family.load(settings.checkpoint, settings.dtype, settings.device, attention, settings.trust_remote_code)
+        return cls(family, model, settings)
+
+    @classmethod
+    def _load_vision(cls, family, settings: ModelSettings) -> PackedEngine:
+        """A vision-language family (model_runtime/poolserve_runtime/vision.py): its own body and head; an original
+        generative reranker converted from its LM head as the text ones are."""
+        import dataclasses
+
+        from poolserve_runtime import llm_rerankers
+        from poolserve_runtime.families import read_config_dict
+
+        conversion = llm_rerankers.conversion_for(read_config_dict(settings.checkpoint), settings.checkpoint,
+                                                  settings.hf_overrides)
+        if conversion is not None and conversion.architecture not in family.architectures:
+            raise llm_rerankers.UnsupportedArchitecture(
+                f"{settings.checkpoint} converts to {conversion.architecture}, which the {family.name} family "
+                f"does not serve; {llm_rerankers.supported_hint(conversion.architecture)}")
+        model = family.load_vision(settings.checkpoint, settings.dtype, settings.device, conversion)
+        # vLLM's pooler logit_bias (jina-reranker-m0: 2.65) is the kernel's logit_mean shift.
+        settings = dataclasses.replace(settings, logit_mean=settings.logit_mean + family.logit_bias)
+        return cls(family, model, settings)
+
+    def describe(self) -> str:
+        return (
+            f"family={self.family.name} checkpoint={self.settings.checkpoint} device={self.device} "
+            f"dtype={self.settings.dtype} pooling={self.pooling} activation={self.activation.value} "
+            f"max_model_len={self.limits.max_model_len} max_tokens_per_forward={self.settings.max_tokens_per_forward} "
+            f"body={self.body_mode} compiled_layers={self.compiled} prefix_reuse={self.reuses_prefix} "
+            f"pooling_and_head={poolserve_kernels.implementation(self.device)}"
+            + (f" (slow path: {self.family.padded_reason})" if self.body_mode != self.settings.attention
+               or self.is_generic else "")
+        )
+
+    @torch.inference_mode()
+    def run(self, batch: PackedBatch, images=None) -> dict[str, torch.Tensor]:
+        """Float32 CPU outputs, one row per sequence, in batch order (``images``: a vision family's
+        :class:`~poolserve_runtime.vision.BatchImages`)."""
+        if self.family.vision:
+            from poolserve_runtime import vision
+
+            return vision.run_vision(self, batch, images or vision.BatchImages.concat(
+                [vision.RequestImages.none(batch.num_seqs)]))
+        input_ids = batch.input_ids.to(self.device, non_blocking=True)
+        token_types = None
+        if self.family.uses_token_types and batch.token_type_ids is not None:
+            token_types = batch.token_type_ids.to(self.device, non_blocking=True)
+        cu_seqlens = batch.cu_seqlens
+        if self.reuses_prefix:
+            reused = prefix_reuse.plan_chunks(batch.input_ids, cu_seqlens, batch.sequences_per_request,
+                                              self.settings.max_tokens_per_forward, self.position_offset)
+            if reused is not None and not (self.family.skips_trailing_pad and self._ends_in_pad(batch)):
+                return self._run_reused(reused)
+
+        chunks: list[dict[str, torch.Tensor]] = []
+        for first, last in token_budget_chunks(batch.lengths, self.settings.max_tokens_per_forward):
+            begin, end = int(cu_seqlens[first]), int(cu_seqlens[last])
+            host_cu = cu_seqlens[first : last + 1] - begin
+            max_length = int((host_cu[1:] - host_cu[:-1]).max())  # from the host copy: no device sync
+            local_cu = host_cu.to(self.device, non_blocking=True)
+            chunk_ids = input_ids[begin:end]
+            chunk_types = None if token_types is None else token_types[begin:end]
+            if self.is_generic:
+                chunks.append(self._generic_forward(chunk_ids, local_cu, max_length, chunk_types))
+                continue
+            body = self._body_varlen if self.body_mode == "varlen" else self._body_padded
+            hidden = body(chunk_ids, local_cu, max_length, chunk_types)
+            chunks.append(self._pool_and_score(hidden, local_cu, chunk_ids, batch.input_ids[begin:end], host_cu))
+        return {name: torch.cat([chunk[name] for chunk in chunks]).float().cpu() for name in self.output_names}
+
+    def _pool_and_score(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor, input_ids: torch.Tensor,
+                        host_ids: torch.Tensor, host_cu: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.family.task == "embed":
+            return {"embeddings": poolserve_kernels.pool(hidden, cu_seqlens, self.pooling)}
+        linear = self.family.head_linear(self.model)
+        rows = self._last_non_pad_rows(host_ids, host_cu) if self.family.skips_trailing_pad else None
+        if rows is not None:
+            # Some sequence ends in pad ids: HF pools its last non-pad token, so gather those rows.
+            pooled = hidden.index_select(0, rows.to(self.device, non_blocking=True))
+            features = self.family.head_features(self.model, pooled)
+            x, gather = (pooled if features is None else features), "rows"
+        elif self.family.fused_gather:
+            # Nothing between pooling and the linear layer: the gather joins the head's launch.
+            x, gather = hidden, self.pooling
+        else:
+            pooled = poolserve_kernels.pool(hidden, cu_seqlens, self.pooling)
+            features = self.family.head_features(self.model, pooled)
+            x, gather = (pooled if features is None else features), "rows"
+        logits, scores = poolserve_kernels.score_head(
+            x, linear.weight, linear.bias, self.activation.value, gather=gather, cu_seqlens=cu_seqlens,
+            logit_mean=self.settings.logit_mean, logit_sigma=self.settings.logit_sigma,
+        )
+        return {"logits": logits, "scores": scores}
+
+    def _ends_in_pad(self, batch: PackedBatch) -> bool:
+        pad = getattr(self.config, "pad_token_id", None)
+        return pad is not None and bool((batch.input_ids[batch.cu_seqlens[1:].long() - 1] == pad).any())
+
+    def _run_reused(self, chunks: list[prefix_reuse.ReusedChunk]) -> dict[str, torch.Tensor]:
+        """Forwards over reused-prefix streams; each sequence pooled at its last token."""
+        linear = self.family.head_linear(self.model)
+        outputs: list[dict[str, torch.Tensor]] = []
+        for chunk in chunks:
+            to_device = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
+            inputs = {
+                "input_ids": to_device(chunk.input_ids).unsqueeze(0),
+                "position_ids": to_device(chunk.positions).unsqueeze(0),
+                "cu_seq_lens_q": to_device(chunk.cu_seqlens_q),
+                "cu_seq_lens_k": to_device(chunk.cu_seqlens_k),
+                "max_length_q": chunk.max_length_q,
+                "max_length_k": chunk.max_length_k,
+                "key_index": to_device(chunk.key_index),
+                "use_cache": False,
+            }
+            hidden = self.family.body(self.model)(**inputs).last_hidden_state[0]
+            pooled = hidden.index_select(0, to_device(chunk.pool_rows))
+            features = self.family.head_features(self.model, pooled)
+            logits, scores = poolserve_kernels.score_head(
+                pooled if features is None else features, linear.weight, linear.bias, self.activation.value,
+                gather="rows", logit_mean=self.settings.logit_mean, logit_sigma=self.settings.logit_sigma,
+            )
+            outputs.append({"logits": logits, "scores": scores})
+        return {name: torch.cat([o[name] for o in outputs]).float().cpu() for name in self.output_names}
+
+    def _last_non_pad_rows(self, host_ids: torch.Tensor, host_cu: torch.Tensor) -> torch.Tensor | None:
+        """Row of each sequence's last non-pad token (HF's sequence-classification rule), or None when
+        every sequence already ends in a non-pad token (the common case: the fused last-token gather).
+        A sequence of pad ids only is pooled at its first token, as HF's argmax gives."""
+        pad = getattr(self.config, "pad_token_id", None)
+        if pad is None:
+            return None
+        ends = host_cu[1:].long() - 1
+        if not bool((host_ids[ends] == pad).any()):
+            return None
+        lengths = (host_cu[1:] - host_cu[:-1]).long()
+        starts = host_cu[:-1].long()
+        positions = torch.arange(host_ids.numel())
+        owner = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
+        candidate = torch.where(host_ids != pad, positions, starts[owner])
+        return torch.zeros_like(starts).scatter_reduce(0, owner, candidate, reduce="amax", include_self=False)
+
+    def _generic_forward(self, input_ids, cu_seqlens, max_length, token_type_ids) -> dict[str, torch.Tensor]:
+        """The checkpoint's own padded forward and head (the generic fallback)."""
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        keep = torch.arange(max_length, device=self.device).unsqueeze(0) < lengths.unsqueeze(1)
+        padded_ids = torch.full(keep.shape, self.pad_token_id, dtype=torch.int64, device=self.device)
+        padded_ids[keep] = input_ids
+        inputs = {"input_ids": padded_ids, "attention_mask": keep.long()}
+        if token_type_ids is not None:
+            padded_types = torch.zeros_like(padded_ids)
+            padded_types[keep] = token_type_ids
+            inputs["token_type_ids"] = padded_types
+        logits = self.model(**inputs).logits.float()
+        logits = (logits - self.settings.logit_mean) / self.settings.logit_sigma
+        return {"logits": logits, "scores": apply_activation(logits, self.activation)}
+
+    def _body_varlen(self, input_ids, cu_seqlens, max_length, token_type_ids) -> torch.Tensor:
+        """Hidden states ``[tokens, hidden]`` for a packed chunk, run as one packed stream."""
+        total = input_ids.numel()
+        inputs = {
+            "input_ids": input_ids.unsqueeze(0),
+            "position_ids": varlen.packed_positions(cu_seqlens, total, self.position_offset),
+            "cu_seq_lens_q": cu_seqlens,
+            "cu_seq_lens_k": cu_seqlens,
+            "max_length_q": max_length,
+            "max_length_k": max_length,
+        }
+        if self.family.caches_kv:
+            inputs["use_cache"] = False  # decoders would otherwise build a KV cache nobody reads
+        if token_type_ids is not None:
+            inputs["token_type_ids"] = token_type_ids.unsqueeze(0)
+        return self.family.body(self.model)(**inputs).last_hidden_state[0]
+
+    def _body_padded(self, input_ids, cu_seqlens, max_length, token_type_ids) -> torch.Tensor:
+        """Hidden states ``[tokens, hidden]`` for a packed chunk (padded internally)."""
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        width = max_length
+        keep = torch.arange(width, device=self.device).unsqueeze(0) < lengths.unsqueeze(1)
+        padded_ids = torch.full(keep.shape, self.pad_token_id, dtype=torch.int64, device=self.device)
+        padded_ids[keep] = input_ids
+        inputs = {"input_ids": padded_ids, "attention_mask": keep.long()}
+        if self.family.caches_kv:
+            inputs["use_cache"] = False
+        if token_type_ids is not None:
+            padded_types = torch.zeros_like(padded_ids)
+            padded_types[keep] = token_type_ids
+            inputs["token_type_ids"] = padded_types
+        hidden = self.family.body(self.model)(**inputs).last_hidden_state
+        return hidden[keep]
+
+
+def compile_layers(body: torch.nn.Module) -> int:
+    """``torch.compile`` every transformer layer of ``body``; returns how many.
+
+    Eager HF layers launch one kernel per elementwise op (RMSNorm alone is five, rotary embedding
+    another eight): at hidden sizes of 384-1,536 those memory-bound launches cost as much GPU time
+    as the matmuls. Inductor fuses them into a few Triton kernels per layer. The attention call
+    stays eager (:func:`poolserve_runtime.varlen.packed_attention` is excluded from tracing), so the
+    graphs hold only dense ops, ``dynamic=True`` makes one graph serve every token count, and all
+    layers of a model share the same compiled code (parameters are graph inputs).
+    """
+    layers = max((m for m in body.modules() if isinstance(m, torch.nn.ModuleList)), key=len, default=None)
+    if layers is None or len(layers) == 0:
+        return 0
+    # Token counts that happen to equal a model dimension must not specialise the graphs.
+    torch.fx.experimental._config.use_duck_shape = False
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)

@@ -1,0 +1,663 @@
+"""Start, watch and stop a real ``tritonserver`` 2.51 from the ``nvidia-pytriton==0.7.0`` wheel.
+
+No Docker needed. The wheel carries the server binary, the Python backend and one backend stub per
+Python version; this module wires them together the way ../shared/NOTES.md verified:
+
+* the stub for the *running* Python is copied next to a copy of the Python backend in a run folder,
+  and ``LD_LIBRARY_PATH`` points at the wheel's vendored libraries and at ``libpython``;
+* the venv's ``bin/`` goes first on ``PATH``: the stub ignores ``PYTHONPATH`` and imports from the
+  environment whose interpreter it finds there (the project root reaches it through a ``.pth``);
+* the stub's libraries are preflighted with ``ldd``: a stub that cannot load them makes 2.51 wait
+  forever during model load instead of failing;
+* every Python-backend shared-memory region gets a prefix naming this launcher's pid, so stale
+  ``/dev/shm/triton_python_backend_shm_region_*`` files of dead launchers can be told apart from
+  those of live servers and removed;
+* models load through the repository API (explicit model-control mode), optionally with
+  ``parameters`` overridden, so the repository on disk stays the one the NGC image serves.
+
+Use :class:`TritonServer` as a context manager (tests, ``make serve``) or run
+``python -m poolserve_runtime.launcher --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import functools
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SHM_DIR = Path("/dev/shm")
+STOCK_ROOT = Path("/opt/tritonserver")  # where NGC's tritonserver images install the server
+SHM_PREFIX = "triton_python_backend_shm_region_"
+# Our regions are named SHM_PREFIX + OWNER_TAG + "<launcher pid>-" + Triton's own suffix.
+OWNER_TAG = "mrt-"
+
+
+class LauncherError(RuntimeError):
+    """The server could not be started, died, or a model failed to load."""
+
+
+class ServerDied(LauncherError):
+    """tritonserver itself exited."""
+
+
+class StubDied(LauncherError):
+    """One model's Python backend stub died; the server and the other models still run."""
+
+    def __init__(self, message: str, model: str):
+        super().__init__(message)
+        self.model = model
+
+
+# ----------------------------------------------------------------------------------------------
+# The wheel's files
+
+
+@dataclass(frozen=True)
+class TritonInstallation:
+    """Where the nvidia-pytriton wheel put the server, backend, stubs and vendored libraries."""
+
+    server_root: Path  # site-packages/pytriton/tritonserver
+    libs_dir: Path  # site-packages/nvidia_pytriton.libs
+
+    @classmethod
+    def find(cls) -> TritonInstallation:
+        explicit = os.environ.get("TRITONSERVER_BIN")  # an unpacked copy of the wheel's server tree
+        if explicit:
+            server_root = Path(explicit).resolve().parents[1]
+            return cls(server_root=server_root, libs_dir=server_root.parents[1] / "nvidia_pytriton.libs")
+        spec = importlib.util.find_spec("pytriton")  # finds the package without importing it
+        if (spec is None or not spec.submodule_search_locations) and (STOCK_ROOT / "bin" / "tritonserver").exists():
+            # NGC's tritonserver image: its own server, Python backend and stub (built for its Python).
+            return cls(server_root=STOCK_ROOT, libs_dir=STOCK_ROOT / "lib")
+        if spec is None or not spec.submodule_search_locations:
+            raise LauncherError(
+                "nvidia-pytriton is not installed in this environment: "
+                "pip install --no-deps nvidia-pytriton==0.7.0 (or run `make install`)"
+            )
+        package_dir = Path(next(iter(spec.submodule_search_locations)))
+        server_root = package_dir / "tritonserver"
+        if not (server_root / "bin" / "tritonserver").exists():
+            raise LauncherError(f"no tritonserver binary under {server_root}")
+        return cls(server_root=server_root, libs_dir=package_dir.parent / "nvidia_pytriton.libs")
+
+    @property
+    def binary(self) -> Path:
+        return self.server_root / "bin" / "tritonserver"
+
+    def stub_for_running_python(self) -> Path:
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        stub = self.server_root / "python_backend_stubs" / version / "triton_python_backend_stub"
+        if not stub.exists():  # a trimmed tree that keeps only the stub for its Python, in place
+            stub = self.server_root / "backends" / "python" / "triton_python_backend_stub"
+        if not stub.exists():
+            raise LauncherError(f"the wheel has no Python backend stub for Python {version}")
+        return stub
+
+
+def library_path(installation: TritonInstallation) -> str:
+    """LD_LIBRARY_PATH for the server and the stub: vendored libs, then libpython's folder."""
+    parts = [str(installation.libs_dir), sysconfig.get_config_var("LIBDIR") or ""]
+    if os.environ.get("LD_LIBRARY_PATH"):
+        parts.append(os.environ["LD_LIBRARY_PATH"])
+    return ":".join(p for p in parts if p)
+
+
+def prepare_backends(installation: TritonInstallation, run_dir: Path) -> Path:
+    """Copy the Python backend and the stub for this interpreter into ``run_dir/backends``."""
+    backends = run_dir / "backends"
+    python_backend = backends / "python"
+    if python_backend.exists():
+        shutil.rmtree(python_backend)
+    shutil.copytree(
+        installation.server_root / "backends" / "python",
+        python_backend,
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    shutil.copy2(installation.stub_for_running_python(), python_backend / "triton_python_backend_stub")
+    return backends
+
+
+def preflight_stub(stub: Path, ld_library_path: str) -> None:
+    """Fail now if the stub cannot load its shared libraries (2.51 would hang on model load)."""
+    result = subprocess.run(
+        ["ldd", str(stub)],
+        env={**os.environ, "LD_LIBRARY_PATH": ld_library_path},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    missing = [line.strip() for line in result.stdout.splitlines() if "not found" in line]
+    if result.returncode != 0 or missing:
+        detail = "\n  ".join(missing) or result.stderr.strip()
+        raise LauncherError(
+            f"the Python backend stub {stub} cannot load its libraries:\n  {detail}\n"
+            "The running Python must be built with --enable-shared (libpython3.X.so) and the "
+            "nvidia-pytriton wheel must be complete."
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Processes, ports and shared memory
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, process: subprocess.Popen, timeout_s: float, log_path: Path | None = None) -> None:
+    """Poll ``url`` until it answers 200; fail at once (with the log's tail) if ``process`` exits."""
+    def log_tail() -> str:
+        return f":\n{log_path.read_text(errors='replace')[-4000:]}" if log_path and log_path.exists() else ""
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise LauncherError(f"{url}: process exited with {process.returncode}{log_tail()}")
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        time.sleep(0.2)
+    raise LauncherError(f"{url} not ready after {timeout_s}s{log_tail()}")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_shm_regions() -> list[Path]:
+    """Remove shm regions created by launchers that are no longer running. Returns what went."""
+    removed = []
+    for region in SHM_DIR.glob(f"{SHM_PREFIX}{OWNER_TAG}*"):
+        owner = region.name[len(SHM_PREFIX) + len(OWNER_TAG) :].split("-", 1)[0]
+        if owner.isdigit() and not pid_alive(int(owner)):
+            with contextlib.suppress(FileNotFoundError):
+                region.unlink()
+            removed.append(region)
+    return removed
+
+
+def child_pids(pid: int) -> list[int]:
+    """Children of ``pid``, forked from any of its threads (Linux /proc)."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children.extend(int(child) for child in (task / "children").read_text().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return children
+
+
+def descendant_pids(pid: int) -> list[int]:
+    """Every process below ``pid``."""
+    found, pending = [], child_pids(pid)
+    while pending:
+        child = pending.pop()
+        found.append(child)
+        pending.extend(child_pids(child))
+    return found
+
+
+_PR_SET_PDEATHSIG = 1
+_libc = None
+_spawner: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the child, before exec: SIGKILL when the parent goes, however it goes (kill -9 included).
+    Survives the exec; the check after it covers a parent that died before the call (the child was
+    reparented). ``parent`` is compared, not pid 1: in a container the parent may be pid 1 itself."""
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def spawn_tied_to_this_process(command: list[str], **popen_kwargs) -> subprocess.Popen:
+    """``Popen`` in its own session (signals to our group do not reach it; ``stop`` kills its whole
+    group) that the kernel kills if this process dies without stopping it.
+
+    PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, so children are forked
+    from one spawner thread that lives as long as this process (``make serve`` starts the server
+    from a short-lived worker thread).
+    """
+    global _libc, _spawner
+    if _libc is None:
+        import ctypes
+
+        _libc = ctypes.CDLL(None, use_errno=True)
+    if _spawner is None:
+        _spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="launcher-spawner")
+    return _spawner.submit(subprocess.Popen, command, start_new_session=True,
+                           preexec_fn=functools.partial(_die_with_parent, os.getpid()), **popen_kwargs).result()
+
+
+def process_cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
+# ----------------------------------------------------------------------------------------------
+# The per-run model repository
+
+# Parameter naming the model_repository folder a served model is made from (the adapter reads it to
+# know the family; the model ignores it).
+SOURCE_FOLDER = "model_folder"
+
+
+# Not a model parameter: the number of instances of the model on each device, which becomes the
+# config's instance_group (KIND_AUTO: on every GPU Triton sees, else on the CPU). Several instances
+# are several stub processes: one prepares and answers its batch while another's runs on the GPU.
+INSTANCE_COUNT = "instance_count"
+
+
+def config_with_parameters(config_pbtxt: Path, parameters: dict[str, str], name: str | None = None) -> str:
+    """The model's config.pbtxt (text format) renamed to ``name``, with ``parameters`` set or replaced
+    (and ``instance_count`` turned into its instance_group)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    config = text_format.Parse(config_pbtxt.read_text(), model_config_pb2.ModelConfig())
+    if name is not None:
+        config.name = name
+    parameters = dict(parameters)
+    count = parameters.pop(INSTANCE_COUNT, "").strip()
+    if count:
+        if not count.isdigit() or int(count) < 1:
+            raise LauncherError(f"{INSTANCE_COUNT} must be a positive integer, got {count!r}")
+        del config.instance_group[:]
+        config.instance_group.add(count=int(count))
+    for key, value in parameters.items():
+        config.parameters[key].string_value = value
+    return text_format.MessageToString(config)
+
+
+def write_run_repository(source: Path, models: dict[str, dict[str, str]], target: Path) -> Path:
+    """One folder per served model under ``target``, each made from a folder of ``source``.
+
+    This is how two checkpoints of one architecture run side by side (two Triton models, each with
+    its own dynamic batcher) while ``source`` stays the repository a stock tritonserver serves: the
+    generated ``config.pbtxt`` is the source folder's with its name and parameters set, and the
+    version folders are links to the source's. A relative ``checkpoint`` is resolved against the
+    source folder, as the model would have resolved it there.
+    """
+    target.mkdir(parents=True, exist_ok=True)
+    for name, parameters in models.items():
+        parameters = {**parameters, SOURCE_FOLDER: parameters.get(SOURCE_FOLDER, name)}
+        folder = source / parameters[SOURCE_FOLDER]
+        if not (folder / "config.pbtxt").exists():
+            raise LauncherError(f"no model folder {folder.name!r} in {source}")
+        checkpoint = parameters.get("checkpoint", "")
+        if checkpoint and not checkpoint.startswith("builtin:") and (folder / checkpoint).exists():
+            parameters["checkpoint"] = str((folder / checkpoint).resolve())
+        model_dir = target / name
+        model_dir.mkdir()
+        (model_dir / "config.pbtxt").write_text(config_with_parameters(folder / "config.pbtxt", parameters, name))
+        for entry in folder.iterdir():
+            if entry.name != "config.pbtxt":
+                (model_dir / entry.name).symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
+    return target
+
+
+# ----------------------------------------------------------------------------------------------
+# The server
+
+
+@dataclass
+class TritonServer:
+    """A supervised ``tritonserver`` process.
+
+    ``models`` maps each Triton model name to the ``parameters`` to set in its config; the model
+    is made from the ``model_repository`` folder of that name, or the one its ``model_folder``
+    entry names (see :func:`write_run_repository`).
+    """
+
+    model_repository: Path
+    models: dict[str, dict[str, str]]
+    http_port: int = 0
+    grpc_port: int = 0
+    metrics_port: int = 0
+    ready_timeout_s: float = 600.0
+    exit_timeout_s: int = 10
+    log_path: Path | None = None  # None: the server's output goes to this process's stdout
+    log_verbose: int = 0
+    # 127.0.0.1 on a workstation; 0.0.0.0 in a container whose ports other containers reach.
+    address: str = "127.0.0.1"
+    load_seconds: dict[str, float] = field(default_factory=dict, init=False)
+    extra_args: list[str] = field(default_factory=list)
+
+    process: subprocess.Popen | None = field(default=None, init=False)
+    stub_pids: dict[int, str] = field(default_factory=dict, init=False)
+    _run_dir: Path | None = field(default=None, init=False)
+    _log_file: object = field(default=None, init=False)
+
+    # -- public API ---------------------------------------------------------------------------
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def shm_prefix(self) -> str:
+        return f"{SHM_PREFIX}{OWNER_TAG}{os.getpid()}-{id(self):x}-"
+
+    def start(self) -> TritonServer:
+        remove_stale_shm_regions()
+        installation = TritonInstallation.find()
+        self._run_dir = Path(tempfile.mkdtemp(prefix="triton-run-"))
+        backends = prepare_backends(installation, self._run_dir)
+        ld_path = library_path(installation)
+        preflight_stub(backends / "python" / "triton_python_backend_stub", ld_path)
+
+        try:
+            repository = write_run_repository(self.model_repository, self.models, self._run_dir / "models")
+        except BaseException:
+            self.stop()
+            raise
+        self.http_port = self.http_port or free_port()
+        self.grpc_port = self.grpc_port or free_port()
+        self.metrics_port = self.metrics_port or free_port()
+
+        env = {
+            **os.environ,
+            "LD_LIBRARY_PATH": ld_path,
+            # The stub imports from the environment whose interpreter comes first on PATH.
+            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+        }
+        command = [
+            str(installation.binary),
+            f"--model-repository={repository}",
+            f"--backend-directory={backends}",
+            f"--cache-directory={installation.server_root / 'caches'}",
+            "--model-control-mode=explicit",
+            "--strict-readiness=true",
+            f"--exit-timeout-secs={self.exit_timeout_s}",
+            f"--http-address={self.address}",
+            f"--grpc-address={self.address}",
+            f"--http-port={self.http_port}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-port={self.metrics_port}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+            "--backend-config=python,shm-default-byte-size=16777216",
+            "--backend-config=python,shm-growth-byte-size=16777216",
+            f"--log-verbose={self.log_verbose}",
+            *self.extra_args,
+        ]
+        output = None
+        if self.log_path is not None:
+            self._log_file = open(self.log_path, "ab")
+            output = self._log_file
+        self.process = spawn_tied_to_this_process(command, env=env, stdout=output, stderr=subprocess.STDOUT)
+        try:
+            self._wait_live()
+            self._load_models()
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        self.stub_pids = self._current_stub_pids()
+        return self
+
+    def check(self) -> None:
+        """Raise :class:`LauncherError` if the server or any stub it started has died."""
+        if self.process is None or self.process.poll() is not None:
+            code = None if self.process is None else self.process.returncode
+            raise ServerDied(f"tritonserver exited with code {code}.{self._log_tail()}")
+        alive = set(self._current_stub_pids())
+        for pid, model in self.stub_pids.items():
+            if pid not in alive:
+                raise StubDied(
+                    f"the Python backend stub of model {model!r} (pid {pid}) died; its requests "
+                    f"fail with 'Stub process is not healthy'.{self._log_tail()}", model)
+
+    def reload(self, name: str) -> None:
+        """Load ``name`` again through the repository API (Triton starts new stubs for it; the other
+        models keep serving), then track its new stub."""
+        self.stub_pids = {pid: model for pid, model in self.stub_pids.items() if model != name}
+        # A load of an unchanged, loaded model is a no-op in Triton, so unload it first.
+        self._request("POST", f"/v2/repository/models/{name}/unload", b"{}", timeout=self.ready_timeout_s)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and self._request("GET", f"/v2/models/{name}/ready")[0] == 200:
+            time.sleep(0.1)
+        status, payload = self._request("POST", f"/v2/repository/models/{name}/load", b"{}",
+                                        timeout=self.ready_timeout_s)
+        if status != 200:
+            message = json.loads(payload or b"{}").get("error", payload.decode(errors="replace"))
+            raise LauncherError(f"model {name!r} failed to reload: {message}")
+        self.stub_pids.update({pid: m for pid, m in self._current_stub_pids().items() if m == name})
+
+    def model_config(self, name: str) -> dict:
+        """The model's config as Triton completed it (JSON), or {} when Triton cannot say."""
+        status, payload = self._request("GET", f"/v2/models/{name}/config")
+        return json.loads(payload) if status == 200 else {}
+
+    def restart(self) -> TritonServer:
+        """A new server on the same ports (clients reconnect to the address they know)."""
+        self.stop()
+        return self.start()
+
+    def stop(self) -> None:
+        """SIGTERM the server (it unloads models and stops its stubs), then clean up."""
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=self.exit_timeout_s + 15)
+            except subprocess.TimeoutExpired:
+                pass
+        if process is not None:
+            # Stubs are in the server's session: nothing of it may outlive the launcher.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=10)
+        for region in SHM_DIR.glob(f"{self.shm_prefix}*"):
+            with contextlib.suppress(FileNotFoundError):
+                region.unlink()
+        if self._run_dir is not None:
+            shutil.rmtree(self._run_dir, ignore_errors=True)
+            self._run_dir = None
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _request(self, method: str, path: str, body: bytes | None = None, timeout: float = 5.0):
+        request = urllib.request.Request(self.http_url + path, data=body, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
+
+    def _poll_until(self, what: str, ok, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            if self.process is None or self.process.poll() is not None:
+                code = None if self.process is None else self.process.returncode
+                raise LauncherError(
+                    f"tritonserver exited with code {code} while waiting for {what}.{self._log_tail()}"
+                )
+            with contextlib.suppress(OSError):
+                if ok():
+                    return
+            time.sleep(0.2)
+        raise LauncherError(f"timed out waiting for {what}.{self._log_tail()}")
+
+    def _wait_live(self) -> None:
+        deadline = time.monotonic() + min(self.ready_timeout_s, 120)
+        self._poll_until("the server to come up", lambda: self._request("GET", "/v2/health/live")[0] == 200, deadline)
+
+    def _load_models(self) -> None:
+        deadline = time.monotonic() + self.ready_timeout_s
+
+        def load(name: str, parameters: dict[str, str]) -> None:
+            started = time.monotonic()
+            status, payload = self._request(
+                "POST",
+                f"/v2/repository/models/{name}/load",
+                b"{}",
+                timeout=max(1.0, deadline - time.monotonic()),
+            )
+            if status != 200:
+                message = json.loads(payload or b"{}").get("error", payload.decode(errors="replace"))
+                raise LauncherError(f"model {name!r} failed to load: {message}")
+            self.load_seconds[name] = time.monotonic() - started
+
+        # Loads run concurrently (Triton loads models in parallel); a stub that dies or hangs
+        # in initialize() fails its load, and a dead server fails them all: poll for both.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(self.models))) as pool:
+            futures = {pool.submit(load, name, params): name for name, params in self.models.items()}
+            pending = set(futures)
+            while pending:
+                done, pending = concurrent.futures.wait(pending, timeout=0.5)
+                for future in done:
+                    future.result()
+                if self.process is None or self.process.poll() is not None:
+                    raise LauncherError(
+                        f"tritonserver exited while loading models.{self._log_tail()}"
+                    )
+                if time.monotonic() > deadline:
+                    names = sorted(futures[f] for f in pending)
+                    raise LauncherError(f"timed out loading {names}.{self._log_tail()}")
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + 60
+        self._poll_until("server readiness", lambda: self._request("GET", "/v2/health/ready")[0] == 200, deadline)
+
+    def _current_stub_pids(self) -> dict[int, str]:
+        """Stub processes of this server, by pid, with the model each one serves."""
+        if self.process is None:
+            return {}
+        stubs = {}
+        for pid in descendant_pids(self.process.pid):
+            cmdline = process_cmdline(pid)
+            if "triton_python_backend_stub" in cmdline:
+                model_file = cmdline.split("triton_python_backend_stub", 1)[1].split()[0]
+                stubs[pid] = Path(model_file).parent.parent.name
+        return stubs
+
+    def _log_tail(self, lines: int = 40) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        tail = self.log_path.read_text(errors="replace").splitlines()[-lines:]
+        return "\n--- tritonserver log (tail) ---\n" + "\n".join(tail)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m poolserve_runtime.launcher", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--model-repository", type=Path, default=Path("model_repository"))
+    parser.add_argument(
+        "--load", action="append", default=[], metavar="CHECKPOINT|FOLDER[=CHECKPOINT]",
+        help="a checkpoint (its architecture picks the model folder), a model folder, or FOLDER=CHECKPOINT (repeatable)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME.key=value",
+        help="set a parameter of a loaded model (NAME: the --load value or its Triton name), "
+        "e.g. BAAI/bge-reranker-base.served_model_name=reranker",
+    )
+    parser.add_argument("--http-port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--grpc-port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--metrics-port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--ready-timeout", type=float, default=600.0)
+    parser.add_argument("--log-file", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    from poolserve_runtime.serving_plan import PlanError, parse_sets, plan_models
+
+    if not args.load:
+        parser.error("name at least one model with --load")
+    try:
+        models = plan_models(args.load, args.model_repository, parse_sets(args.set))
+    except PlanError as error:
+        print(f"launcher: {error}", file=sys.stderr, flush=True)
+        return 2
+    server = TritonServer(
+        model_repository=args.model_repository,
+        models=models,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        ready_timeout_s=args.ready_timeout,
+        log_path=args.log_file,
+    )
+
+    stopping = False
+
+    def request_stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        server.start()
+    except LauncherError as error:
+        print(f"launcher: {error}", file=sys.stderr, flush=True)
+        return 1
+    print(
+        json.dumps(
+            {"ready": True, "http": server.http_url, "grpc": server.grpc_url,
+             "metrics_port": server.metrics_port, "models": sorted(models)}
+        ),
+        flush=True,
+    )
+    exit_code = 0
+    try:
+        while not stopping:
+            server.check()
+            time.sleep(0.5)
+    except LauncherError as error:
+        print(f"launcher: {error}", file=sys.stderr, flush=True)
+        exit_code = 1
+    finally:
+        server.stop()
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

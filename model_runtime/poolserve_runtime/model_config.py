@@ -1,0 +1,83 @@
+"""What every model's Triton config shares, in one place: filled in by ``auto_complete_config``.
+
+Each ``model_repository/<folder>/config.pbtxt`` states only what differs (its name, the backend,
+its default checkpoint); Triton asks the Python backend to complete the rest at load
+(``auto_complete_config``, on by default in every ``tritonserver``, the NGC image's included).
+Triton takes ``max_batch_size``, ``input``, ``output`` and, when the file sets no scheduler,
+``dynamic_batching`` from the completed config, so those live here; anything a config.pbtxt does
+declare is kept as written. Parameters are not completed by Triton: their defaults live in
+:class:`poolserve_runtime.settings.ModelSettings`. With no ``instance_group`` Triton places one instance
+on each GPU, or one on the CPU without a GPU (what ``KIND_AUTO`` did).
+"""
+
+from __future__ import annotations
+
+# Largest sum of batch dimensions of the requests grouped into one execute(). The token budget of
+# one forward is the max_tokens_per_forward parameter, not this.
+MAX_BATCH_SIZE = 256
+
+# Token ids [batch, tokens]; rows of different lengths share a request by right padding plus
+# attention_mask; separate requests of different lengths share one execute() because the inputs
+# are ragged-batchable (a flag Triton's add_input helper does not take, hence the plain dicts).
+_TOKEN_INPUTS = (
+    {"name": "input_ids", "data_type": "TYPE_INT64", "dims": [-1], "allow_ragged_batch": True},
+    # 1 for real tokens, 0 for right padding; same shape as input_ids. Absent: no padding.
+    {"name": "attention_mask", "data_type": "TYPE_INT64", "dims": [-1], "allow_ragged_batch": True,
+     "optional": True},
+)
+# Segment ids for text pairs (0s then 1s), same shape as input_ids, below the checkpoint's
+# type_vocab_size. Absent: all zeros.
+_TOKEN_TYPE_INPUT = {"name": "token_type_ids", "data_type": "TYPE_INT64", "dims": [-1], "allow_ragged_batch": True,
+                     "optional": True}
+
+# Vision-language models (model_runtime/poolserve_runtime/vision.py): each row's image patches in prompt order, right-
+# padded with zeros [batch, patches, patch_dim], and each row's (t, h, w) patch grids [batch, images, 3]
+# (zero rows after its last image). Absent: a text-only request.
+_VISION_INPUTS = (
+    {"name": "pixel_values", "data_type": "TYPE_FP32", "dims": [-1, -1], "allow_ragged_batch": True,
+     "optional": True},
+    {"name": "image_grid_thw", "data_type": "TYPE_INT64", "dims": [-1, 3], "allow_ragged_batch": True,
+     "optional": True},
+)
+
+_OUTPUTS = {
+    # Raw head output and the activated scores (vLLM's rule) per sequence: [batch, num_labels].
+    "classify": ({"name": "logits", "data_type": "TYPE_FP32", "dims": [-1]},
+                 {"name": "scores", "data_type": "TYPE_FP32", "dims": [-1]}),
+    # Pooled (and, for mean_normalized, L2-normalised) sentence embedding: [batch, hidden_size].
+    "embed": ({"name": "embeddings", "data_type": "TYPE_FP32", "dims": [-1]},),
+}
+
+# Group concurrent requests into one packed forward. Under load requests pile up while the instance
+# is busy, so a short delay suffices (1,000 us cost a full millisecond per request at concurrency 1
+# on the H100). A full queue answers UNAVAILABLE at once (the adapter turns it into 503).
+DYNAMIC_BATCHING = {
+    "max_queue_delay_microseconds": 200,
+    "default_queue_policy": {
+        "timeout_action": "REJECT",
+        "default_timeout_microseconds": 60_000_000,
+        "allow_timeout_override": True,
+        "max_queue_size": 2048,
+    },
+}
+
+_SCHEDULERS = ("dynamic_batching", "sequence_batching", "ensemble_scheduling")
+
+
+def complete_config(config: dict, task: str, uses_token_types: bool, vision: bool = False) -> dict:
+    """Fill ``config`` (Triton's JSON form, modified in place) with the shared fields it lacks."""
+    if not config.get("max_batch_size"):
+        config["max_batch_size"] = MAX_BATCH_SIZE
+    inputs = list(_TOKEN_INPUTS) + ([_TOKEN_TYPE_INPUT] if uses_token_types else []) + (
+        list(_VISION_INPUTS) if vision else [])
+    _add_missing(config, "input", inputs)
+    _add_missing(config, "output", _OUTPUTS[task])
+    if not any(key in config for key in _SCHEDULERS):
+        config["dynamic_batching"] = {**DYNAMIC_BATCHING,
+                                      "default_queue_policy": dict(DYNAMIC_BATCHING["default_queue_policy"])}
+    return config
+
+
+def _add_missing(config: dict, key: str, tensors) -> None:
+    present = {tensor["name"] for tensor in config.get(key) or []}
+    config[key] = list(config.get(key) or []) + [dict(t) for t in tensors if t["name"] not in present]

@@ -1,0 +1,19 @@
+"""Architectures that upstream ships only as remote code, served by the project's own modules.
+
+Each module here builds the model from ``config.json`` and the checkpoint's weights without
+importing the checkpoint's Python files (remote code never runs unless the user asks for the
+generic path with ``trust_remote_code``), and exposes its :class:`~poolserve_runtime.families.Family`.
+Golden outputs recorded once from the upstream code pin them down (``tests/goldens/``).
+"""
+
+from poolserve_runtime.native import (
+            gte_new,
+            internlm2,
+            llama_bidirectional,
+            llama_nemotron_vl,
+            llama_normal_weights,
+            qwen2_reward,
+)
+
+FAMILIES: tuple = (gte_new.FAMILY, llama_bidirectional.FAMILY, llama_normal_weights.FAMILY, internlm2.FAMILY, qwen2_reward.FAMILY,
+            llama_nemotron_vl.FAMILY)

@@ -1,0 +1,121 @@
+"""NVIDIA's bidirectional Llama rerankers (``LlamaBidirectionalForSequenceClassification``).
+
+nvidia/llama-nemotron-rerank-1b-v2 and nvidia/llama-3.2-nv-rerankqa-1b-v2 ship this architecture as
+remote code (``llama_bidirectional_model.py``, ``model_type: llama_bidirec``): a stock Llama body
+whose attention layers have ``is_causal = False`` (and a padding-only 4-D mask), the hidden states
+pooled by ``config.pooling`` ("avg": the mean over the sequence's tokens, the default; "cls";
+"last"), and a bias-free ``score`` linear.
+
+The remote code also divides the logits by ``config.temperature``, but on the transformers it runs
+on (4.47: it needs ``LlamaModel._update_causal_mask``, removed later) ``PretrainedConfig.__init__``
+resets ``temperature`` to its generation default 1.0 right after ``LlamaBidirectionalConfig`` set
+it, so the division is by 1.0 whatever config.json says; vLLM ignores it too. So does this module
+(the golden pins it with ``temperature: 2.0`` in its config).
+
+vLLM serves it natively (``vllm/model_executor/models/llama.py``
+``LlamaBidirectionalForSequenceClassification = as_seq_cls_model(LlamaForCausalLM)``;
+``vllm/model_executor/models/config.py`` ``LlamaBidirectionalConfig.verify_and_update_model_config``):
+``hf_config.is_causal = False``, pooling avg/cls/last -> MEAN/CLS/LAST (anything else is an error),
+and the default classify activation (sigmoid for its one label).
+
+Here the body is transformers' own ``LlamaModel`` (inside a stock ``LlamaForSequenceClassification``,
+whose parameter names are the checkpoint's) with ``is_causal`` turned off on every attention
+module. It runs only packed (``bodies=("varlen",)``): :func:`poolserve_runtime.varlen.packed_attention`
+reads ``module.is_causal`` and keeps the sequences apart by ``cu_seqlens``, while HF's padded path
+would build a causal mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from poolserve_runtime.families import DecoderFamily, UnsupportedArchitecture, read_config_dict
+from poolserve_runtime.native.weights import checkpoint_folder, load_state
+
+# config.json "pooling" -> kernels pooling method (vLLM: avg -> MEAN, cls -> CLS, last -> LAST)
+POOLING = {"avg": "mean", "cls": "cls", "last": "last"}
+
+
+def llama_config_from_dict(config_dict: dict):
+    """A transformers ``LlamaConfig`` from a remote-code Llama config.json (``architectures`` kept)."""
+    from transformers import LlamaConfig
+
+    values = {k: v for k, v in config_dict.items() if k not in ("auto_map", "model_type", "transformers_version")}
+    if "torch_dtype" in values:  # the pre-v5 name
+        values.setdefault("dtype", values.pop("torch_dtype"))
+    config = LlamaConfig(**values)
+    for key, value in values.items():  # keys LlamaConfig does not know (pooling, temperature, ...)
+        if not hasattr(config, key):
+            setattr(config, key, value)
+    config.architectures = list(config_dict.get("architectures") or [])
+    if config_dict.get("auto_map"):
+        config.auto_map = dict(config_dict["auto_map"])
+    return config
+
+
+@dataclass(frozen=True)
+class NativeLlamaFamily(DecoderFamily):
+    """Llama-body architectures upstream ships as remote code: the config from config.json, the
+    weights (upstream names = transformers' Llama names) into a stock ``LlamaForSequenceClassification``,
+    with ``customize(model, config)`` adding what the architecture changes before the weights load."""
+
+    def read_config(self, checkpoint: str, trust_remote_code: bool = False):
+        return llama_config_from_dict(read_config_dict(checkpoint))
+
+    def customize(self, model: nn.Module, config) -> None:
+        """Modules the architecture adds or changes, before its weights are loaded."""
+
+    def load_llama(self, checkpoint: str, attention: str = "") -> nn.Module:
+        from transformers import LlamaForSequenceClassification
+
+        config = self.read_config(checkpoint)
+        self.check_architecture(config)
+        if attention:
+            config._attn_implementation = attention
+        model = LlamaForSequenceClassification(config)
+        self.customize(model, config)
+        model.load_state_dict(load_state(checkpoint_folder(checkpoint)), strict=True)
+        return model
+
+
+@dataclass(frozen=True)
+class LlamaBidirectionalFamily(NativeLlamaFamily):
+    pooling: str = "mean"  # the upstream default ("avg"); pooling_for reads the config
+    fused_gather: bool = False  # mean pooling is no row gather
+    skips_trailing_pad: bool = False  # upstream pools by attention_mask, never by pad ids
+    causal: bool = False  # bidirectional: a shared prefix's states depend on each document
+    bodies: tuple[str, ...] = ("varlen",)
+    padded_reason: str = ("bidirectional attention runs on the packed body only "
+                          "(HF's padded Llama path builds a causal mask)")
+
+    def customize(self, model: nn.Module, config) -> None:
+        self.pooling_for(config)  # fail at load on a pooling we do not serve
+
+    def load(self, checkpoint: str, dtype: torch.dtype, device: torch.device, attention: str = "sdpa",
+             trust_remote_code: bool = False) -> nn.Module:
+        model = self.load_llama(checkpoint)
+        for module in model.modules():
+            if hasattr(module, "is_causal"):
+                module.is_causal = False
+        return model.to(device=device, dtype=dtype).eval()
+
+    def pooling_for(self, config) -> str:
+        pooling = getattr(config, "pooling", "avg")
+        if pooling not in POOLING:
+            raise UnsupportedArchitecture(
+                f"LlamaBidirectional pooling {pooling!r} is not one of {', '.join(POOLING)} (as vLLM)")
+        return POOLING[pooling]
+
+    def head_linear(self, model: nn.Module) -> nn.Linear:
+        return model.score
+
+
+FAMILY = LlamaBidirectionalFamily(
+    name="llama_bidirectional",
+    architectures=("LlamaBidirectionalForSequenceClassification",),
+    example="nvidia/llama-nemotron-rerank-1b-v2",
+    folder="llama_bidirectional_classifier",
+)

@@ -1,0 +1,138 @@
+"""From what a user names (``make serve MODELS=...``) to the Triton models to load.
+
+An entry is one of:
+
+* ``CHECKPOINT``: a local folder, ``builtin:NAME`` or a hub id. Its ``config.json`` picks the family
+  (:func:`poolserve_runtime.families.family_for_config`: an ``architecture`` override, then
+  ``architectures[0]``, then ``auto_map``, then the generic fallback), and with it the model folder;
+* ``FOLDER``: a model_repository folder with the checkpoint its config.pbtxt names;
+* ``FOLDER=CHECKPOINT``: that folder, that checkpoint (an explicit choice).
+
+Each entry becomes its own Triton model, so two checkpoints of one architecture are served side by
+side, each with its own dynamic batcher. The Triton name is the folder name for the folder forms
+(the first time a folder is used) and otherwise the served name with every character Triton's
+names should not hold (``/``, spaces, ...) turned into ``--``: ``BAAI/bge-reranker-v2-m3`` is
+served as ``BAAI/bge-reranker-v2-m3`` by the adapter and is the Triton model
+``BAAI--bge-reranker-v2-m3`` for raw gRPC clients. Names are stable: the same entries give the
+same names on every start.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from poolserve_runtime.checkpoints import resolve_checkpoint, served_name
+from poolserve_runtime.families import GENERIC, Family, UnsupportedArchitecture, family_for_config, read_config_dict
+from poolserve_runtime.launcher import SOURCE_FOLDER
+from poolserve_runtime.llm_rerankers import conversion_for
+from poolserve_runtime.settings import parse_bool
+
+_NOT_IN_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
+# What `make serve` and `docker compose up` serve when no model is named: builtin:sentiment-minilm
+# (/classify) and builtin:all-MiniLM-L6-v2 (/score, /rerank), the folders' default checkpoints.
+DEFAULT_MODELS = ("bert_classifier", "bert_embedder")
+
+
+class PlanError(ValueError):
+    """An entry that cannot be served; the message says why and what to do."""
+
+
+def uses_builtins(entries: list[str], repository: Path) -> bool:
+    """Whether the plan needs the built-in checkpoints: the defaults, a ``builtin:`` checkpoint, or a
+    model folder named alone (its config.pbtxt's default checkpoint is a built-in one)."""
+    return not entries or any("builtin:" in entry or ("=" not in entry and (repository / entry).is_dir())
+                              for entry in entries)
+
+
+def triton_name_for(name: str) -> str:
+    return _NOT_IN_NAME.sub("--", name).strip("-.") or "model"
+
+
+def plan_models(entries: list[str], repository: Path, sets: dict[str, dict[str, str]] | None = None,
+                ) -> dict[str, dict[str, str]]:
+    """Triton model name → its parameters (with ``model_folder``). ``sets`` maps an entry as written
+    (or the Triton name it gets) to parameters to set on it."""
+    sets = dict(sets or {})
+    plan: dict[str, dict[str, str]] = {}
+    served: dict[str, str] = {}
+    for entry in entries:
+        folder, is_pair, checkpoint = entry.partition("=")
+        if not is_pair and (repository / entry / "config.pbtxt").exists():
+            folder, checkpoint = entry, ""
+        elif not is_pair:
+            folder, checkpoint = "", entry
+        parameters = {**sets.pop(entry, {})}
+        if checkpoint:
+            parameters["checkpoint"] = checkpoint
+        if not folder:
+            folder = _folder_for_checkpoint(checkpoint, parameters, repository)
+        elif not (repository / folder / "config.pbtxt").exists():
+            raise PlanError(f"no model folder {folder!r} in {repository}")
+        name = folder if folder not in plan and (is_pair or not checkpoint) else triton_name_for(
+            served_name(parameters, folder))
+        name = _unique(name, plan)
+        parameters = {**parameters, **sets.pop(name, {}), SOURCE_FOLDER: folder}
+        public = served_name(parameters, name) if "checkpoint" in parameters else name
+        if public in served:
+            raise PlanError(f"{entry!r} and {served[public]!r} would both be served as {public!r}; "
+                            "give one a served_model_name")
+        served[public] = entry
+        plan[name] = parameters
+    if sets:
+        raise PlanError(f"--set names {', '.join(sorted(sets))}, which no entry serves (entries: {', '.join(plan)})")
+    return plan
+
+
+def _folder_for_checkpoint(checkpoint: str, parameters: dict[str, str], repository: Path) -> str:
+    try:
+        config = read_config_dict(resolve_checkpoint(checkpoint))
+    except (OSError, ValueError) as error:
+        raise PlanError(f"cannot read config.json of {checkpoint!r}: {error}") from error
+    try:
+        override = parameters.get("architecture", "")
+        conversion = conversion_for(config, checkpoint, parameters.get("hf_overrides", ""))
+        if conversion is not None:  # a causal LM served as a classifier (an LLM reranker)
+            override = override or conversion.architecture
+            if conversion.overrides:
+                parameters["hf_overrides"] = conversion.to_json()
+            if conversion.score_template:
+                parameters.setdefault("score_template", conversion.score_template)
+        family = family_for_config(config, override)
+    except UnsupportedArchitecture as error:
+        raise PlanError(f"{checkpoint}: {error}") from error
+    if family is GENERIC and architecture_is_causal(config):
+        raise PlanError(f"{checkpoint}: {(config.get('architectures') or ['?'])[0]} has no classifier family to convert "
+                        "into; serve it with hf_overrides naming a served architecture, as vLLM's --hf-overrides")
+    if family is GENERIC and config.get("auto_map") and not parse_bool(
+            parameters.get("trust_remote_code", "false"), "trust_remote_code"):
+        raise PlanError(
+            f"{checkpoint}: architecture {(config.get('architectures') or ['?'])[0]} is remote code in the checkpoint "
+            f"and no family serves it natively; remote code runs only when you allow it: "
+            f"--set {checkpoint}.trust_remote_code=true")
+    if not (repository / family.folder / "config.pbtxt").exists():
+        raise PlanError(f"{checkpoint}: family {family.name} has no model folder {family.folder!r} in {repository}")
+    return family.folder
+
+
+architecture_is_causal = Family.architecture_is_causal_lm
+
+
+def _unique(name: str, taken: dict) -> str:
+    candidate, number = name, 2
+    while candidate in taken:
+        candidate, number = f"{name}-{number}", number + 1
+    return candidate
+
+
+def parse_sets(assignments: list[str]) -> dict[str, dict[str, str]]:
+    """``NAME.key=value`` (NAME: an entry as written or a Triton name) into {NAME: {key: value}}.
+    The key is the part after the last dot before ``=``, so NAME may hold dots (hub ids, paths)."""
+    sets: dict[str, dict[str, str]] = {}
+    for assignment in assignments:
+        target, sep, value = assignment.partition("=")
+        name, dot, key = target.rpartition(".")
+        if not sep or not dot or not name or not key:
+            raise PlanError(f"--set expects NAME.key=value, got {assignment!r}")
+        sets.setdefault(name, {})[key] = value
+    return sets
