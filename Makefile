@@ -21,9 +21,11 @@ TORCH_SOURCE ?= $(if $(wildcard /opt/wheels/torch-2.13.0+cpu-*),,--extra-index-u
 UV_VERSION := 0.13.9
 UV := .cache/tools/bin/uv
 LOCK_INPUTS := pyproject.toml requirements/build.in --extra runtime --extra test --extra bench
+IMAGE_INPUTS := pyproject.toml requirements/build.in --extra runtime
+NO_TORCH := --no-emit-package torch --no-emit-package triton
 # --find-links: where this machine keeps torch 2.13.0+cpu (PyTorch's CPU index is not reachable here).
 LOCK_FLAGS := --python-version 3.11 --python-platform x86_64-manylinux_2_35 --generate-hashes \
-	--find-links /opt/wheels --annotation-style line --quiet
+	--override requirements/torch-cpu.in --find-links /opt/wheels --annotation-style line --quiet
 
 .PHONY: install lock check-latest lint serve test test-unit test-integration bench clean
 
@@ -32,7 +34,8 @@ install: $(INSTALLED)
 # Everything installs from the lock (requirements/lock.txt, hashes checked): CPython 3.11 on Linux
 # x86_64, torch 2.13.0+cpu (on CI machines' disk; elsewhere from download.pytorch.org/whl/cpu).
 # An environment that brings its own torch and triton (the GPU image) uses
-# LOCK=requirements/lock-gpu-image.txt. `make lock` refreshes both from pyproject.toml's ranges.
+# LOCK=requirements/lock-gpu-image.txt; the Docker images install requirements/image*.txt (the
+# runtime alone, same versions). `make lock` refreshes them all from pyproject.toml's ranges.
 $(INSTALLED): $(LOCK) requirements/tritonserver.txt pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --require-hashes -r $(LOCK) $(TORCH_SOURCE)
@@ -44,9 +47,11 @@ $(INSTALLED): $(LOCK) requirements/tritonserver.txt pyproject.toml Makefile
 
 # Resolve the newest versions pyproject.toml allows into the locks (uv, pinned, in .cache/tools).
 lock: $(UV)
-	$(UV) pip compile $(LOCK_INPUTS) --override requirements/torch-cpu.in $(LOCK_FLAGS) -o requirements/lock.txt
-	$(UV) pip compile $(LOCK_INPUTS) --override requirements/torch-cpu.in $(LOCK_FLAGS) \
-		--no-emit-package torch --no-emit-package triton -o requirements/lock-gpu-image.txt
+	$(UV) pip compile $(LOCK_INPUTS) $(LOCK_FLAGS) -o requirements/lock.txt
+	$(UV) pip compile $(LOCK_INPUTS) $(LOCK_FLAGS) $(NO_TORCH) -o requirements/lock-gpu-image.txt
+	# The images: the runtime alone, at the versions of the full lock.
+	$(UV) pip compile $(IMAGE_INPUTS) $(LOCK_FLAGS) -c requirements/lock.txt -o requirements/image.txt
+	$(UV) pip compile $(IMAGE_INPUTS) $(LOCK_FLAGS) -c requirements/lock.txt $(NO_TORCH) -o requirements/image-gpu.txt
 	$(UV) pip compile requirements/tritonserver.in $(LOCK_FLAGS) --no-deps -o requirements/tritonserver.txt
 
 $(UV):

@@ -25,7 +25,7 @@ case "$1" in
 deps)
     lock=requirements/$2
     torch_index=${3:-}
-    # lock-gpu-image.txt leaves torch (and its triton) to the image; one that has none takes it from
+    # image-gpu.txt leaves torch (and its triton) to the image; one that has none takes it from
     # TORCH_INDEX_URL (or the index) first, as the locked packages that need torch expect it there.
     if ! grep -q '^torch==' "$lock" && ! /opt/venv/bin/python -c 'import torch' 2>/dev/null; then
         pip ${torch_index:+--extra-index-url "$torch_index"} torch

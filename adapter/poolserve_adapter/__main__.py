@@ -1,4 +1,4 @@
-"""``python -m adapter``: run the HTTP adapter against a running Triton (settings from ADAPTER_* env)."""
+"""``python -m poolserve_adapter``: run the HTTP adapter against a running Triton (settings from ADAPTER_* env)."""
 
 import os
 

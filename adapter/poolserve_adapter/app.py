@@ -33,7 +33,7 @@ from poolserve_adapter.timing import install_timing_headers
 from poolserve_adapter.tokenize.router import router as tokenize_router
 from poolserve_adapter.triton_gateway import AdmissionLimits, TritonGateway
 
-logger = logging.getLogger("adapter")
+logger = logging.getLogger("poolserve_adapter")
 
 
 async def discover_models(client: grpcaio.InferenceServerClient, settings: Settings) -> ModelRegistry:

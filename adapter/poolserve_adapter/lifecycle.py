@@ -11,7 +11,7 @@ first SIGTERM/SIGINT only starts *draining*:
 3. once nothing is in flight, or ``drain_timeout_s`` has passed, uvicorn stops as usual.
 
 A second signal stops at once (uvicorn's behaviour). The app does this itself (:class:`SignalDrain`
-in its lifespan), so it holds wherever uvicorn runs it: ``python -m adapter`` with any number of
+in its lifespan), so it holds wherever uvicorn runs it: ``python -m poolserve_adapter`` with any number of
 workers, and ``make serve``.
 """
 
@@ -31,7 +31,7 @@ from poolserve_adapter.errors import error_body, flavour_of
 from poolserve_adapter.metrics import count_error
 from poolserve_adapter.security import OPEN_PATHS
 
-logger = logging.getLogger("adapter")
+logger = logging.getLogger("poolserve_adapter")
 
 
 class Lifecycle:

@@ -21,7 +21,7 @@ class QuietHealthyProbes(logging.Filter):
 
 def uvicorn_log_config() -> dict:
     config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
-    config["loggers"]["adapter"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    config["loggers"]["poolserve_adapter"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
     # By import path: with several workers the config is pickled to each of them.
     config.setdefault("filters", {})["healthy_probes"] = {"()": "poolserve_adapter.log_config.QuietHealthyProbes"}
     config["handlers"]["access"]["filters"] = ["healthy_probes"]

@@ -24,7 +24,7 @@ and the route); error handlers call ``count_error(request, error_type)``.
 Several uvicorn workers: each worker is its own process with its own counters, and a scrape reaches
 one worker only. With ``PROMETHEUS_MULTIPROC_DIR`` set, prometheus_client writes every worker's values
 to files in that directory and ``/metrics`` sums them all, whichever worker answers. The launcher
-(``python -m adapter``) calls :func:`prepare_multiprocess_dir` before uvicorn spawns the workers, so
+(``python -m poolserve_adapter``) calls :func:`prepare_multiprocess_dir` before uvicorn spawns the workers, so
 they inherit the variable. A directory given by the operator must be emptied between runs (the
 Prometheus client's rule); the one made by :func:`prepare_multiprocess_dir` is new on every start.
 The metric objects are created lazily, in the worker (by :func:`install_metrics` or the first

@@ -57,7 +57,7 @@ def wheelhouse() -> Path:
     pip = [sys.executable, "-m", "pip", "download", "-q", "-d", str(WHEELHOUSE), "--only-binary=:all:",
            "--require-hashes"]
     requirements = PROJECT_ROOT / "requirements"
-    for command in ([*pip, "-r", str(requirements / "lock.txt")],
+    for command in ([*pip, "-r", str(requirements / "image.txt")],
                     [*pip, "--no-deps", "-r", str(requirements / "tritonserver.txt")]):
         result = subprocess.run(command, capture_output=True, text=True)
         assert result.returncode == 0, f"{' '.join(command)}:\n{result.stderr[-3000:]}"

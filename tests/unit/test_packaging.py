@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import tomllib
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from setuptools import find_packages
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -90,3 +92,42 @@ def test_adapter_settings_are_read_only_by_the_settings_class():
                 if path.name != "settings.py":
                     offenders.append(f"{path.relative_to(PROJECT_ROOT)}:{node.lineno} {node.value}")
     assert not offenders, offenders
+
+
+def locked_versions(name: str) -> dict[str, str]:
+    """``{canonical name: version}`` of one of requirements/*.txt (uv's hashed format)."""
+    pins = {}
+    for line in (PROJECT_ROOT / "requirements" / name).read_text().splitlines():
+        if "==" in line and not line.startswith((" ", "#")):
+            package, version = line.split(" ")[0].split("==")
+            pins[canonicalize_name(package)] = version
+    return pins
+
+
+def test_the_lock_satisfies_pyproject_and_the_installed_environment_is_the_lock():
+    """A range changed in pyproject.toml without `make lock` fails here, and so does a venv that
+    drifted from the lock."""
+    lock = locked_versions("lock.txt")
+    project = PYPROJECT["project"]
+    for spec in [*project["dependencies"], *(r for extra in project["optional-dependencies"].values() for r in extra)]:
+        requirement = Requirement(spec)
+        name = canonicalize_name(requirement.name)
+        assert name in lock, f"{spec} is not in requirements/lock.txt: run `make lock`"
+        assert requirement.specifier.contains(lock[name], prereleases=True), f"lock has {name}=={lock[name]}, not {spec}"
+    def installed(name: str) -> str | None:
+        # The first on sys.path: setuptools appends its vendored copies (packaging, ...) behind it.
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    if (installed("torch") or "").endswith("+cpu"):  # a `make install` venv, not the GPU image's
+        drifted = {name: (version, installed(name)) for name, version in lock.items() if installed(name) != version}
+        assert not drifted, f"(locked, installed): {drifted}"
+
+
+@pytest.mark.parametrize("image_lock,full_lock", [("image.txt", "lock.txt"), ("image-gpu.txt", "lock-gpu-image.txt")])
+def test_image_locks_take_the_full_lock_s_versions(image_lock, full_lock):
+    image, full = locked_versions(image_lock), locked_versions(full_lock)
+    assert image and all(full.get(name) == version for name, version in image.items())
+    assert ("torch" in image) == (image_lock == "image.txt")
