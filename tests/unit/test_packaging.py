@@ -121,7 +121,7 @@ def test_the_lock_satisfies_pyproject_and_the_installed_environment_is_the_lock(
         except importlib.metadata.PackageNotFoundError:
             return None
 
-    if (installed("torch") or "").endswith("+cpu"):  # a `make install` venv, not the GPU image's
+    if Path(sys.prefix) == PROJECT_ROOT / ".venv":  # `make install`'s venv (not check-latest's, not a GPU image)
         drifted = {name: (version, installed(name)) for name, version in lock.items() if installed(name) != version}
         assert not drifted, f"(locked, installed): {drifted}"
 
