@@ -61,8 +61,10 @@ $(UV):
 # The newest releases pyproject.toml allows, in a throwaway venv: unit tests and one real-stack test.
 check-latest:
 	$(PYTHON) -m venv --clear .cache/latest
-	.cache/latest/bin/pip install -q "setuptools>=70.1" torch==2.13.0
-	.cache/latest/bin/pip install -q --upgrade --upgrade-strategy eager --no-build-isolation -e ".[runtime,test]"
+	.cache/latest/bin/pip install -q "setuptools>=70.1" -c requirements/torch-cpu.in torch $(TORCH_SOURCE)
+	# torch stays the CPU build (a newer torch is a several-GB CUDA download; the GPU image has its own).
+	.cache/latest/bin/pip install -q --upgrade --upgrade-strategy eager --no-build-isolation \
+		-c requirements/torch-cpu.in -e ".[runtime,test]"
 	.cache/latest/bin/pip install -q --no-deps nvidia-pytriton==0.7.0
 	.cache/latest/bin/pip list --format=freeze > .cache/latest/versions.txt
 	.cache/latest/bin/python -m pytest -q -p no:cacheprovider tests/unit tests/kernels \
