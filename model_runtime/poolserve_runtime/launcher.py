@@ -110,6 +110,20 @@ class TritonInstallation:
         return stub
 
 
+# The adapter's settings (its API key among them) are no business of tritonserver or of the model
+# code its stubs run: they are left out of the server's environment.
+WITHHELD_FROM_TRITON = ("ADAPTER_",)
+
+
+def triton_environment(environ: dict[str, str], ld_library_path: str) -> dict[str, str]:
+    """The environment tritonserver and its Python stubs run with."""
+    env = {key: value for key, value in environ.items() if not key.startswith(WITHHELD_FROM_TRITON)}
+    env["LD_LIBRARY_PATH"] = ld_library_path
+    # The stub imports from the environment whose interpreter comes first on PATH.
+    env["PATH"] = f"{Path(sys.executable).parent}:{environ.get('PATH', '')}"
+    return env
+
+
 def library_path(installation: TritonInstallation) -> str:
     """LD_LIBRARY_PATH for the server and the stub: vendored libs, then libpython's folder."""
     parts = [str(installation.libs_dir), sysconfig.get_config_var("LIBDIR") or ""]
@@ -387,12 +401,7 @@ class TritonServer:
         self.grpc_port = self.grpc_port or free_port()
         self.metrics_port = self.metrics_port or free_port()
 
-        env = {
-            **os.environ,
-            "LD_LIBRARY_PATH": ld_path,
-            # The stub imports from the environment whose interpreter comes first on PATH.
-            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
-        }
+        env = triton_environment(dict(os.environ), ld_path)
         command = [
             str(installation.binary),
             f"--model-repository={repository}",

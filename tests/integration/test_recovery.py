@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -32,7 +33,9 @@ def stack(tiny_checkpoints, tmp_path_factory):
                "--model", f"bert_classifier={tiny_checkpoints['bert_classifier']}",
                "--model", f"xlm_roberta_classifier={tiny_checkpoints['xlm_roberta_classifier']}"]
     with log_path.open("wb") as log:
-        process = spawn_tied_to_this_process(command, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT)
+        # A stand-in for the adapter's secrets (ADAPTER_API_KEY): it must not reach tritonserver.
+        process = spawn_tied_to_this_process(command, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                             env={**os.environ, "ADAPTER_TEST_CANARY": "canary-secret"})
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(f"{url}/health", process, timeout_s=300, log_path=log_path)
@@ -67,6 +70,16 @@ def until_ok(url: str, model: str, seconds: float) -> tuple[float, list[tuple[in
         failures.append((status, time.monotonic() - begin))
         time.sleep(0.2)
     raise AssertionError(f"{model} did not come back within {seconds} s: {failures[-5:]}")
+
+
+def test_no_adapter_setting_reaches_tritonserver_or_its_stubs(stack):
+    _, process, _ = stack
+    pids = processes_of(process.pid, "tritonserver") + processes_of(process.pid, "triton_python_backend_stub")
+    assert len(pids) >= 3  # the server and a stub per model
+    for pid in pids:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert not [entry for entry in environ if entry.startswith(b"ADAPTER_")], launcher.process_cmdline(pid)
+    assert b"ADAPTER_TEST_CANARY=canary-secret" in Path(f"/proc/{process.pid}/environ").read_bytes()
 
 
 def health_until_degraded(url: str, seconds: float) -> dict:

@@ -101,3 +101,13 @@ def test_instance_count_becomes_the_instance_group_not_a_parameter(tmp_path):
     assert not plain.instance_group  # Triton's own placement: one instance per GPU, or one on the CPU
     with pytest.raises(LauncherError, match="positive integer"):
         config_with_parameters(source, {"instance_count": "0"})
+
+
+def test_the_adapter_s_settings_and_api_key_stay_out_of_tritonserver_s_environment():
+    environ = {"ADAPTER_API_KEY": "secret", "ADAPTER_TRITON_GRPC_URL": "x:1", "HF_TOKEN": "hub", "PATH": "/usr/bin",
+               "HOME": "/root"}
+    env = launcher.triton_environment(environ, "/libs")
+    assert not any(key.startswith("ADAPTER_") for key in env)
+    assert env["HF_TOKEN"] == "hub" and env["HOME"] == "/root"  # the stubs download checkpoints
+    assert env["LD_LIBRARY_PATH"] == "/libs"
+    assert env["PATH"] == f"{os.path.dirname(sys.executable)}:/usr/bin"
