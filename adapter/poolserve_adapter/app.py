@@ -31,9 +31,19 @@ from poolserve_adapter.sglang.router import router as sglang_router
 from poolserve_adapter.sglang.router import v1_rerank_router as sglang_v1_rerank_router
 from poolserve_adapter.timing import install_timing_headers
 from poolserve_adapter.tokenize.router import router as tokenize_router
-from poolserve_adapter.triton_gateway import AdmissionLimits, TritonGateway
+from poolserve_adapter.triton_gateway import AdmissionLimits, TritonGateway, inference_headers
 
 logger = logging.getLogger("poolserve_adapter")
+
+
+async def loaded_models(client: grpcaio.InferenceServerClient) -> list[str]:
+    """The models Triton has loaded and ready. Read from the statistics API, which lists every loaded
+    model and stays open: the repository index is behind Triton's control key, which the adapter
+    does not hold (whoever may call that API may load code into the server)."""
+    statistics = await client.get_inference_statistics(as_json=True, client_timeout=5)
+    names = sorted({entry["name"] for entry in statistics.get("model_stats", [])})
+    ready = await asyncio.gather(*(client.is_model_ready(name, client_timeout=5) for name in names))
+    return [name for name, is_ready in zip(names, ready, strict=True) if is_ready]
 
 
 async def discover_models(client: grpcaio.InferenceServerClient, settings: Settings) -> ModelRegistry:
@@ -42,8 +52,7 @@ async def discover_models(client: grpcaio.InferenceServerClient, settings: Setti
     while True:
         try:
             if await client.is_server_ready(client_timeout=5):
-                index = await client.get_model_repository_index(as_json=True)
-                ready = [m["name"] for m in index.get("models", []) if m.get("state") == "READY"]
+                ready = await loaded_models(client)
                 if ready:
                     break
         except InferenceServerException:
@@ -74,6 +83,8 @@ def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = N
                 max_tokens_per_request=settings.max_tokens_per_request,
                 admission=AdmissionLimits(settings.max_inflight_tokens_per_model, settings.max_queued_tokens_per_model,
                                           settings.admission_wait_s),
+                triton_models=tuple(model.triton_model for model in app.state.registry),
+                inference_headers=inference_headers(settings),
             )
             async with SignalDrain(lifecycle, settings.drain_timeout_s):
                 yield

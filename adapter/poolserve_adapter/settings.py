@@ -19,6 +19,12 @@ class Settings(BaseSettings):
         "127.0.0.1:8001",
         description="Triton's gRPC address. The adapter keeps one aio client to it for its lifetime.",
     )
+    triton_inference_key: str | None = Field(
+        None,
+        description="The key of Triton's inference protocol, when Triton was started with one (TRITON_INFERENCE_KEY "
+        "there; `make serve` passes its own). Triton's control protocols need another key, which the adapter never "
+        "holds.",
+    )
     model_repository: Path = Field(
         PROJECT_ROOT / "model_repository",
         description="The repository Triton serves; relative `checkpoint` parameters resolve against its folders "

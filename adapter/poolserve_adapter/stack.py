@@ -98,7 +98,7 @@ async def serve(args: argparse.Namespace) -> int:
             return 0
         # The stack's own Triton and address; every other setting (ADAPTER_*) as the environment says.
         settings = Settings(triton_grpc_url=triton.grpc_url, model_repository=args.model_repository,
-                            host=args.host, port=args.port)
+                            host=args.host, port=args.port, triton_inference_key=triton.inference_key)
         if settings.triton_metrics_url is None:  # Triton's own metrics are appended to the adapter's /metrics
             settings = settings.model_copy(
                 update={"triton_metrics_url": f"http://127.0.0.1:{triton.metrics_port}/metrics"})

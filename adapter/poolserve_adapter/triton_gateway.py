@@ -16,8 +16,10 @@ from tritonclient.utils import InferenceServerException
 
 from poolserve_adapter.admission import Admission
 from poolserve_adapter.errors import BadRequestError, from_triton
+from poolserve_adapter.settings import Settings
 from poolserve_adapter.timing import timed
 from poolserve_adapter.tokenization import Encoded
+from poolserve_runtime.launcher import INFERENCE_GRPC_HEADER
 
 
 def _tensor(name: str, array: np.ndarray) -> grpcaio.InferInput:
@@ -36,10 +38,18 @@ class AdmissionLimits:
 UNLIMITED = AdmissionLimits(2**62, 0, 1.0)
 
 
+def inference_headers(settings: Settings) -> dict[str, str]:
+    """The header Triton checks when its inference protocol has a key (TRITON_INFERENCE_KEY there)."""
+    return {INFERENCE_GRPC_HEADER: settings.triton_inference_key} if settings.triton_inference_key else {}
+
+
 class TritonGateway:
     def __init__(self, client: grpcaio.InferenceServerClient, *, timeout_s: float, max_rows: int,
-                 max_tokens_per_request: int = 2**62, admission: AdmissionLimits = UNLIMITED):
+                 max_tokens_per_request: int = 2**62, admission: AdmissionLimits = UNLIMITED,
+                 triton_models: tuple[str, ...] = (), inference_headers: dict[str, str] | None = None):
         self.client = client
+        self.triton_models = triton_models  # what the registry serves: the models /health reports on
+        self.inference_headers = inference_headers or {}  # Triton's inference key, when it has one
         self.timeout_s = timeout_s
         self.max_rows = max_rows
         self.max_tokens_per_request = max_tokens_per_request
@@ -132,6 +142,7 @@ class TritonGateway:
                 inputs,
                 outputs=[grpcaio.InferRequestedOutput(name) for name in outputs],
                 client_timeout=self.timeout_s,
+                headers=self.inference_headers,
                 # Triton's queue drops the request when the client would have given up anyway (the
                 # model's queue policy allows the override), instead of its 60 s default.
                 timeout=int(self.timeout_s * 1_000_000),
@@ -147,11 +158,12 @@ class TritonGateway:
             return False
 
     async def unavailable_models(self) -> dict[str, str] | None:
-        """Models Triton does not have READY, with its reason (a stub being reloaded shows here);
-        None when Triton itself does not answer."""
+        """The served models Triton does not have ready (a stub being reloaded shows here); None when
+        Triton itself does not answer. Asked model by model: the repository index, which would give
+        Triton's reason, is behind the control key the adapter does not hold."""
         try:
-            index = await self.client.get_model_repository_index(as_json=True, client_timeout=5)
+            ready = await asyncio.gather(*(self.client.is_model_ready(name, client_timeout=5)
+                                           for name in self.triton_models))
         except InferenceServerException:
             return None
-        return {entry["name"]: " ".join(filter(None, (entry.get("state", "UNKNOWN"), entry.get("reason"))))
-                for entry in index.get("models", []) if entry.get("state") != "READY"}
+        return {name: "not ready" for name, is_ready in zip(self.triton_models, ready, strict=True) if not is_ready}

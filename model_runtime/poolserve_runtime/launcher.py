@@ -13,7 +13,11 @@ Python version; this module wires them together the way ../shared/NOTES.md verif
   ``/dev/shm/triton_python_backend_shm_region_*`` files of dead launchers can be told apart from
   those of live servers and removed;
 * models load through the repository API (explicit model-control mode), optionally with
-  ``parameters`` overridden, so the repository on disk stays the one the NGC image serves.
+  ``parameters`` overridden, so the repository on disk stays the one the NGC image serves;
+* that API runs any ``model.py`` a caller uploads, so it is closed: the model-repository,
+  shared-memory, trace and logging protocols need a key only this launcher knows (generated per
+  launcher, or ``$TRITON_CONTROL_KEY``), HTTP is off unless asked for, and inference is open or
+  behind its own key (``$TRITON_INFERENCE_KEY``). The launcher itself speaks gRPC.
 
 Use :class:`TritonServer` as a context manager (tests, ``make serve``) or run
 ``python -m poolserve_runtime.launcher --help``.
@@ -28,6 +32,7 @@ import functools
 import importlib.util
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -36,10 +41,11 @@ import sys
 import sysconfig
 import tempfile
 import time
-import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tritonclient.utils import InferenceServerException
 
 SHM_DIR = Path("/dev/shm")
 STOCK_ROOT = Path("/opt/tritonserver")  # where NGC's tritonserver images install the server
@@ -62,6 +68,10 @@ class StubDied(LauncherError):
     def __init__(self, message: str, model: str):
         super().__init__(message)
         self.model = model
+
+
+class ModelUnloaded(StubDied):
+    """A model's stubs went because a holder of the control key unloaded it: not a crash."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,9 +120,37 @@ class TritonInstallation:
         return stub
 
 
-# The adapter's settings (its API key among them) are no business of tritonserver or of the model
-# code its stubs run: they are left out of the server's environment.
-WITHHELD_FROM_TRITON = ("ADAPTER_",)
+# Triton's control plane. Whoever may load a model runs code in the server (a load may upload its
+# model.py), whoever may register shared memory reads other requests' tensors, and trace/logging
+# change what the server writes: each needs CONTROL_HEADER. Health, metadata, model config and
+# statistics stay open (read-only; tritonclient users need them), and inference is open unless
+# INFERENCE_KEY_ENV names a key for it.
+CONTROL_PROTOCOLS = ("model-repository", "shared-memory", "trace", "logging")
+CONTROL_HEADER = "poolserve-control-key"
+CONTROL_KEY_ENV = "TRITON_CONTROL_KEY"
+INFERENCE_HEADER = "poolserve-inference-key"
+INFERENCE_KEY_ENV = "TRITON_INFERENCE_KEY"
+# Triton looks for a restricted protocol's header under this prefix in gRPC metadata (HTTP: as is).
+CONTROL_GRPC_HEADER = f"triton-grpc-protocol-{CONTROL_HEADER}"
+INFERENCE_GRPC_HEADER = f"triton-grpc-protocol-{INFERENCE_HEADER}"
+
+# The adapter's settings (its API key among them) and the keys above are no business of the model
+# code the stubs run: they are left out of the server's environment.
+WITHHELD_FROM_TRITON = ("ADAPTER_", CONTROL_KEY_ENV, INFERENCE_KEY_ENV)
+
+
+def restriction_args(control_key: str, inference_key: str | None, http: bool) -> list[str]:
+    """tritonserver's flags that put the control protocols (and inference, given a key) behind headers."""
+    groups = [(CONTROL_PROTOCOLS, CONTROL_HEADER, control_key)]
+    if inference_key:
+        groups.append((("inference",), INFERENCE_HEADER, inference_key))
+    flags = []
+    for protocols, header, key in groups:
+        restriction = f"{','.join(protocols)}:{header}={key}"
+        flags.append(f"--grpc-restricted-protocol={restriction}")
+        if http:
+            flags.append(f"--http-restricted-api={restriction}")
+    return flags
 
 
 def triton_environment(environ: dict[str, str], ld_library_path: str) -> dict[str, str]:
@@ -362,6 +400,13 @@ class TritonServer:
     log_verbose: int = 0
     # 127.0.0.1 on a workstation; 0.0.0.0 in a container whose ports other containers reach.
     address: str = "127.0.0.1"
+    # Triton's HTTP endpoint (KServe REST): off unless asked for; restricted like gRPC when on.
+    http: bool = False
+    # The control plane's key (see CONTROL_PROTOCOLS): $TRITON_CONTROL_KEY, else generated here.
+    # It is on tritonserver's command line (Triton takes it nowhere else) and in this object.
+    control_key: str = field(default_factory=lambda: os.environ.get(CONTROL_KEY_ENV) or secrets.token_urlsafe(32),
+                             repr=False)
+    inference_key: str | None = field(default_factory=lambda: os.environ.get(INFERENCE_KEY_ENV) or None, repr=False)
     load_seconds: dict[str, float] = field(default_factory=dict, init=False)
     extra_args: list[str] = field(default_factory=list)
 
@@ -369,6 +414,7 @@ class TritonServer:
     stub_pids: dict[int, str] = field(default_factory=dict, init=False)
     _run_dir: Path | None = field(default=None, init=False)
     _log_file: object = field(default=None, init=False)
+    _client: object = field(default=None, init=False, repr=False)
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -379,6 +425,16 @@ class TritonServer:
     @property
     def grpc_url(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def control_headers(self) -> dict[str, str]:
+        """The gRPC metadata a control call carries."""
+        return {CONTROL_GRPC_HEADER: self.control_key}
+
+    @property
+    def inference_headers(self) -> dict[str, str]:
+        """What a gRPC inference call sends (nothing while inference is open)."""
+        return {INFERENCE_GRPC_HEADER: self.inference_key} if self.inference_key else {}
 
     @property
     def shm_prefix(self) -> str:
@@ -397,7 +453,8 @@ class TritonServer:
         except BaseException:
             self.stop()
             raise
-        self.http_port = self.http_port or free_port()
+        if self.http:
+            self.http_port = self.http_port or free_port()
         self.grpc_port = self.grpc_port or free_port()
         self.metrics_port = self.metrics_port or free_port()
 
@@ -410,11 +467,13 @@ class TritonServer:
             "--model-control-mode=explicit",
             "--strict-readiness=true",
             f"--exit-timeout-secs={self.exit_timeout_s}",
-            f"--http-address={self.address}",
+            f"--allow-http={'true' if self.http else 'false'}",
+            *([f"--http-address={self.address}", f"--http-port={self.http_port}"] if self.http else []),
             f"--grpc-address={self.address}",
-            f"--http-port={self.http_port}",
             f"--grpc-port={self.grpc_port}",
+            f"--metrics-address={self.address}",
             f"--metrics-port={self.metrics_port}",
+            *restriction_args(self.control_key, self.inference_key, self.http),
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             "--backend-config=python,shm-default-byte-size=16777216",
             "--backend-config=python,shm-growth-byte-size=16777216",
@@ -441,33 +500,51 @@ class TritonServer:
         if self.process is None or self.process.poll() is not None:
             code = None if self.process is None else self.process.returncode
             raise ServerDied(f"tritonserver exited with code {code}.{self._log_tail()}")
-        alive = set(self._current_stub_pids())
-        for pid, model in self.stub_pids.items():
-            if pid not in alive:
-                raise StubDied(
-                    f"the Python backend stub of model {model!r} (pid {pid}) died; its requests "
-                    f"fail with 'Stub process is not healthy'.{self._log_tail()}", model)
+        current = self._current_stub_pids()
+        for model in self.models:
+            tracked = {pid for pid, name in self.stub_pids.items() if name == model}
+            running = {pid for pid, name in current.items() if name == model}
+            if tracked <= running and (tracked or not running):
+                continue  # ours all alive (or the model is unloaded and stays so)
+            if not tracked & running:
+                if running:  # new stubs only: a holder of the control key loaded the model (again)
+                    self._track(model, running)
+                    continue
+            state = self._state(model)
+            if state[0] in ("LOADING", "UNLOADING"):
+                continue  # a key holder's load or unload is under way: look again next time
+            if state == ("UNAVAILABLE", "unloaded"):
+                self._track(model, set())
+                raise ModelUnloaded(f"model {model!r} was unloaded through Triton's repository API by a holder "
+                                    "of the control key, not by this supervisor; it stays unloaded", model)
+            vanished = sorted(tracked - running)
+            raise StubDied(
+                f"the Python backend stub of model {model!r} (pid {vanished[0]}) died; its requests "
+                f"fail with 'Stub process is not healthy'.{self._log_tail()}", model)
 
     def reload(self, name: str) -> None:
         """Load ``name`` again through the repository API (Triton starts new stubs for it; the other
         models keep serving), then track its new stub."""
-        self.stub_pids = {pid: model for pid, model in self.stub_pids.items() if model != name}
+        self._track(name, set())
+        client = self._grpc()
         # A load of an unchanged, loaded model is a no-op in Triton, so unload it first.
-        self._request("POST", f"/v2/repository/models/{name}/unload", b"{}", timeout=self.ready_timeout_s)
+        with contextlib.suppress(InferenceServerException):
+            client.unload_model(name, headers=self.control_headers, client_timeout=self.ready_timeout_s)
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and self._request("GET", f"/v2/models/{name}/ready")[0] == 200:
-            time.sleep(0.1)
-        status, payload = self._request("POST", f"/v2/repository/models/{name}/load", b"{}",
-                                        timeout=self.ready_timeout_s)
-        if status != 200:
-            message = json.loads(payload or b"{}").get("error", payload.decode(errors="replace"))
-            raise LauncherError(f"model {name!r} failed to reload: {message}")
-        self.stub_pids.update({pid: m for pid, m in self._current_stub_pids().items() if m == name})
+        while time.monotonic() < deadline and self._model_ready(name):
+            time.sleep(0.05)
+        try:
+            client.load_model(name, headers=self.control_headers, client_timeout=self.ready_timeout_s)
+        except InferenceServerException as error:
+            raise LauncherError(f"model {name!r} failed to reload: {error.message()}") from None
+        self._track(name, {pid for pid, m in self._current_stub_pids().items() if m == name})
 
     def model_config(self, name: str) -> dict:
         """The model's config as Triton completed it (JSON), or {} when Triton cannot say."""
-        status, payload = self._request("GET", f"/v2/models/{name}/config")
-        return json.loads(payload) if status == 200 else {}
+        try:
+            return self._grpc().get_model_config(name, as_json=True, client_timeout=5).get("config", {})
+        except InferenceServerException:
+            return {}
 
     def restart(self) -> TritonServer:
         """A new server on the same ports (clients reconnect to the address they know)."""
@@ -489,6 +566,10 @@ class TritonServer:
                 os.killpg(process.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=10)
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                self._client.close()
+            self._client = None
         for region in SHM_DIR.glob(f"{self.shm_prefix}*"):
             with contextlib.suppress(FileNotFoundError):
                 region.unlink()
@@ -507,13 +588,32 @@ class TritonServer:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _request(self, method: str, path: str, body: bytes | None = None, timeout: float = 5.0):
-        request = urllib.request.Request(self.http_url + path, data=body, method=method)
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                return response.status, response.read()
-        except urllib.error.HTTPError as error:
-            return error.code, error.read()
+    def _grpc(self):
+        """This launcher's gRPC client (thread-safe; the control calls carry the key)."""
+        if self._client is None:
+            import tritonclient.grpc as grpcclient
+
+            self._client = grpcclient.InferenceServerClient(self.grpc_url)
+        return self._client
+
+    def _model_ready(self, name: str) -> bool:
+        with contextlib.suppress(InferenceServerException):
+            return self._grpc().is_model_ready(name, headers=self.inference_headers, client_timeout=5)
+        return False
+
+    def _state(self, name: str) -> tuple[str, str]:
+        """The model's (state, reason) in Triton's repository index; ("", "") when it cannot say."""
+        with contextlib.suppress(InferenceServerException):
+            index = self._grpc().get_model_repository_index(headers=self.control_headers, as_json=True,
+                                                            client_timeout=5)
+            for entry in index.get("models", []):
+                if entry.get("name") == name:
+                    return entry.get("state", ""), entry.get("reason", "")
+        return "", ""
+
+    def _track(self, model: str, pids: set[int]) -> None:
+        self.stub_pids = {pid: name for pid, name in self.stub_pids.items() if name != model}
+        self.stub_pids.update(dict.fromkeys(pids, model))
 
     def _poll_until(self, what: str, ok, deadline: float) -> None:
         while time.monotonic() < deadline:
@@ -530,22 +630,23 @@ class TritonServer:
 
     def _wait_live(self) -> None:
         deadline = time.monotonic() + min(self.ready_timeout_s, 120)
-        self._poll_until("the server to come up", lambda: self._request("GET", "/v2/health/live")[0] == 200, deadline)
+        self._poll_until("the server to come up", self._live, deadline)
+
+    def _live(self) -> bool:
+        with contextlib.suppress(InferenceServerException):
+            return self._grpc().is_server_live(client_timeout=2)
+        return False
 
     def _load_models(self) -> None:
         deadline = time.monotonic() + self.ready_timeout_s
 
         def load(name: str, parameters: dict[str, str]) -> None:
             started = time.monotonic()
-            status, payload = self._request(
-                "POST",
-                f"/v2/repository/models/{name}/load",
-                b"{}",
-                timeout=max(1.0, deadline - time.monotonic()),
-            )
-            if status != 200:
-                message = json.loads(payload or b"{}").get("error", payload.decode(errors="replace"))
-                raise LauncherError(f"model {name!r} failed to load: {message}")
+            try:
+                self._grpc().load_model(name, headers=self.control_headers,
+                                        client_timeout=max(1.0, deadline - time.monotonic()))
+            except InferenceServerException as error:
+                raise LauncherError(f"model {name!r} failed to load: {error.message()}") from None
             self.load_seconds[name] = time.monotonic() - started
 
         # Loads run concurrently (Triton loads models in parallel); a stub that dies or hangs
@@ -567,7 +668,12 @@ class TritonServer:
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + 60
-        self._poll_until("server readiness", lambda: self._request("GET", "/v2/health/ready")[0] == 200, deadline)
+        def ready() -> bool:
+            with contextlib.suppress(InferenceServerException):
+                return self._grpc().is_server_ready(client_timeout=2)
+            return False
+
+        self._poll_until("server readiness", ready, deadline)
 
     def _current_stub_pids(self) -> dict[int, str]:
         """Stub processes of this server, by pid, with the model each one serves."""
@@ -609,6 +715,7 @@ def main(argv: list[str] | None = None) -> int:
         help="set a parameter of a loaded model (NAME: the --load value or its Triton name), "
         "e.g. BAAI/bge-reranker-base.served_model_name=reranker",
     )
+    parser.add_argument("--http", action="store_true", help="open Triton's HTTP endpoint (restricted like gRPC)")
     parser.add_argument("--http-port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--grpc-port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--metrics-port", type=int, default=0, help="0 picks a free port")
@@ -628,6 +735,7 @@ def main(argv: list[str] | None = None) -> int:
     server = TritonServer(
         model_repository=args.model_repository,
         models=models,
+        http=args.http,
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
@@ -650,7 +758,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(
         json.dumps(
-            {"ready": True, "http": server.http_url, "grpc": server.grpc_url,
+            {"ready": True, "http": server.http_url if server.http else None, "grpc": server.grpc_url,
              "metrics_port": server.metrics_port, "models": sorted(models)}
         ),
         flush=True,

@@ -51,8 +51,10 @@ def start_triton(entries: list[str], sets: list[str], repository: Path, *, log_p
     began = time.monotonic()
     triton.start()
     print(describe_models(triton), flush=True)
+    http = f"HTTP :{triton.http_port}" if triton.http else "HTTP off"
     print(f"Triton ready in {time.monotonic() - began:.1f} s on {triton.address}: gRPC :{triton.grpc_port}, "
-          f"HTTP :{triton.http_port}, metrics :{triton.metrics_port}", flush=True)
+          f"{http}, metrics :{triton.metrics_port}; inference {'needs $TRITON_INFERENCE_KEY' if triton.inference_key else 'open'}, "
+          "model control only to this supervisor", flush=True)
     return triton
 
 
@@ -89,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n\n")[0])
     add_model_arguments(parser)
     parser.add_argument("--address", default="127.0.0.1", help="address Triton binds (0.0.0.0 in a container)")
+    parser.add_argument("--http", action="store_true",
+                        help="open Triton's HTTP endpoint too (off by default; its control APIs are restricted "
+                        "like gRPC's)")
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
@@ -107,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         triton = start_triton(entries, sets, args.model_repository,
                               log_path=args.triton_log,
-                              address=args.address, http_port=args.http_port, grpc_port=args.grpc_port,
+                              address=args.address, http=args.http, http_port=args.http_port, grpc_port=args.grpc_port,
                               metrics_port=args.metrics_port)
     except PlanError as error:
         print(f"serve_triton: {error}", file=sys.stderr, flush=True)

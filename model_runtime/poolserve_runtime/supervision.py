@@ -5,7 +5,8 @@ compose/Kubernetes ``triton`` container share.
   ``limit`` times in ``window_s``; one failure more is a crash loop, reported, and the process exits
   non-zero for its supervisor (compose, systemd, Kubernetes) to act on.
 * :func:`recover` handles one failure :meth:`TritonServer.check` raised: a dead stub is reloaded
-  (the other models keep serving), a dead tritonserver is restarted on the same ports.
+  (the other models keep serving), a dead tritonserver is restarted on the same ports. A model that
+  a holder of the control key unloaded is left so, and never counts towards a crash loop.
 * :func:`describe_models` is the start-up summary a newcomer reads instead of Triton's own log.
 """
 
@@ -16,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from poolserve_runtime.checkpoints import served_name
-from poolserve_runtime.launcher import SOURCE_FOLDER, LauncherError, ServerDied, StubDied, TritonServer
+from poolserve_runtime.launcher import SOURCE_FOLDER, LauncherError, ModelUnloaded, ServerDied, StubDied, TritonServer
 
 logger = logging.getLogger("serve")
 
@@ -44,6 +45,9 @@ class CrashLoop(LauncherError):
 def recover(triton: TritonServer, died: StubDied | ServerDied, recovery: Recovery, sleep=time.sleep) -> None:
     """Bring back what ``died`` names, or raise :class:`CrashLoop`. A failed attempt is only logged:
     the next :meth:`TritonServer.check` sees it again and it counts again."""
+    if isinstance(died, ModelUnloaded):  # an operator's decision, not a failure
+        logger.warning("%s", died)
+        return
     target = died.model if isinstance(died, StubDied) else "tritonserver"
     if not recovery.allow(target):
         raise CrashLoop(f"{target} crash-looping ({recovery.limit} restarts within {recovery.window_s:g} s): {died}")

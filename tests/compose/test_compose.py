@@ -8,6 +8,7 @@ import subprocess
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 from tests.compose.conftest import ADDRESS, PROJECT_ROOT, http, new_project, wait_for
 
@@ -65,6 +66,13 @@ def test_raw_grpc_infer_on_the_published_triton_port(stack):
     result = client.infer("bert_classifier", [input_ids])
     scores = result.as_numpy("scores")
     assert scores.shape == (1, 2) and scores[0, 1] > 0.9 and abs(float(scores.sum()) - 1.0) < 1e-5
+    # The published port takes inference, not control: an upload of code and an unload are refused.
+    upload = {"file:1/model.py": b"import os\nos.system('touch /tmp/pwned')\n"}
+    with pytest.raises(InferenceServerException, match="restricted"):
+        client.load_model("intruder", config=json.dumps({"backend": "python"}), files=upload)
+    with pytest.raises(InferenceServerException, match="restricted"):
+        client.unload_model("bert_classifier")
+    assert client.is_model_ready("bert_classifier") and not client.is_model_ready("intruder")
     client.close()
 
 
