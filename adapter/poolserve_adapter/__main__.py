@@ -4,6 +4,7 @@ import os
 
 import uvicorn
 
+from poolserve_adapter.connections import server_options
 from poolserve_adapter.log_config import uvicorn_log_config
 from poolserve_adapter.metrics import prepare_multiprocess_dir
 from poolserve_adapter.settings import get_settings
@@ -16,4 +17,5 @@ if __name__ == "__main__":
     prepare_multiprocess_dir(settings.workers)  # several workers: /metrics sums them through a shared folder
     # A factory, so each of `workers` processes builds its own app (and Triton client) from the env.
     uvicorn.run("poolserve_adapter.app:create_app", factory=True, host=settings.host, port=settings.port,
-                workers=settings.workers, log_level="info", log_config=uvicorn_log_config())
+                workers=settings.workers, log_level="info", log_config=uvicorn_log_config(),
+                **server_options(settings))  # connection limits; the open-file limit raised for the workers too

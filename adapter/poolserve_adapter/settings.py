@@ -136,6 +136,23 @@ class Settings(BaseSettings):
         "compressed image of many pixels becomes hundreds of MB of patches); more is a 400.")
     max_images_per_prompt: int = Field(16, ge=0, description="Most images in one prompt (vLLM's "
                                        "--limit-mm-per-prompt '{\"image\": N}'); more is a 400.")
+    # The HTTP server's own limits (poolserve_adapter.connections), per adapter worker.
+    max_connections: int = Field(
+        2048, ge=1,
+        description="Open HTTP connections per adapter worker; one more is answered 503 and closed at once. The "
+        "open-file limit is raised at start to hold them (lowered, with a warning, where the hard limit cannot).",
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="Time for a request's line and headers to arrive (from the connection or the "
+        "request's first byte); later is a 408 and the connection closes. A connection that sends nothing is closed "
+        "after it too.")
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="Time for a request's body to arrive after its headers; later is a 408.")
+    keep_alive_timeout_s: float = Field(
+        5.0, gt=0, description="An idle kept-alive connection is closed after this long.")
+    max_headers: int = Field(100, ge=1, description="Most header fields in one request; more is a 431.")
+    max_header_bytes: int = Field(
+        32768, ge=1024, description="Largest request line plus headers in bytes; larger is a 431.")
     host: str = Field("127.0.0.1", description="Address the HTTP server binds.")
     port: int = Field(8080, description="Port the HTTP server binds.")
 

@@ -20,6 +20,7 @@ import sys
 import uvicorn
 
 from poolserve_adapter.app import create_app
+from poolserve_adapter.connections import server_options
 from poolserve_adapter.log_config import uvicorn_log_config
 from poolserve_adapter.settings import Settings
 from poolserve_runtime.launcher import LauncherError, ServerDied, StubDied, TritonServer
@@ -103,7 +104,7 @@ async def serve(args: argparse.Namespace) -> int:
             settings = settings.model_copy(
                 update={"triton_metrics_url": f"http://127.0.0.1:{triton.metrics_port}/metrics"})
         web = uvicorn.Server(uvicorn.Config(create_app(settings), host=args.host, port=args.port, log_level="info",
-                                            log_config=uvicorn_log_config()))
+                                            log_config=uvicorn_log_config(), **server_options(settings)))
         stop.web = web
         watcher = asyncio.create_task(_watch(triton, web, failures, Recovery()))
         await web.serve()
