@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -89,7 +90,8 @@ def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = N
             async with SignalDrain(lifecycle, settings.drain_timeout_s):
                 yield
         finally:
-            await client.close()
+            with contextlib.suppress(asyncio.TimeoutError):  # a stop must not wait on a stuck channel
+                await asyncio.wait_for(client.close(), timeout=2)
 
     app = FastAPI(
         title="triton-pooling-serve",

@@ -36,6 +36,9 @@ logger = logging.getLogger("poolserve_adapter.connections")
 # Descriptors a worker needs besides client connections (Triton's channel, files, the loop's own).
 RESERVED_DESCRIPTORS = 256
 
+# After the drain timeout, requests still running get this long before they are cancelled.
+CUT_AFTER_DRAIN_S = 1
+
 REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large", 503: b"Service Unavailable"}
 
 
@@ -227,4 +230,7 @@ def server_options(settings: Settings) -> dict:
     """uvicorn.Config arguments that put these limits on its server (this process's settings)."""
     GuardedHttpToolsProtocol.limits = ConnectionLimits.from_settings(
         settings.model_copy(update={"max_connections": connection_bound(settings)}))
-    return {"http": GuardedHttpToolsProtocol, "timeout_keep_alive": settings.keep_alive_timeout_s}
+    return {"http": GuardedHttpToolsProtocol, "timeout_keep_alive": settings.keep_alive_timeout_s,
+            # uvicorn's own wait starts when the app's drain (lifecycle.SignalDrain) has ended, so it
+            # only gives answers being written a moment more: then what is still running is cut.
+            "timeout_graceful_shutdown": CUT_AFTER_DRAIN_S}

@@ -23,10 +23,13 @@ from poolserve_adapter.app import create_app
 from poolserve_adapter.connections import server_options
 from poolserve_adapter.log_config import uvicorn_log_config
 from poolserve_adapter.settings import Settings
-from poolserve_runtime.launcher import LauncherError, ServerDied, StubDied, TritonServer
+from poolserve_runtime.launcher import LauncherError, ServerDied, StubDied, TritonServer, signal_me_when_parent_dies
 from poolserve_runtime.serve_triton import add_model_arguments, model_entries, start_triton
 from poolserve_runtime.serving_plan import PlanError
 from poolserve_runtime.supervision import CrashLoop, Recovery, recover
+
+# After the adapter stops, tritonserver gets this long to exit before it and its stubs are killed.
+STOP_GRACE_S = 2.0
 
 
 def sample_requests(base_url: str) -> str:
@@ -81,8 +84,7 @@ class _StopRequests:
             self.web.should_exit = True
 
 
-async def serve(args: argparse.Namespace) -> int:
-    stop = _StopRequests()
+async def serve(args: argparse.Namespace, stop: _StopRequests) -> int:
     entries, sets = model_entries(args)
     try:
         triton = await asyncio.to_thread(start_triton, entries, sets, args.model_repository,
@@ -110,7 +112,8 @@ async def serve(args: argparse.Namespace) -> int:
         await web.serve()
         watcher.cancel()
     finally:
-        await asyncio.to_thread(triton.stop)
+        # The adapter has drained and cut what was left: Triton's work is nobody's any more.
+        await asyncio.to_thread(triton.stop, STOP_GRACE_S)
     if failures:
         print(f"serve: {failures[0]}", file=sys.stderr, flush=True)
         return 1
@@ -123,8 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8080)
     add_model_arguments(parser)
     parser.add_argument("--triton-grpc-port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--stop-with-parent", action="store_true",
+                        help="stop (as on SIGTERM) when the parent process dies; `make serve` passes it")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return asyncio.run(serve(parser.parse_args(argv)))
+    args = parser.parse_args(argv)
+    stop = _StopRequests()  # before the parent-death signal can arrive
+    if args.stop_with_parent:
+        signal_me_when_parent_dies(signal.SIGTERM)
+    return asyncio.run(serve(args, stop))
 
 
 if __name__ == "__main__":

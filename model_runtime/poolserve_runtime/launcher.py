@@ -288,6 +288,20 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+def signal_me_when_parent_dies(sig: int = signal.SIGTERM) -> None:
+    """Ask the kernel for ``sig`` when this process's parent goes (``make serve``: a SIGTERM to make
+    alone would otherwise leave the stack running, orphaned)."""
+    global _libc
+    if _libc is None:
+        import ctypes
+
+        _libc = ctypes.CDLL(None, use_errno=True)
+    parent = os.getppid()
+    _libc.prctl(_PR_SET_PDEATHSIG, sig)
+    if os.getppid() != parent:  # gone before the call took effect
+        os.kill(os.getpid(), sig)
+
+
 def spawn_tied_to_this_process(command: list[str], **popen_kwargs) -> subprocess.Popen:
     """``Popen`` in its own session (signals to our group do not reach it; ``stop`` kills its whole
     group) that the kernel kills if this process dies without stopping it.
@@ -551,13 +565,14 @@ class TritonServer:
         self.stop()
         return self.start()
 
-    def stop(self) -> None:
-        """SIGTERM the server (it unloads models and stops its stubs), then clean up."""
+    def stop(self, grace_s: float | None = None) -> None:
+        """SIGTERM the server (it unloads models and stops its stubs); after ``grace_s`` (default: its
+        exit timeout and 2 s) SIGKILL to it and its stubs; then its shared memory and files go."""
         process, self.process = self.process, None
         if process is not None and process.poll() is None:
             process.send_signal(signal.SIGTERM)
             try:
-                process.wait(timeout=self.exit_timeout_s + 15)
+                process.wait(timeout=self.exit_timeout_s + 2 if grace_s is None else grace_s)
             except subprocess.TimeoutExpired:
                 pass
         if process is not None:

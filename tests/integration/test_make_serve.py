@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -31,13 +33,17 @@ def descendants(pid: int) -> list[int]:
     return launcher.descendant_pids(pid)
 
 
+DRAIN_TIMEOUT_S = 3.0
+
+
 @pytest.fixture(scope="module")
 def make_serve(tmp_path_factory):
     port = free_port()
     log_path = tmp_path_factory.mktemp("serve") / "make-serve.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(["make", "serve", f"PORT={port}"], cwd=PROJECT_ROOT, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+                                   stderr=subprocess.STDOUT, start_new_session=True,
+                                   env={**os.environ, "ADAPTER_DRAIN_TIMEOUT_S": str(DRAIN_TIMEOUT_S)})
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(f"{url}/health", process, timeout_s=420, log_path=log_path)
@@ -130,16 +136,41 @@ def test_default_reranker_puts_the_relevant_document_first(make_serve, query, re
     assert body["results"][0]["index"] == len(documents) - 1
 
 
-def test_sigterm_stops_adapter_and_triton(make_serve):
-    _, process, _ = make_serve
+def test_sigterm_with_requests_in_flight_leaves_nothing_after_the_drain_timeout(make_serve):
+    """SIGTERM to make alone (as a process manager sends it): the stack drains for its timeout, cuts
+    what is left, and every process and shared-memory region is gone a few seconds later."""
+    url, process, _ = make_serve
     children = descendants(process.pid)
     assert any("tritonserver" in launcher.process_cmdline(pid) for pid in children)
-    os.killpg(process.pid, signal.SIGTERM)
-    process.wait(timeout=60)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and any(running(pid) for pid in children):
-        time.sleep(0.2)
-    assert not [pid for pid in children if running(pid)], "processes outlived make serve"
+    assert any("triton_python_backend_stub" in launcher.process_cmdline(pid) for pid in children)
+    stack = next(pid for pid in children if "poolserve_adapter.stack" in launcher.process_cmdline(pid))
+    own_regions = f"{launcher.SHM_PREFIX}{launcher.OWNER_TAG}{stack}-*"  # the launcher names them after its pid
+    assert list(launcher.SHM_DIR.glob(own_regions))
+    heavy = {"model": "sentiment-minilm", "input": ["a long sentence about nothing in particular " * 12] * 64}
+
+    def post() -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            httpx.post(f"{url}/classify", json=heavy, timeout=120)
+
+    clients = [threading.Thread(target=post) for _ in range(16)]
+    for client in clients:
+        client.start()
+    time.sleep(1.0)  # all 16 in flight (the first still computing on CI's 2 cores)
+    started = time.monotonic()
+    os.kill(process.pid, signal.SIGTERM)
+    bound = DRAIN_TIMEOUT_S + 8
+    while time.monotonic() - started < bound + 30 and any(running(pid) for pid in children):
+        time.sleep(0.1)
+    gone_after = time.monotonic() - started
+    left = [launcher.process_cmdline(pid) for pid in children if running(pid)]
+    assert not left, f"processes outlived make serve: {left}"
+    assert not list(launcher.SHM_DIR.glob(own_regions))
+    print(f"SIGTERM to make with 16 heavy requests in flight: everything gone after {gone_after:.1f} s "
+          f"(drain timeout {DRAIN_TIMEOUT_S:g} s)")
+    assert gone_after < bound
+    process.wait(timeout=10)
+    for client in clients:
+        client.join(timeout=60)
 
 
 def running(pid: int) -> bool:
