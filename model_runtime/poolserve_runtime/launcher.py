@@ -360,7 +360,37 @@ def config_with_parameters(config_pbtxt: Path, parameters: dict[str, str], name:
         config.instance_group.add(count=int(count))
     for key, value in parameters.items():
         config.parameters[key].string_value = value
-    return text_format.MessageToString(config)
+    return text_format.MessageToString(completed_config(config, parameters.get(SOURCE_FOLDER, config.name)))
+
+
+def completed_config(config, folder: str):
+    """``config`` with what every model of the shared runtime adds (model_config.py), when ``folder``
+    is one of its families; otherwise as it is.
+
+    Triton would ask the model's ``auto_complete_config`` for the same at load, in a stub process of
+    its own that imports torch and the runtime only to exit again: on a 2-core machine that doubles
+    the time a model takes to load, and to come back after its stub died. Completed here, the server
+    runs with auto-complete off (see :func:`all_completed`).
+    """
+    from google.protobuf import json_format
+    from tritonclient.grpc import model_config_pb2
+
+    from poolserve_runtime.families import by_folder
+    from poolserve_runtime.model_config import complete_config
+
+    family = by_folder(folder)
+    if family is None:
+        return config
+    as_dict = json_format.MessageToDict(config, preserving_proto_field_name=True)
+    complete_config(as_dict, family.task, family.uses_token_types, family.vision)
+    return json_format.ParseDict(as_dict, model_config_pb2.ModelConfig())
+
+
+def all_completed(models: dict[str, dict[str, str]]) -> bool:
+    """Every planned model comes from a folder of the shared runtime (its config completed here)."""
+    from poolserve_runtime.families import by_folder
+
+    return all(by_folder(parameters.get(SOURCE_FOLDER, name)) is not None for name, parameters in models.items())
 
 
 def write_run_repository(source: Path, models: dict[str, dict[str, str]], target: Path) -> Path:
@@ -492,6 +522,8 @@ class TritonServer:
             "--backend-config=python,shm-default-byte-size=16777216",
             "--backend-config=python,shm-growth-byte-size=16777216",
             f"--log-verbose={self.log_verbose}",
+            # Configs complete already (completed_config): no extra stub per model load just to ask.
+            *(["--disable-auto-complete-config"] if all_completed(self.models) else []),
             *self.extra_args,
         ]
         output = None

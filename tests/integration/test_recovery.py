@@ -131,6 +131,7 @@ def test_a_dead_tritonserver_is_restarted(stack, tiny_checkpoints):
     for model in ("bert_classifier", "xlm_roberta_classifier"):
         recovered_s, failures = until_ok(url, tiny_checkpoints[model], 120)
         assert all(status in (0, 503) for status, _ in failures), failures
+        print(f"tritonserver kill: {model} back after {recovered_s:.1f} s")
     assert process.poll() is None
 
 
