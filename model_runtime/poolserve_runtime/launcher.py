@@ -360,7 +360,7 @@ def config_with_parameters(config_pbtxt: Path, parameters: dict[str, str], name:
         config.instance_group.add(count=int(count))
     for key, value in parameters.items():
         config.parameters[key].string_value = value
-    return text_format.MessageToString(completed_config(config, parameters.get(SOURCE_FOLDER, config.name)))
+    return text_format.MessageToString(completed_config(config, config_pbtxt.parent.name))
 
 
 def completed_config(config, folder: str):

@@ -111,3 +111,22 @@ def test_the_adapter_s_settings_and_api_key_stay_out_of_tritonserver_s_environme
     assert env["HF_TOKEN"] == "hub" and env["HOME"] == "/root"  # the stubs download checkpoints
     assert env["LD_LIBRARY_PATH"] == "/libs"
     assert env["PATH"] == f"{os.path.dirname(sys.executable)}:/usr/bin"
+
+
+def test_run_configs_come_complete_so_triton_needs_no_auto_complete_stub():
+    from poolserve_runtime.families import by_folder
+    from tests.conftest import FAULT_MODELS
+
+    config = parsed(config_with_parameters(MODEL_REPOSITORY / "bert_classifier" / "config.pbtxt", {}, name="x"))
+    family = by_folder("bert_classifier")
+    expected = complete_config(parsed((MODEL_REPOSITORY / "bert_classifier" / "config.pbtxt").read_text()),
+                               family.task, family.uses_token_types, family.vision)
+    assert [i["name"] for i in config["input"]] == [i["name"] for i in expected["input"]]
+    assert [o["name"] for o in config["output"]] == [o["name"] for o in expected["output"]]
+    assert config["max_batch_size"] == expected["max_batch_size"] and "dynamic_batching" in config
+    assert all(i["allow_ragged_batch"] for i in config["input"])
+    # A folder the runtime does not know is left to Triton, and then auto-complete stays on.
+    echo = config_with_parameters(FAULT_MODELS / "echo" / "config.pbtxt", {}, name="echo")
+    assert parsed(echo) == parsed((FAULT_MODELS / "echo" / "config.pbtxt").read_text())
+    assert launcher.all_completed({"a": {SOURCE_FOLDER: "bert_classifier"}, "bert_embedder": {}})
+    assert not launcher.all_completed({"a": {SOURCE_FOLDER: "bert_classifier"}, "echo": {}})
