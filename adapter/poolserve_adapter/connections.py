@@ -118,7 +118,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.limits = GuardedHttpToolsProtocol.limits
         self._deadline: asyncio.TimerHandle | None = None
         self._reading_head = True
-        self._head_bytes = 0
+        self._head_bytes = 0  # bytes received while the request's head is incomplete (all head, then)
+        self._parsed_head_bytes = 0  # the head's request target and header fields, as parsed
         self._header_count = 0
 
     # -- connection ------------------------------------------------------------------------------
@@ -165,20 +166,26 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._reading_head, self._header_count = True, 0
+        self._reading_head, self._header_count, self._parsed_head_bytes = True, 0, 0
         if self._deadline is None:  # the next request on a kept-alive connection
             self._arm(self.limits.header_timeout_s, "Request header timeout.")
 
+    def on_url(self, url: bytes) -> None:
+        self._parsed_head_bytes += len(url)
+        super().on_url(url)
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_count += 1
+        self._parsed_head_bytes += len(name) + len(value) + 4  # ": " and CRLF
         if self._header_count > self.limits.max_headers:
             raise _Refused(431, f"More than {self.limits.max_headers} request header fields.")
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
-        if self._head_bytes > self.limits.max_header_bytes:
+        # Not _head_bytes: the read that completes the head may hold the start of the body too.
+        if self._parsed_head_bytes > self.limits.max_header_bytes:
             raise _Refused(431, "Request header fields too large.")
-        self._reading_head = False
+        self._reading_head, self._head_bytes = False, 0
         self._disarm()
         super().on_headers_complete()
         # A body is read within body_timeout_s; without one, the request is complete already.
@@ -187,7 +194,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._disarm()
-        self._head_bytes = 0
         super().on_message_complete()
 
     # -- internals -------------------------------------------------------------------------------

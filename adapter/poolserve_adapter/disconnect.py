@@ -6,6 +6,11 @@ computed in full (as vLLM avoids by aborting it). This middleware keeps listenin
 cancels the handler task when the client goes before the response is finished. The cancellation
 reaches ``grpc.aio``: the Triton call is cancelled on the wire, and the Python backend model skips
 requests already cancelled when it packs a batch (``model_runtime/poolserve_runtime/triton_model.py``).
+
+A request cancelled so is marked in its scope (:data:`~poolserve_adapter.metrics.CLIENT_GONE`) and
+ends without a response (uvicorn sends nothing more to a closed connection and logs nothing):
+:class:`~poolserve_adapter.metrics.MetricsMiddleware`, outside this one, counts it as 499 (client
+closed request), not as the 500 of an app that returned without answering.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from __future__ import annotations
 import asyncio
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from poolserve_adapter.metrics import CLIENT_GONE
 
 
 class CancelOnDisconnectMiddleware:
@@ -24,11 +31,13 @@ class CancelOnDisconnectMiddleware:
             await self.app(scope, receive, send)
             return
         messages: asyncio.Queue[Message] = asyncio.Queue()
-        responded = False
+        started = responded = False
 
         async def send_tracking(message: Message) -> None:
-            nonlocal responded
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
+            nonlocal started, responded
+            if message["type"] == "http.response.start":
+                started = True
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 responded = True
             await send(message)
 
@@ -40,6 +49,8 @@ class CancelOnDisconnectMiddleware:
                 await messages.put(message)
                 if message["type"] == "http.disconnect":
                     if not responded and not handler.done():
+                        if not started:  # nothing reached the client: whatever the handler sends now is lost
+                            scope[CLIENT_GONE] = True
                         handler.cancel()
                     return
 

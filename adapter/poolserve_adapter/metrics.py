@@ -4,13 +4,16 @@ What is exported (all names prefixed ``adapter_``):
 
 * ``adapter_requests_total{route, method, status}``: finished HTTP requests. ``status`` is the code
   sent in ``http.response.start``; a request whose app raised before answering counts as ``500``
-  (what the server then sends), one cancelled before answering as ``499``.
+  (what the server then sends); one whose client left before any answer started (the
+  ``CancelOnDisconnectMiddleware`` of ``poolserve_adapter.disconnect`` marks it in the scope), or
+  that was cancelled before answering, as ``499`` (nginx's "client closed request").
 * ``adapter_request_duration_seconds{route}``: time from the request's arrival to the end of its
   response body (buckets from 1 ms to 60 s).
 * ``adapter_requests_in_flight``: requests being handled now (summed over live workers).
 * ``adapter_errors_total{route, error_type}``: errors answered, by the ``type`` the error body names
   ("BadRequestError", "Bad Request", "Unauthorized", ...). Counted by the error handlers through
-  :func:`count_error`, since only they know the type.
+  :func:`count_error`, since only they know the type; not for a request whose client had already
+  left (its answer reaches no one, and the request counts as 499).
 
 ``route`` is always the path *template* of the route that handled the request ("/v1/models/{model}"),
 never the raw URL, so a client cannot create a series per URL; a request that matches no route is
@@ -67,6 +70,10 @@ logger = logging.getLogger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 METRICS_PATH = "/metrics"
+# Scope key set (True) when the client disconnected before any response started and its handler was
+# cancelled (poolserve_adapter.disconnect): the request counts as 499 whatever its handler does next.
+CLIENT_GONE = "adapter.client_gone"
+CLIENT_CLOSED_REQUEST = 499
 UNMATCHED = "unmatched"
 TRITON_METRICS_TIMEOUT_S = 2.0
 # Adapter latencies run from a cached /health (~1 ms) to a large batch behind a busy Triton (tens of s).
@@ -199,6 +206,8 @@ def count_error(request_or_scope: HTTPConnection | Mapping[str, Any], error_type
     scope = request_or_scope.scope if isinstance(request_or_scope, HTTPConnection) else request_or_scope
     if scope.get("adapter.body_refused") and error_type != "PayloadTooLargeError":
         return  # the body middleware answered 413; the app's reaction to the cut read is not sent
+    if scope.get(CLIENT_GONE):
+        return  # an answer to a client that left reaches no one: not an error of the server
     get_metrics().errors.labels(route_label(scope), error_type).inc()
 
 
@@ -234,9 +243,13 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_with_status)
         except asyncio.CancelledError:
             if status is None:
-                status = 499  # the client went away before an answer: not a server error
+                status = CLIENT_CLOSED_REQUEST  # the client went away before an answer: not a server error
             raise
         finally:
+            if scope.get(CLIENT_GONE):
+                # Cancelled because the client left; the handler returned without a response (or one
+                # that went nowhere), which would otherwise read as the 500 of a broken app.
+                status = CLIENT_CLOSED_REQUEST
             elapsed = time.perf_counter() - start
             metrics.in_flight.dec()
             # The router records the matched route in the scope during the call, so read it only now.

@@ -107,6 +107,35 @@ MAX_TOKENIZER_VARIANTS = 8  # differently truncating copies of the backend kept 
 # (tokens + 1) * MAX_CHARS_PER_TOKEN characters holds more than `tokens` tokens: an over-long text is
 # refused, or cut before the tokenizer sees it, without tokenizing megabytes (a 1 MB text took 2 s).
 MAX_CHARS_PER_TOKEN = 64
+# Work of more than this many characters (texts) or token ids (decoding) runs in a worker thread,
+# whatever the number of texts: tokenizing runs at ~0.8 us a character here (10 MB in 7.6 s), so
+# no request keeps the event loop for more than ~15 ms; below it, the thread hop (~0.1 ms) is not worth it.
+OFF_LOOP_ABOVE = 16_384
+
+
+def too_many_tokens_error(tokens: int, limit: int, param: str | None = None) -> BadRequestError:
+    """The per-request token limit (ADAPTER_MAX_TOKENS_PER_REQUEST), in the Triton gateway's words."""
+    return BadRequestError(
+        f"The request holds {tokens} tokens, more than the maximum of {limit} per request "
+        "(ADAPTER_MAX_TOKENS_PER_REQUEST).",
+        param=param,
+    )
+
+
+def check_request_tokens(tokens: int, limit: int, param: str | None = None) -> None:
+    if tokens > limit:
+        raise too_many_tokens_error(tokens, limit, param)
+
+
+async def run_sized(size: int, function, /, *args, **kwargs):
+    """``function(*args, **kwargs)``: in a worker thread when ``size`` (characters or token ids) is over
+    :data:`OFF_LOOP_ABOVE`, else here. What runs in the thread must release the GIL for its long
+    calls (the backend's ``encode_batch`` / ``decode_batch`` do; its ``encode`` / ``decode`` hold it
+    for the whole call, which starves the event loop even from a thread) or be Python code, which
+    yields the GIL every few milliseconds."""
+    if size > OFF_LOOP_ABOVE:
+        return await asyncio.to_thread(function, *args, **kwargs)
+    return function(*args, **kwargs)
 
 
 class TextEncoder:
@@ -241,7 +270,10 @@ class TextEncoder:
             if needs_copy and variant not in self._variants:
                 # Building a truncating copy parses the whole tokenizer.json: never on the event loop.
                 await asyncio.to_thread(self._backend_truncating_to, variant)
-            if len(texts) > thread_above:
+            # A few huge texts go to the thread too: `encode` calls the backend's encode_batch, which
+            # releases the GIL there, so the loop serves other requests meanwhile.
+            chars = sum(map(len, texts)) + (sum(map(len, pairs)) if pairs is not None else 0)
+            if len(texts) > thread_above or chars > OFF_LOOP_ABOVE:
                 return await asyncio.to_thread(self.encode, texts, pairs, options, check_length=check_length)
             return self.encode(texts, pairs, options, check_length=check_length)
 
@@ -272,22 +304,62 @@ class TextEncoder:
 
     def truncate_text(self, text: str, max_tokens: int) -> str:
         """The longest prefix of ``text`` that is at most ``max_tokens`` tokens (no special tokens)."""
-        text = text[: (max_tokens + 1) * MAX_CHARS_PER_TOKEN]  # enough for max_tokens + 1 tokens
-        encoding = self._backend_truncating_to(None).encode(text, add_special_tokens=False)
-        if len(encoding.ids) <= max_tokens:
-            return text
-        if max_tokens == 0:
-            return ""
-        return text[: encoding.offsets[max_tokens - 1][1]]
+        return self.truncate_texts([text], max_tokens)[0]
 
-    def count_tokens(self, text: str, add_special_tokens: bool) -> list[int]:
+    def truncate_texts(self, items: list, max_tokens: int) -> list:
+        """:meth:`truncate_text` of every string in ``items`` (anything else is kept whole), all in one
+        ``encode_batch``: it releases the GIL (``encode`` holds it throughout) and spreads over the cores."""
+        limit = (max_tokens + 1) * MAX_CHARS_PER_TOKEN  # enough for max_tokens + 1 tokens
+        positions = [i for i, item in enumerate(items) if isinstance(item, str)]
+        texts = [items[i][:limit] for i in positions]
+        result = list(items)
+        if not texts:
+            return result
+        encodings = self._backend_truncating_to(None).encode_batch(texts, add_special_tokens=False)
+        for i, text, encoding in zip(positions, texts, encodings, strict=True):
+            if len(encoding.ids) <= max_tokens:
+                result[i] = text
+            else:
+                result[i] = text[: encoding.offsets[max_tokens - 1][1]] if max_tokens else ""
+        return result
+
+    async def truncate_texts_async(self, items: list, max_tokens: int) -> list:
+        """:meth:`truncate_texts`, in a worker thread when the texts are large (a document can be
+        ``max_model_len * 64`` characters, ~25 ms of tokenizing for a 512-token model, and there can be
+        a thousand of them)."""
+        limit = (max_tokens + 1) * MAX_CHARS_PER_TOKEN
+        size = sum(min(len(item), limit) for item in items if isinstance(item, str))
+        return await run_sized(self.work_size(size), self.truncate_texts, items, max_tokens)
+
+    def work_size(self, size: int) -> int:
+        """``size`` (characters) for :func:`run_sized` of :meth:`tokenize`, or more than it runs on the loop
+        while the untruncated copy of the backend is still to be built: that parses the whole
+        tokenizer.json (~1 s for a large vocabulary), never on the event loop."""
+        return size if None in self._variants else max(size, OFF_LOOP_ABOVE + 1)
+
+    def tokenize(self, texts: list[str], add_special_tokens: bool, max_tokens: int | None = None,
+                 param: str | None = None) -> list[list[int]]:
+        """Every text's whole token ids (``/tokenize``), in one ``encode_batch``: it releases the GIL,
+        so a worker thread running it leaves the event loop free (``encode`` holds the GIL for the whole
+        call: a 10 MB prompt starved the loop for 7.6 s). More than ``max_tokens`` ids in all is a 400."""
         try:
-            return self._backend_truncating_to(None).encode(text, add_special_tokens=add_special_tokens).ids
+            encodings = self._backend_truncating_to(None).encode_batch(texts, add_special_tokens=add_special_tokens)
         except Exception as error:
             raise BadRequestError(f"Could not tokenize the input: {error}") from None
+        rows = [encoding.ids for encoding in encodings]
+        if max_tokens is not None:
+            check_request_tokens(sum(map(len, rows)), max_tokens, param)
+        return rows
+
+    def count_tokens(self, text: str, add_special_tokens: bool) -> list[int]:
+        return self.tokenize([text], add_special_tokens)[0]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
-        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        return self.decode_rows([ids], skip_special_tokens)[0]
+
+    def decode_rows(self, rows: list[list[int]], skip_special_tokens: bool = False) -> list[str]:
+        """Texts of token-id rows, in one ``decode_batch`` (it releases the GIL; ``decode`` does not)."""
+        return self.backend.decode_batch(rows, skip_special_tokens=skip_special_tokens)
 
     def token_strings(self, ids: list[int]) -> list[str]:
         return [self.backend.id_to_token(i) for i in ids]

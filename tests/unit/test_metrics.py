@@ -348,3 +348,123 @@ def test_multiprocess_sums_all_workers(tmp_path):
     assert samples[("adapter_requests_in_flight", frozenset())] == 0
     # Only the aggregated registry: no per-process collectors of the default one.
     assert not any(name.startswith("process_") or name.startswith("python_") for name, _ in samples)
+
+
+# --- clients that leave: 499, not 500 (the adapter's own middleware stack) --------------------------
+
+
+def adapter_with_test_routes(monkeypatch):
+    """create_app's middleware stack (metrics outermost, cancel-on-disconnect inside) and routes that hang."""
+    import asyncio
+
+    from fastapi.responses import StreamingResponse
+
+    from poolserve_adapter.app import create_app
+    from poolserve_adapter.errors import ServiceUnavailableError
+    from poolserve_adapter.registry import ModelRegistry
+    from poolserve_adapter.settings import Settings
+
+    async def no_models(_client, _settings):
+        return ModelRegistry([])
+
+    monkeypatch.setattr("poolserve_adapter.app.discover_models", no_models)
+    app = create_app(Settings(triton_grpc_url="127.0.0.1:1"))
+
+    async def hang():
+        app.state.entered.set()
+        await asyncio.sleep(3600)
+
+    async def hang_then_503():  # a handler that turns its cancellation into an error answer
+        app.state.entered.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            raise ServiceUnavailableError("Triton call cancelled") from None
+
+    async def stream():
+        async def chunks():
+            yield b"first"
+            app.state.entered.set()
+            await asyncio.sleep(3600)
+        return StreamingResponse(chunks())
+
+    async def crash():
+        raise RuntimeError("a bug")
+
+    for path, endpoint in (("/t/hang", hang), ("/t/hang-then-503", hang_then_503), ("/t/stream", stream),
+                           ("/t/crash", crash)):
+        app.add_api_route(path, endpoint, methods=["POST"])
+    return app
+
+
+def call(app, path: str, *, leave: bool) -> list[dict]:
+    """One POST straight through ASGI; ``leave``: the client disconnects once the handler is running."""
+    import asyncio
+
+    async def run():
+        app.state.entered = asyncio.Event()
+        gone = asyncio.Event()
+        messages = [{"type": "http.request", "body": b"", "more_body": False}]
+        sent = []
+
+        async def receive():
+            if messages:
+                return messages.pop(0)
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                gone.set()  # as uvicorn: after the whole answer, receive() reports the end of the request
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
+                 "headers": [(b"host", b"test")], "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}
+        task = asyncio.create_task(app(scope, receive, send))
+        if leave:
+            await asyncio.wait_for(app.state.entered.wait(), 5)
+            gone.set()
+        try:
+            await asyncio.wait_for(task, 5)
+        except RuntimeError as error:  # Starlette re-raises an app's crash to the server after its 500
+            assert str(error) == "a bug"
+        return sent
+
+    return asyncio.run(run())
+
+
+def statuses(route: str) -> dict[str, float]:
+    return {status: requests_total(route, status, "POST") for status in ("200", "499", "500", "503")}
+
+
+def test_a_client_that_left_counts_499_and_no_error(monkeypatch):
+    app = adapter_with_test_routes(monkeypatch)
+    for path in ("/t/hang", "/t/hang-then-503"):
+        before = statuses(path)
+        errors = {kind: value("adapter_errors_total", route=path, error_type=kind)
+                  for kind in ("ServiceUnavailableError", "InternalServerError")}
+        for _ in range(3):
+            call(app, path, leave=True)
+        after = statuses(path)
+        assert {s: after[s] - before[s] for s in after} == {"200": 0, "499": 3, "500": 0, "503": 0}, path
+        for kind, count in errors.items():  # an answer to nobody is no server error
+            assert value("adapter_errors_total", route=path, error_type=kind) == count, (path, kind)
+    assert value("adapter_requests_in_flight") == 0
+
+
+def test_a_real_crash_still_counts_500_and_a_started_answer_keeps_its_status(monkeypatch):
+    app = adapter_with_test_routes(monkeypatch)
+    before, errors = statuses("/t/crash"), value("adapter_errors_total", route="/t/crash",
+                                                 error_type="InternalServerError")
+    sent = call(app, "/t/crash", leave=False)
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 500
+    assert requests_total("/t/crash", "500", "POST") - before["500"] == 1
+    assert requests_total("/t/crash", "499", "POST") == before["499"]
+    assert value("adapter_errors_total", route="/t/crash", error_type="InternalServerError") - errors == 1
+    # The client left after the answer started: what it was sent (200) is what is counted.
+    before = statuses("/t/stream")
+    sent = call(app, "/t/stream", leave=True)
+    assert sent[0]["status"] == 200
+    after = statuses("/t/stream")
+    assert {s: after[s] - before[s] for s in after} == {"200": 1, "499": 0, "500": 0, "503": 0}

@@ -23,7 +23,7 @@ async def rerank(
     documents = list(request.documents) if isinstance(request.documents, list) else [request.documents]
     check_item_count(len(documents), settings.max_items_per_request)
     gateway.refuse_if_busy(model.triton_model)  # before truncate_sides tokenizes
-    query, truncated = truncate_sides(request, model, [request.query], documents)
+    query, truncated = await truncate_sides(request, model, [request.query], documents)
     scores, prompt_tokens = await score_pairs(
         model, query, truncated, gateway, settings, request.use_activation,
         options=request.prompt_options(model.max_model_len), template_variables=template_variables(request),

@@ -172,8 +172,8 @@ def template_variables(request: ScoringFields) -> dict:
     return variables
 
 
-def truncate_sides(request: ScoringFields, model: ServedModel, queries: list[str],
-                   documents: list[str]) -> tuple[list[str], list[str]]:
+async def truncate_sides(request: ScoringFields, model: ServedModel, queries: list[str],
+                         documents: list[str]) -> tuple[list[str], list[str]]:
     """``max_tokens_per_query`` / ``max_tokens_per_doc``: cut each text to that many tokens first
     (vLLM's ``truncate_text_to_tokens``); 0 means no limit."""
     for name in ("max_tokens_per_query", "max_tokens_per_doc"):
@@ -188,11 +188,9 @@ def truncate_sides(request: ScoringFields, model: ServedModel, queries: list[str
                               param="chat_template_kwargs")
     # A multimodal item is kept whole (vLLM truncates the text of string items only).
     if request.max_tokens_per_query:
-        queries = [model.encoder.truncate_text(q, request.max_tokens_per_query) if isinstance(q, str) else q
-                   for q in queries]
-    if request.max_tokens_per_doc:
-        documents = [model.encoder.truncate_text(d, request.max_tokens_per_doc) if isinstance(d, str) else d
-                     for d in documents]
+        queries = await model.encoder.truncate_texts_async(queries, request.max_tokens_per_query)
+    if request.max_tokens_per_doc:  # large: in a worker thread, off the event loop
+        documents = await model.encoder.truncate_texts_async(documents, request.max_tokens_per_doc)
     return queries, documents
 
 
@@ -201,7 +199,7 @@ async def score(
 ) -> ScoreResponse:
     queries, documents = request.sides()
     check_item_count(max(len(queries), len(documents)), settings.max_items_per_request)
-    queries, documents = truncate_sides(request, model, queries, documents)
+    queries, documents = await truncate_sides(request, model, queries, documents)
     scores, prompt_tokens = await score_pairs(model, queries, documents, gateway, settings, request.use_activation,
                                               options=request.prompt_options(model.max_model_len),
                                               template_variables=template_variables(request))

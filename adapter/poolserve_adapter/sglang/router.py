@@ -68,11 +68,14 @@ v1_rerank_router.add_api_route("/v1/rerank", rerank_v1, methods=["PUT"], include
 
 @router.post("/v1/tokenize", response_model=TokenizeResponse, responses=SGLANG_ERROR_RESPONSES,
              dependencies=[Depends(require_json)], summary="Tokenize (SGLang)")
-async def tokenize_v1(body: TokenizeRequest, registry: RegistryDep, settings: SettingsDep) -> TokenizeResponse:
-    return service.tokenize(body, registry.resolve_lenient(body.model, capability="can_tokenize"), settings)
+async def tokenize_v1(body: TokenizeRequest, registry: RegistryDep, settings: SettingsDep) -> Response:
+    model = registry.resolve_lenient(body.model, capability="can_tokenize")
+    # JSON rendered by the service (in its worker thread when large), not by FastAPI on the event loop.
+    return Response(await service.tokenize(body, model, settings), media_type="application/json")
 
 
 @router.post("/v1/detokenize", response_model=DetokenizeResponse, responses=SGLANG_ERROR_RESPONSES,
              dependencies=[Depends(require_json)], summary="Detokenize (SGLang)")
-async def detokenize_v1(body: DetokenizeRequest, registry: RegistryDep, settings: SettingsDep) -> DetokenizeResponse:
-    return service.detokenize(body, registry.resolve_lenient(body.model, capability="can_tokenize"), settings)
+async def detokenize_v1(body: DetokenizeRequest, registry: RegistryDep, settings: SettingsDep) -> Response:
+    model = registry.resolve_lenient(body.model, capability="can_tokenize")
+    return Response(await service.detokenize(body, model, settings), media_type="application/json")

@@ -14,6 +14,7 @@ import secrets
 import time
 
 import numpy as np
+import orjson
 
 from poolserve_adapter.common.protocol import check_item_count
 from poolserve_adapter.errors import BadRequestError
@@ -26,16 +27,14 @@ from poolserve_adapter.sglang.protocol import (
     ClassifyResponse,
     ClassifyUsage,
     DetokenizeRequest,
-    DetokenizeResponse,
     NativeEncodeRequest,
     NativeEncodeResult,
     NativeMetaInfo,
     RerankRequest,
     RerankResult,
     TokenizeRequest,
-    TokenizeResponse,
 )
-from poolserve_adapter.tokenization import Encoded
+from poolserve_adapter.tokenization import Encoded, check_request_tokens, run_sized
 from poolserve_adapter.triton_gateway import TritonGateway
 
 
@@ -187,23 +186,42 @@ async def classify_native(request: NativeEncodeRequest, model: ServedModel, gate
     return results[0] if single else results
 
 
-def tokenize(request: TokenizeRequest, model: ServedModel, settings: Settings) -> TokenizeResponse:
-    if isinstance(request.prompt, str):
-        ids = model.encoder.count_tokens(request.prompt, request.add_special_tokens)
-        return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=model.max_model_len)
-    check_item_count(len(request.prompt), settings.max_items_per_request)
-    rows = [model.encoder.count_tokens(text, request.add_special_tokens) for text in request.prompt]
-    return TokenizeResponse(tokens=rows, count=[len(r) for r in rows], max_model_len=model.max_model_len)
+def tokenize_json(request: TokenizeRequest, model: ServedModel, settings: Settings) -> bytes:
+    """SGLang's ``TokenizeResponse`` as JSON bytes: in a worker thread for large prompts (see
+    :func:`tokenize`), tokenized by the backend's GIL-releasing ``encode_batch``."""
+    single = isinstance(request.prompt, str)
+    texts = [request.prompt] if single else list(request.prompt)
+    rows = model.encoder.tokenize(texts, request.add_special_tokens, settings.max_tokens_per_request)
+    if single:
+        return orjson.dumps({"tokens": rows[0], "count": len(rows[0]), "max_model_len": model.max_model_len})
+    return orjson.dumps({"tokens": rows, "count": [len(r) for r in rows], "max_model_len": model.max_model_len})
 
 
-def detokenize(request: DetokenizeRequest, model: ServedModel, settings: Settings) -> DetokenizeResponse:
+async def tokenize(request: TokenizeRequest, model: ServedModel, settings: Settings) -> bytes:
+    """``/v1/tokenize``: bounded (items, then ADAPTER_MAX_TOKENS_PER_REQUEST ids), and off the event loop
+    when large: tokenizing a 10 MB prompt takes seconds, writing its millions of ids as JSON a while."""
+    if not isinstance(request.prompt, str):
+        check_item_count(len(request.prompt), settings.max_items_per_request)
+    chars = len(request.prompt) if isinstance(request.prompt, str) else sum(map(len, request.prompt))
+    return await run_sized(model.encoder.work_size(chars), tokenize_json, request, model, settings)
+
+
+def detokenize_json(request: DetokenizeRequest, model: ServedModel) -> bytes:
     rows = request.tokens
     if rows and isinstance(rows[0], list):
+        model.encoder.check_vocabulary(rows)
+        return orjson.dumps({"text": model.encoder.decode_rows(rows, request.skip_special_tokens)})
+    model.encoder.check_vocabulary([rows])
+    return orjson.dumps({"text": model.encoder.decode(rows, request.skip_special_tokens)})
+
+
+async def detokenize(request: DetokenizeRequest, model: ServedModel, settings: Settings) -> bytes:
+    """``/v1/detokenize``: bounded (items, then ADAPTER_MAX_TOKENS_PER_REQUEST ids) before any work, and
+    checked and decoded (``decode_batch``, which releases the GIL) in a worker thread when large."""
+    rows = request.tokens
+    nested = bool(rows) and isinstance(rows[0], list)
+    if nested:
         check_item_count(len(rows), settings.max_items_per_request)
-        return DetokenizeResponse(text=[decode_checked(model, r, request.skip_special_tokens) for r in rows])
-    return DetokenizeResponse(text=decode_checked(model, rows, request.skip_special_tokens))
-
-
-def decode_checked(model: ServedModel, ids: list[int], skip_special_tokens: bool) -> str:
-    model.encoder.check_vocabulary([ids])
-    return model.encoder.decode(ids, skip_special_tokens)
+    count = sum(map(len, rows)) if nested else len(rows)
+    check_request_tokens(count, settings.max_tokens_per_request)
+    return await run_sized(count, detokenize_json, request, model)
