@@ -4,19 +4,34 @@ Without it every request waits in Triton's queue, and under overload all of them
 (60 s) instead of a few being refused at once. Per Triton model and adapter worker:
 
 * up to ``max_inflight_tokens`` tokens are being computed (sent to Triton); a request larger than
-  the bound alone runs when nothing else does;
-* up to ``max_queued_tokens`` more wait here, first come first served, each at most
-  ``max_wait_s``; and no more than the model gets through in ``max_wait_s`` at the rate measured
-  over the last seconds (tokens finished per second of busy time), so that on a slow machine the
-  excess is refused at once instead of after a wait it would not survive;
-* anything beyond is refused at once with 429 and ``Retry-After`` (what OpenAI's, Cohere's and
-  TEI's clients retry on; TEI answers 429 when its permits are spent).
+  the bound alone runs when nothing else does. Until one request has finished, the model's speed is
+  unknown and one request runs at a time: the others wait here, where they can still be refused,
+  instead of in Triton's queue, where they cannot;
+* up to ``max_queued_tokens`` more wait here, first come first served, each at most ``max_wait_s``;
+* both bounds follow the model's speed (see :meth:`Admission.rate`): a request is taken, to run or to
+  wait, only when the work ahead of it (in flight and queued) and its own are expected to be done
+  within ``max_wait_s``; a request with nothing ahead of it always is. While it waits it is refused
+  as soon as its expected start (the work ahead of it done) passes ``max_wait_s`` from its arrival,
+  not when the wait runs out; its own time is the room between the two checks, so that an estimate
+  that errs by less refuses nothing late. It is sent to Triton only while that start is expected
+  in time, and within ``max_wait_s`` or never. An admitted request is thus answered within about
+  ``max_wait_s``, and within ``max_wait_s`` plus its own time while the estimate holds, whatever
+  ``max_inflight_tokens`` lets into Triton;
+* anything beyond is refused with 429 and ``Retry-After`` (what OpenAI's, Cohere's and TEI's clients
+  retry on; TEI answers 429 when its permits are spent).
+
+The rate is tokens finished per second of busy time (time with work in flight), measured up to the
+last finish over a window that holds at least the last ``RATE_MIN_FINISHED`` finished requests and at
+least ``RATE_WINDOW_S`` of busy time, however long the requests take: a slow machine finishes fewer
+than one per window. Work in flight that has run for ``t`` seconds without finishing bounds it from
+above (finished plus in-flight tokens over ``t``): that bound lowers the estimate as soon as the
+model slows down, and it is the only estimate before any request has finished.
 
 A request that leaves (client gone, cancelled) gives its place back whether it waited or ran.
 
 Refusing is cheap only if it comes before the work: :meth:`Admission.refuse_if_full` runs before a
 request is tokenized and refuses it when a request as small as the smallest of the recent ones would
-not fit in the queue, so an overloaded worker spends no tokenizer time on requests it will refuse.
+be refused, so an overloaded worker spends no tokenizer time on requests it will refuse.
 """
 
 from __future__ import annotations
@@ -26,95 +41,131 @@ import collections
 import contextlib
 import math
 import time
+from collections.abc import Callable
 
 from poolserve_adapter.errors import TooManyRequestsError
 from poolserve_adapter.metrics import get_metrics
 
 
+class _Waiter:
+    """A request waiting for admission. ``decision`` resolves to None when it is started, or to the error it is
+    refused with."""
+
+    __slots__ = ("tokens", "deadline", "decision")
+
+    def __init__(self, tokens: int, deadline: float, decision: asyncio.Future):
+        self.tokens = tokens
+        self.deadline = deadline  # on the admission's clock: arrival + max_wait_s
+        self.decision = decision
+
+
 class Admission:
-    def __init__(self, model: str, *, max_inflight_tokens: int, max_queued_tokens: int, max_wait_s: float):
+    # The rate window: at least this much busy time and at least this many finished requests, however long
+    # they took; at most RATE_MAX_FINISHED entries (a fast machine finishes thousands per window).
+    RATE_WINDOW_S = 5.0
+    RATE_MIN_FINISHED = 8
+    RATE_MAX_FINISHED = 1024
+    # Waiters are checked against the estimate this often: it moves as time passes without a finish.
+    REVIEW_INTERVAL_S = 0.1
+
+    def __init__(self, model: str, *, max_inflight_tokens: int, max_queued_tokens: int, max_wait_s: float,
+                 clock: Callable[[], float] = time.monotonic):
         self.model = model
         self.max_inflight_tokens = max_inflight_tokens
         self.max_queued_tokens = max_queued_tokens
         self.max_wait_s = max_wait_s
+        self._clock = clock  # seconds; tests pass a fake one
         self.inflight_tokens = 0
         self.queued_tokens = 0
-        self._waiters: collections.deque[tuple[int, asyncio.Future]] = collections.deque()
+        self._waiters: collections.deque[_Waiter] = collections.deque()
         # Sizes of the last requests seen: the smallest is what an untokenized request costs at least.
         self._recent_sizes: collections.deque[int] = collections.deque(maxlen=64)
-        # Finished requests of the last RATE_WINDOW_S: (time, tokens, busy seconds so far then).
-        self._finished: collections.deque[tuple[float, int, float]] = collections.deque()
-        self._finished_tokens = 0  # sum over _finished but its oldest entry
-        self._busy_s = 0.0  # time with work in flight, up to _busy_since
+        # The rate window: finished requests, oldest first, as (busy clock when it finished, tokens). It starts
+        # at _window_start, the busy clock of the finish before its first entry (0: every finish is in it).
+        self._finished: collections.deque[tuple[float, int]] = collections.deque()
+        self._window_start = 0.0
+        self._window_tokens = 0  # the tokens of _finished's entries
+        self._busy_s = 0.0  # the busy clock: time with work in flight, up to _busy_since
         self._busy_since: float | None = None  # set while work is in flight
+        self._review_timer: asyncio.TimerHandle | None = None  # set while requests wait
 
-    RATE_WINDOW_S = 5.0
+    def _busy_now(self) -> float:
+        return self._busy_s + (self._clock() - self._busy_since if self._busy_since is not None else 0.0)
 
-    def _busy_now(self, now: float) -> float:
-        return self._busy_s + (now - self._busy_since if self._busy_since is not None else 0.0)
+    def _rate_and_inflight_left(self) -> tuple[float | None, float]:
+        """(tokens finished per second of busy time, tokens of the work in flight still to do). The rate is None
+        while nothing is known of it: nothing is refused for the rate then."""
+        busy = self._busy_now()
+        elapsed = busy - self._window_start
+        if elapsed <= 0:
+            return None, float(self.inflight_tokens)
+        # The work in flight has not finished in `elapsed`, so at most all of it has been done: a bound from above,
+        # which falls as a stalled or slowed model keeps its work, and the only estimate before any finish.
+        rate = (self._window_tokens + self.inflight_tokens) / elapsed
+        last_finish = self._finished[-1][0] if self._finished else 0.0
+        if last_finish > self._window_start:
+            # Measured up to the last finish, not to now: the work in flight since then is partly done.
+            rate = min(rate, self._window_tokens / (last_finish - self._window_start))
+        if rate <= 0:  # busy so far only with requests that failed or were cancelled
+            return None, float(self.inflight_tokens)
+        # Done of the work in flight: what the model does at that rate since the last finish (all of it before the
+        # first finish, by the bound). Nothing is carried over a finish: Triton computes in batches, one after the
+        # other, so the requests still in flight after one has finished have mostly not begun.
+        return rate, max(0.0, self.inflight_tokens - rate * (busy - last_finish))
 
     def rate(self) -> float | None:
-        """Tokens finished per second of busy time over the last RATE_WINDOW_S (None: too few yet)."""
-        now = time.monotonic()
-        while self._finished and now - self._finished[0][0] > self.RATE_WINDOW_S:
-            self._finished.popleft()
-            if self._finished:
-                self._finished_tokens -= self._finished[0][1]  # the new oldest entry leaves the sum
-        if len(self._finished) < 4:
-            return None
-        busy = self._busy_now(now) - self._finished[0][2]
-        return self._finished_tokens / max(busy, 1e-3)
+        """The estimated tokens finished per second of busy time (None: nothing known yet)."""
+        return self._rate_and_inflight_left()[0]
 
-    def _queue_too_slow(self, extra_tokens: int) -> bool:
-        """The queue ahead would take longer than max_wait_s to drain at the measured rate."""
-        rate = self.rate()
-        return rate is not None and (self.queued_tokens + extra_tokens) / rate > self.max_wait_s
+    @staticmethod
+    def _seconds(rate: float | None, ahead: float, own_tokens: int = 0) -> float | None:
+        """Seconds for ``ahead`` tokens and then ``own_tokens`` at ``rate``; None when the rate is unknown or nothing
+        is ahead: a request with nothing ahead of it is not refused for the rate."""
+        if rate is None or ahead < 1:  # less than a token: nothing, but for rounding
+            return None
+        return (ahead + own_tokens) / rate
 
     def _fits(self, tokens: int) -> bool:
-        return self.inflight_tokens == 0 or self.inflight_tokens + tokens <= self.max_inflight_tokens
+        if self.inflight_tokens == 0:
+            return True
+        # One request at a time until one has finished: how much the model gets through is unknown till then.
+        return bool(self._finished) and self.inflight_tokens + tokens <= self.max_inflight_tokens
 
     def _refuse(self, reason: str, message: str) -> TooManyRequestsError:
         get_metrics().rejected.labels(self.model, reason).inc()
         retry_after = max(1, math.ceil(self.max_wait_s))
         return TooManyRequestsError(message, retry_after_s=retry_after)
 
-    def refuse_if_full(self) -> None:
-        """Before tokenizing: refuse at once when the queue has no room for a request as small as the
-        smallest recent one (the full check comes in :meth:`admit` once the size is known)."""
-        if self._waiters and self._recent_sizes:
-            smallest = min(self._recent_sizes)
-            if self.queued_tokens + smallest > self.max_queued_tokens or self._queue_too_slow(smallest):
-                raise self._refuse("queue_full", self._queue_full_message())
+    def _arrival_refusal(self, tokens: int) -> TooManyRequestsError | None:
+        """The refusal of a request of ``tokens`` arriving now, if it must be refused: it would not fit in the queue,
+        or the work ahead of it and its own would not be done within max_wait_s at the estimated rate."""
+        must_wait = bool(self._waiters) or not self._fits(tokens)
+        rate, inflight_left = self._rate_and_inflight_left()
+        seconds = self._seconds(rate, inflight_left + self.queued_tokens, tokens)
+        if (must_wait and self.queued_tokens + tokens > self.max_queued_tokens) or (
+                seconds is not None and seconds > self.max_wait_s):
+            return self._refuse("queue_full", f"The server is busy: model {self.model} holds its maximum of "
+                                              f"queued work. Retry later.")
+        return None
 
-    def _queue_full_message(self) -> str:
-        return f"The server is busy: model {self.model} holds its maximum of queued work. Retry later."
+    def refuse_if_full(self) -> None:
+        """Before tokenizing: refuse at once when a request as small as the smallest recent one would be refused
+        (the full check comes in :meth:`admit` once the size is known)."""
+        if self._recent_sizes:
+            refusal = self._arrival_refusal(min(self._recent_sizes))
+            if refusal is not None:
+                raise refusal
 
     @contextlib.asynccontextmanager
     async def admit(self, tokens: int):
         metrics = get_metrics()
         started = time.perf_counter()
         self._recent_sizes.append(tokens)
+        refusal = self._arrival_refusal(tokens)
+        if refusal is not None:
+            raise refusal
         if self._waiters or not self._fits(tokens):
-            if self.queued_tokens + tokens > self.max_queued_tokens or self._queue_too_slow(tokens):
-                raise self._refuse("queue_full", self._queue_full_message())
-            waiter = asyncio.get_running_loop().create_future()
-            entry = (tokens, waiter)
-            self._waiters.append(entry)
-            self.queued_tokens += tokens
-            try:
-                await asyncio.wait_for(asyncio.shield(waiter), timeout=self.max_wait_s)
-            except (asyncio.TimeoutError, asyncio.CancelledError) as error:
-                if waiter.done() and not waiter.cancelled():  # admitted just as it gave up: hand it on
-                    self._release(tokens)
-                else:
-                    waiter.cancel()
-                    self._waiters.remove(entry)
-                    self.queued_tokens -= tokens
-                    self._wake()
-                if isinstance(error, asyncio.CancelledError):
-                    raise
-                raise self._refuse("wait_timeout", f"The server is busy: model {self.model} did not start this "
-                                                   f"request within {self.max_wait_s:g} s. Retry later.") from None
+            await self._wait_for_turn(tokens)
         else:
             self._start(tokens)
         metrics.admitted.labels(self.model).inc()
@@ -126,29 +177,106 @@ class Admission:
             raise
         self._release(tokens, finished=True)
 
+    async def _wait_for_turn(self, tokens: int) -> None:
+        waiter = _Waiter(tokens, self._clock() + self.max_wait_s, asyncio.get_running_loop().create_future())
+        self._waiters.append(waiter)
+        self.queued_tokens += tokens
+        self._schedule_review()
+        try:
+            # Shielded: a client that leaves cancels its wait, not the decision, which may be made already.
+            refusal = await asyncio.shield(waiter.decision)
+        except asyncio.CancelledError:
+            if not waiter.decision.done():
+                waiter.decision.cancel()
+                self._waiters.remove(waiter)
+                self.queued_tokens -= tokens
+                self._wake()
+            elif waiter.decision.result() is None:  # started just as it left: hand its place on
+                self._release(tokens)
+            raise
+        if refusal is not None:
+            raise refusal
+
+    def _starts_too_late(self, waiter: _Waiter, now: float, rate: float | None, ahead: float) -> bool:
+        """Whether a waiter is expected to start after its deadline, with ``ahead`` tokens to be done before it (the
+        rest of the work in flight and the queue before it)."""
+        seconds = self._seconds(rate, ahead)
+        return seconds is not None and now + seconds > waiter.deadline
+
+    def _wait_refusal(self, verb: str) -> TooManyRequestsError:
+        return self._refuse("wait_timeout", f"The server is busy: model {self.model} {verb} not start this request "
+                                            f"within {self.max_wait_s:g} s. Retry later.")
+
+    def _review(self) -> None:
+        """Refuse every waiter whose wait is over or that is expected to start too late, then start those that
+        fit."""
+        self._review_timer = None
+        now = self._clock()
+        rate, ahead = self._rate_and_inflight_left()
+        still_waiting: collections.deque[_Waiter] = collections.deque()
+        for waiter in self._waiters:
+            if now >= waiter.deadline:
+                refusal = self._wait_refusal("did")
+            elif self._starts_too_late(waiter, now, rate, ahead):
+                refusal = self._wait_refusal("would")
+            else:
+                still_waiting.append(waiter)
+                ahead += waiter.tokens
+                continue
+            self.queued_tokens -= waiter.tokens
+            waiter.decision.set_result(refusal)
+        self._waiters = still_waiting
+        self._wake()
+
+    def _schedule_review(self) -> None:
+        """One timer while requests wait, none otherwise. The head's deadline is the earliest (first come first
+        served, one max_wait_s for all), so the timer never fires later than it."""
+        if not self._waiters:
+            if self._review_timer is not None:
+                self._review_timer.cancel()
+                self._review_timer = None
+        elif self._review_timer is None:
+            delay = min(self.REVIEW_INTERVAL_S, max(0.0, self._waiters[0].deadline - self._clock()))
+            self._review_timer = asyncio.get_running_loop().call_later(delay, self._review)
+
     def _start(self, tokens: int) -> None:
         if self._busy_since is None:
-            self._busy_since = time.monotonic()
+            self._busy_since = self._clock()
         self.inflight_tokens += tokens
 
     def _release(self, tokens: int, finished: bool = False) -> None:
-        now = time.monotonic()
+        busy = self._busy_now()
         self.inflight_tokens -= tokens
         if finished:
-            if self._finished:
-                self._finished_tokens += tokens
-            self._finished.append((now, tokens, self._busy_now(now)))
+            self._finished.append((busy, tokens))
+            self._window_tokens += tokens
+            # Drop the oldest finish while the window still holds enough finishes and busy time without it.
+            while len(self._finished) > self.RATE_MIN_FINISHED and (
+                    busy - self._finished[0][0] >= self.RATE_WINDOW_S
+                    or len(self._finished) > self.RATE_MAX_FINISHED):
+                self._window_start, dropped_tokens = self._finished.popleft()
+                self._window_tokens -= dropped_tokens
         if self.inflight_tokens == 0 and self._busy_since is not None:
-            self._busy_s += now - self._busy_since
+            self._busy_s = busy
             self._busy_since = None
         self._wake()
 
     def _wake(self) -> None:
-        """Start waiters in order while they fit (the head of the line first: no overtaking)."""
-        while self._waiters and self._fits(self._waiters[0][0]):
-            tokens, waiter = self._waiters.popleft()
-            self.queued_tokens -= tokens
-            if waiter.cancelled():
-                continue
-            self._start(tokens)
-            waiter.set_result(None)
+        """Start waiters in order while they fit (the head of the line first: no overtaking). A head whose wait is
+        over is refused; one whose expected start passes its deadline is not sent to Triton but left to the review,
+        which refuses it if it still is: requests that Triton computed together finish milliseconds apart, and
+        right after the first the estimate counts the others as not begun."""
+        while self._waiters and self._fits(self._waiters[0].tokens):
+            waiter = self._waiters[0]
+            now = self._clock()
+            wait_over = now >= waiter.deadline
+            if not wait_over and self._starts_too_late(waiter, now, *self._rate_and_inflight_left()):
+                break
+            self._waiters.popleft()
+            self.queued_tokens -= waiter.tokens
+            if wait_over:
+                waiter.decision.set_result(self._wait_refusal("did"))
+            else:
+                self._start(waiter.tokens)
+                waiter.decision.set_result(None)
+        self._schedule_review()

@@ -35,7 +35,7 @@ class AdmissionLimits:
     max_wait_s: float
 
 
-UNLIMITED = AdmissionLimits(2**62, 0, 1.0)
+UNLIMITED = AdmissionLimits(2**62, 2**62, 1e9)  # no refusals: no queue bound, no rate-based wait bound
 
 
 def inference_headers(settings: Settings) -> dict[str, str]:

@@ -1,4 +1,8 @@
-"""Admission control: bounded work in flight and waiting, first come first served, fast refusal."""
+"""Admission control: bounded work in flight and waiting, first come first served, fast refusal.
+
+The machine-speed cases run on a fake clock (:class:`FakeClock`): the test says how long the model takes, so a
+machine that finishes one request per 6 s is tested in milliseconds and without timing noise.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +24,58 @@ async def hold(gate: Admission, tokens: int, release: asyncio.Event, order: list
         if order is not None:
             order.append(name)
         await release.wait()
+
+
+class FakeClock:
+    """Seconds that pass only in :meth:`advance`; an Admission built with it measures the model on it."""
+
+    def __init__(self):
+        self.now = 1000.0
+        self._alarms: list[tuple[float, asyncio.Future]] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def reached(self, when: float) -> asyncio.Future:
+        """Resolves once the clock has reached ``when``."""
+        alarm = asyncio.get_running_loop().create_future()
+        self._alarms.append((when, alarm))
+        return alarm
+
+    async def advance(self, seconds: float) -> None:
+        self.now += seconds
+        for when, alarm in [entry for entry in self._alarms if entry[0] <= self.now]:
+            self._alarms.remove((when, alarm))
+            if not alarm.done():
+                alarm.set_result(None)
+        # Real time for what that woke, and for the admission's reviews (every millisecond: fast_reviews).
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+def fast_reviews(monkeypatch):
+    """Waiters are reviewed every millisecond of real time, so each FakeClock.advance is followed by reviews."""
+    monkeypatch.setattr(Admission, "REVIEW_INTERVAL_S", 0.001)
+
+
+async def arrive(gate: Admission, clock: FakeClock, tokens: int = 100, seconds: float = 6.0) -> asyncio.Task:
+    """A request of ``tokens`` that the model computes in ``seconds`` of the fake clock once admitted; returned
+    when it has been refused, started or queued (all of which happen at once, on arrival)."""
+
+    async def request():
+        async with gate.admit(tokens):
+            await clock.reached(clock.now + seconds)
+
+    task = asyncio.create_task(request())
+    await asyncio.sleep(0)
+    return task
+
+
+def refusal(task: asyncio.Task) -> str:
+    """The message a request was refused with (it must have been)."""
+    assert task.done(), "not answered"
+    assert isinstance(task.exception(), TooManyRequestsError), task.exception()
+    return task.exception().message
 
 
 def test_admits_within_the_bound_queues_in_order_and_refuses_beyond_at_once():
@@ -106,24 +162,171 @@ def test_refuse_if_full_refuses_before_tokenizing_only_when_a_small_request_woul
     asyncio.run(scenario())
 
 
-def test_the_queue_holds_no_more_than_the_measured_rate_drains_within_the_wait_bound():
+def test_the_queue_holds_no_more_than_the_measured_rate_drains_within_the_wait_bound(fast_reviews):
     async def scenario():
-        gate = admission(max_inflight_tokens=100, max_queued_tokens=10**9, max_wait_s=0.3)
-
-        async def work(tokens: int = 100):
-            async with gate.admit(tokens):
-                await asyncio.sleep(0.05)  # one request of 100 tokens at a time: ~2,000 tokens/s
-
-        for _ in range(6):  # measure the rate
-            await work()
-        assert 1000 < gate.rate() < 2500
-        queued = [asyncio.create_task(work()) for _ in range(4)]  # one runs, 300 tokens queue: ~0.15-0.2 s
-        await asyncio.sleep(0.01)
-        assert gate.queued_tokens == 300
-        started = time.perf_counter()
-        with pytest.raises(TooManyRequestsError, match="maximum of queued work"):
-            await work(1000)  # would wait for ~0.65 s of work > 0.3 s: refused at once, not after the wait
-        assert time.perf_counter() - started < 0.02
-        await asyncio.gather(*queued)  # the admitted ones all finish
+        clock = FakeClock()
+        gate = admission(max_inflight_tokens=100, max_queued_tokens=10**9, max_wait_s=0.3, clock=clock)
+        assert gate.rate() is None  # nothing run yet
+        for _ in range(20):  # one request of 100 tokens at a time, 1/16 s each: 1,600 tokens/s
+            task = await arrive(gate, clock, 100, seconds=1 / 16)
+            await clock.advance(1 / 16)
+            await task
+        assert gate.rate() == pytest.approx(1600)
+        running = await arrive(gate, clock, 100, seconds=1 / 16)
+        # 100 to 300 tokens ahead of them, 200 to 400 with their own: done within 0.25 s, they wait
+        queued = [await arrive(gate, clock, 100, seconds=1 / 16) for _ in range(3)]
+        assert gate.inflight_tokens == 100 and gate.queued_tokens == 300
+        for tokens in (100, 1000):  # 500 tokens and more: 0.31 s > 0.3 s, refused at once rather than after the wait
+            assert "maximum of queued work" in refusal(await arrive(gate, clock, tokens, seconds=1 / 16))
+        with pytest.raises(TooManyRequestsError):
+            gate.refuse_if_full()  # and before tokenizing
+        for _ in range(4):
+            await clock.advance(1 / 16)
+        await asyncio.gather(running, *queued)  # the admitted ones all ran, the last done 0.25 s after it came
+        assert gate.inflight_tokens == 0 and gate.queued_tokens == 0
 
     asyncio.run(scenario())
+
+
+def test_a_machine_that_finishes_less_than_one_request_per_rate_window_refuses_the_excess_at_once(fast_reviews):
+    async def scenario():
+        clock = FakeClock()
+        gate = admission(max_inflight_tokens=100, max_queued_tokens=10**9, max_wait_s=15.0, clock=clock)
+        for _ in range(2):  # 6 s a request: never two finishes within Admission.RATE_WINDOW_S (5 s)
+            task = await arrive(gate, clock, 100, seconds=6.0)
+            await clock.advance(6.0)
+            await task
+        assert gate.rate() == pytest.approx(100 / 6)
+        running = await arrive(gate, clock, 100, seconds=6.0)
+        waiting = await arrive(gate, clock, 100, seconds=6.0)  # done 12 s from now: within 15 s
+        assert gate.inflight_tokens == 100 and gate.queued_tokens == 100
+        started = time.perf_counter()
+        excess = [await arrive(gate, clock, 100, seconds=6.0) for _ in range(3)]  # 18 s and more: refused at once
+        assert all("maximum of queued work" in refusal(task) for task in excess)
+        assert time.perf_counter() - started < 0.5  # not after the 15 s wait (the fake clock has not moved)
+        with pytest.raises(TooManyRequestsError):
+            gate.refuse_if_full()  # and before tokenizing
+        await clock.advance(6.0)  # the running one finishes: the waiting one starts, 6 s after it came
+        assert running.done() and not waiting.done() and gate.inflight_tokens == 100 and gate.queued_tokens == 0
+        await clock.advance(6.0)
+        await asyncio.gather(running, waiting)
+
+    asyncio.run(scenario())
+
+
+def test_before_any_request_has_finished_the_time_the_work_in_flight_has_taken_bounds_the_rate(fast_reviews):
+    async def scenario():
+        clock = FakeClock()
+        gate = admission(max_inflight_tokens=100, max_queued_tokens=10**9, max_wait_s=10.0, clock=clock)
+        first = await arrive(gate, clock, 100, seconds=60.0)  # the worker's first request, on a very slow machine
+        assert gate.rate() is None  # just started: nothing known
+        await clock.advance(4.0)
+        assert gate.rate() == pytest.approx(25.0)  # 100 tokens not done in 4 s: at most 25 tokens/s
+        # Nothing is known to be ahead of the first waiter (the work in flight may be all but done); 100 tokens are
+        # ahead of the second: with its own, 8 s at least, within 10 s. Both wait.
+        waiting = [await arrive(gate, clock, 100) for _ in range(2)]
+        assert gate.queued_tokens == 200
+        started = time.perf_counter()
+        assert "maximum of queued work" in refusal(await arrive(gate, clock, 100))  # 300 tokens: 12 s at least
+        assert time.perf_counter() - started < 0.5
+        # 4 s later the first still runs: at most 100/8 tokens/s. The second waiter (came at 4 s, 100 tokens ahead)
+        # cannot start before 8 + 8 = 16 s > 14 s: refused now, 6 s before its wait would have ended.
+        await clock.advance(4.0)
+        assert "would not start this request within 10 s" in refusal(waiting[1])
+        assert not waiting[0].done() and gate.queued_tokens == 100
+        for task in (first, waiting[0]):  # the clients leave: everything is given back
+            task.cancel()
+        await asyncio.gather(first, waiting[0], return_exceptions=True)
+        assert gate.inflight_tokens == 0 and gate.queued_tokens == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_waiter_is_not_refused_while_requests_computed_together_finish_one_by_one():
+    """Triton computes the requests in flight as one batch and they finish a moment apart. Right after the first,
+    the estimate counts the others as not begun: that must not refuse a waiter which starts once they are done."""
+
+    async def scenario():
+        clock = FakeClock()
+        gate = admission(max_inflight_tokens=300, max_queued_tokens=10**9, max_wait_s=5.0, clock=clock)
+        for _ in range(2):  # 100 tokens/s, one request at a time
+            task = await arrive(gate, clock, 100, seconds=1.0)
+            await clock.advance(1.0)
+            await task
+        batch = [await arrive(gate, clock, 100, seconds=4.0) for _ in range(3)]  # slower together: done in 4 s
+        await clock.advance(0.5)
+        waiting = await arrive(gate, clock, 100, seconds=1.0)  # 250 tokens ahead, 100 its own: 3.5 s, it waits
+        assert gate.inflight_tokens == 300 and gate.queued_tokens == 100
+        # The batch finishes: after the first of the three, 200 tokens look undone at 50 tokens/s, 4 s > 1.5 s left
+        await clock.advance(3.5)
+        await asyncio.gather(*batch)
+        assert not waiting.done() and gate.inflight_tokens == 100  # started, not refused, 4 s after it came
+        await clock.advance(1.0)
+        await waiting
+
+    asyncio.run(scenario())
+
+
+def test_until_a_request_has_finished_one_runs_at_a_time_then_the_token_bound_holds(fast_reviews):
+    async def scenario():
+        clock = FakeClock()
+        gate = admission(max_inflight_tokens=1000, max_queued_tokens=1000, clock=clock)
+        first, second = await arrive(gate, clock, 100, seconds=1.0), await arrive(gate, clock, 100, seconds=1.0)
+        assert gate.inflight_tokens == 100 and gate.queued_tokens == 100  # the machine's speed is unknown yet
+        await clock.advance(1.0)
+        await first
+        more = [await arrive(gate, clock, 100, seconds=1.0) for _ in range(3)]  # known now: they run together
+        assert gate.inflight_tokens == 400 and gate.queued_tokens == 0
+        await clock.advance(1.0)
+        await asyncio.gather(second, *more)
+
+    asyncio.run(scenario())
+
+
+def test_at_ten_times_the_capacity_admitted_requests_take_at_most_the_wait_plus_their_own_time(fast_reviews):
+    """A simulated model that computes one request in 2.5 s, first come first served as Triton's queue does, is
+    offered a request every 0.25 s for 25 s. The token bound lets everything in: only the rate bounds the work."""
+    duration, every, max_wait = 2.5, 0.25, 5.0
+
+    async def scenario():
+        clock = FakeClock()
+        gate = admission(max_inflight_tokens=10**9, max_queued_tokens=10**9, max_wait_s=max_wait, clock=clock)
+        model_free_at = clock.now
+        answers: list[tuple[float, float, bool]] = []  # (arrived, answered, admitted)
+
+        async def request():
+            nonlocal model_free_at
+            arrived = clock.now
+            try:
+                async with gate.admit(100):
+                    model_free_at = max(clock.now, model_free_at) + duration
+                    await clock.reached(model_free_at)
+            except TooManyRequestsError:
+                answers.append((arrived, clock.now, False))
+            else:
+                answers.append((arrived, clock.now, True))
+
+        tasks = []
+        for _ in range(100):
+            tasks.append(asyncio.create_task(request()))
+            await clock.advance(every)
+        for _ in range(100):  # drain: at most 25 s more
+            if all(task.done() for task in tasks):
+                break
+            await clock.advance(every)
+        await asyncio.gather(*tasks)
+        return answers
+
+    answers = asyncio.run(scenario())
+    admitted = [answered - arrived for arrived, answered, ok in answers if ok]
+    refused = [(arrived, answered - arrived) for arrived, answered, ok in answers if not ok]
+    first_answer = min(answered for _, answered, ok in answers if ok)
+    print(f"simulated 10x: {len(admitted)} admitted (longest {max(admitted):.2f} s), {len(refused)} refused "
+          f"(slowest {max(took for _, took in refused):.2f} s)")
+    # Every admitted request started within max_wait and ran its own 2.5 s (the fake clock moves in 0.25 s steps).
+    assert max(admitted) <= max_wait + duration + every
+    # Once a request has finished, the excess is refused on arrival; before, as soon as the time the first one has
+    # taken shows the queue cannot start in time.
+    assert all(took == 0 for arrived, took in refused if arrived >= first_answer)
+    assert max(took for _, took in refused) <= max_wait / 2
+    assert len(admitted) >= 10  # and the model is kept busy: (25 s + the drain) / 2.5 s a request
