@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import platform
@@ -146,13 +147,19 @@ def session(timeout_s: float = 120) -> aiohttp.ClientSession:
                                  timeout=aiohttp.ClientTimeout(total=timeout_s))
 
 
+def other_statuses(statuses, expected: tuple[int, ...] = (200, 429)) -> str:
+    """Answers other than ``expected``, counted by status ("0": no answer), e.g. "503x12"."""
+    counts = collections.Counter(status for status in statuses if status not in expected)
+    return " ".join(f"{status}x{count}" for status, count in sorted(counts.items()))
+
+
 async def overload(url: str, clients: int, seconds: float, seed: int) -> dict:
     bodies, record = Bodies(seed), []
     async with session() as client:
         await closed_loop(client, url, lambda: ("/classify", bodies.classify()), clients, seconds, record)
     admitted = [latency for _, status, latency in record if status == 200]
     refused = [latency for _, status, latency in record if status == 429]
-    return dict(phase="overload", clients=clients, seconds=seconds, requests=len(record),
+    return dict(other_failures=other_statuses(status for _, status, _ in record), phase="overload", clients=clients, seconds=seconds, requests=len(record),
                 admitted_per_s=round(len(admitted) / seconds, 1), refused_per_s=round(len(refused) / seconds, 1),
                 errors=len(record) - len(admitted) - len(refused),
                 refusal_p50_ms=percentile_ms(refused, 50), refusal_p99_ms=percentile_ms(refused, 99),
@@ -187,7 +194,7 @@ async def refusal_point(url: str, capacity_clients: int, seconds: float, over: f
         await asyncio.gather(*tasks)
     admitted = [latency for status, latency in arrivals if status == 200]
     refused = [latency for status, latency in arrivals if status == 429]
-    return dict(phase="refusal_point", clients=capacity_clients, seconds=seconds, capacity_per_s=round(capacity, 1),
+    return dict(other_failures=other_statuses(status for status, _ in arrivals), phase="refusal_point", clients=capacity_clients, seconds=seconds, capacity_per_s=round(capacity, 1),
                 offered_per_s=round(over * capacity, 1), requests=len(arrivals),
                 admitted_per_s=round(len(admitted) / seconds, 1), refused_per_s=round(len(refused) / seconds, 1),
                 errors=len(arrivals) - len(admitted) - len(refused),
@@ -229,7 +236,8 @@ async def recovery(url: str, stack_pid: int, clients: int, seed: int, limit_s: f
         await background
     return dict(phase="recovery", clients=clients, recovered_s=round(recovered_s, 2),
                 answers_while_down=" ".join(f"{s}x{answers.count(s)}" for s in sorted(set(answers[:-1]))),
-                errors=sum(1 for _, status, _ in other if status != 200), requests=len(other))
+                errors=sum(1 for _, status, _ in other if status != 200), requests=len(other),
+                other_failures=other_statuses((status for _, status, _ in other), expected=(200,)))
 
 
 async def soak(url: str, stack_pid: int, clients: int, seconds: float, sample_s: float, seed: int,
