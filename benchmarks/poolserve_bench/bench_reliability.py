@@ -465,8 +465,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="MiniLM-shaped random weights in place of the built-in checkpoints")
     parser.add_argument("--refusal-s", type=float, default=30.0)
     parser.add_argument("--refusal-over", type=float, default=1.5, help="offered load / measured capacity")
+    # soak before the flood and the 10 MB tokenize: their buffers, freed, would read as a falling RSS.
     parser.add_argument("--phases", nargs="*", default=["refusal_point", "overload", "recovery", "server_recovery",
-                                                          "connection_flood", "tokenize_stall", "soak", "shutdown"])
+                                                          "soak", "connection_flood", "tokenize_stall", "shutdown"])
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
     if args.smoke:
