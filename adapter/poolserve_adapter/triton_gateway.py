@@ -152,8 +152,13 @@ class TritonGateway:
         return {name: result.as_numpy(name) for name in outputs}
 
     async def ready(self) -> bool:
+        """Triton and every served model are ready. The server alone is not enough: a restarted Triton
+        is ready before its models are loaded again (they load through the API once it is up)."""
         try:
-            return bool(await self.client.is_server_ready(client_timeout=5))
+            if not await self.client.is_server_ready(client_timeout=5):
+                return False
+            return all(await asyncio.gather(*(self.client.is_model_ready(name, client_timeout=5)
+                                              for name in self.triton_models)))
         except InferenceServerException:
             return False
 

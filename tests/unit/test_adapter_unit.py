@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from types import SimpleNamespace
 
@@ -362,3 +363,26 @@ def test_truncate_texts_keeps_truncate_texts_results_in_one_batch(wordpiece):
         assert [encoder.truncate_text(item, max_tokens) for item in items if isinstance(item, str)] == [
             e for e in expected if isinstance(e, str)]
     assert encoder.truncate_texts([image], 3) == [image]
+
+
+def test_health_is_ready_only_when_every_served_model_is():
+    """A restarted Triton answers server-ready before its models are loaded again: /health must not."""
+    from poolserve_adapter.models.router import readiness
+
+    class Probe:
+        def __init__(self, loaded: set[str]):
+            self.loaded = loaded
+
+        async def is_server_ready(self, client_timeout=None):
+            return True
+
+        async def is_model_ready(self, name, client_timeout=None):
+            return name in self.loaded
+
+    request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(lifecycle=SimpleNamespace(draining=False))))
+    for loaded, status in ((set(), 503), ({"a"}, 503), ({"a", "b"}, 200)):
+        gateway = TritonGateway(Probe(loaded), timeout_s=1, max_rows=2, triton_models=("a", "b"))
+        response = asyncio.run(readiness(request, gateway))
+        assert response.status_code == status, loaded
+        if status == 503:
+            assert json.loads(response.body)["unavailable_models"] == {m: "not ready" for m in "ab" if m not in loaded}
