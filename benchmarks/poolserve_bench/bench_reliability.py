@@ -202,6 +202,24 @@ async def refusal_point(url: str, capacity_clients: int, seconds: float, over: f
                 admitted_p50_ms=percentile_ms(admitted, 50), admitted_p99_ms=percentile_ms(admitted, 99))
 
 
+async def classify_until_ok(client: aiohttp.ClientSession, url: str, bodies: Bodies, since: float,
+                            limit_s: float) -> list[int]:
+    """/classify every 0.1 s until a 200 after the first answer (or ``limit_s`` after ``since``); the statuses
+    answered, 0 for none."""
+    answers: list[int] = []
+    while time.perf_counter() - since < limit_s:
+        try:
+            async with client.post(f"{url}/classify", data=bodies.classify(), headers=JSON) as response:
+                await response.read()
+                answers.append(response.status)
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            answers.append(0)
+        if answers[-1] == 200 and len(answers) > 1:
+            break
+        await asyncio.sleep(0.1)
+    return answers
+
+
 async def recovery(url: str, stack_pid: int, clients: int, seed: int, limit_s: float = 120) -> dict:
     """kill -9 the classifier's stub under load on both models."""
     bodies = Bodies(seed, texts=8, words=40)
@@ -219,17 +237,7 @@ async def recovery(url: str, stack_pid: int, clients: int, seed: int, limit_s: f
                    if CLASSIFIER_STUB in launcher.process_cmdline(pid)]
         os.kill(stub, signal.SIGKILL)
         killed = time.perf_counter()
-        answers: list[int] = []
-        while time.perf_counter() - killed < limit_s:
-            try:
-                async with client.post(f"{url}/classify", data=bodies.classify(), headers=JSON) as response:
-                    await response.read()
-                    answers.append(response.status)
-            except (aiohttp.ClientError, asyncio.TimeoutError):
-                answers.append(0)
-            if answers[-1] == 200 and len(answers) > 1:
-                break
-            await asyncio.sleep(0.1)
+        answers = await classify_until_ok(client, url, bodies, killed, limit_s)
         recovered_s = time.perf_counter() - killed
         await asyncio.sleep(2)
         stop.set()
@@ -275,20 +283,10 @@ async def server_recovery(url: str, stack_pid: int, seed: int, limit_s: float = 
     """kill -9 tritonserver; the time until the classifier answers 200 again."""
     bodies = Bodies(seed, texts=8, words=40)
     (server,) = [pid for pid in launcher.descendant_pids(stack_pid) if "bin/tritonserver" in launcher.process_cmdline(pid)]
-    answers: list[int] = []
     async with session(30) as client:
         os.kill(server, signal.SIGKILL)
         killed = time.perf_counter()
-        while time.perf_counter() - killed < limit_s:
-            try:
-                async with client.post(f"{url}/classify", data=bodies.classify(), headers=JSON) as response:
-                    await response.read()
-                    answers.append(response.status)
-            except (aiohttp.ClientError, asyncio.TimeoutError):
-                answers.append(0)
-            if answers[-1] == 200 and len(answers) > 1:
-                break
-            await asyncio.sleep(0.1)
+        answers = await classify_until_ok(client, url, bodies, killed, limit_s)
     return dict(phase="server_recovery", recovered_s=round(time.perf_counter() - killed, 2),
                 answers_while_down=" ".join(f"{s}x{answers.count(s)}" for s in sorted(set(answers[:-1]))))
 
