@@ -372,27 +372,19 @@ def shutdown(process: subprocess.Popen, url: str, seed: int, clients: int = 16) 
     started = time.perf_counter()
     process.send_signal(signal.SIGTERM)
     pids = [process.pid, *children]
-    while time.perf_counter() - started < 120 and (any(alive(pid) for pid in pids)
+    while time.perf_counter() - started < 120 and (any(launcher.process_running(pid) for pid in pids)
                                                   or list(launcher.SHM_DIR.glob(own_regions))):
         time.sleep(0.05)
         process.poll()
     gone_s = time.perf_counter() - started
     for thread in threads:
         thread.join(timeout=60)
-    left = [pid for pid in pids if alive(pid)] + [p.name for p in launcher.SHM_DIR.glob(own_regions)]
+    left = [pid for pid in pids if launcher.process_running(pid)] + [p.name for p in launcher.SHM_DIR.glob(own_regions)]
     return dict(phase="shutdown", clients=clients, seconds=round(gone_s, 2), errors=len(left),
                 answers_while_down=f"drain timeout {SHUTDOWN_DRAIN_S:g} s")
 
 
 SHUTDOWN_DRAIN_S = 3.0
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state != "Z"
 
 
 def random_checkpoint_models(work: Path) -> list[str]:

@@ -241,6 +241,15 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def process_running(pid: int) -> bool:
+    """Alive and not a zombie waiting to be reaped (what "still there" means after a stop)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state != "Z"
+
+
 def remove_stale_shm_regions() -> list[Path]:
     """Remove shm regions created by launchers that are no longer running. Returns what went."""
     removed = []

@@ -159,10 +159,10 @@ def test_sigterm_with_requests_in_flight_leaves_nothing_after_the_drain_timeout(
     started = time.monotonic()
     os.kill(process.pid, signal.SIGTERM)
     bound = DRAIN_TIMEOUT_S + 8
-    while time.monotonic() - started < bound + 30 and any(running(pid) for pid in children):
+    while time.monotonic() - started < bound + 30 and any(launcher.process_running(pid) for pid in children):
         time.sleep(0.1)
     gone_after = time.monotonic() - started
-    left = [launcher.process_cmdline(pid) for pid in children if running(pid)]
+    left = [launcher.process_cmdline(pid) for pid in children if launcher.process_running(pid)]
     assert not left, f"processes outlived make serve: {left}"
     assert not list(launcher.SHM_DIR.glob(own_regions))
     print(f"SIGTERM to make with 16 heavy requests in flight: everything gone after {gone_after:.1f} s "
@@ -171,12 +171,3 @@ def test_sigterm_with_requests_in_flight_leaves_nothing_after_the_drain_timeout(
     process.wait(timeout=10)
     for client in clients:
         client.join(timeout=60)
-
-
-def running(pid: int) -> bool:
-    """Alive and not a zombie waiting to be reaped."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state != "Z"

@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -130,3 +131,14 @@ def test_run_configs_come_complete_so_triton_needs_no_auto_complete_stub():
     assert parsed(echo) == parsed((FAULT_MODELS / "echo" / "config.pbtxt").read_text())
     assert launcher.all_completed({"a": {SOURCE_FOLDER: "bert_classifier"}, "bert_embedder": {}})
     assert not launcher.all_completed({"a": {SOURCE_FOLDER: "bert_classifier"}, "echo": {}})
+
+
+def test_process_running_counts_zombies_as_gone():
+    child = subprocess.Popen(["true"])
+    deadline = time.monotonic() + 5
+    while launcher.process_running(child.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not launcher.process_running(child.pid)  # exited, not yet reaped: a zombie
+    assert launcher.pid_alive(child.pid)  # which a plain kill(0) still sees
+    child.wait()
+    assert launcher.process_running(os.getpid()) and not launcher.process_running(child.pid)
