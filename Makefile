@@ -71,7 +71,7 @@ check-latest:
 		tests/integration/test_adapter_api.py $(PYTEST_ARGS)
 
 serve: $(INSTALLED)
-	$(PY) -m poolserve_adapter.stack --stop-with-parent --host $(HOST) --port $(PORT) $(foreach m,$(MODELS),--model '$(m)') $(foreach s,$(SET),--set '$(s)')
+	$(PY) -m poolserve_stack serve --stop-with-parent --host $(HOST) --port $(PORT) $(foreach m,$(MODELS),--model '$(m)') $(foreach s,$(SET),--set '$(s)')
 
 # ruff's rules and scope: pyproject.toml [tool.ruff]. A second or two; it runs before every `make test`.
 lint: $(INSTALLED)

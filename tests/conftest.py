@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
     # `kernels` is imported, because triton.jit picks the interpreter at decoration time.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from poolserve_runtime.launcher import TritonServer, free_port, spawn_tied_to_this_process, wait_for_http
+from poolserve_stack.triton_server import TritonServer, free_port, spawn_tied_to_this_process, wait_for_http
 from tests.tiny_models import MODEL_FOLDERS, build_checkpoint
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

@@ -114,7 +114,7 @@ def reference_scores(kind: str, directory: Path, prompts: list[str], images: lis
     """HF's own forward, one unpadded sequence at a time, then the head vLLM applies: the reference."""
     import transformers as tf
 
-    from poolserve_runtime.vision import QWEN_IMAGE
+    from poolserve_runtime.vision_families import QWEN_IMAGE
 
     generative = _KINDS[kind][0]
     model = getattr(tf, generative).from_pretrained(directory, dtype=torch.float32).eval()

@@ -15,12 +15,12 @@ from pathlib import Path
 from poolserve_adapter.errors import NotFoundError, RouteNotOffered
 from poolserve_adapter.multimodal import VisionPrompter
 from poolserve_adapter.tokenization import TextEncoder
+from poolserve_contract.checkpoints import checkpoint_config, max_model_len_for, resolve_checkpoint, served_name
+from poolserve_contract.parameters import parse_bool
+from poolserve_contract.score_templates import template_text
+from poolserve_contract.wire import SOURCE_FOLDER
 from poolserve_runtime import families
-from poolserve_runtime.checkpoints import checkpoint_config, max_model_len_for, resolve_checkpoint, served_name
-from poolserve_runtime.launcher import SOURCE_FOLDER
 from poolserve_runtime.llm_rerankers import conversion_for
-from poolserve_runtime.score_templates import template_text
-from poolserve_runtime.settings import parse_bool
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from poolserve_runtime.checkpoints import PROJECT_ROOT
+from poolserve_contract.checkpoints import PROJECT_ROOT
 
 
 class Settings(BaseSettings):

@@ -19,7 +19,7 @@ from poolserve_adapter.errors import BadRequestError, from_triton
 from poolserve_adapter.settings import Settings
 from poolserve_adapter.timing import timed
 from poolserve_adapter.tokenization import Encoded
-from poolserve_runtime.launcher import INFERENCE_GRPC_HEADER
+from poolserve_contract.wire import INFERENCE_GRPC_HEADER
 
 
 def _tensor(name: str, array: np.ndarray) -> grpcaio.InferInput:

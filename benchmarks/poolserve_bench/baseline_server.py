@@ -73,9 +73,9 @@ def _llm_reranker_forward(checkpoint, score_template, tokenizer, device, dtype, 
     forward keeping only the last position's logits, then sigmoid of the label-token margin."""
     from transformers import AutoModelForCausalLM
 
+    from poolserve_contract.score_templates import render, template_text
     from poolserve_runtime.families import read_config_dict
     from poolserve_runtime.llm_rerankers import FROM_2_WAY_SOFTMAX, conversion_for, token_ids
-    from poolserve_runtime.score_templates import render, template_text
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).to(device).eval()
     conversion = conversion_for(read_config_dict(checkpoint), checkpoint)

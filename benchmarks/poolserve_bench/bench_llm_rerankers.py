@@ -38,10 +38,10 @@ from poolserve_bench.bench_engine import Shape, flops_per_request, matmul_peak_t
 from poolserve_bench.bench_systems import cpu_plan, cpu_set, pin_process_tree, start
 from poolserve_bench.checkpoints import spell
 from poolserve_bench.results_csv import write_csv
+from poolserve_contract.score_templates import render, template_text
 from poolserve_runtime import families, prefix_reuse
-from poolserve_runtime.launcher import TritonServer, free_port, wait_for_http
-from poolserve_runtime.score_templates import render, template_text
-from poolserve_runtime.serving_plan import plan_models
+from poolserve_stack.plan import plan_models
+from poolserve_stack.triton_server import TritonServer, free_port, wait_for_http
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DOCUMENTS = 64

@@ -2,7 +2,7 @@
 
     python -m poolserve_bench.bench_reliability [--out benchmarks/results] [--soak-s 600] [--smoke]
 
-Runs ``python -m poolserve_adapter.stack`` on the embedded default models and drives ``/classify`` (32 texts
+Runs ``python -m poolserve_stack serve`` on the embedded default models and drives ``/classify`` (32 texts
 of ~120 words per request, the body of issue #12's report; bodies never repeat) with closed-loop
 clients:
 
@@ -48,9 +48,9 @@ import numpy as np
 import orjson
 
 from poolserve_bench.results_csv import write_csv
-from poolserve_runtime import launcher
-from poolserve_runtime.builtin import DATA_FILE
-from poolserve_runtime.launcher import free_port, spawn_tied_to_this_process, wait_for_http
+from poolserve_stack import triton_server
+from poolserve_stack.builtin import DATA_FILE
+from poolserve_stack.triton_server import free_port, spawn_tied_to_this_process, wait_for_http
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CLASSIFIER, EMBEDDER = "sentiment-minilm", "all-MiniLM-L6-v2"
@@ -97,8 +97,8 @@ def rss_mib(pid: int) -> float:
 def stack_processes(stack_pid: int) -> dict[str, int]:
     """adapter (the stack process itself), tritonserver, and one entry per stub (by its model)."""
     found = {"adapter": stack_pid}
-    for pid in launcher.descendant_pids(stack_pid):
-        command = launcher.process_cmdline(pid)
+    for pid in triton_server.descendant_pids(stack_pid):
+        command = triton_server.process_cmdline(pid)
         if "bin/tritonserver" in command:
             found["tritonserver"] = pid
         elif "triton_python_backend_stub" in command:
@@ -233,8 +233,8 @@ async def recovery(url: str, stack_pid: int, clients: int, seed: int, limit_s: f
 
         background = asyncio.create_task(other_model())
         await asyncio.sleep(2)
-        (stub,) = [pid for pid in launcher.descendant_pids(stack_pid)
-                   if CLASSIFIER_STUB in launcher.process_cmdline(pid)]
+        (stub,) = [pid for pid in triton_server.descendant_pids(stack_pid)
+                   if CLASSIFIER_STUB in triton_server.process_cmdline(pid)]
         os.kill(stub, signal.SIGKILL)
         killed = time.perf_counter()
         answers = await classify_until_ok(client, url, bodies, killed, limit_s)
@@ -282,7 +282,7 @@ async def soak(url: str, stack_pid: int, clients: int, seconds: float, sample_s:
 async def server_recovery(url: str, stack_pid: int, seed: int, limit_s: float = 180) -> dict:
     """kill -9 tritonserver; the time until the classifier answers 200 again."""
     bodies = Bodies(seed, texts=8, words=40)
-    (server,) = [pid for pid in launcher.descendant_pids(stack_pid) if "bin/tritonserver" in launcher.process_cmdline(pid)]
+    (server,) = [pid for pid in triton_server.descendant_pids(stack_pid) if "bin/tritonserver" in triton_server.process_cmdline(pid)]
     async with session(30) as client:
         os.kill(server, signal.SIGKILL)
         killed = time.perf_counter()
@@ -355,8 +355,8 @@ def shutdown(process: subprocess.Popen, url: str, seed: int, clients: int = 16) 
 
     import httpx
 
-    children = launcher.descendant_pids(process.pid)
-    own_regions = f"{launcher.SHM_PREFIX}{launcher.OWNER_TAG}{process.pid}-*"
+    children = triton_server.descendant_pids(process.pid)
+    own_regions = f"{triton_server.SHM_PREFIX}{triton_server.OWNER_TAG}{process.pid}-*"
     bodies = Bodies(seed, texts=64, words=120)
 
     def post(body: bytes) -> None:
@@ -372,14 +372,14 @@ def shutdown(process: subprocess.Popen, url: str, seed: int, clients: int = 16) 
     started = time.perf_counter()
     process.send_signal(signal.SIGTERM)
     pids = [process.pid, *children]
-    while time.perf_counter() - started < 120 and (any(launcher.process_running(pid) for pid in pids)
-                                                  or list(launcher.SHM_DIR.glob(own_regions))):
+    while time.perf_counter() - started < 120 and (any(triton_server.process_running(pid) for pid in pids)
+                                                  or list(triton_server.SHM_DIR.glob(own_regions))):
         time.sleep(0.05)
         process.poll()
     gone_s = time.perf_counter() - started
     for thread in threads:
         thread.join(timeout=60)
-    left = [pid for pid in pids if launcher.process_running(pid)] + [p.name for p in launcher.SHM_DIR.glob(own_regions)]
+    left = [pid for pid in pids if triton_server.process_running(pid)] + [p.name for p in triton_server.SHM_DIR.glob(own_regions)]
     return dict(phase="shutdown", clients=clients, seconds=round(gone_s, 2), errors=len(left),
                 answers_while_down=f"drain timeout {SHUTDOWN_DRAIN_S:g} s")
 
@@ -410,7 +410,7 @@ def random_checkpoint_models(work: Path) -> list[str]:
 def start_stack(work: Path, env: dict | None = None, models: list[str] | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     log_path = work / "stack.log"
-    command = [sys.executable, "-m", "poolserve_adapter.stack", "--port", str(port), *(models or [])]
+    command = [sys.executable, "-m", "poolserve_stack", "serve", "--port", str(port), *(models or [])]
     with log_path.open("wb") as log:  # tied to this process: a killed benchmark leaves nothing behind
         process = spawn_tied_to_this_process(command,
                                              cwd=PROJECT_ROOT, env={**os.environ, **(env or {})}, stdout=log,

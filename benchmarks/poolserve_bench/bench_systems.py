@@ -41,7 +41,7 @@ from poolserve_bench.bench_engine import flops_per_request, matmul_peak_tflops, 
 from poolserve_bench.checkpoints import save_checkpoint, word_count, words
 from poolserve_bench.results_csv import write_csv
 from poolserve_runtime import families
-from poolserve_runtime.launcher import (
+from poolserve_stack.triton_server import (
     INSTANCE_COUNT,
     TritonServer,
     free_port,
@@ -127,7 +127,7 @@ def start(command: list[str], env: dict, log: Path, cpus: str | None = None) -> 
 
 def pin_process_tree(pid: int, cpus: set[int]) -> None:
     """Move every thread of ``pid`` and of its descendants onto ``cpus``."""
-    from poolserve_runtime.launcher import child_pids
+    from poolserve_stack.triton_server import child_pids
 
     pending = [pid]
     while pending:

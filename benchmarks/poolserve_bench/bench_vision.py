@@ -27,7 +27,8 @@ def parity(kinds: list[str], device: torch.device) -> list[dict]:
     from poolserve_runtime.families import by_name
     from poolserve_runtime.packing import PackedBatch, RequestSequences
     from poolserve_runtime.settings import ModelSettings
-    from poolserve_runtime.vision import QWEN_IMAGE, BatchImages, RequestImages
+    from poolserve_runtime.vision import BatchImages, RequestImages
+    from poolserve_runtime.vision_families import QWEN_IMAGE
     from tests.tiny_vision import (
         build_nemotron_vl_checkpoint,
         build_vision_checkpoint,
@@ -115,8 +116,8 @@ def jina_m0_checkpoint(directory: Path, smoke: bool) -> Path:
 def bench(clients: list[int], seconds: float, smoke: bool, path: Path) -> list[dict]:
     import httpx
 
-    from poolserve_runtime.launcher import TritonServer
-    from poolserve_runtime.serving_plan import plan_models
+    from poolserve_stack.plan import plan_models
+    from poolserve_stack.triton_server import TritonServer
     from tests.conftest import MODEL_REPOSITORY, running_adapter
     from tests.tiny_vision import data_url, make_image
 

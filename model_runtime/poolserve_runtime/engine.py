@@ -21,9 +21,9 @@ import logging
 import torch
 
 import poolserve_kernels
+from poolserve_contract.checkpoints import max_model_len_for
 from poolserve_runtime import prefix_reuse, varlen
 from poolserve_runtime.activation import apply_activation
-from poolserve_runtime.checkpoints import max_model_len_for
 from poolserve_runtime.families import Family, GenericFamily
 from poolserve_runtime.packing import PackedBatch, RequestSequences, SequenceLimits, token_budget_chunks
 from poolserve_runtime.settings import ModelSettings

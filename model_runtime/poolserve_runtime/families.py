@@ -271,9 +271,9 @@ GENERIC = GenericFamily(name="generic", architectures=("*ForSequenceClassificati
 
 
 def _register_native() -> tuple[Family, ...]:
-    from poolserve_runtime import native, vision
+    from poolserve_runtime import native, vision_families
 
-    return native.FAMILIES + vision.FAMILIES
+    return native.FAMILIES + vision_families.FAMILIES
 
 
 def all_families() -> tuple[Family, ...]:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from poolserve_runtime.checkpoints import resolve_checkpoint
+from poolserve_contract.checkpoints import resolve_checkpoint
+from poolserve_contract.parameters import parse_bool
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -111,12 +112,3 @@ def _choice(value: str, name: str, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise ValueError(f"{name} parameter {value!r} is not one of {', '.join(allowed)}")
     return value
-
-
-def parse_bool(value: str, name: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in ("true", "1", "yes"):
-        return True
-    if lowered in ("false", "0", "no", ""):
-        return False
-    raise ValueError(f"{name} parameter {value!r} is not true or false")

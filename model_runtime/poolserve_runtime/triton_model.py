@@ -13,9 +13,9 @@ import traceback
 import torch
 import triton_python_backend_utils as pb_utils  # only attributes used inside methods: see pitfalls
 
+from poolserve_contract.triton_config import complete_config
 from poolserve_runtime.engine import PackedEngine
 from poolserve_runtime.families import Family
-from poolserve_runtime.model_config import complete_config
 from poolserve_runtime.packing import InvalidRequest, PackedBatch, RequestSequences, read_sequences
 from poolserve_runtime.settings import ModelSettings
 from poolserve_runtime.vision import BatchImages, check_image_tokens, read_images

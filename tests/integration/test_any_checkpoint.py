@@ -18,8 +18,8 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 
-from poolserve_runtime.launcher import LauncherError, TritonServer
-from poolserve_runtime.serving_plan import PlanError, plan_models
+from poolserve_stack.plan import PlanError, plan_models
+from poolserve_stack.triton_server import LauncherError, TritonServer
 from tests.conftest import MODEL_REPOSITORY, running_adapter
 from tests.goldens.build import build_golden_checkpoint, load_golden
 from tests.tiny_models import build_checkpoint, wordpiece_tokenizer
@@ -193,7 +193,7 @@ def llm_reranker_expected(checkpoint, query, documents, instruction=None):
     """HF's next-token recipe on the rendered prompts: sigmoid(l_yes - l_no) at the last position."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from poolserve_runtime.score_templates import render, template_text
+    from poolserve_contract.score_templates import render, template_text
 
     template = template_text("qwen3_reranker")
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))

@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from poolserve_runtime import launcher
-from poolserve_runtime.launcher import LauncherError, TritonServer
+from poolserve_stack import triton_server
+from poolserve_stack.triton_server import LauncherError, TritonServer
 from tests.conftest import FAULT_MODELS, PROJECT_ROOT
 
 pytestmark = pytest.mark.integration
 
 
 def descendants(pid: int) -> list[int]:
-    return launcher.descendant_pids(pid)
+    return triton_server.descendant_pids(pid)
 
 
 def test_stub_dying_during_load_is_reported_quickly(tmp_path):
@@ -51,8 +51,9 @@ def test_unknown_model_folder_is_refused_before_starting(tmp_path):
 
 
 def test_sigterm_stops_server_and_stubs_and_removes_shm(tmp_path):
-    command = [sys.executable, "-m", "poolserve_runtime.launcher", "--model-repository", str(FAULT_MODELS),
-               "--load", "echo", "--log-file", str(tmp_path / "log")]
+    command = [sys.executable, "-m", "poolserve_stack", "triton", "--model-repository", str(FAULT_MODELS),
+               "--model", "echo", "--triton-log", str(tmp_path / "log"), "--grpc-port", "0", "--metrics-port", "0",
+               "--ready-json"]
     process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True)
     try:
         line = process.stdout.readline()
@@ -60,15 +61,15 @@ def test_sigterm_stops_server_and_stubs_and_removes_shm(tmp_path):
         ready = json.loads(line)
         assert ready["ready"] and ready["models"] == ["echo"]
         children = descendants(process.pid)
-        assert any("tritonserver" in launcher.process_cmdline(p) for p in children)
-        assert any("triton_python_backend_stub" in launcher.process_cmdline(p) for p in children)
-        regions = list(Path("/dev/shm").glob(f"{launcher.SHM_PREFIX}{launcher.OWNER_TAG}{process.pid}-*"))
+        assert any("tritonserver" in triton_server.process_cmdline(p) for p in children)
+        assert any("triton_python_backend_stub" in triton_server.process_cmdline(p) for p in children)
+        regions = list(Path("/dev/shm").glob(f"{triton_server.SHM_PREFIX}{triton_server.OWNER_TAG}{process.pid}-*"))
         assert regions, "the server's shm regions carry the launcher's pid"
 
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
         for pid in children:
-            assert not launcher.process_running(pid), f"pid {pid} outlived the launcher"
+            assert not triton_server.process_running(pid), f"pid {pid} outlived the launcher"
         assert not [r for r in regions if r.exists()]
     finally:
         if process.poll() is None:
@@ -77,19 +78,20 @@ def test_sigterm_stops_server_and_stubs_and_removes_shm(tmp_path):
 
 def test_killing_the_launcher_leaves_no_process_behind(tmp_path):
     """kill -9 of the launcher (a test run stopped by a timeout): its tritonserver and stubs go too."""
-    command = [sys.executable, "-m", "poolserve_runtime.launcher", "--model-repository", str(FAULT_MODELS),
-               "--load", "echo", "--log-file", str(tmp_path / "log")]
+    command = [sys.executable, "-m", "poolserve_stack", "triton", "--model-repository", str(FAULT_MODELS),
+               "--model", "echo", "--triton-log", str(tmp_path / "log"), "--grpc-port", "0", "--metrics-port", "0",
+               "--ready-json"]
     process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout.readline(), f"launcher exited early with {process.wait()}"
         children = descendants(process.pid)
-        assert any("triton_python_backend_stub" in launcher.process_cmdline(p) for p in children)
+        assert any("triton_python_backend_stub" in triton_server.process_cmdline(p) for p in children)
         process.kill()
         process.wait(timeout=10)
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and any(launcher.process_running(p) for p in children):
+        while time.monotonic() < deadline and any(triton_server.process_running(p) for p in children):
             time.sleep(0.2)
-        left = [launcher.process_cmdline(p) for p in children if launcher.process_running(p)]
+        left = [triton_server.process_cmdline(p) for p in children if triton_server.process_running(p)]
         assert not left, f"outlived a killed launcher: {left}"
     finally:
         if process.poll() is None:
@@ -97,15 +99,15 @@ def test_killing_the_launcher_leaves_no_process_behind(tmp_path):
 
 
 def test_missing_wheel_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(launcher.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(triton_server.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(LauncherError, match="nvidia-pytriton is not installed"):
-        launcher.TritonInstallation.find()
+        triton_server.TritonInstallation.find()
 
 
 def test_stub_that_cannot_load_libraries_fails_preflight(tmp_path):
-    installation = launcher.TritonInstallation.find()
-    backends = launcher.prepare_backends(installation, tmp_path)  # a copied stub loses its rpath
+    installation = triton_server.TritonInstallation.find()
+    backends = triton_server.prepare_backends(installation, tmp_path)  # a copied stub loses its rpath
     stub = backends / "python" / "triton_python_backend_stub"
     with pytest.raises(LauncherError, match="cannot load its libraries"):
-        launcher.preflight_stub(stub, ld_library_path=str(tmp_path))  # without the vendored libs
-    launcher.preflight_stub(stub, launcher.library_path(installation))  # the launcher's path passes
+        triton_server.preflight_stub(stub, ld_library_path=str(tmp_path))  # without the vendored libs
+    triton_server.preflight_stub(stub, triton_server.library_path(installation))  # the launcher's path passes

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import tritonclient.grpc
 
-from poolserve_runtime.launcher import TritonServer
+from poolserve_stack.triton_server import TritonServer
 from tests.conftest import MODEL_REPOSITORY, running_adapter
 from tests.tiny_models import corpus, random_text, wordpiece_tokenizer
 

@@ -1,4 +1,4 @@
-"""Chaos against the whole stack (``python -m poolserve_adapter.stack``, as ``make serve`` runs it).
+"""Chaos against the whole stack (``python -m poolserve_stack serve``, as ``make serve`` runs it).
 
 kill -9 one model's stub under load: that model answers 503 at once and then correctly again,
 the other model never fails. kill -9 tritonserver: the stack restarts it on the same ports and
@@ -18,8 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from poolserve_runtime import launcher
-from poolserve_runtime.launcher import free_port, spawn_tied_to_this_process, wait_for_http
+from poolserve_stack import triton_server
+from poolserve_stack.triton_server import free_port, spawn_tied_to_this_process, wait_for_http
 from tests.conftest import PROJECT_ROOT
 
 pytestmark = pytest.mark.integration
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.integration
 def stack(tiny_checkpoints, tmp_path_factory):
     port = free_port()
     log_path = tmp_path_factory.mktemp("recovery") / "stack.log"
-    command = [sys.executable, "-m", "poolserve_adapter.stack", "--port", str(port),
+    command = [sys.executable, "-m", "poolserve_stack", "serve", "--port", str(port),
                "--model", f"bert_classifier={tiny_checkpoints['bert_classifier']}",
                "--model", f"xlm_roberta_classifier={tiny_checkpoints['xlm_roberta_classifier']}"]
     with log_path.open("wb") as log:
@@ -52,7 +52,7 @@ def classify(url: str, model: str) -> httpx.Response:
 
 
 def processes_of(pid: int, needle: str) -> list[int]:
-    return [p for p in launcher.descendant_pids(pid) if needle in launcher.process_cmdline(p)]
+    return [p for p in triton_server.descendant_pids(pid) if needle in triton_server.process_cmdline(p)]
 
 
 def until_ok(url: str, model: str, seconds: float) -> tuple[float, list[tuple[int, float]]]:
@@ -78,7 +78,7 @@ def test_no_adapter_setting_reaches_tritonserver_or_its_stubs(stack):
     assert len(pids) >= 3  # the server and a stub per model
     for pid in pids:
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        assert not [entry for entry in environ if entry.startswith(b"ADAPTER_")], launcher.process_cmdline(pid)
+        assert not [entry for entry in environ if entry.startswith(b"ADAPTER_")], triton_server.process_cmdline(pid)
     assert b"ADAPTER_TEST_CANARY=canary-secret" in Path(f"/proc/{process.pid}/environ").read_bytes()
 
 
@@ -137,10 +137,10 @@ def test_a_dead_tritonserver_is_restarted(stack, tiny_checkpoints):
 
 def test_sigterm_leaves_nothing_behind(stack):
     url, process, _ = stack
-    children = launcher.descendant_pids(process.pid)
+    children = triton_server.descendant_pids(process.pid)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=90) == 0
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and any(launcher.process_running(p) for p in children):
+    while time.monotonic() < deadline and any(triton_server.process_running(p) for p in children):
         time.sleep(0.2)
-    assert not [p for p in children if launcher.process_running(p)]
+    assert not [p for p in children if triton_server.process_running(p)]

@@ -15,8 +15,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from poolserve_runtime.launcher import CONTROL_GRPC_HEADER, INFERENCE_GRPC_HEADER, ModelUnloaded, TritonServer
-from poolserve_runtime.supervision import Recovery, recover
+from poolserve_stack.supervision import Recovery, recover
+from poolserve_stack.triton_server import CONTROL_GRPC_HEADER, INFERENCE_GRPC_HEADER, ModelUnloaded, TritonServer
 from tests.conftest import FAULT_MODELS
 
 pytestmark = pytest.mark.integration

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from poolserve_runtime.launcher import TritonServer
-from poolserve_runtime.score_templates import render, template_text
-from poolserve_runtime.serving_plan import plan_models
-from poolserve_runtime.vision import QWEN_IMAGE
+from poolserve_contract.score_templates import render, template_text
+from poolserve_runtime.vision_families import QWEN_IMAGE
+from poolserve_stack.plan import plan_models
+from poolserve_stack.triton_server import TritonServer
 from tests.conftest import MODEL_REPOSITORY, http_server_on_loopback, running_adapter
 from tests.tiny_vision import (
     build_nemotron_vl_checkpoint,

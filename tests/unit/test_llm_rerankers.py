@@ -16,8 +16,8 @@ import torch
 from poolserve_runtime import families, llm_rerankers
 from poolserve_runtime.engine import PackedEngine
 from poolserve_runtime.packing import PackedBatch, RequestSequences
-from poolserve_runtime.serving_plan import PlanError, plan_models
 from poolserve_runtime.settings import ModelSettings
+from poolserve_stack.plan import PlanError, plan_models
 from tests.conftest import MODEL_REPOSITORY
 from tests.tiny_models import build_checkpoint
 
@@ -50,7 +50,7 @@ def engine_for(parameters: dict, attention="padded", budget=16384) -> PackedEngi
 
 
 def prompts_for(parameters: dict) -> list[str]:
-    from poolserve_runtime.score_templates import render, template_text
+    from poolserve_contract.score_templates import render, template_text
 
     template = template_text(parameters["score_template"])
     return [render(template, QUERY, document) for document in DOCUMENTS]

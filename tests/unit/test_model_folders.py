@@ -11,9 +11,9 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from tritonclient.grpc import model_config_pb2
 
-from poolserve_runtime import builtin
-from poolserve_runtime.checkpoints import BUILTIN_PREFIX
+from poolserve_contract.checkpoints import BUILTIN_PREFIX
 from poolserve_runtime.families import by_folder
+from poolserve_stack import builtin
 
 MODEL_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 FOLDERS = sorted(path.parent.name for path in MODEL_REPOSITORY.glob("*/config.pbtxt"))

@@ -38,7 +38,8 @@ def project_top_level_names() -> set[str]:
 
 def test_the_packages_are_found_in_the_card_folders():
     names = {package.split(".")[0] for root in SOURCE_ROOTS for package in find_packages(PROJECT_ROOT / root)}
-    assert names == {"poolserve_adapter", "poolserve_kernels", "poolserve_runtime", "poolserve_bench"}
+    assert names == {"poolserve_adapter", "poolserve_contract", "poolserve_kernels", "poolserve_runtime",
+                     "poolserve_stack", "poolserve_bench"}
 
 
 def test_no_top_level_import_name_is_also_a_dependency_s():

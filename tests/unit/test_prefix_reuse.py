@@ -77,7 +77,7 @@ def test_converted_llm_reranker_reuses_its_rendered_prefix(checkpoints):
     """The case reuse is for: a Qwen3-Reranker-style causal LM scoring rendered prompts."""
     from transformers import AutoTokenizer
 
-    from poolserve_runtime.score_templates import render, template_text
+    from poolserve_contract.score_templates import render, template_text
 
     checkpoint = checkpoints["qwen3_causal"]
     overrides = '{"architectures": ["Qwen3ForSequenceClassification"], "classifier_from_token": ["no", "yes"], ' \

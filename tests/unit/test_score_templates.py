@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import pytest
 
-from poolserve_runtime.score_templates import TEMPLATE_DIR, _compiled, render, template_text
+from poolserve_contract.score_templates import TEMPLATE_DIR, _compiled, render, template_text
 
 SHIPPED = ("bge_reranker_v2_gemma", "mxbai_rerank_v2", "qwen3_reranker", "qwen3_vl_reranker")
 

@@ -10,10 +10,11 @@ import pytest
 import yaml
 
 from poolserve_adapter.settings import Settings
-from poolserve_runtime.launcher import LauncherError, ServerDied, StubDied
-from poolserve_runtime.serve_triton import add_model_arguments, model_entries
-from poolserve_runtime.serving_plan import uses_builtins
-from poolserve_runtime.supervision import CrashLoop, Recovery, placement, recover
+from poolserve_stack.cli import add_model_arguments
+from poolserve_stack.plan import uses_builtins
+from poolserve_stack.running import model_entries
+from poolserve_stack.supervision import CrashLoop, Recovery, placement, recover
+from poolserve_stack.triton_server import LauncherError, ServerDied, StubDied
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 REPOSITORY = PROJECT_ROOT / "model_repository"
@@ -89,7 +90,7 @@ def test_a_child_of_a_pid_1_parent_is_spawned(tmp_path):
     """In a container the launcher itself is pid 1: its children must not take that for orphanhood."""
     script = (
         "import os, sys\n"
-        "from poolserve_runtime.launcher import spawn_tied_to_this_process\n"
+        "from poolserve_stack.triton_server import spawn_tied_to_this_process\n"
         "child = spawn_tied_to_this_process([sys.executable, '-c', 'print(\"child ran\")'])\n"
         "sys.exit(child.wait())\n"
     )

@@ -21,7 +21,7 @@ from poolserve_adapter.score.protocol import ScoreData, ScoreRequest, ScoreRespo
 from poolserve_adapter.settings import Settings
 from poolserve_adapter.tokenization import DEFAULT_OPTIONS, Encoded, PromptOptions
 from poolserve_adapter.triton_gateway import TritonGateway
-from poolserve_runtime.score_templates import render
+from poolserve_contract.score_templates import render
 
 
 def pair_up(queries: list[str], documents: list[str]) -> list[str]:

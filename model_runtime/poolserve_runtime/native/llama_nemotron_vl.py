@@ -33,7 +33,7 @@ from torch import nn
 from poolserve_runtime.families import UnsupportedArchitecture, read_config_dict
 from poolserve_runtime.native.llama_bidirectional import POOLING, llama_config_from_dict
 from poolserve_runtime.native.weights import checkpoint_folder, load_state
-from poolserve_runtime.vision import VisionFamily
+from poolserve_runtime.vision_families import VisionFamily
 
 IMAGE_PLACEHOLDER = "<image>"
 IMAGE_START, IMAGE_END, IMAGE_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"

@@ -19,18 +19,15 @@ Python version; this module wires them together the way ../shared/NOTES.md verif
   launcher, or ``$TRITON_CONTROL_KEY``), HTTP is off unless asked for, and inference is open or
   behind its own key (``$TRITON_INFERENCE_KEY``). The launcher itself speaks gRPC.
 
-Use :class:`TritonServer` as a context manager (tests, ``make serve``) or run
-``python -m poolserve_runtime.launcher --help``.
+Use :class:`TritonServer` as a context manager (tests), or ``poolserve triton`` (:mod:`poolserve_stack.cli`).
 """
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import contextlib
 import functools
 import importlib.util
-import json
 import os
 import secrets
 import shutil
@@ -46,6 +43,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tritonclient.utils import InferenceServerException
+
+from poolserve_contract.wire import (
+    CONTROL_GRPC_HEADER,
+    CONTROL_HEADER,
+    CONTROL_KEY_ENV,
+    CONTROL_PROTOCOLS,
+    INFERENCE_GRPC_HEADER,
+    INFERENCE_HEADER,
+    INFERENCE_KEY_ENV,
+    INSTANCE_COUNT,
+    SOURCE_FOLDER,
+)
 
 SHM_DIR = Path("/dev/shm")
 STOCK_ROOT = Path("/opt/tritonserver")  # where NGC's tritonserver images install the server
@@ -120,19 +129,6 @@ class TritonInstallation:
         return stub
 
 
-# Triton's control plane. Whoever may load a model runs code in the server (a load may upload its
-# model.py), whoever may register shared memory reads other requests' tensors, and trace/logging
-# change what the server writes: each needs CONTROL_HEADER. Health, metadata, model config and
-# statistics stay open (read-only; tritonclient users need them), and inference is open unless
-# INFERENCE_KEY_ENV names a key for it.
-CONTROL_PROTOCOLS = ("model-repository", "shared-memory", "trace", "logging")
-CONTROL_HEADER = "poolserve-control-key"
-CONTROL_KEY_ENV = "TRITON_CONTROL_KEY"
-INFERENCE_HEADER = "poolserve-inference-key"
-INFERENCE_KEY_ENV = "TRITON_INFERENCE_KEY"
-# Triton looks for a restricted protocol's header under this prefix in gRPC metadata (HTTP: as is).
-CONTROL_GRPC_HEADER = f"triton-grpc-protocol-{CONTROL_HEADER}"
-INFERENCE_GRPC_HEADER = f"triton-grpc-protocol-{INFERENCE_HEADER}"
 
 # The adapter's settings (its API key among them) and the keys above are no business of the model
 # code the stubs run: they are left out of the server's environment.
@@ -340,15 +336,6 @@ def process_cmdline(pid: int) -> str:
 # ----------------------------------------------------------------------------------------------
 # The per-run model repository
 
-# Parameter naming the model_repository folder a served model is made from (the adapter reads it to
-# know the family; the model ignores it).
-SOURCE_FOLDER = "model_folder"
-
-
-# Not a model parameter: the number of instances of the model on each device, which becomes the
-# config's instance_group (KIND_AUTO: on every GPU Triton sees, else on the CPU). Several instances
-# are several stub processes: one prepares and answers its batch while another's runs on the GPU.
-INSTANCE_COUNT = "instance_count"
 
 
 def config_with_parameters(config_pbtxt: Path, parameters: dict[str, str], name: str | None = None) -> str:
@@ -384,8 +371,8 @@ def completed_config(config, folder: str):
     from google.protobuf import json_format
     from tritonclient.grpc import model_config_pb2
 
+    from poolserve_contract.triton_config import complete_config
     from poolserve_runtime.families import by_folder
-    from poolserve_runtime.model_config import complete_config
 
     family = by_folder(folder)
     if family is None:
@@ -748,89 +735,3 @@ class TritonServer:
             return ""
         tail = self.log_path.read_text(errors="replace").splitlines()[-lines:]
         return "\n--- tritonserver log (tail) ---\n" + "\n".join(tail)
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m poolserve_runtime.launcher", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument("--model-repository", type=Path, default=Path("model_repository"))
-    parser.add_argument(
-        "--load", action="append", default=[], metavar="CHECKPOINT|FOLDER[=CHECKPOINT]",
-        help="a checkpoint (its architecture picks the model folder), a model folder, or FOLDER=CHECKPOINT (repeatable)",
-    )
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="NAME.key=value",
-        help="set a parameter of a loaded model (NAME: the --load value or its Triton name), "
-        "e.g. BAAI/bge-reranker-base.served_model_name=reranker",
-    )
-    parser.add_argument("--http", action="store_true", help="open Triton's HTTP endpoint (restricted like gRPC)")
-    parser.add_argument("--http-port", type=int, default=0, help="0 picks a free port")
-    parser.add_argument("--grpc-port", type=int, default=0, help="0 picks a free port")
-    parser.add_argument("--metrics-port", type=int, default=0, help="0 picks a free port")
-    parser.add_argument("--ready-timeout", type=float, default=600.0)
-    parser.add_argument("--log-file", type=Path, default=None)
-    args = parser.parse_args(argv)
-
-    from poolserve_runtime.serving_plan import PlanError, parse_sets, plan_models
-
-    if not args.load:
-        parser.error("name at least one model with --load")
-    try:
-        models = plan_models(args.load, args.model_repository, parse_sets(args.set))
-    except PlanError as error:
-        print(f"launcher: {error}", file=sys.stderr, flush=True)
-        return 2
-    server = TritonServer(
-        model_repository=args.model_repository,
-        models=models,
-        http=args.http,
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port,
-        ready_timeout_s=args.ready_timeout,
-        log_path=args.log_file,
-    )
-
-    stopping = False
-
-    def request_stop(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    try:
-        server.start()
-    except LauncherError as error:
-        print(f"launcher: {error}", file=sys.stderr, flush=True)
-        return 1
-    print(
-        json.dumps(
-            {"ready": True, "http": server.http_url if server.http else None, "grpc": server.grpc_url,
-             "metrics_port": server.metrics_port, "models": sorted(models)}
-        ),
-        flush=True,
-    )
-    exit_code = 0
-    try:
-        while not stopping:
-            server.check()
-            time.sleep(0.5)
-    except LauncherError as error:
-        print(f"launcher: {error}", file=sys.stderr, flush=True)
-        exit_code = 1
-    finally:
-        server.stop()
-    return exit_code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

