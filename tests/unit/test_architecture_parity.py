@@ -18,7 +18,7 @@ from poolserve_runtime.activation import activation_for_config, apply_activation
 from poolserve_runtime.engine import PackedEngine
 from poolserve_runtime.packing import PackedBatch, RequestSequences
 from poolserve_runtime.settings import ModelSettings
-from tests.tiny_models import ARCHITECTURE_KINDS, build_checkpoint
+from tests.support.tiny_models import ARCHITECTURE_KINDS, build_checkpoint
 
 LENGTHS = [1, 9, 40, 3, 23, 2, 17]
 
@@ -156,14 +156,14 @@ def test_family_detection_and_the_unsupported_message():
         families.QWEN2.check_architecture({"architectures": ["Qwen3ForSequenceClassification"]})
 
 
-def test_readme_model_table_lists_every_family_and_folder():
+def test_docs_model_table_lists_every_family_and_folder():
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    table = readme.split("<!-- model-table:start -->")[1].split("<!-- model-table:end -->")[0]
+    models_doc = (Path(__file__).resolve().parents[2] / "docs" / "models.md").read_text()
+    table = models_doc.split("<!-- model-table:start -->")[1].split("<!-- model-table:end -->")[0]
     rows = {line.split("|")[2].strip().strip("`"): line for line in table.splitlines()[2:] if line.startswith("|")}
     for family in (*families.all_families(), families.GENERIC):
-        assert family.folder in rows, f"README model table lacks {family.folder}"
+        assert family.folder in rows, f"docs/models.md model table lacks {family.folder}"
         if family is not families.GENERIC:
             for architecture in family.architectures:
                 assert f"`{architecture}`" in rows[family.folder], (family.folder, architecture)
