@@ -1,4 +1,6 @@
-"""The FastAPI application: lifespan-owned Triton client, one router per endpoint family."""
+"""The FastAPI application: the lifespan-owned Triton client and registry, the middleware, and the
+routers of every slice (``classify/``, ``scoring/``, ...: each ``protocol`` / ``serving`` /
+``api_router`` over ``base/``)."""
 
 from __future__ import annotations
 
@@ -13,25 +15,26 @@ from fastapi import FastAPI
 from tritonclient.utils import InferenceServerException
 
 from poolserve_adapter import __version__
-from poolserve_adapter.classify.router import router as classify_router
 from poolserve_adapter.disconnect import CancelOnDisconnectMiddleware
 from poolserve_adapter.errors import install_exception_handlers
-from poolserve_adapter.invocations.router import router as invocations_router
+from poolserve_adapter.health.api_router import router as health_router
 from poolserve_adapter.lifecycle import DrainMiddleware, Lifecycle, SignalDrain
 from poolserve_adapter.metrics import install_metrics
-from poolserve_adapter.models.router import router as models_router
-from poolserve_adapter.pooling.router import router as pooling_router
+from poolserve_adapter.models.api_router import router as models_router
+from poolserve_adapter.pooling.api_router import router as pooling_router
 from poolserve_adapter.registry import ModelRegistry, build_served_model
-from poolserve_adapter.rerank.router import router as rerank_router
-from poolserve_adapter.rerank.router import v1_rerank_router as vllm_v1_rerank_router
-from poolserve_adapter.score.router import router as score_router
+from poolserve_adapter.rerank.api_router import router as rerank_router
+from poolserve_adapter.rerank.api_router import v1_rerank_router as vllm_v1_rerank_router
+from poolserve_adapter.score.api_router import router as score_router
 from poolserve_adapter.security import ApiKeyMiddleware, BodySizeLimitMiddleware
 from poolserve_adapter.settings import Settings, get_settings
-from poolserve_adapter.sglang.router import SGLANG_PATHS
-from poolserve_adapter.sglang.router import router as sglang_router
-from poolserve_adapter.sglang.router import v1_rerank_router as sglang_v1_rerank_router
+from poolserve_adapter.sglang.api_router import SGLANG_PATHS
+from poolserve_adapter.sglang.api_router import router as sglang_router
+from poolserve_adapter.sglang.api_router import v1_rerank_router as sglang_v1_rerank_router
+from poolserve_adapter.shared_paths.classify import router as classify_router
+from poolserve_adapter.shared_paths.invocations import router as invocations_router
 from poolserve_adapter.timing import install_timing_headers
-from poolserve_adapter.tokenize.router import router as tokenize_router
+from poolserve_adapter.tokenize.api_router import router as tokenize_router
 from poolserve_adapter.triton_gateway import AdmissionLimits, TritonGateway, inference_headers
 
 logger = logging.getLogger("poolserve_adapter")
@@ -81,7 +84,6 @@ def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = N
             app.state.registry = await discover_models(client, settings)
             app.state.gateway = TritonGateway(
                 client, timeout_s=settings.triton_timeout_s, max_rows=settings.max_sequences_per_triton_request,
-                max_tokens_per_request=settings.max_tokens_per_request,
                 admission=AdmissionLimits(settings.max_inflight_tokens_per_model, settings.max_queued_tokens_per_model,
                                           settings.admission_wait_s),
                 triton_models=tuple(model.triton_model for model in app.state.registry),
@@ -105,8 +107,8 @@ def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = N
     v1_rerank = sglang_v1_rerank_router if settings.rerank_v1_flavour == "sglang" else vllm_v1_rerank_router
     app.state.lifecycle = lifecycle
     app.state.sglang_paths = SGLANG_PATHS | ({"/v1/rerank"} if settings.rerank_v1_flavour == "sglang" else set())
-    for router in (classify_router, score_router, rerank_router, v1_rerank, sglang_router, pooling_router,
-                   tokenize_router, invocations_router, models_router):
+    for router in (classify_router, score_router, rerank_router, v1_rerank, sglang_router, pooling_router, tokenize_router,
+                   invocations_router, models_router, health_router):
         app.include_router(router)
     # Outermost first to run: the API key, then the body size.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)

@@ -3,7 +3,7 @@
 vLLM (``vllm/entrypoints/serve/exception_handling``): ``{"error": {"message", "type", "param",
 "code"}}`` with ``code`` equal to the HTTP status. Request validation failures (pydantic, malformed
 JSON, a non-JSON content type) are 400 with ``type: "Bad Request"`` and the dotted location of the
-first error as ``param``; errors raised by the services use exception-class names as ``type``.
+first error as ``param``; errors raised by the serving code use exception-class names as ``type``.
 A route a model does not offer answers FastAPI's plain 404 ``{"detail": "Not Found"}``, as vLLM
 does when it does not register that route for the model.
 
@@ -42,7 +42,7 @@ class Flavour(str, Enum):
     SGLANG_NATIVE = "sglang_native"  # SGLang's native /classify: {"error": {"message"}}
 
 
-# The tag of SGLang's native body in /classify's discriminated union (see poolserve_adapter.classify.protocol).
+# The tag of SGLang's native body in /classify's discriminated union (see poolserve_adapter.shared_paths.classify).
 SGLANG_NATIVE_TAG = "sglang-native"
 
 

@@ -56,6 +56,11 @@ class Encoded:
     def num_sequences(self) -> int:
         return len(self.lengths)
 
+    @property
+    def batches(self) -> tuple[Encoded, ...]:
+        """What a request sends to Triton, as the serving pipeline reads it (pairs of a bi-encoder are two)."""
+        return (self,)
+
     @classmethod
     def from_lists(cls, rows: list[list[int]], token_type_ids: list[list[int]] | None = None) -> Encoded:
         lengths = np.array([len(row) for row in rows], dtype=np.int64)

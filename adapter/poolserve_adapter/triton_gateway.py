@@ -15,7 +15,7 @@ import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
 from poolserve_adapter.admission import Admission
-from poolserve_adapter.errors import BadRequestError, from_triton
+from poolserve_adapter.errors import from_triton
 from poolserve_adapter.settings import Settings
 from poolserve_adapter.timing import timed
 from poolserve_adapter.tokenization import Encoded
@@ -45,14 +45,13 @@ def inference_headers(settings: Settings) -> dict[str, str]:
 
 class TritonGateway:
     def __init__(self, client: grpcaio.InferenceServerClient, *, timeout_s: float, max_rows: int,
-                 max_tokens_per_request: int = 2**62, admission: AdmissionLimits = UNLIMITED,
+                 admission: AdmissionLimits = UNLIMITED,
                  triton_models: tuple[str, ...] = (), inference_headers: dict[str, str] | None = None):
         self.client = client
         self.triton_models = triton_models  # what the registry serves: the models /health reports on
         self.inference_headers = inference_headers or {}  # Triton's inference key, when it has one
         self.timeout_s = timeout_s
         self.max_rows = max_rows
-        self.max_tokens_per_request = max_tokens_per_request
         self.admission_limits = admission
         self._admissions: dict[str, Admission] = {}
 
@@ -65,25 +64,12 @@ class TritonGateway:
         return self._admissions[triton_model]
 
     def refuse_if_busy(self, triton_model: str) -> None:
-        """429 before any tokenizing when the model's admission queue is full (services call it first)."""
+        """429 before any tokenizing when the model's admission queue is full (the serving pipeline's guard)."""
         self.admission(triton_model).refuse_if_full()
 
-    def check(self, encoded: Encoded) -> None:
-        """The per-request limits every route shares, checked before anything reaches Triton."""
-        if encoded.num_sequences and int(encoded.lengths.min()) == 0:
-            raise BadRequestError("The decoder prompt cannot be empty")
-        self.check_total_tokens(encoded.num_tokens)
-
-    def check_total_tokens(self, tokens: int) -> None:
-        if tokens > self.max_tokens_per_request:
-            raise BadRequestError(
-                f"The request holds {tokens} tokens, more than the maximum of "
-                f"{self.max_tokens_per_request} per request (ADAPTER_MAX_TOKENS_PER_REQUEST)."
-            )
-
     async def infer(self, triton_model: str, encoded: Encoded, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
-        """One row per sequence for each requested output, in input order."""
-        self.check(encoded)
+        """One row per sequence for each requested output, in input order. The per-request limits (no empty
+        prompt, ADAPTER_MAX_TOKENS_PER_REQUEST) are the serving pipeline's, checked before it calls here."""
         if encoded.vision is not None:
             return await self._infer_vision(triton_model, encoded, outputs)
         count = encoded.num_sequences

@@ -1,32 +1,40 @@
 """The packed engine: one token stream in, pooled and scored sequences out.
 
-``PackedEngine.run`` takes a :class:`~poolserve_runtime.packing.PackedBatch`, splits it into forwards
-of at most ``max_tokens_per_forward`` tokens, runs the model body, and pools and scores every
-sequence by ``cu_seqlens`` through ``kernels`` (Triton kernels on CUDA, the torch reference on
-CPU): mean + L2 norm for embedding models; CLS pooling, the family's head features and the fused
-linear + activation head for encoders; one fused last-token + linear + activation launch for
-decoders.
+``PackedEngine.run`` takes a :class:`~poolserve_runtime.packing.PackedBatch`, splits it into chunks
+of at most ``max_tokens_per_forward`` tokens, has the body it picked at load turn each chunk into
+hidden states (:mod:`poolserve_runtime.bodies`), and pools and scores every sequence by
+``cu_seqlens`` through ``kernels`` (Triton kernels on CUDA, the torch reference on CPU): mean + L2
+norm for embedding models; CLS pooling, the family's head features and the fused linear +
+activation head for encoders; one fused last-token + linear + activation launch for decoders.
 
 The body runs one of two ways (the ``attention`` parameter; ``auto`` picks by device):
 ``varlen`` (the GPU default) feeds the packed stream straight to the stock HF model with
 per-sequence position ids and ``cu_seqlens`` through :mod:`poolserve_runtime.varlen`, so no padding
 is computed; ``padded`` (the CPU default) pads each chunk internally and runs HF's padded SDPA
-path, whose results it matches exactly.
+path, whose results it matches exactly. Vision-language families run their padded multimodal
+forward; the generic fallback runs the checkpoint's own forward and head, whose logits the engine
+only calibrates. A causal varlen engine runs a batch whose documents share a prompt prefix as
+reused-prefix streams (:mod:`poolserve_runtime.prefix_reuse`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
 import poolserve_kernels
 from poolserve_contract.checkpoints import max_model_len_for
-from poolserve_runtime import prefix_reuse, varlen
+from poolserve_runtime import bodies, prefix_reuse
 from poolserve_runtime.activation import apply_activation
 from poolserve_runtime.families import Family, GenericFamily
 from poolserve_runtime.packing import PackedBatch, RequestSequences, SequenceLimits, token_budget_chunks
 from poolserve_runtime.settings import ModelSettings
+
+if TYPE_CHECKING:
+    from poolserve_runtime.vision import BatchImages
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +42,18 @@ logger = logging.getLogger(__name__)
 def body_for(family: Family, requested: str) -> str:
     """The body an engine runs: the requested one when the architecture has it, else its only one."""
     return requested if requested in family.bodies else family.bodies[0]
+
+
+def body_strategy(family: Family, model: torch.nn.Module, mode: str, position_offset: int,
+                  pad_token_id: int) -> bodies.Body | bodies.GenericBody:
+    """The body an engine runs its chunks through (``mode``: :func:`body_for`'s answer)."""
+    if family.vision:
+        return bodies.VisionBody(model, pad_token_id)
+    if isinstance(family, GenericFamily):
+        return bodies.GenericBody(model, pad_token_id)
+    if mode == "varlen":
+        return bodies.VarlenBody(family, model, position_offset)
+    return bodies.PaddedBody(family, model, pad_token_id)
 
 
 class PackedEngine:
@@ -57,12 +77,12 @@ class PackedEngine:
         self.output_names = ("embeddings",) if family.task == "embed" else ("logits", "scores")
 
         self.position_offset = family.position_offset(config)
-        if self.body_mode == "varlen" and hasattr(model, "set_attn_implementation"):
-            model.set_attn_implementation(varlen.register())
-        self.is_generic = isinstance(family, GenericFamily)
+        self.body = body_strategy(family, model, self.body_mode, self.position_offset, self.pad_token_id)
+        self.is_generic = isinstance(self.body, bodies.GenericBody)
         # Documents of one request that share a prompt prefix compute it once (causal packed bodies).
         self.reuses_prefix = (settings.prefix_reuse == "auto" and self.body_mode == "varlen" and family.causal
                               and not self.is_generic)
+        self.reused_body = bodies.ReusedPrefixBody(family, model, self.device) if self.reuses_prefix else None
         self.compiled = not self.is_generic and (settings.compile == "layers" or (
             settings.compile == "auto" and self.body_mode == "varlen" and family.compile_by_default))
         if self.compiled:
@@ -111,8 +131,8 @@ class PackedEngine:
 
     @classmethod
     def _load_vision(cls, family, settings: ModelSettings) -> PackedEngine:
-        """A vision-language family (model_runtime/poolserve_runtime/vision.py): its own body and head; an original
-        generative reranker converted from its LM head as the text ones are."""
+        """A vision-language family (:mod:`poolserve_runtime.vision_families`): its own body and head; an
+        original generative reranker converted from its LM head as the text ones are."""
         import dataclasses
 
         from poolserve_runtime import llm_rerankers
@@ -141,49 +161,70 @@ class PackedEngine:
         )
 
     @torch.inference_mode()
-    def run(self, batch: PackedBatch, images=None) -> dict[str, torch.Tensor]:
+    def run(self, batch: PackedBatch, images: BatchImages | None = None) -> dict[str, torch.Tensor]:
         """Float32 CPU outputs, one row per sequence, in batch order (``images``: a vision family's
         :class:`~poolserve_runtime.vision.BatchImages`)."""
-        if self.family.vision:
-            from poolserve_runtime import vision
+        reused = self.reused_prefix_chunks(batch)
+        if reused is not None:
+            outputs = [self.pool_and_score(self.reused_body.hidden_states(chunk), rows=chunk.pool_rows)
+                       for chunk in reused]
+        else:
+            outputs = [self.score_chunk(chunk) for chunk in self.chunks(batch, images)]
+        return {name: torch.cat([output[name] for output in outputs]).float().cpu() for name in self.output_names}
 
-            return vision.run_vision(self, batch, images or vision.BatchImages.concat(
-                [vision.RequestImages.none(batch.num_seqs)]))
+    def chunks(self, batch: PackedBatch, images: BatchImages | None = None) -> Iterator[bodies.Chunk]:
+        """The batch as forwards of at most ``max_tokens_per_forward`` tokens (a longer sequence alone),
+        made one at a time, as the forwards run."""
         input_ids = batch.input_ids.to(self.device, non_blocking=True)
         token_types = None
         if self.family.uses_token_types and batch.token_type_ids is not None:
             token_types = batch.token_type_ids.to(self.device, non_blocking=True)
         cu_seqlens = batch.cu_seqlens
-        if self.reuses_prefix:
-            reused = prefix_reuse.plan_chunks(batch.input_ids, cu_seqlens, batch.sequences_per_request,
-                                              self.settings.max_tokens_per_forward, self.position_offset)
-            if reused is not None and not (self.family.skips_trailing_pad and self._ends_in_pad(batch)):
-                return self._run_reused(reused)
-
-        chunks: list[dict[str, torch.Tensor]] = []
         for first, last in token_budget_chunks(batch.lengths, self.settings.max_tokens_per_forward):
             begin, end = int(cu_seqlens[first]), int(cu_seqlens[last])
             host_cu = cu_seqlens[first : last + 1] - begin
-            max_length = int((host_cu[1:] - host_cu[:-1]).max())  # from the host copy: no device sync
-            local_cu = host_cu.to(self.device, non_blocking=True)
-            chunk_ids = input_ids[begin:end]
-            chunk_types = None if token_types is None else token_types[begin:end]
-            if self.is_generic:
-                chunks.append(self._generic_forward(chunk_ids, local_cu, max_length, chunk_types))
-                continue
-            body = self._body_varlen if self.body_mode == "varlen" else self._body_padded
-            hidden = body(chunk_ids, local_cu, max_length, chunk_types)
-            chunks.append(self._pool_and_score(hidden, local_cu, chunk_ids, batch.input_ids[begin:end], host_cu))
-        return {name: torch.cat([chunk[name] for chunk in chunks]).float().cpu() for name in self.output_names}
+            pixels, grids = images.rows(first, last) if images is not None else (None, None)
+            yield bodies.Chunk(
+                input_ids=input_ids[begin:end],
+                cu_seqlens=host_cu.to(self.device, non_blocking=True),
+                host_ids=batch.input_ids[begin:end],
+                host_cu=host_cu,
+                max_length=int((host_cu[1:] - host_cu[:-1]).max()),  # from the host copy: no device sync
+                token_type_ids=None if token_types is None else token_types[begin:end],
+                pixel_values=None if pixels is None else pixels.to(self.device, self.settings.dtype),
+                image_grid_thw=None if grids is None else grids.to(self.device),
+            )
 
-    def _pool_and_score(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor, input_ids: torch.Tensor,
-                        host_ids: torch.Tensor, host_cu: torch.Tensor) -> dict[str, torch.Tensor]:
+    def reused_prefix_chunks(self, batch: PackedBatch) -> list[prefix_reuse.ReusedChunk] | None:
+        """The batch as reused-prefix streams; None when the plain chunks serve it (reuse off, no
+        request sharing a prefix worth it, or a sequence ending in pad ids, which the last-non-pad
+        rule pools from the plain stream)."""
+        if not self.reuses_prefix:
+            return None
+        reused = prefix_reuse.plan_chunks(batch.input_ids, batch.cu_seqlens, batch.sequences_per_request,
+                                          self.settings.max_tokens_per_forward, self.position_offset)
+        if reused is None or (self.family.skips_trailing_pad and self._ends_in_pad(batch)):
+            return None
+        return reused
+
+    def score_chunk(self, chunk: bodies.Chunk) -> dict[str, torch.Tensor]:
+        """One chunk through the body, then pooled and scored (the generic body's logits: calibrated)."""
+        if self.is_generic:
+            return self.score_logits(self.body.logits(chunk))
+        hidden = self.body.hidden_states(chunk)
+        rows = self._last_non_pad_rows(chunk.host_ids, chunk.host_cu) if self.family.skips_trailing_pad else None
+        return self.pool_and_score(hidden, chunk.cu_seqlens, rows)
+
+    def pool_and_score(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+                       rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Outputs of the sequences whose hidden states ``[tokens, hidden]`` are ``hidden``: pooled by
+        ``cu_seqlens`` (on the device), or, for a score head, at ``rows`` (on the host: each sequence's
+        row, when a last-token rule or a reused-prefix stream places it), then the head."""
         if self.family.task == "embed":
             return {"embeddings": poolserve_kernels.pool(hidden, cu_seqlens, self.pooling)}
         linear = self.family.head_linear(self.model)
-        rows = self._last_non_pad_rows(host_ids, host_cu) if self.family.skips_trailing_pad else None
         if rows is not None:
-            # Some sequence ends in pad ids: HF pools its last non-pad token, so gather those rows.
+            # HF pools these rows (a sequence ending in pad ids: its last non-pad token), so gather them.
             pooled = hidden.index_select(0, rows.to(self.device, non_blocking=True))
             features = self.family.head_features(self.model, pooled)
             x, gather = (pooled if features is None else features), "rows"
@@ -200,35 +241,14 @@ class PackedEngine:
         )
         return {"logits": logits, "scores": scores}
 
+    def score_logits(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The generic body's head logits, calibrated in fp32, then the activation."""
+        logits = (logits.float() - self.settings.logit_mean) / self.settings.logit_sigma
+        return {"logits": logits, "scores": apply_activation(logits, self.activation)}
+
     def _ends_in_pad(self, batch: PackedBatch) -> bool:
         pad = getattr(self.config, "pad_token_id", None)
         return pad is not None and bool((batch.input_ids[batch.cu_seqlens[1:].long() - 1] == pad).any())
-
-    def _run_reused(self, chunks: list[prefix_reuse.ReusedChunk]) -> dict[str, torch.Tensor]:
-        """Forwards over reused-prefix streams; each sequence pooled at its last token."""
-        linear = self.family.head_linear(self.model)
-        outputs: list[dict[str, torch.Tensor]] = []
-        for chunk in chunks:
-            to_device = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
-            inputs = {
-                "input_ids": to_device(chunk.input_ids).unsqueeze(0),
-                "position_ids": to_device(chunk.positions).unsqueeze(0),
-                "cu_seq_lens_q": to_device(chunk.cu_seqlens_q),
-                "cu_seq_lens_k": to_device(chunk.cu_seqlens_k),
-                "max_length_q": chunk.max_length_q,
-                "max_length_k": chunk.max_length_k,
-                "key_index": to_device(chunk.key_index),
-                "use_cache": False,
-            }
-            hidden = self.family.body(self.model)(**inputs).last_hidden_state[0]
-            pooled = hidden.index_select(0, to_device(chunk.pool_rows))
-            features = self.family.head_features(self.model, pooled)
-            logits, scores = poolserve_kernels.score_head(
-                pooled if features is None else features, linear.weight, linear.bias, self.activation.value,
-                gather="rows", logit_mean=self.settings.logit_mean, logit_sigma=self.settings.logit_sigma,
-            )
-            outputs.append({"logits": logits, "scores": scores})
-        return {name: torch.cat([o[name] for o in outputs]).float().cpu() for name in self.output_names}
 
     def _last_non_pad_rows(self, host_ids: torch.Tensor, host_cu: torch.Tensor) -> torch.Tensor | None:
         """Row of each sequence's last non-pad token (HF's sequence-classification rule), or None when
@@ -246,55 +266,6 @@ class PackedEngine:
         owner = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
         candidate = torch.where(host_ids != pad, positions, starts[owner])
         return torch.zeros_like(starts).scatter_reduce(0, owner, candidate, reduce="amax", include_self=False)
-
-    def _generic_forward(self, input_ids, cu_seqlens, max_length, token_type_ids) -> dict[str, torch.Tensor]:
-        """The checkpoint's own padded forward and head (the generic fallback)."""
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-        keep = torch.arange(max_length, device=self.device).unsqueeze(0) < lengths.unsqueeze(1)
-        padded_ids = torch.full(keep.shape, self.pad_token_id, dtype=torch.int64, device=self.device)
-        padded_ids[keep] = input_ids
-        inputs = {"input_ids": padded_ids, "attention_mask": keep.long()}
-        if token_type_ids is not None:
-            padded_types = torch.zeros_like(padded_ids)
-            padded_types[keep] = token_type_ids
-            inputs["token_type_ids"] = padded_types
-        logits = self.model(**inputs).logits.float()
-        logits = (logits - self.settings.logit_mean) / self.settings.logit_sigma
-        return {"logits": logits, "scores": apply_activation(logits, self.activation)}
-
-    def _body_varlen(self, input_ids, cu_seqlens, max_length, token_type_ids) -> torch.Tensor:
-        """Hidden states ``[tokens, hidden]`` for a packed chunk, run as one packed stream."""
-        total = input_ids.numel()
-        inputs = {
-            "input_ids": input_ids.unsqueeze(0),
-            "position_ids": varlen.packed_positions(cu_seqlens, total, self.position_offset),
-            "cu_seq_lens_q": cu_seqlens,
-            "cu_seq_lens_k": cu_seqlens,
-            "max_length_q": max_length,
-            "max_length_k": max_length,
-        }
-        if self.family.caches_kv:
-            inputs["use_cache"] = False  # decoders would otherwise build a KV cache nobody reads
-        if token_type_ids is not None:
-            inputs["token_type_ids"] = token_type_ids.unsqueeze(0)
-        return self.family.body(self.model)(**inputs).last_hidden_state[0]
-
-    def _body_padded(self, input_ids, cu_seqlens, max_length, token_type_ids) -> torch.Tensor:
-        """Hidden states ``[tokens, hidden]`` for a packed chunk (padded internally)."""
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-        width = max_length
-        keep = torch.arange(width, device=self.device).unsqueeze(0) < lengths.unsqueeze(1)
-        padded_ids = torch.full(keep.shape, self.pad_token_id, dtype=torch.int64, device=self.device)
-        padded_ids[keep] = input_ids
-        inputs = {"input_ids": padded_ids, "attention_mask": keep.long()}
-        if self.family.caches_kv:
-            inputs["use_cache"] = False
-        if token_type_ids is not None:
-            padded_types = torch.zeros_like(padded_ids)
-            padded_types[keep] = token_type_ids
-            inputs["token_type_ids"] = padded_types
-        hidden = self.family.body(self.model)(**inputs).last_hidden_state
-        return hidden[keep]
 
 
 def compile_layers(body: torch.nn.Module) -> int:

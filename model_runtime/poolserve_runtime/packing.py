@@ -3,7 +3,8 @@
 Each Triton request carries ``input_ids`` ``[n, T]`` (one sequence per batch item), optionally
 right-padded with an ``attention_mask`` so that sequences of different lengths can share a request.
 All sequences of all requests in an ``execute()`` are concatenated into one stream with
-``cu_seqlens``; results are split back per request with ``torch.split``.
+``cu_seqlens``; results are split back per request with ``torch.split``. Bodies that run HF's
+padded forward lay a stream's sequences out as rows again and back (:class:`PaddedRows`).
 """
 
 from __future__ import annotations
@@ -163,3 +164,29 @@ def token_budget_chunks(lengths: torch.Tensor, max_tokens: int) -> list[tuple[in
         consumed = int(cumulative[end - 1])
         start = end
     return chunks
+
+
+@dataclass(frozen=True)
+class PaddedRows:
+    """Packed sequences laid out as right-padded rows ``[n, width]`` (HF's padded forward), and back."""
+
+    keep: torch.Tensor  # [n, width] bool: True where a row holds one of its sequence's tokens
+
+    @classmethod
+    def of(cls, cu_seqlens: torch.Tensor, width: int) -> PaddedRows:
+        """Rows as wide as ``width`` (the longest sequence, known on the host) on ``cu_seqlens``' device."""
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        return cls(torch.arange(width, device=cu_seqlens.device).unsqueeze(0) < lengths.unsqueeze(1))
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return self.keep.long()
+
+    def pad(self, tokens: torch.Tensor, fill: int) -> torch.Tensor:
+        """Packed ``[tokens]`` → ``[n, width]``, each row ``fill`` after its sequence ends."""
+        rows = torch.full(self.keep.shape, fill, dtype=tokens.dtype, device=self.keep.device)
+        return rows.masked_scatter_(self.keep, tokens)
+
+    def unpad(self, rows: torch.Tensor) -> torch.Tensor:
+        """``[n, width, ...]`` → packed ``[tokens, ...]``, in stream order."""
+        return rows[self.keep]

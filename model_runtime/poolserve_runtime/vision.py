@@ -1,6 +1,7 @@
-"""Images through the packed model: each request's pixel inputs read and checked, batched with the
-token stream, and the padded multimodal forward run per token-budget chunk (the families and their
-models: :mod:`poolserve_runtime.vision_families`).
+"""Image inputs of a vision-language model: each request's pixel inputs read and checked, then
+batched with the token stream, sliced per token-budget chunk for the padded multimodal forward
+(:class:`poolserve_runtime.bodies.VisionBody`; the families and their models:
+:mod:`poolserve_runtime.vision_families`).
 
 The wire contract (see README "Images"): ``input_ids`` hold the placeholders already expanded
 (one ``<|image_pad|>`` per merged patch, as the checkpoint's processor writes them);
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from poolserve_runtime.packing import InvalidRequest, PackedBatch, token_budget_chunks
+from poolserve_runtime.packing import InvalidRequest
 
 
 @dataclass(frozen=True)
@@ -111,27 +112,3 @@ class BatchImages:
         torch.cumsum(self.grid_thw.prod(dim=1), 0, out=patch_starts[1:])
         return self.pixel_values[int(patch_starts[a]):int(patch_starts[b])], self.grid_thw[a:b]
 
-
-def run_vision(engine, batch: PackedBatch, images: BatchImages) -> dict[str, torch.Tensor]:
-    """The padded multimodal forward per token-budget chunk, pooled and scored by the engine's kernels."""
-    model = engine.model
-    chunks: list[dict[str, torch.Tensor]] = []
-    cu_seqlens = batch.cu_seqlens
-    for first, last in token_budget_chunks(batch.lengths, engine.settings.max_tokens_per_forward):
-        begin, end = int(cu_seqlens[first]), int(cu_seqlens[last])
-        host_cu = cu_seqlens[first : last + 1] - begin
-        lengths = (host_cu[1:] - host_cu[:-1]).long()
-        width = int(lengths.max())
-        keep = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)
-        padded = torch.full(keep.shape, engine.pad_token_id, dtype=torch.int64)
-        padded.masked_scatter_(keep, batch.input_ids[begin:end])
-        pixels, grids = images.rows(first, last)
-        device = engine.device
-        hidden = model.hidden_states(
-            padded.to(device), keep.long().to(device),
-            None if pixels is None else pixels.to(device, engine.settings.dtype), None if grids is None else grids.to(device))
-        hidden = hidden[keep.to(device)]
-        local_cu = host_cu.to(device)
-        chunks.append(engine._pool_and_score(hidden, local_cu, batch.input_ids[begin:end].to(device),
-                                             batch.input_ids[begin:end], host_cu))
-    return {name: torch.cat([chunk[name] for chunk in chunks]).float().cpu() for name in engine.output_names}

@@ -1,4 +1,5 @@
-"""What routes receive: the registry, the Triton gateway and the settings, owned by the lifespan.
+"""What routes and the serving pipeline receive: the registry, the Triton gateway and the settings,
+owned by the lifespan (``app.state``).
 
 The accessors are ``async def`` on purpose: FastAPI runs plain ``def`` dependencies in its thread
 pool, and three thread hops per request cost ~1 ms (profiled on the rerank path).

@@ -1,10 +1,12 @@
-"""Shapes shared by every vLLM-style endpoint."""
+"""Shapes shared by every vLLM-style endpoint: the request fields all pooling requests have, the
+completion (``input``) and chat (``messages``) prompt forms, the scoring fields of /score and
+/rerank, usage, and the error bodies OpenAPI shows."""
 
 from __future__ import annotations
 
 import secrets
 import time
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -76,6 +78,74 @@ class PoolingRequestBase(OpenAIBaseModel):
         return PromptOptions(add_special_tokens=add_special_tokens, truncate_to=truncate_to, side=self.truncation_side)
 
 
+def reject_removed_parameters(body: dict) -> dict:
+    """vLLM's 400s for parameters it removed (``reject_removed_pooling_parameters``, ``check_removed_pooling_task``)."""
+    if isinstance(body, dict):
+        if "normalize" in body:
+            raise ValueError("Parameter `normalize` was removed; use `use_activation` instead.")
+        if body.get("task") in ("score", "encode"):
+            raise ValueError(f"The task `{body['task']}` was removed; use the pooling task of the model instead.")
+    return body
+
+
+class CompletionRequest(PoolingRequestBase):
+    """The completion form: prompts in ``input`` (vLLM's ``CompletionRequestMixin``)."""
+
+    _reject_removed = model_validator(mode="before")(staticmethod(reject_removed_parameters))
+
+    input: str | list[str] | list[int] | list[list[int]] = Field(
+        ..., description="A text, a list of texts, one token-id prompt, or a list of token-id prompts."
+    )
+    add_special_tokens: bool = Field(True, description="Add the tokenizer's special tokens (CLS/SEP, BOS...).")
+
+    def prompt_count(self) -> int:
+        """How many prompts ``input`` holds (one list of ids is one prompt)."""
+        value = self.input
+        return 1 if isinstance(value, str) or (value and isinstance(value[0], int)) else len(value)
+
+
+class ChatRequest(PoolingRequestBase):
+    """The chat form: one conversation rendered into one prompt (vLLM's ``ChatRequestMixin``)."""
+
+    _reject_removed = model_validator(mode="before")(staticmethod(reject_removed_parameters))
+
+    messages: list[dict[str, Any]] = Field(
+        ..., description="A conversation, rendered with the model's chat template into one prompt."
+    )
+    add_special_tokens: bool = Field(
+        False, description="Off by default: the chat template already writes the special tokens."
+    )
+    add_generation_prompt: bool = False
+    continue_final_message: bool = False
+    chat_template: str | None = Field(None, description="Not accepted per request (a 400 when set), as vLLM.")
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description="Extra variables for the chat template.")
+
+    def prompt_count(self) -> int:
+        return 1
+
+
+class MultiModalItem(OpenAIBaseModel):
+    """vLLM's ``ScoreMultiModalParam``: ``{"content": [parts]}`` with text and image_url parts."""
+
+    content: list[dict[str, Any] | str]
+
+
+ScoreItem = str | MultiModalItem
+
+
+class ScoringFields(PoolingRequestBase):
+    """vLLM's ``ScoringRequestMixin``: shared by /score and /rerank."""
+
+    max_tokens_per_query: int = Field(0, description="Cut the query to this many tokens first; 0: no limit.")
+    max_tokens_per_doc: int = Field(0, description="Cut each document to this many tokens first; 0: no limit.")
+    instruction: str | None = Field(
+        None, description="For LLM-reranker score templates; cross-encoders read the text pair and ignore it."
+    )
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="For score templates; the keys chat_template, tools and tokenize are reserved (400)."
+    )
+
+
 class UsageInfo(OpenAIBaseModel):
     prompt_tokens: int = 0
     total_tokens: int = 0
@@ -144,21 +214,3 @@ async def require_json(request: Request) -> None:
 def response_id(prefix: str, request: Request, request_id: str) -> str:
     """``prefix-<X-Request-Id header, else the body's request_id>``."""
     return f"{prefix}-{request.headers.get('x-request-id') or request_id}"
-
-
-def reject_removed_parameters(body: dict) -> dict:
-    """vLLM's 400s for parameters it removed (``reject_removed_pooling_parameters``, ``check_removed_pooling_task``)."""
-    if isinstance(body, dict):
-        if "normalize" in body:
-            raise ValueError("Parameter `normalize` was removed; use `use_activation` instead.")
-        if body.get("task") in ("score", "encode"):
-            raise ValueError(f"The task `{body['task']}` was removed; use the pooling task of the model instead.")
-    return body
-
-
-def check_item_count(count: int, limit: int) -> None:
-    if count > limit:
-        raise BadRequestError(
-            f"Input list length {count} exceeds the maximum allowed count of {limit} per request "
-            "(ADAPTER_MAX_ITEMS_PER_REQUEST)."
-        )

@@ -1,30 +1,73 @@
-"""Pair scoring shared by ``/score`` and ``/rerank``.
+"""Pairs of texts or multimodal items → one relevance score each: shared by ``/score``, ``/rerank``
+and SGLang's rerank.
 
-Cross-encoders (classifiers with one label) read each (query, document) as one text pair and return
-the activated logit. Bi-encoders (embedding models) embed both sides separately, the query once
-for 1:N, and return the cosine similarity, as vLLM's ``BiEncoderIOProcessor`` does.
+Cross-encoders (classifiers with one label) read each (query, document) as one text pair, or as the
+prompt their score template renders (LLM rerankers), and return the activated logit. Bi-encoders
+(embedding models) embed both sides separately, the query once for 1:N, and return the cosine
+similarity, as vLLM's ``BiEncoderIOProcessor`` does. Vision-language rerankers join each pair into
+one prompt with its images.
+
+Two steps, so that the serving pipeline guards between them: :func:`encode_pairs` tokenizes into
+:class:`EncodedPairs`, :func:`score_encoded` runs the model. What the APIs differ in is one
+:class:`PairScoring`. :class:`ScoringServing` is the pipeline's steps /score and /rerank share (vLLM's
+``ScoringRequestMixin`` fields: per-side truncation, the template's instruction).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from poolserve_adapter.common.protocol import UsageInfo, check_item_count
+from poolserve_adapter.base.protocol import ScoreItem, ScoringFields
+from poolserve_adapter.base.serving import ServeContext, Serving
 from poolserve_adapter.errors import BadRequestError, sanitize_message
 from poolserve_adapter.media import MediaLoader
 from poolserve_adapter.multimodal import check_image_count, is_multimodal, load_images, parse_item
 from poolserve_adapter.registry import ServedModel
-from poolserve_adapter.score.protocol import ScoreData, ScoreRequest, ScoreResponse, ScoringFields
 from poolserve_adapter.settings import Settings
 from poolserve_adapter.tokenization import DEFAULT_OPTIONS, Encoded, PromptOptions
 from poolserve_adapter.triton_gateway import TritonGateway
 from poolserve_contract.score_templates import render
 
 
-def pair_up(queries: list[str], documents: list[str]) -> list[str]:
+@dataclass(frozen=True)
+class PairScoring:
+    """How one request wants its pairs scored."""
+
+    # vLLM's truncation: of each joint prompt (cross-encoders, LLM rerankers) or each text (bi-encoders).
+    options: PromptOptions = DEFAULT_OPTIONS
+    use_activation: bool | None = None  # False: raw logits, or unnormalised dot products; None: the model's
+    template_variables: Mapping[str, object] = field(default_factory=dict)  # for the score template
+    # vLLM's length rule, applied while tokenizing; False: the endpoint applies its own after (SGLang's).
+    check_length: bool = True
+
+
+@dataclass(frozen=True)
+class EncodedPairs:
+    """Tokenized pairs: one joint row per pair (cross-encoders), or the two sides apart (bi-encoders)."""
+
+    joint: Encoded | None = None
+    queries: Encoded | None = None  # one row for 1:N
+    documents: Encoded | None = None
+
+    @property
+    def batches(self) -> tuple[Encoded, ...]:
+        return (self.joint,) if self.joint is not None else (self.queries, self.documents)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(batch.num_tokens for batch in self.batches)
+
+    def tokens_per_pair(self) -> list[int]:
+        if self.joint is not None:
+            return self.joint.lengths.tolist()
+        return (np.broadcast_to(self.queries.lengths, self.documents.lengths.shape) + self.documents.lengths).tolist()
+
+
+def pair_up(queries: list, documents: list) -> list:
     """vLLM's 1:1, 1:N and N:N rule; the queries broadcast to the documents' length."""
     if not queries:
         raise BadRequestError("At least one text element must be given")
@@ -37,78 +80,55 @@ def pair_up(queries: list[str], documents: list[str]) -> list[str]:
     return queries
 
 
-async def score_pairs(
-    model: ServedModel,
-    queries: list[str],
-    documents: list[str],
-    gateway: TritonGateway,
-    settings: Settings,
-    use_activation: bool | None = None,
-    *,
-    options: PromptOptions = DEFAULT_OPTIONS,
-    length_check: Callable[[ServedModel, Encoded], None] | None = None,
-    per_item_tokens: bool = False,
-    template_variables: dict | None = None,
-) -> tuple[list[float], int | list[int]]:
-    """One score per document, and the prompt tokens used (in total, or per document).
-
-    ``options`` (vLLM's truncation) applies to each joint pair prompt of a cross-encoder (for an LLM
-    reranker: to the prompt its score template renders, with ``template_variables``) and to each
-    text of a bi-encoder; ``length_check`` replaces vLLM's length rule (SGLang's is stricter).
-    """
-    gateway.refuse_if_busy(model.triton_model)
+def check_pairs(model: ServedModel, queries: list, documents: list) -> None:
+    """What can be refused before tokenizing: images sent to a text model, sides that do not pair up."""
     if model.vision is None and any(map(is_multimodal, (*queries, *documents))):
         raise BadRequestError(f"MultiModalParam is not supported for {model.architecture}")
-    if model.vision is not None:
-        return await score_vision_pairs(model, queries, documents, gateway, settings, use_activation, options=options,
-                                        per_item_tokens=per_item_tokens, template_variables=template_variables,
-                                        length_check=length_check)
-    paired = pair_up(queries, documents)
-    thread_above = settings.tokenize_in_thread_above
-    check_length = length_check is None
-    if model.is_cross_encoder:
-        if model.score_template is not None:
-            prompts = await render_prompts(model.score_template, paired, documents, template_variables or {},
-                                           thread_above)
-            encoded = await model.encoder.encode_async(prompts, None, thread_above, options, check_length=check_length)
-        else:
-            encoded = await model.encoder.encode_async(paired, documents, thread_above, options,
-                                                       check_length=check_length)
-        if length_check is not None:
-            length_check(model, encoded)
-        output = "logits" if use_activation is False else "scores"
-        scores = (await gateway.infer(model.triton_model, encoded, (output,)))[output][:, 0]
-        return scores.tolist(), (encoded.lengths.tolist() if per_item_tokens else encoded.num_tokens)
+    pair_up(queries, documents)
 
+
+async def encode_pairs(model: ServedModel, queries: list, documents: list, scoring: PairScoring,
+                       settings: Settings) -> EncodedPairs:
+    if model.vision is not None:
+        return EncodedPairs(joint=await encode_vision_pairs(model, queries, documents, scoring, settings))
+    paired = pair_up(queries, documents)
+    thread_above, check_length = settings.tokenize_in_thread_above, scoring.check_length
+    if model.is_cross_encoder and model.score_template is not None:
+        prompts = await render_prompts(model.score_template, paired, documents, scoring.template_variables,
+                                       thread_above)
+        return EncodedPairs(joint=await model.encoder.encode_async(prompts, None, thread_above, scoring.options,
+                                                                   check_length=check_length))
+    if model.is_cross_encoder:
+        return EncodedPairs(joint=await model.encoder.encode_async(paired, documents, thread_above, scoring.options,
+                                                                   check_length=check_length))
     # `queries` holds one text for 1:N: the query is embedded once and broadcast.
-    encoded_queries = await model.encoder.encode_async(queries, None, thread_above, options, check_length=check_length)
-    encoded_documents = await model.encoder.encode_async(documents, None, thread_above, options,
-                                                         check_length=check_length)
-    if length_check is not None:
-        length_check(model, encoded_queries)
-        length_check(model, encoded_documents)
-    gateway.check_total_tokens(encoded_queries.num_tokens + encoded_documents.num_tokens)
-    query_vectors = (await gateway.infer(model.triton_model, encoded_queries, ("embeddings",)))["embeddings"]
-    document_vectors = (await gateway.infer(model.triton_model, encoded_documents, ("embeddings",)))["embeddings"]
+    return EncodedPairs(
+        queries=await model.encoder.encode_async(queries, None, thread_above, scoring.options,
+                                                 check_length=check_length),
+        documents=await model.encoder.encode_async(documents, None, thread_above, scoring.options,
+                                                   check_length=check_length),
+    )
+
+
+async def score_encoded(gateway: TritonGateway, model: ServedModel, pairs: EncodedPairs,
+                        scoring: PairScoring) -> np.ndarray:
+    """One score per pair."""
+    if pairs.joint is not None:
+        output = "logits" if scoring.use_activation is False else "scores"
+        return (await gateway.infer(model.triton_model, pairs.joint, (output,)))[output][:, 0]
+    query_vectors = (await gateway.infer(model.triton_model, pairs.queries, ("embeddings",)))["embeddings"]
+    document_vectors = (await gateway.infer(model.triton_model, pairs.documents, ("embeddings",)))["embeddings"]
     if len(query_vectors) == 1:
         query_vectors = np.broadcast_to(query_vectors, document_vectors.shape)
     dots = np.einsum("ij,ij->i", query_vectors, document_vectors)
-    if use_activation is False:
-        scores = dots  # vLLM: no activation for a bi-encoder means no normalisation
-    else:
-        norms = np.linalg.norm(query_vectors, axis=1) * np.linalg.norm(document_vectors, axis=1)
-        scores = dots / np.maximum(norms, 1e-12)
-    if per_item_tokens:
-        query_lengths = np.broadcast_to(encoded_queries.lengths, encoded_documents.lengths.shape)
-        return scores.tolist(), (query_lengths + encoded_documents.lengths).tolist()
-    return scores.tolist(), encoded_queries.num_tokens + encoded_documents.num_tokens
+    if scoring.use_activation is False:
+        return dots  # vLLM: no activation for a bi-encoder means no normalisation
+    norms = np.linalg.norm(query_vectors, axis=1) * np.linalg.norm(document_vectors, axis=1)
+    return dots / np.maximum(norms, 1e-12)
 
 
-async def score_vision_pairs(model: ServedModel, queries: list, documents: list, gateway: TritonGateway,
-                             settings: Settings, use_activation: bool | None, *, options: PromptOptions,
-                             per_item_tokens: bool, template_variables: dict | None,
-                             length_check: Callable[[ServedModel, Encoded], None] | None = None,
-                             ) -> tuple[list[float], int | list[int]]:
+async def encode_vision_pairs(model: ServedModel, queries: list, documents: list, scoring: PairScoring,
+                              settings: Settings) -> Encoded:
     """Pairs of texts and/or ``{"content": [parts]}`` items through a vision-language reranker: each side in
     vLLM's string form (image placeholders first), joined by the model's score template or format, then
     the checkpoint's image processor; images load concurrently, each distinct URL once."""
@@ -130,7 +150,7 @@ async def score_vision_pairs(model: ServedModel, queries: list, documents: list,
             continue
         if model.score_template is not None:
             try:
-                prompt = render(model.score_template, query_text, document_text, **(template_variables or {}))
+                prompt = render(model.score_template, query_text, document_text, **scoring.template_variables)
             except Exception as error:
                 raise BadRequestError(sanitize_message(f"Could not render the score template: {error}")) from None
         elif model.vision.family.score_format:
@@ -140,16 +160,11 @@ async def score_vision_pairs(model: ServedModel, queries: list, documents: list,
         prompts.append(prompt)
         row_urls.append([urls[i] for i in model.vision.image_order(prompt)])
     loaded = await load_images(MediaLoader(settings), [url for urls in row_urls for url in urls])
-    encoded = await model.vision.encode(prompts, [[loaded[url] for url in urls] for urls in row_urls], options,
-                                        settings.tokenize_in_thread_above, settings.max_pixel_bytes_per_request)
-    if length_check is not None:
-        length_check(model, encoded)
-    output = "logits" if use_activation is False else "scores"
-    scores = (await gateway.infer(model.triton_model, encoded, (output,)))[output][:, 0]
-    return scores.tolist(), (encoded.lengths.tolist() if per_item_tokens else encoded.num_tokens)
+    return await model.vision.encode(prompts, [[loaded[url] for url in urls] for urls in row_urls], scoring.options,
+                                     settings.tokenize_in_thread_above, settings.max_pixel_bytes_per_request)
 
 
-async def render_prompts(template: str, queries: list[str], documents: list[str], variables: dict,
+async def render_prompts(template: str, queries: list[str], documents: list[str], variables: Mapping[str, object],
                          thread_above: int) -> list[str]:
     """One prompt per pair through the score template; a template error is the client's 400."""
     def render_all() -> list[str]:
@@ -163,30 +178,36 @@ async def render_prompts(template: str, queries: list[str], documents: list[str]
     return render_all()
 
 
-def template_variables(request: ScoringFields) -> dict:
-    """The score template's variables: ``chat_template_kwargs``, and ``instruction`` when given
-    (the template's own default instruction applies when it is not)."""
-    variables = dict(request.chat_template_kwargs or {})
-    if request.instruction is not None:
-        variables["instruction"] = request.instruction
-    return variables
+RESERVED_TEMPLATE_KEYS = {"chat_template", "tools", "tokenize"}
 
 
-async def truncate_sides(request: ScoringFields, model: ServedModel, queries: list[str],
-                         documents: list[str]) -> tuple[list[str], list[str]]:
-    """``max_tokens_per_query`` / ``max_tokens_per_doc``: cut each text to that many tokens first
-    (vLLM's ``truncate_text_to_tokens``); 0 means no limit."""
+def check_scoring_fields(request: ScoringFields, model: ServedModel) -> None:
+    """``max_tokens_per_query`` / ``max_tokens_per_doc`` within the model's length, no reserved template key."""
     for name in ("max_tokens_per_query", "max_tokens_per_doc"):
         value = getattr(request, name)
         if value < 0:
             raise BadRequestError(f"{name} must be a non-negative integer", param=name)
         if value >= model.max_model_len:
             raise BadRequestError(f"{name} must be less than max_model_len ({model.max_model_len}).", param=name)
-    reserved = {"chat_template", "tools", "tokenize"} & set(request.chat_template_kwargs or {})
+    reserved = RESERVED_TEMPLATE_KEYS & set(request.chat_template_kwargs or {})
     if reserved:
         raise BadRequestError(f"chat_template_kwargs may not set the reserved key(s) {sorted(reserved)}",
                               param="chat_template_kwargs")
-    # A multimodal item is kept whole (vLLM truncates the text of string items only).
+
+
+def template_variables(request: ScoringFields) -> dict:
+    """The score template's variables: ``chat_template_kwargs``, and ``instruction`` when given (the
+    template's own default instruction applies when it is not)."""
+    variables = dict(request.chat_template_kwargs or {})
+    if request.instruction is not None:
+        variables["instruction"] = request.instruction
+    return variables
+
+
+async def truncated_sides(request: ScoringFields, model: ServedModel, queries: list[ScoreItem],
+                          documents: list[ScoreItem]) -> tuple[list[ScoreItem], list[ScoreItem]]:
+    """Each text cut to ``max_tokens_per_query`` / ``max_tokens_per_doc`` tokens first (vLLM's
+    ``truncate_text_to_tokens``; 0: no limit); a multimodal item is kept whole."""
     if request.max_tokens_per_query:
         queries = await model.encoder.truncate_texts_async(queries, request.max_tokens_per_query)
     if request.max_tokens_per_doc:  # large: in a worker thread, off the event loop
@@ -194,18 +215,26 @@ async def truncate_sides(request: ScoringFields, model: ServedModel, queries: li
     return queries, documents
 
 
-async def score(
-    request: ScoreRequest, model: ServedModel, gateway: TritonGateway, settings: Settings, response_id: str
-) -> ScoreResponse:
-    queries, documents = request.sides()
-    check_item_count(max(len(queries), len(documents)), settings.max_items_per_request)
-    queries, documents = await truncate_sides(request, model, queries, documents)
-    scores, prompt_tokens = await score_pairs(model, queries, documents, gateway, settings, request.use_activation,
-                                              options=request.prompt_options(model.max_model_len),
-                                              template_variables=template_variables(request))
-    return ScoreResponse(
-        id=response_id,
-        model=model.name,
-        data=[ScoreData(index=index, score=value) for index, value in enumerate(scores)],
-        usage=UsageInfo.of(prompt_tokens),
-    )
+class ScoringServing(Serving):
+    """The steps /score and /rerank share: one side of queries, one of documents, scored in pairs."""
+
+    capability = "can_score"
+
+    def sides(self, request) -> tuple[list[ScoreItem], list[ScoreItem]]:
+        raise NotImplementedError
+
+    def validate(self, ctx: ServeContext) -> None:
+        check_scoring_fields(ctx.request, ctx.model)
+        ctx.options = ctx.request.prompt_options(ctx.model.max_model_len)
+        check_pairs(ctx.model, *self.sides(ctx.request))
+
+    def scoring(self, ctx: ServeContext) -> PairScoring:
+        return PairScoring(options=ctx.options, use_activation=ctx.request.use_activation,
+                           template_variables=template_variables(ctx.request))
+
+    async def encode(self, ctx: ServeContext) -> EncodedPairs:
+        queries, documents = await truncated_sides(ctx.request, ctx.model, *self.sides(ctx.request))
+        return await encode_pairs(ctx.model, queries, documents, self.scoring(ctx), ctx.settings)
+
+    async def infer(self, ctx: ServeContext) -> np.ndarray:
+        return await score_encoded(ctx.gateway, ctx.model, ctx.encoded, self.scoring(ctx))

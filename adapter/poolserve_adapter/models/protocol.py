@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from poolserve_adapter.common.protocol import OpenAIBaseModel, now, random_request_id
+from poolserve_adapter.base.protocol import OpenAIBaseModel, now, random_request_id
 
 
 class ModelPermission(OpenAIBaseModel):

@@ -1,0 +1,1 @@
+"""vLLM's ``/pooling``: protocol, serving, api_router."""

@@ -6,11 +6,10 @@ from typing import Literal
 
 from pydantic import Field
 
-from poolserve_adapter.classify.protocol import ClassificationCompletionRequest
-from poolserve_adapter.common.protocol import OpenAIBaseModel, UsageInfo, now, random_request_id
+from poolserve_adapter.base.protocol import CompletionRequest, OpenAIBaseModel, UsageInfo, now, random_request_id
 
 
-class PoolingRequest(ClassificationCompletionRequest):
+class PoolingRequest(CompletionRequest):
     task: Literal["classify", "embed", "token_embed", "token_classify", "plugin"] | None = Field(
         None, description="The pooling task; null: the model's own (classify or embed)."
     )

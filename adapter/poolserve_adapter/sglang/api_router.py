@@ -5,13 +5,12 @@
 ``model``: a served name picks that model, anything else the first model able to serve the route.
 """
 
-import orjson
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from poolserve_adapter.common.protocol import SGLANG_ERROR_RESPONSES, require_json
-from poolserve_adapter.dependencies import GatewayDep, RegistryDep, SettingsDep
-from poolserve_adapter.sglang import service
+from poolserve_adapter.base.dependencies import RegistryDep, SettingsDep
+from poolserve_adapter.base.protocol import SGLANG_ERROR_RESPONSES, require_json
+from poolserve_adapter.sglang import serving
 from poolserve_adapter.sglang.protocol import (
     ClassifyRequest,
     ClassifyResponse,
@@ -32,31 +31,21 @@ SGLANG_PATHS = {"/v1/classify", "/sglang/v1/rerank", "/v1/tokenize", "/v1/detoke
 
 @router.post("/v1/classify", response_model=ClassifyResponse, responses=SGLANG_ERROR_RESPONSES,
              dependencies=[Depends(require_json)], summary="Classify texts (SGLang: softmax over the logits)")
-async def classify_v1(body: ClassifyRequest, registry: RegistryDep, gateway: GatewayDep,
-                      settings: SettingsDep) -> ClassifyResponse:
-    model = registry.resolve_lenient(body.model, capability="can_classify")
-    return await service.classify_v1(body, model, gateway, settings)
-
-
-async def _rerank(body: RerankRequest, registry, gateway, settings) -> Response:
-    model = registry.resolve_lenient(body.model, capability="can_cross_encode", fallback="can_score")
-    results = await service.rerank(body, model, gateway, settings)
-    exclude = set() if body.return_documents else {"document"}
-    return Response(orjson.dumps([r.model_dump(exclude=exclude) for r in results]), media_type="application/json")
+async def classify_v1(body: ClassifyRequest, raw: Request) -> ClassifyResponse:
+    return await serving.serving_classify_v1(body, raw)
 
 
 @router.post("/sglang/v1/rerank", response_model=list[RerankResult], responses=SGLANG_ERROR_RESPONSES,
              dependencies=[Depends(require_json)], summary="Rerank documents (SGLang: a bare list, raw logits)")
-async def rerank_sglang(body: RerankRequest, registry: RegistryDep, gateway: GatewayDep,
-                        settings: SettingsDep) -> Response:
-    return await _rerank(body, registry, gateway, settings)
+async def rerank_sglang(body: RerankRequest, raw: Request) -> Response:
+    return await serving.serving_rerank(body, raw)
 
 
 @v1_rerank_router.post("/v1/rerank", response_model=list[RerankResult], responses=SGLANG_ERROR_RESPONSES,
                        dependencies=[Depends(require_json)],
                        summary="Rerank (SGLang flavour, ADAPTER_RERANK_V1_FLAVOUR=sglang)")
-async def rerank_v1(body: RerankRequest, registry: RegistryDep, gateway: GatewayDep, settings: SettingsDep) -> Response:
-    return await _rerank(body, registry, gateway, settings)
+async def rerank_v1(body: RerankRequest, raw: Request) -> Response:
+    return await serving.serving_rerank(body, raw)
 
 
 # SGLang accepts PUT on its rerank route too.
@@ -71,11 +60,11 @@ v1_rerank_router.add_api_route("/v1/rerank", rerank_v1, methods=["PUT"], include
 async def tokenize_v1(body: TokenizeRequest, registry: RegistryDep, settings: SettingsDep) -> Response:
     model = registry.resolve_lenient(body.model, capability="can_tokenize")
     # JSON rendered by the service (in its worker thread when large), not by FastAPI on the event loop.
-    return Response(await service.tokenize(body, model, settings), media_type="application/json")
+    return Response(await serving.tokenize(body, model, settings), media_type="application/json")
 
 
 @router.post("/v1/detokenize", response_model=DetokenizeResponse, responses=SGLANG_ERROR_RESPONSES,
              dependencies=[Depends(require_json)], summary="Detokenize (SGLang)")
 async def detokenize_v1(body: DetokenizeRequest, registry: RegistryDep, settings: SettingsDep) -> Response:
     model = registry.resolve_lenient(body.model, capability="can_tokenize")
-    return Response(await service.detokenize(body, model, settings), media_type="application/json")
+    return Response(await serving.detokenize(body, model, settings), media_type="application/json")

@@ -15,11 +15,12 @@ import time
 
 import numpy as np
 import orjson
+from fastapi.responses import Response
 
-from poolserve_adapter.common.protocol import check_item_count
-from poolserve_adapter.errors import BadRequestError
+from poolserve_adapter.base.scoring import EncodedPairs, PairScoring, check_pairs, encode_pairs, score_encoded
+from poolserve_adapter.base.serving import ServeContext, Serving, check_item_count
+from poolserve_adapter.errors import BadRequestError, Flavour
 from poolserve_adapter.registry import ServedModel
-from poolserve_adapter.score.service import score_pairs
 from poolserve_adapter.settings import Settings
 from poolserve_adapter.sglang.protocol import (
     ClassifyData,
@@ -35,46 +36,21 @@ from poolserve_adapter.sglang.protocol import (
     TokenizeRequest,
 )
 from poolserve_adapter.tokenization import Encoded, check_request_tokens, run_sized
-from poolserve_adapter.triton_gateway import TritonGateway
-
-
-def check_context_length(model: ServedModel, encoded: Encoded) -> None:
-    """SGLang refuses N >= context length (vLLM allows N == max_model_len)."""
-    longest = int(encoded.lengths.max()) if encoded.num_sequences else 0
-    if longest >= model.max_model_len:
-        raise BadRequestError(
-            f"The input ({longest} tokens) is longer than the model's context length ({model.max_model_len} tokens)."
-        )
 
 
 async def encode_texts(model: ServedModel, texts: list[str], pairs: list[str] | None, settings: Settings) -> Encoded:
-    encoded = await model.encoder.encode_async(texts, pairs, settings.tokenize_in_thread_above, check_length=False)
-    check_context_length(model, encoded)
-    return encoded
+    """SGLang's length rule is the pipeline's (``sglang_context_length``), not the tokenizer's."""
+    return await model.encoder.encode_async(texts, pairs, settings.tokenize_in_thread_above, check_length=False)
 
 
 def encode_ids(model: ServedModel, prompts: list[list[int]]) -> Encoded:
     model.encoder.check_vocabulary(prompts)
-    encoded = Encoded.from_lists([list(ids) for ids in prompts])
-    check_context_length(model, encoded)
-    return encoded
+    return Encoded.from_lists([list(ids) for ids in prompts])
 
 
-def validate_classify_input(value) -> None:
-    """SGLang's ``OpenAIServingClassify._validate_request`` messages."""
-    if isinstance(value, str):
-        if not value:
-            raise BadRequestError("Input cannot be empty")
-        if not value.strip():
-            raise BadRequestError("Input cannot be empty or whitespace only")
-        return
-    if not value:
-        raise BadRequestError("Input cannot be empty")
-    for index, item in enumerate(value):
-        if isinstance(item, str) and not item.strip():
-            raise BadRequestError(f"Input at index {index} cannot be empty or whitespace only")
-        if isinstance(item, int) and item < 0:
-            raise BadRequestError(f"Token ID at index {index} must be non-negative")
+def meta_info(rid: str | None, prompt_tokens: int, latency: float) -> NativeMetaInfo:
+    return NativeMetaInfo(id=rid or secrets.token_hex(16), finish_reason={"type": "length", "length": 0},
+                          prompt_tokens=prompt_tokens, e2e_latency=latency)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -82,108 +58,179 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
-async def classify_v1(request: ClassifyRequest, model: ServedModel, gateway: TritonGateway,
-                      settings: Settings) -> ClassifyResponse:
-    gateway.refuse_if_busy(model.triton_model)
-    validate_classify_input(request.input)
-    if isinstance(request.input, str):
-        encoded = await encode_texts(model, [request.input], None, settings)
-    elif isinstance(request.input[0], int):
-        encoded = encode_ids(model, [request.input])
-    else:
-        check_item_count(len(request.input), settings.max_items_per_request)
-        encoded = await encode_texts(model, list(request.input), None, settings)
-    logits = (await gateway.infer(model.triton_model, encoded, ("logits",)))["logits"]
-    probs = softmax(logits.astype(np.float64))
-    best = np.argmax(probs, axis=1)
-    data = [
-        ClassifyData(index=i, label=model.label(int(best[i])) or f"LABEL_{int(best[i])}", probs=row.tolist(),
-                     num_classes=len(row))
-        for i, row in enumerate(probs)
-    ]
-    tokens = encoded.num_tokens
-    return ClassifyResponse(model=model.name, data=data, usage=ClassifyUsage(prompt_tokens=tokens, total_tokens=tokens))
+class ServingClassifyV1(Serving[ClassifyRequest]):
+    """``/v1/classify``: SGLang's ``OpenAIServingClassify``."""
+
+    capability = "can_classify"
+    lenient = True
+    sglang_context_length = True
+
+    def validate(self, ctx: ServeContext[ClassifyRequest]) -> None:
+        """SGLang's ``OpenAIServingClassify._validate_request`` messages."""
+        value = ctx.request.input
+        if isinstance(value, str):
+            if not value:
+                raise BadRequestError("Input cannot be empty")
+            if not value.strip():
+                raise BadRequestError("Input cannot be empty or whitespace only")
+            return
+        if not value:
+            raise BadRequestError("Input cannot be empty")
+        for index, item in enumerate(value):
+            if isinstance(item, str) and not item.strip():
+                raise BadRequestError(f"Input at index {index} cannot be empty or whitespace only")
+            if isinstance(item, int) and item < 0:
+                raise BadRequestError(f"Token ID at index {index} must be non-negative")
+
+    def item_count(self, request: ClassifyRequest) -> int:
+        value = request.input
+        return 1 if isinstance(value, str) or isinstance(value[0], int) else len(value)
+
+    async def encode(self, ctx: ServeContext[ClassifyRequest]) -> Encoded:
+        value = ctx.request.input
+        if isinstance(value, str):
+            return await encode_texts(ctx.model, [value], None, ctx.settings)
+        if isinstance(value[0], int):
+            return encode_ids(ctx.model, [value])
+        return await encode_texts(ctx.model, list(value), None, ctx.settings)
+
+    def output_name(self, ctx: ServeContext[ClassifyRequest]) -> str:
+        return "logits"
+
+    def respond(self, ctx: ServeContext[ClassifyRequest]) -> ClassifyResponse:
+        probs = softmax(ctx.output.astype(np.float64))
+        best = np.argmax(probs, axis=1)
+        data = [
+            ClassifyData(index=i, label=ctx.model.label(int(best[i])) or f"LABEL_{int(best[i])}", probs=row.tolist(),
+                         num_classes=len(row))
+            for i, row in enumerate(probs)
+        ]
+        tokens = ctx.encoded.num_tokens
+        return ClassifyResponse(model=ctx.model.name, data=data,
+                                usage=ClassifyUsage(prompt_tokens=tokens, total_tokens=tokens))
 
 
-async def rerank(request: RerankRequest, model: ServedModel, gateway: TritonGateway,
-                 settings: Settings) -> list[RerankResult]:
+class ServingRerank(Serving[RerankRequest]):
     """SGLang's ``/v1/rerank``: a bare list sorted by score, ``top_n`` >= 1, optional documents."""
-    started = time.perf_counter()
-    if not request.query:
-        raise BadRequestError("Query cannot be empty")
-    if not request.query.strip():
-        raise BadRequestError("Query cannot be empty or whitespace only")
-    if not request.documents:
-        raise BadRequestError("Documents cannot be empty")
-    if any(not document.strip() for document in request.documents):
-        raise BadRequestError("Each document cannot be empty or whitespace only")
-    check_item_count(len(request.documents), settings.max_items_per_request)
-    # SGLang scores an LLM reranker by p(yes) / (p(yes) + p(no)), activated; cross-encoders get raw
-    # logits unless the checkpoint declares an activation.
-    scores, lengths = await score_pairs(
-        model, [request.query], request.documents, gateway, settings,
-        use_activation=model.declares_st_activation or model.score_template is not None,
-        length_check=check_context_length, per_item_tokens=True,
-        template_variables={} if request.instruct is None else {"instruction": request.instruct},
-    )
-    order = sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)
-    if request.top_n is not None:
-        order = order[: request.top_n]
-    latency = time.perf_counter() - started
-    return [
-        RerankResult(
-            score=scores[i],
-            document=request.documents[i] if request.return_documents else None,
-            index=i,
-            meta_info={"id": secrets.token_hex(16), "finish_reason": {"type": "length", "length": 0},
-                       "prompt_tokens": int(lengths[i]), "e2e_latency": latency},
-        )
-        for i in order
-    ]
+
+    capability = "can_cross_encode"
+    fallback = "can_score"
+    lenient = True
+    sglang_context_length = True
+
+    def validate(self, ctx: ServeContext[RerankRequest]) -> None:
+        request = ctx.request
+        if not request.query:
+            raise BadRequestError("Query cannot be empty")
+        if not request.query.strip():
+            raise BadRequestError("Query cannot be empty or whitespace only")
+        if not request.documents:
+            raise BadRequestError("Documents cannot be empty")
+        if any(not document.strip() for document in request.documents):
+            raise BadRequestError("Each document cannot be empty or whitespace only")
+        check_pairs(ctx.model, [request.query], request.documents)
+
+    def item_count(self, request: RerankRequest) -> int:
+        return len(request.documents)
+
+    def scoring(self, ctx: ServeContext[RerankRequest]) -> PairScoring:
+        """SGLang scores an LLM reranker by p(yes) / (p(yes) + p(no)), activated; cross-encoders get raw
+        logits unless the checkpoint declares an activation."""
+        model, instruct = ctx.model, ctx.request.instruct
+        return PairScoring(use_activation=model.declares_st_activation or model.score_template is not None,
+                           template_variables={} if instruct is None else {"instruction": instruct},
+                           check_length=False)
+
+    async def encode(self, ctx: ServeContext[RerankRequest]) -> EncodedPairs:
+        return await encode_pairs(ctx.model, [ctx.request.query], ctx.request.documents, self.scoring(ctx),
+                                  ctx.settings)
+
+    async def infer(self, ctx: ServeContext[RerankRequest]) -> np.ndarray:
+        return await score_encoded(ctx.gateway, ctx.model, ctx.encoded, self.scoring(ctx))
+
+    def respond(self, ctx: ServeContext[RerankRequest]) -> Response:
+        request, scores, lengths = ctx.request, ctx.output.tolist(), ctx.encoded.tokens_per_pair()
+        order = sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)
+        if request.top_n is not None:
+            order = order[: request.top_n]
+        latency = time.perf_counter() - ctx.started
+        results = [
+            RerankResult(score=scores[i], document=request.documents[i] if request.return_documents else None, index=i,
+                         meta_info={"id": secrets.token_hex(16), "finish_reason": {"type": "length", "length": 0},
+                                    "prompt_tokens": int(lengths[i]), "e2e_latency": latency})
+            for i in order
+        ]
+        exclude = set() if request.return_documents else {"document"}
+        return Response(orjson.dumps([result.model_dump(exclude=exclude) for result in results]),
+                        media_type="application/json")
 
 
-async def classify_native(request: NativeEncodeRequest, model: ServedModel, gateway: TritonGateway,
-                          settings: Settings) -> NativeEncodeResult | list[NativeEncodeResult]:
+class ServingNativeClassify(Serving[NativeEncodeRequest]):
     """SGLang's native ``/classify``: the raw head output (or the embedding) per input, with meta_info."""
-    gateway.refuse_if_busy(model.triton_model)
-    started = time.perf_counter()
-    if request.text is None and request.input_ids is None:
-        raise BadRequestError("At least one of text, input_ids, image, video, or audio should be provided")
-    if request.text is not None and request.input_ids is not None:
-        raise BadRequestError("Either text or input_ids should be provided, not both")
-    single = isinstance(request.text, str) or (request.input_ids is not None and bool(request.input_ids)
-                                               and isinstance(request.input_ids[0], int))
-    if request.text is not None:
-        texts = [request.text] if isinstance(request.text, str) else list(request.text)
-        if not texts:
-            raise BadRequestError("text cannot be an empty list")
-        check_item_count(len(texts), settings.max_items_per_request)
-        if isinstance(texts[0], list):  # [query, document] pairs: cross-encoder input
-            if any(len(pair) != 2 for pair in texts):
+
+    capability = "can_classify"
+    fallback = "can_classify_or_embed"
+    lenient = True
+    flavour = Flavour.SGLANG_NATIVE
+    sglang_context_length = True
+
+    @staticmethod
+    def is_single(request: NativeEncodeRequest) -> bool:
+        return isinstance(request.text, str) or (request.input_ids is not None and bool(request.input_ids)
+                                                 and isinstance(request.input_ids[0], int))
+
+    def prompts(self, request: NativeEncodeRequest) -> list:
+        """The texts, [query, document] pairs or token-id prompts of the request."""
+        if request.text is not None:
+            return [request.text] if isinstance(request.text, str) else list(request.text)
+        return [request.input_ids] if self.is_single(request) else list(request.input_ids)
+
+    def validate(self, ctx: ServeContext[NativeEncodeRequest]) -> None:
+        request = ctx.request
+        if request.text is None and request.input_ids is None:
+            raise BadRequestError("At least one of text, input_ids, image, video, or audio should be provided")
+        if request.text is not None and request.input_ids is not None:
+            raise BadRequestError("Either text or input_ids should be provided, not both")
+        prompts = self.prompts(request)
+        if request.text is not None:
+            if not prompts:
+                raise BadRequestError("text cannot be an empty list")
+            if isinstance(prompts[0], list) and any(len(pair) != 2 for pair in prompts):
                 raise BadRequestError("Each text pair must be [query, document]")
-            encoded = await encode_texts(model, [p[0] for p in texts], [p[1] for p in texts], settings)
-        else:
-            encoded = await encode_texts(model, texts, None, settings)
-    else:
-        prompts = [request.input_ids] if single else list(request.input_ids)
-        if not prompts or any(not ids for ids in prompts):
+        elif not prompts or any(not ids for ids in prompts):
             raise BadRequestError("input_ids cannot be empty")
-        check_item_count(len(prompts), settings.max_items_per_request)
-        encoded = encode_ids(model, prompts)
-    output = "embeddings" if model.task == "embed" else "logits"
-    rows = (await gateway.infer(model.triton_model, encoded, (output,)))[output]
-    latency = time.perf_counter() - started
-    rids = request.rid if isinstance(request.rid, list) else [request.rid] * len(rows)
-    results = [
-        NativeEncodeResult(
-            embedding=row.tolist(),
-            meta_info=NativeMetaInfo(id=(rids[i] if i < len(rids) and rids[i] else secrets.token_hex(16)),
-                                     finish_reason={"type": "length", "length": 0},
-                                     prompt_tokens=int(encoded.lengths[i]), e2e_latency=latency),
-        )
-        for i, row in enumerate(rows)
-    ]
-    return results[0] if single else results
+
+    def item_count(self, request: NativeEncodeRequest) -> int:
+        return len(self.prompts(request))
+
+    async def encode(self, ctx: ServeContext[NativeEncodeRequest]) -> Encoded:
+        prompts = self.prompts(ctx.request)
+        if ctx.request.text is None:
+            return encode_ids(ctx.model, prompts)
+        if isinstance(prompts[0], list):  # [query, document] pairs: cross-encoder input
+            return await encode_texts(ctx.model, [p[0] for p in prompts], [p[1] for p in prompts], ctx.settings)
+        return await encode_texts(ctx.model, prompts, None, ctx.settings)
+
+    def output_name(self, ctx: ServeContext[NativeEncodeRequest]) -> str:
+        return "embeddings" if ctx.model.task == "embed" else "logits"
+
+    def respond(self, ctx: ServeContext[NativeEncodeRequest]) -> Response:
+        latency = time.perf_counter() - ctx.started
+        rid = ctx.request.rid
+        rids = rid if isinstance(rid, list) else [rid] * len(ctx.output)
+        results = [
+            NativeEncodeResult(embedding=row.tolist(),
+                               meta_info=meta_info(rids[i] if i < len(rids) else None, int(ctx.encoded.lengths[i]),
+                                                   latency)).model_dump()
+            for i, row in enumerate(ctx.output)
+        ]
+        return Response(orjson.dumps(results[0] if self.is_single(ctx.request) else results),
+                        media_type="application/json")
+
+
+serving_classify_v1 = ServingClassifyV1()
+serving_rerank = ServingRerank()
+serving_native_classify = ServingNativeClassify()
 
 
 def tokenize_json(request: TokenizeRequest, model: ServedModel, settings: Settings) -> bytes:

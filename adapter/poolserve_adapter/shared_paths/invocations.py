@@ -12,23 +12,28 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import TypeAdapter, ValidationError
 
+from poolserve_adapter.base.dependencies import RegistryDep
+from poolserve_adapter.base.protocol import ERROR_RESPONSES, require_json
 from poolserve_adapter.classify.protocol import ClassificationChatRequest, ClassificationCompletionRequest
-from poolserve_adapter.classify.service import classify
-from poolserve_adapter.common.protocol import ERROR_RESPONSES, require_json, response_id
-from poolserve_adapter.dependencies import GatewayDep, RegistryDep, SettingsDep
+from poolserve_adapter.classify.serving import serving_classification
 from poolserve_adapter.errors import BadRequestError
 from poolserve_adapter.pooling.protocol import PoolingRequest
-from poolserve_adapter.pooling.service import pool
+from poolserve_adapter.pooling.serving import serving_pooling
 from poolserve_adapter.rerank.protocol import RerankRequest
-from poolserve_adapter.rerank.service import rerank
+from poolserve_adapter.rerank.serving import serving_rerank
 from poolserve_adapter.score.protocol import ScoreRequest
-from poolserve_adapter.score.service import score
+from poolserve_adapter.score.serving import serving_scores
 
 router = APIRouter(tags=["invocations"])
 
-_ADAPTERS = {kind: TypeAdapter(model) for kind, model in (
-    ("rerank", RerankRequest), ("score", ScoreRequest), ("pooling", PoolingRequest),
-    ("classify", ClassificationCompletionRequest), ("chat", ClassificationChatRequest))}
+# Each kind of body: its request type and the serving that answers it.
+KINDS = {
+    "rerank": (TypeAdapter(RerankRequest), serving_rerank),
+    "score": (TypeAdapter(ScoreRequest), serving_scores),
+    "pooling": (TypeAdapter(PoolingRequest), serving_pooling),
+    "classify": (TypeAdapter(ClassificationCompletionRequest), serving_classification),
+    "chat": (TypeAdapter(ClassificationChatRequest), serving_classification),
+}
 
 
 def invocation_kind(body: dict) -> str:
@@ -48,7 +53,7 @@ def invocation_kind(body: dict) -> str:
 
 @router.post("/invocations", responses=ERROR_RESPONSES, dependencies=[Depends(require_json)],
              summary="SageMaker entry point: classify, score, rerank or pooling, by body shape (vLLM)")
-async def invocations(raw: Request, registry: RegistryDep, gateway: GatewayDep, settings: SettingsDep,
+async def invocations(raw: Request, registry: RegistryDep,
                       body: dict = Body(..., description="A /classify, /score, /rerank or /pooling request body.")):
     kind = invocation_kind(body)
     name = body.get("model") if isinstance(body.get("model"), str) else None  # a wrong type fails validation
@@ -60,16 +65,10 @@ async def invocations(raw: Request, registry: RegistryDep, gateway: GatewayDep, 
             raise BadRequestError("The chat form is served for classifiers only")
     else:
         model = registry.resolve(name, capability="can_score")
+    adapter, serving = KINDS[kind]
     try:
-        request = _ADAPTERS[kind].validate_python(body)
+        request = adapter.validate_python(body)
     except ValidationError as error:
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in error.errors()]) from None
-    if kind == "rerank":
-        result = await rerank(request, model, gateway, settings, response_id("score", raw, request.request_id))
-    elif kind == "score":
-        result = await score(request, model, gateway, settings, response_id("score", raw, request.request_id))
-    elif kind == "pooling":
-        result = await pool(request, model, gateway, settings, response_id("pooling", raw, request.request_id))
-    else:
-        result = await classify(request, model, gateway, settings, response_id("classify", raw, request.request_id))
+    result = await serving.run(request, raw, model)
     return Response(orjson.dumps(result.model_dump()), media_type="application/json")

@@ -9,14 +9,12 @@ the route returns the bytes. ``ADAPTER_MAX_TOKENS_PER_REQUEST`` bounds the ids o
 
 from __future__ import annotations
 
-import orjson
 from fastapi import APIRouter, Body, Depends
 from fastapi.responses import Response
 
-from poolserve_adapter.common.protocol import ERROR_RESPONSES, require_json
-from poolserve_adapter.dependencies import RegistryDep, SettingsDep
-from poolserve_adapter.errors import BadRequestError, NotFoundError
-from poolserve_adapter.registry import ModelRegistry, ServedModel
+from poolserve_adapter.base.dependencies import RegistryDep, SettingsDep
+from poolserve_adapter.base.protocol import ERROR_RESPONSES, require_json
+from poolserve_adapter.errors import BadRequestError
 from poolserve_adapter.tokenization import UNTRUSTED_CHAT_TEMPLATE, check_request_tokens, run_sized
 from poolserve_adapter.tokenize.protocol import (
     DetokenizeRequest,
@@ -25,35 +23,9 @@ from poolserve_adapter.tokenize.protocol import (
     TokenizeCompletionRequest,
     TokenizeResponse,
 )
+from poolserve_adapter.tokenize.serving import detokenize_json, resolve_for_tokenizer, tokenize_json
 
 router = APIRouter(tags=["tokenize"])
-
-
-def resolve_for_tokenizer(registry: ModelRegistry, name: str | None) -> ServedModel:
-    """vLLM's tokenize routes name the valid aliases when the model is unknown."""
-    try:
-        return registry.resolve(name, capability="can_tokenize")
-    except NotFoundError:
-        aliases = ", ".join(model.name for model in registry)
-        raise NotFoundError(f"The model `{name}` does not exist. Valid aliases: {aliases}", param="model") from None
-
-
-def json_response(body: bytes) -> Response:
-    return Response(body, media_type="application/json")
-
-
-def tokenize_json(model: ServedModel, prompt: str, add_special_tokens: bool, return_token_strs: bool,
-                  max_tokens: int, param: str) -> bytes:
-    """The ``TokenizeResponse`` of one prompt as JSON bytes (in a worker thread for a large prompt)."""
-    ids = model.encoder.tokenize([prompt], add_special_tokens, max_tokens, param)[0]
-    # The fields in TokenizeResponse's order, as FastAPI would have written the model.
-    return orjson.dumps({"count": len(ids), "max_model_len": model.max_model_len, "tokens": ids,
-                         "token_strs": model.encoder.token_strings(ids) if return_token_strs else None})
-
-
-def detokenize_json(model: ServedModel, tokens: list[int]) -> bytes:
-    model.encoder.check_vocabulary([tokens], param="tokens")
-    return orjson.dumps({"prompt": model.encoder.decode(tokens)})
 
 
 @router.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES,
@@ -70,9 +42,9 @@ async def tokenize(registry: RegistryDep, settings: SettingsDep,
         param = "messages"
     else:
         prompt, param = body.prompt, "prompt"
-    return json_response(await run_sized(model.encoder.work_size(len(prompt)), tokenize_json, model, prompt,
-                                         body.add_special_tokens, body.return_token_strs,
-                                         settings.max_tokens_per_request, param))
+    ids_json = await run_sized(model.encoder.work_size(len(prompt)), tokenize_json, model, prompt,
+                               body.add_special_tokens, body.return_token_strs, settings.max_tokens_per_request, param)
+    return Response(ids_json, media_type="application/json")
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse, responses=ERROR_RESPONSES,
@@ -80,4 +52,5 @@ async def tokenize(registry: RegistryDep, settings: SettingsDep,
 async def detokenize(body: DetokenizeRequest, registry: RegistryDep, settings: SettingsDep) -> Response:
     model = resolve_for_tokenizer(registry, body.model)
     check_request_tokens(len(body.tokens), settings.max_tokens_per_request, param="tokens")
-    return json_response(await run_sized(len(body.tokens), detokenize_json, model, body.tokens))
+    text_json = await run_sized(len(body.tokens), detokenize_json, model, body.tokens)
+    return Response(text_json, media_type="application/json")

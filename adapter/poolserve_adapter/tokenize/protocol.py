@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import Field
 
-from poolserve_adapter.common.protocol import OpenAIBaseModel
+from poolserve_adapter.base.protocol import OpenAIBaseModel
 
 
 class TokenizeCompletionRequest(OpenAIBaseModel):

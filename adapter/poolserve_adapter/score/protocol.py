@@ -7,35 +7,12 @@ string or a list of strings.
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import Field, model_validator
 
-from poolserve_adapter.common.protocol import OpenAIBaseModel, PoolingRequestBase, UsageInfo, now, random_request_id
+from poolserve_adapter.base.protocol import OpenAIBaseModel, ScoreItem, ScoringFields, UsageInfo, now, random_request_id
 
-
-class MultiModalItem(OpenAIBaseModel):
-    """vLLM's ``ScoreMultiModalParam``: ``{"content": [parts]}`` with text and image_url parts."""
-
-    content: list[dict[str, Any] | str]
-
-
-ScoreItem = str | MultiModalItem
 ScoreInput = ScoreItem | list[ScoreItem]
 SIDE_NAMES = (("queries", "documents"), ("queries", "items"), ("data_1", "data_2"), ("text_1", "text_2"))
-
-
-class ScoringFields(PoolingRequestBase):
-    """vLLM's ``ScoringRequestMixin``: shared by /score and /rerank."""
-
-    max_tokens_per_query: int = Field(0, description="Cut the query to this many tokens first; 0: no limit.")
-    max_tokens_per_doc: int = Field(0, description="Cut each document to this many tokens first; 0: no limit.")
-    instruction: str | None = Field(
-        None, description="For LLM-reranker score templates; cross-encoders read the text pair and ignore it."
-    )
-    chat_template_kwargs: dict[str, Any] | None = Field(
-        None, description="For score templates; the keys chat_template, tools and tokenize are reserved (400)."
-    )
 
 
 class ScoreRequest(ScoringFields):

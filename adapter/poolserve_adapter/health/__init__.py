@@ -1,0 +1,1 @@
+"""The server's own routes: readiness (``/health``, ``/ping``) and ``/version``."""

@@ -1,0 +1,1 @@
+"""vLLM's ``/score``: protocol, serving, api_router."""
