@@ -10,8 +10,8 @@ does when it does not register that route for the model.
 SGLang's OpenAI-style routes (``/v1/classify``, its ``/v1/rerank``, ``/v1/tokenize``, ...) answer
 the flat ``{"object": "error", "message", "type", "param", "code"}`` (validation errors too, as 400
 ``Bad Request``); its native ``/classify`` answers ``{"error": {"message"}}``. Which flavour a
-request gets: ``request.state.flavour`` when the route set it (``/classify`` decides by body
-shape), else the path (``app.state.sglang_paths``), else vLLM.
+request gets: ``request.state.flavour`` when its serving set it (SGLang's native body on
+``/classify``), else the path (``app.state.sglang_paths``), else vLLM.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ import numpy as np
 from poolserve_adapter.errors import BadRequestError
 from poolserve_adapter.media import MediaLoader
 from poolserve_adapter.tokenization import DEFAULT_OPTIONS, Encoded, PromptOptions, TextEncoder, VisionArrays
+from poolserve_contract.families import VisionDeclaration
 
 _MARKER = "\x00image{}\x00"  # stands for an image while a prompt is rendered: its order is read back after
 _MARKER_PATTERN = re.compile("\x00image(\\d+)\x00")
@@ -88,9 +89,10 @@ def parse_item(item) -> Side:
 
 
 class VisionPrompter:
-    """A vision-language model's preprocessing: its image processor, placeholders and token rules."""
+    """A vision-language model's preprocessing: its image processor, placeholders and token rules (the
+    family's declaration, :class:`poolserve_contract.families.VisionDeclaration`)."""
 
-    def __init__(self, family, checkpoint: str, encoder: TextEncoder, image_token_id: int):
+    def __init__(self, family: VisionDeclaration, checkpoint: str, encoder: TextEncoder, image_token_id: int):
         self.family = family
         self.encoder = encoder
         self.image_processor = family.image_processor(checkpoint)

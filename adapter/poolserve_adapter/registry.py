@@ -1,9 +1,10 @@
 """The served models, learned from Triton itself: no second, hand-kept list.
 
 At start the adapter asks Triton for its loaded models (repository index) and each model's config.
-From the config it takes the task (an ``embeddings`` output: embedding model; ``scores``:
-classifier), the ``checkpoint``, ``served_model_name`` and ``max_model_len`` parameters; from the
-checkpoint it loads the same tokenizer and HF config the model uses (labels, maximum length).
+The config carries the model card (:mod:`poolserve_contract.card`: served name, task, labels after
+conversion, maximum length, image token), written when the config was completed; a model folder
+that is not the runtime's gets its card computed here by the same function. From the checkpoint the
+adapter loads only the tokenizer the model uses (and a vision model's image processor).
 """
 
 from __future__ import annotations
@@ -15,12 +16,10 @@ from pathlib import Path
 from poolserve_adapter.errors import NotFoundError, RouteNotOffered
 from poolserve_adapter.multimodal import VisionPrompter
 from poolserve_adapter.tokenization import TextEncoder
-from poolserve_contract.checkpoints import checkpoint_config, max_model_len_for, resolve_checkpoint, served_name
-from poolserve_contract.parameters import parse_bool
+from poolserve_contract import families
+from poolserve_contract.card import ModelCard, model_card
+from poolserve_contract.parameters import ModelParameters
 from poolserve_contract.score_templates import template_text
-from poolserve_contract.wire import SOURCE_FOLDER
-from poolserve_runtime import families
-from poolserve_runtime.llm_rerankers import conversion_for
 
 
 @dataclass(frozen=True)
@@ -77,57 +76,46 @@ class ServedModel:
         return self.task == "classify"
 
 
+def card_of(triton_model: str, config: dict, checkpoint: str, parameters: ModelParameters) -> ModelCard:
+    """The card the config carries, or the one computed from the checkpoint when it carries none."""
+    card = ModelCard.from_config(config)
+    if card is not None:
+        return card
+    outputs = {output["name"] for output in config.get("output", [])}
+    inputs = {tensor["name"] for tensor in config.get("input", [])}
+    return model_card(parameters, families.by_folder(parameters.model_folder or triton_model), checkpoint,
+                      task="embed" if "embeddings" in outputs else "classify",
+                      token_type_input="token_type_ids" in inputs, fallback_name=triton_model)
+
+
 def build_served_model(triton_model: str, config: dict, repository: Path) -> ServedModel:
     from transformers import AutoTokenizer
 
-    parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
-    outputs = {output["name"] for output in config.get("output", [])}
-    task = "embed" if "embeddings" in outputs else "classify"
-    checkpoint = resolve_checkpoint(parameters.get("checkpoint", ""), repository / triton_model)
-    trust_remote_code = parse_bool(parameters.get("trust_remote_code", "false"), "trust_remote_code")
-    family = families.by_folder(parameters.get(SOURCE_FOLDER, triton_model))
-    if family is not None and family.vision:
-        hf_config = family.adapter_config(checkpoint)
-    else:
-        hf_config = checkpoint_config(checkpoint, trust_remote_code)
-    max_model_len = int(parameters.get("max_model_len", "0") or 0) or max_model_len_for(hf_config, checkpoint)
-    input_names = {tensor["name"] for tensor in config.get("input", [])}
+    parameters = ModelParameters.from_config(config)
+    # Resolved here, not taken from the card: the adapter may see the checkpoint at another path.
+    checkpoint = parameters.resolved_checkpoint(repository / triton_model)
+    card = card_of(triton_model, config, checkpoint, parameters)
     encoder = TextEncoder(
-        AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=trust_remote_code),
-        max_model_len=max_model_len,
-        sends_token_types="token_type_ids" in input_names and int(getattr(hf_config, "type_vocab_size", 1) or 1) > 1,
-        vocab_size=int(getattr(hf_config, "vocab_size", 0) or 0) or None,
+        AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=parameters.trust_remote_code),
+        max_model_len=card.max_model_len,
+        sends_token_types=card.sends_token_types,
+        vocab_size=card.vocab_size,
     )
-    id2label = {int(k): v for k, v in (getattr(hf_config, "id2label", None) or {}).items()}
-    # The family knows the width of its outputs (a gated reward head reduces num_labels to one score);
-    # a causal LM served as a reranker has the labels its conversion builds.
-    num_labels = int(getattr(hf_config, "num_labels", 1) or 1)
-    if family is not None and family.output_labels(hf_config) != num_labels:
-        num_labels, id2label = family.output_labels(hf_config), {}
-    conversion = None
-    if family is not None and (family.caches_kv or parameters.get("hf_overrides")):
-        raw = families.read_config_dict(checkpoint)
-        conversion = conversion_for(raw, checkpoint, parameters.get("hf_overrides", ""))
-        if conversion is not None and (conversion.method or families.Family.architecture_is_causal_lm(raw)):
-            num_labels, id2label = conversion.num_labels, {}
-    template_name = parameters.get("score_template", "").strip()
     vision = None
-    if family is not None and family.vision:
-        vision = VisionPrompter(family, checkpoint, encoder, int(getattr(hf_config, "image_token_id")))
+    if card.image_token_id is not None:
+        vision = VisionPrompter(families.by_name(card.family), checkpoint, encoder, card.image_token_id)
     return ServedModel(
-        architecture=families.architecture_of(hf_config),
+        architecture=card.architecture,
         vision=vision,
-        name=served_name(parameters, triton_model),
+        name=card.served_name,
         triton_model=triton_model,
-        task=task,
+        task=card.task,
         checkpoint=checkpoint,
         encoder=encoder,
-        id2label=id2label,
-        num_labels=num_labels if task == "classify" else 0,
-        score_template=template_text(template_name) if template_name else None,
-        declares_st_activation=bool(getattr(hf_config, "sbert_ce_default_activation_function", None) or (
-            (getattr(hf_config, "sentence_transformers", None) or {}).get("activation_fn")
-            if isinstance(getattr(hf_config, "sentence_transformers", None), dict) else None)),
+        id2label=card.id2label,
+        num_labels=card.num_labels,
+        score_template=template_text(card.score_template) if card.score_template else None,
+        declares_st_activation=card.declares_st_activation,
     )
 
 

@@ -44,28 +44,18 @@ def resolve_checkpoint(value: str, model_dir: Path | None = None) -> str:
     return value
 
 
-def served_name(parameters: dict[str, str], fallback: str) -> str:
-    """The name clients send as ``model``: ``served_model_name``, else ``builtin:NAME`` → NAME, else
-    the checkpoint as written (vLLM's default), else ``fallback``."""
-    explicit = parameters.get("served_model_name", "").strip()
-    if explicit:
-        return explicit
-    checkpoint = parameters.get("checkpoint", "").strip()
-    if checkpoint.startswith(BUILTIN_PREFIX):
-        return checkpoint[len(BUILTIN_PREFIX) :]
-    return checkpoint or fallback
-
-
-def checkpoint_config(checkpoint: str, trust_remote_code: bool = False):
+def checkpoint_config(checkpoint: str, trust_remote_code: bool = False, local_files_only: bool = False):
     """The checkpoint's config as a ``PretrainedConfig``: transformers' own class where it knows the
     model type, else a generic config from config.json (remote-code architectures served natively:
-    labels, lengths and vocabulary are all the adapter needs, and no remote code runs)."""
+    labels, lengths and vocabulary are all the model card needs, and no remote code runs).
+    ``local_files_only``: a hub checkpoint is read from the local cache only."""
     from transformers import AutoConfig, PretrainedConfig
 
     try:
-        return AutoConfig.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(checkpoint, trust_remote_code=trust_remote_code,
+                                          local_files_only=local_files_only)
     except (KeyError, ValueError):
-        config, _ = PretrainedConfig.get_config_dict(checkpoint)
+        config, _ = PretrainedConfig.get_config_dict(checkpoint, local_files_only=local_files_only)
         return PretrainedConfig.from_dict(config)
 
 

@@ -1,6 +1,29 @@
-"""Model parameters (config.pbtxt ``parameters``) as both sides read them."""
+"""Model parameters (config.pbtxt ``parameters``), parsed once into a typed object both sides read.
+
+Triton carries every parameter as a string; :class:`ModelParameters` holds each one typed, with its
+default and its check, for the host's plan and run repository, the model card, the Triton stub's
+settings and the adapter. Keys it does not know are left alone (other backends' models, and the
+``model_card`` :func:`poolserve_contract.triton_config.complete_config` writes).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from poolserve_contract.checkpoints import BUILTIN_PREFIX, resolve_checkpoint
+from poolserve_contract.wire import INSTANCE_COUNT
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+ATTENTIONS = ("varlen", "padded")
+COMPILE_MODES = ("auto", "layers", "none")
+PREFIX_REUSE_MODES = ("auto", "off")
+# cpu_threads=auto on a GPU instance: measured best under load (benchmarks/README.md). On a GPU the
+# stub's CPU work is small tensor ops (reading and unpadding inputs) that one core's worth of threads
+# does best: with a thread per core they contend with the adapter and the other stubs, and unpadding
+# a 64-document request took 3.8 ms instead of 0.6 ms on a busy 16-core host.
+GPU_STUB_CPU_THREADS = 4
 
 
 def parse_bool(value: str, name: str) -> bool:
@@ -10,3 +33,121 @@ def parse_bool(value: str, name: str) -> bool:
     if lowered in ("false", "0", "no", ""):
         return False
     raise ValueError(f"{name} parameter {value!r} is not true or false")
+
+
+def _choice(value: str, name: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} parameter {value!r} is not one of {', '.join(allowed)}")
+    return value
+
+
+def parse_cpu_threads(value: str) -> int | None:
+    """``auto`` (None: the device decides, :meth:`ModelParameters.cpu_threads_on`) or a whole number."""
+    if value.strip() == "auto":
+        return None
+    if not value.strip().isdigit():
+        raise ValueError(f"cpu_threads parameter {value!r} is not auto or a whole number")
+    return int(value)
+
+
+def parse_instance_count(value: str) -> int | None:
+    """Instances of the model on each device (None: Triton's own placement)."""
+    count = value.strip()
+    if not count:
+        return None
+    if not count.isdigit() or int(count) < 1:
+        raise ValueError(f"{INSTANCE_COUNT} must be a positive integer, got {count!r}")
+    return int(count)
+
+
+@dataclass(frozen=True)
+class ModelParameters:
+    # Where the weights come from, as written: builtin:NAME, a folder (absolute or relative to the
+    # model's folder) or a hub id (poolserve_contract.checkpoints.resolve_checkpoint).
+    checkpoint: str = ""
+    served_model_name: str = ""  # the name clients send as `model` (see served_name)
+    dtype: str = "auto"  # auto (bfloat16 on a GPU, float32 on the CPU) or one of DTYPE_NAMES
+    # "varlen": one packed stream (the GPU default); "padded": HF's padded SDPA (the CPU default)
+    attention: str = "auto"
+    # torch.compile each transformer layer (fuses norms, rotary, activations): "layers", "none", or
+    # "auto" (the family decides, GPU varlen body only; see FamilyDeclaration.compile_by_default)
+    compile: str = "auto"
+    max_tokens_per_forward: int = 16384  # token budget of one forward pass
+    max_model_len: int = 0  # 0: derive from the checkpoint (the model card)
+    logit_mean: float = 0.0  # calibration before the activation: (logit - mean) / sigma, as vLLM's pooler
+    logit_sigma: float = 1.0
+    # Remote code from the checkpoint runs only when the user asks for it (the generic family).
+    trust_remote_code: bool = False
+    # Serve the checkpoint as this architecture whatever config.json says (vLLM's --hf-overrides
+    # '{"architectures": [...]}'): e.g. GteNewForSequenceClassification for NewForSequenceClassification.
+    architecture: str = ""
+    # vLLM's --hf-overrides JSON for LLM rerankers (architectures, classifier_from_token, method,
+    # is_original_qwen3_reranker): see poolserve_contract.conversions.
+    hf_overrides: str = ""
+    # "auto": documents of one request sharing a prompt prefix compute it once (causal packed
+    # bodies, poolserve_runtime.prefix_reuse); "off": every sequence computes its whole prompt.
+    prefix_reuse: str = "auto"
+    cpu_threads: int | None = None  # torch's intra-op threads in the stub; None: auto (cpu_threads_on)
+    score_template: str = ""  # a shipped score template's name or a Jinja file (poolserve_contract.score_templates)
+    model_folder: str = ""  # the model_repository folder the model is made from (wire.SOURCE_FOLDER)
+    instance_count: int | None = None  # instances per device, the host's instance_group (wire.INSTANCE_COUNT)
+
+    @classmethod
+    def from_mapping(cls, parameters: Mapping[str, str]) -> ModelParameters:
+        """From ``{key: string value}``; raises ValueError naming the parameter a value does not fit."""
+        def text(key: str, default: str = "") -> str:
+            return parameters.get(key, default)
+
+        return cls(
+            checkpoint=text("checkpoint").strip(),
+            served_model_name=text("served_model_name").strip(),
+            dtype=_choice(text("dtype", "auto"), "dtype", ("auto", *DTYPE_NAMES)),
+            attention=_choice(text("attention", "auto"), "attention", ("auto", *ATTENTIONS)),
+            compile=_choice(text("compile", "auto"), "compile", COMPILE_MODES),
+            max_tokens_per_forward=int(text("max_tokens_per_forward", "16384")),
+            max_model_len=int(text("max_model_len", "0") or 0),
+            logit_mean=float(text("logit_mean", "0") or 0),
+            logit_sigma=float(text("logit_sigma", "1") or 1),
+            trust_remote_code=parse_bool(text("trust_remote_code", "false"), "trust_remote_code"),
+            architecture=text("architecture").strip(),
+            hf_overrides=text("hf_overrides").strip(),
+            prefix_reuse=_choice(text("prefix_reuse", "auto"), "prefix_reuse", PREFIX_REUSE_MODES),
+            cpu_threads=parse_cpu_threads(text("cpu_threads", "auto")),
+            score_template=text("score_template").strip(),
+            model_folder=text("model_folder"),
+            instance_count=parse_instance_count(text(INSTANCE_COUNT)),
+        )
+
+    @classmethod
+    def from_config(cls, config: dict) -> ModelParameters:
+        """From a model config in Triton's JSON form (``parameters``: ``{key: {"string_value": ...}}``)."""
+        return cls.from_mapping(string_parameters(config))
+
+    def served_name(self, fallback: str) -> str:
+        """The name clients send as ``model``: ``served_model_name``, else ``builtin:NAME`` → NAME, else
+        the checkpoint as written (vLLM's default), else ``fallback``."""
+        if self.served_model_name:
+            return self.served_model_name
+        if self.checkpoint.startswith(BUILTIN_PREFIX):
+            return self.checkpoint[len(BUILTIN_PREFIX):]
+        return self.checkpoint or fallback
+
+    def resolved_checkpoint(self, model_dir: Path | None = None) -> str:
+        """A local path or a hub id that ``from_pretrained`` accepts."""
+        return resolve_checkpoint(self.checkpoint, model_dir)
+
+    def cpu_threads_on(self, device_type: str) -> int:
+        """Threads for a stub on ``device_type`` ("cuda", "cpu"); 0: torch's default, one per core."""
+        if self.cpu_threads is not None:
+            return self.cpu_threads
+        return GPU_STUB_CPU_THREADS if device_type == "cuda" else 0  # the CPU forward wants every core
+
+
+def string_parameters(config: dict) -> dict[str, str]:
+    """``parameters`` of a model config in Triton's JSON form as ``{key: string value}``."""
+    return {key: value.get("string_value", "") for key, value in (config.get("parameters") or {}).items()}
+
+
+def served_name(parameters: Mapping[str, str], fallback: str) -> str:
+    """:meth:`ModelParameters.served_name` of ``{key: string value}`` parameters."""
+    return ModelParameters.from_mapping(parameters).served_name(fallback)

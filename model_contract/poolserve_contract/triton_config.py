@@ -5,12 +5,17 @@ its default checkpoint); Triton asks the Python backend to complete the rest at 
 (``auto_complete_config``, on by default in every ``tritonserver``, the NGC image's included).
 Triton takes ``max_batch_size``, ``input``, ``output`` and, when the file sets no scheduler,
 ``dynamic_batching`` from the completed config, so those live here; anything a config.pbtxt does
-declare is kept as written. Parameters are not completed by Triton: their defaults live in
-:class:`poolserve_runtime.settings.ModelSettings`. With no ``instance_group`` Triton places one instance
-on each GPU, or one on the CPU without a GPU (what ``KIND_AUTO`` did).
+declare is kept as written. Parameters are not completed: their defaults live in
+:class:`poolserve_contract.parameters.ModelParameters`; the one parameter added is the model card
+(:mod:`poolserve_contract.card`), by the host only (Triton's auto-complete keeps no parameters). With
+no ``instance_group`` Triton places one instance on each GPU, or one on the CPU without a GPU (what
+``KIND_AUTO`` did).
 """
 
 from __future__ import annotations
+
+from poolserve_contract.card import ModelCard
+from poolserve_contract.wire import MODEL_CARD
 
 # Largest sum of batch dimensions of the requests grouped into one execute(). The token budget of
 # one forward is the max_tokens_per_forward parameter, not this.
@@ -64,8 +69,10 @@ DYNAMIC_BATCHING = {
 _SCHEDULERS = ("dynamic_batching", "sequence_batching", "ensemble_scheduling")
 
 
-def complete_config(config: dict, task: str, uses_token_types: bool, vision: bool = False) -> dict:
-    """Fill ``config`` (Triton's JSON form, modified in place) with the shared fields it lacks."""
+def complete_config(config: dict, task: str, uses_token_types: bool, vision: bool = False,
+                    card: ModelCard | None = None) -> dict:
+    """Fill ``config`` (Triton's JSON form, modified in place) with the shared fields it lacks, and the
+    model's ``card`` when there is one (:func:`poolserve_contract.card.card_for_config`)."""
     if not config.get("max_batch_size"):
         config["max_batch_size"] = MAX_BATCH_SIZE
     inputs = list(_TOKEN_INPUTS) + ([_TOKEN_TYPE_INPUT] if uses_token_types else []) + (
@@ -75,6 +82,8 @@ def complete_config(config: dict, task: str, uses_token_types: bool, vision: boo
     if not any(key in config for key in _SCHEDULERS):
         config["dynamic_batching"] = {**DYNAMIC_BATCHING,
                                       "default_queue_policy": dict(DYNAMIC_BATCHING["default_queue_policy"])}
+    if card is not None:
+        config.setdefault("parameters", {})[MODEL_CARD] = {"string_value": card.to_json()}
     return config
 
 

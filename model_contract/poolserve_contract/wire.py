@@ -24,3 +24,8 @@ INFERENCE_KEY_ENV = "TRITON_INFERENCE_KEY"
 # Triton looks for a restricted protocol's header under this prefix in gRPC metadata (HTTP: as is).
 CONTROL_GRPC_HEADER = f"triton-grpc-protocol-{CONTROL_HEADER}"
 INFERENCE_GRPC_HEADER = f"triton-grpc-protocol-{INFERENCE_HEADER}"
+
+# Parameter carrying the model card (poolserve_contract.card.ModelCard as JSON): written into the
+# config when the host completes it for the run repository, read by the adapter through Triton's
+# model-config API.
+MODEL_CARD = "model_card"

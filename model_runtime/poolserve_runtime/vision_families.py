@@ -1,6 +1,8 @@
 """Vision-language classifiers and rerankers: token ids with image placeholders plus pixels in, scores out.
 
-Each family is a declarative :class:`VisionFamily` entry: the stock transformers multimodal body
+Each family is declared torch-free in :mod:`poolserve_contract.families` (a ``VisionDeclaration``:
+placeholders, score format, head kind) and implemented here by :class:`VisionFamily`: the stock
+transformers multimodal body
 (``Qwen2VLModel``, ``Qwen2_5_VLModel``, ``Qwen3VLModel``; or the project's own module for
 architectures upstream ships only as remote code, :mod:`poolserve_runtime.native.llama_nemotron_vl`),
 the pooling, and the head vLLM builds for it:
@@ -27,43 +29,18 @@ from __future__ import annotations
 
 import inspect
 import logging
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from poolserve_runtime.families import Family, UnsupportedArchitecture
+from poolserve_contract.families import QWEN_IMAGE, UnsupportedArchitecture, by_name  # noqa: F401  (QWEN_IMAGE: tests)
+from poolserve_runtime.implementations import Family
 
 logger = logging.getLogger(__name__)
 
-QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
-QWEN_VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
-_PADDED_VISION = ("vision-language: multimodal RoPE positions and the image merge are HF's own forward: "
-                  "runs padded")
 
-
-@dataclass(frozen=True)
 class VisionFamily(Family):
-    pooling: str = "last"
-    fused_gather: bool = True
-    caches_kv: bool = True
-    causal: bool = True
-    bodies: tuple[str, ...] = ("padded",)
-    padded_reason: str = _PADDED_VISION
-    vision: bool = True
-    backbone: str = ""  # transformers class of the multimodal body, built from the checkpoint
-    head: str = "linear"  # "linear": score; "mlp": score.0 + ReLU + score.2
-    logit_bias: float = 0.0  # subtracted from the logit before the activation (vLLM's pooler logit_bias)
-    # Appended to every prompt after tokenizing (jina-reranker-m0 pools its score token, id 100).
-    score_token_id: int | None = None
-    # How a (query, document) pair is written when no score template applies: "{query}"/"{document}"
-    # are the texts with their image placeholders first. "" tokenizes query + document as one text.
-    score_format: str = ""
-    image_placeholder: str = QWEN_IMAGE  # one image in a prompt before expansion
-    image_pad_token: str = "<|image_pad|>"  # the token repeated per image feature (the model's image_token_id)
-    video_placeholder: str = ""  # "" when the model reads no video
-    # The original generative form of the checkpoint this family converts (yes/no rerankers).
-    generative_architecture: str = ""
+    """A multimodal body (``backbone``) and the head its declaration names (``linear`` or ``mlp``)."""
 
     def head_linear(self, model: nn.Module) -> nn.Linear:
         return model.score if self.head == "linear" else model.score[2]
@@ -73,36 +50,8 @@ class VisionFamily(Family):
             return None
         return torch.relu(model.score[0](pooled))
 
-    def output_labels(self, config) -> int:
-        return 1 if self.head == "mlp" else int(getattr(config, "num_labels", 1) or 1)
-
     def load_vision(self, checkpoint: str, dtype: torch.dtype, device: torch.device, conversion=None) -> nn.Module:
         return VisionClassifier.load(self, checkpoint, dtype, device, conversion)
-
-    # The adapter's side: the checkpoint's image processor and how an image is written into a prompt.
-
-    def adapter_config(self, checkpoint: str):
-        """The config the adapter reads labels, lengths and the image token from."""
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(checkpoint)
-
-    def image_processor(self, checkpoint: str):
-        from transformers import AutoImageProcessor
-
-        return AutoImageProcessor.from_pretrained(checkpoint)
-
-    def image_text(self, grid, processor) -> str:
-        """One image's placeholder expanded as the checkpoint's processor does: the pad token once per
-        merged patch (t * h * w / merge_size^2)."""
-        merge = int(getattr(processor, "merge_size", 2) or 2) ** 2
-        tokens = int(torch.tensor(list(grid)).prod()) // merge
-        return self.image_placeholder.replace(self.image_pad_token, self.image_pad_token * tokens)
-
-    def render_pair(self, query_side, document_side) -> tuple[str, list[int]] | None:
-        """A (query, document) prompt the family writes itself, with the order of its images; None: the
-        score template, ``score_format`` or query + document decide."""
-        return None
 
 
 class VisionClassifier(nn.Module):
@@ -208,22 +157,4 @@ def _converted_score(conversion, checkpoint: str, folder, body: nn.Module, dtype
     return head.to(dtype)
 
 
-# ----------------------------------------------------------------------------------------------
-# Pixels per request: read from Triton tensors, carried with the packed batch
-
-
-# ----------------------------------------------------------------------------------------------
-# The table
-
-FAMILIES: tuple[VisionFamily, ...] = (
-    VisionFamily(name="qwen2_5_vl", architectures=("Qwen2_5_VLForSequenceClassification",),
-                 backbone="Qwen2_5_VLModel", video_placeholder=QWEN_VIDEO,
-                 example="muziyongshixin/Qwen2.5-VL-7B-for-VideoCls", folder="qwen2_5_vl_classifier"),
-    VisionFamily(name="jina_vl", architectures=("JinaVLForRanking", "JinaVLForSequenceClassification"),
-                 backbone="Qwen2VLModel", head="mlp", fused_gather=False, logit_bias=2.65, score_token_id=100,
-                 score_format="**Document**:\n{document}\n**Query**:\n{query}",
-                 example="jinaai/jina-reranker-m0", folder="jina_vl_reranker"),
-    VisionFamily(name="qwen3_vl", architectures=("Qwen3VLForSequenceClassification",), backbone="Qwen3VLModel",
-                 video_placeholder=QWEN_VIDEO, generative_architecture="Qwen3VLForConditionalGeneration",
-                 example="Qwen/Qwen3-VL-Reranker-2B", folder="qwen3_vl_classifier"),
-)
+FAMILIES: tuple[VisionFamily, ...] = tuple(VisionFamily(by_name(name)) for name in ("qwen2_5_vl", "jina_vl", "qwen3_vl"))

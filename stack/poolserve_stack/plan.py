@@ -3,7 +3,7 @@
 An entry is one of:
 
 * ``CHECKPOINT``: a local folder, ``builtin:NAME`` or a hub id. Its ``config.json`` picks the family
-  (:func:`poolserve_runtime.families.family_for_config`: an ``architecture`` override, then
+  (:func:`poolserve_contract.families.family_for_config`: an ``architecture`` override, then
   ``architectures[0]``, then ``auto_map``, then the generic fallback), and with it the model folder;
 * ``FOLDER``: a model_repository folder with the checkpoint its config.pbtxt names;
 * ``FOLDER=CHECKPOINT``: that folder, that checkpoint (an explicit choice).
@@ -22,11 +22,16 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from poolserve_contract.checkpoints import resolve_checkpoint, served_name
-from poolserve_contract.parameters import parse_bool
+from poolserve_contract.conversions import conversion_for
+from poolserve_contract.families import (
+    GENERIC,
+    FamilyDeclaration,
+    UnsupportedArchitecture,
+    family_for_config,
+    read_config_dict,
+)
+from poolserve_contract.parameters import ModelParameters
 from poolserve_contract.wire import SOURCE_FOLDER
-from poolserve_runtime.families import GENERIC, Family, UnsupportedArchitecture, family_for_config, read_config_dict
-from poolserve_runtime.llm_rerankers import conversion_for
 
 _NOT_IN_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 # What `make serve` and `docker compose up` serve when no model is named: builtin:sentiment-minilm
@@ -73,10 +78,10 @@ def plan_models(entries: list[str], repository: Path, sets: dict[str, dict[str, 
         elif not (repository / folder / "config.pbtxt").exists():
             raise PlanError(f"no model folder {folder!r} in {repository}")
         name = folder if folder not in plan and (is_pair or not checkpoint) else triton_name_for(
-            served_name(parameters, folder))
+            _typed(parameters, entry).served_name(folder))
         name = _unique(name, plan)
         parameters = {**parameters, **sets.pop(name, {}), SOURCE_FOLDER: folder}
-        public = served_name(parameters, name) if "checkpoint" in parameters else name
+        public = _typed(parameters, entry).served_name(name) if "checkpoint" in parameters else name
         if public in served:
             raise PlanError(f"{entry!r} and {served[public]!r} would both be served as {public!r}; "
                             "give one a served_model_name")
@@ -87,14 +92,22 @@ def plan_models(entries: list[str], repository: Path, sets: dict[str, dict[str, 
     return plan
 
 
-def _folder_for_checkpoint(checkpoint: str, parameters: dict[str, str], repository: Path) -> str:
+def _typed(parameters: dict[str, str], entry: str) -> ModelParameters:
     try:
-        config = read_config_dict(resolve_checkpoint(checkpoint))
+        return ModelParameters.from_mapping(parameters)
+    except ValueError as error:
+        raise PlanError(f"{entry}: {error}") from None
+
+
+def _folder_for_checkpoint(checkpoint: str, parameters: dict[str, str], repository: Path) -> str:
+    typed = _typed(parameters, checkpoint)
+    try:
+        config = read_config_dict(typed.resolved_checkpoint())
     except (OSError, ValueError) as error:
         raise PlanError(f"cannot read config.json of {checkpoint!r}: {error}") from error
     try:
-        override = parameters.get("architecture", "")
-        conversion = conversion_for(config, checkpoint, parameters.get("hf_overrides", ""))
+        override = typed.architecture
+        conversion = conversion_for(config, checkpoint, typed.hf_overrides)
         if conversion is not None:  # a causal LM served as a classifier (an LLM reranker)
             override = override or conversion.architecture
             if conversion.overrides:
@@ -104,11 +117,10 @@ def _folder_for_checkpoint(checkpoint: str, parameters: dict[str, str], reposito
         family = family_for_config(config, override)
     except UnsupportedArchitecture as error:
         raise PlanError(f"{checkpoint}: {error}") from error
-    if family is GENERIC and architecture_is_causal(config):
+    if family is GENERIC and FamilyDeclaration.architecture_is_causal_lm(config):
         raise PlanError(f"{checkpoint}: {(config.get('architectures') or ['?'])[0]} has no classifier family to convert "
                         "into; serve it with hf_overrides naming a served architecture, as vLLM's --hf-overrides")
-    if family is GENERIC and config.get("auto_map") and not parse_bool(
-            parameters.get("trust_remote_code", "false"), "trust_remote_code"):
+    if family is GENERIC and config.get("auto_map") and not typed.trust_remote_code:
         raise PlanError(
             f"{checkpoint}: architecture {(config.get('architectures') or ['?'])[0]} is remote code in the checkpoint "
             f"and no family serves it natively; remote code runs only when you allow it: "
@@ -116,9 +128,6 @@ def _folder_for_checkpoint(checkpoint: str, parameters: dict[str, str], reposito
     if not (repository / family.folder / "config.pbtxt").exists():
         raise PlanError(f"{checkpoint}: family {family.name} has no model folder {family.folder!r} in {repository}")
     return family.folder
-
-
-architecture_is_causal = Family.architecture_is_causal_lm
 
 
 def _unique(name: str, taken: dict) -> str:

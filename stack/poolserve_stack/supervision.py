@@ -16,7 +16,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from poolserve_contract.checkpoints import served_name
+from poolserve_contract.parameters import served_name
 from poolserve_contract.wire import SOURCE_FOLDER
 from poolserve_stack.triton_server import LauncherError, ModelUnloaded, ServerDied, StubDied, TritonServer
 

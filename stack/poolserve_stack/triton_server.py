@@ -44,6 +44,10 @@ from pathlib import Path
 
 from tritonclient.utils import InferenceServerException
 
+from poolserve_contract.card import card_for_config
+from poolserve_contract.families import by_folder
+from poolserve_contract.parameters import parse_instance_count
+from poolserve_contract.triton_config import complete_config
 from poolserve_contract.wire import (
     CONTROL_GRPC_HEADER,
     CONTROL_HEADER,
@@ -340,7 +344,7 @@ def process_cmdline(pid: int) -> str:
 
 def config_with_parameters(config_pbtxt: Path, parameters: dict[str, str], name: str | None = None) -> str:
     """The model's config.pbtxt (text format) renamed to ``name``, with ``parameters`` set or replaced
-    (and ``instance_count`` turned into its instance_group)."""
+    (and ``instance_count`` turned into its instance_group), completed with the model card."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
@@ -348,44 +352,42 @@ def config_with_parameters(config_pbtxt: Path, parameters: dict[str, str], name:
     if name is not None:
         config.name = name
     parameters = dict(parameters)
-    count = parameters.pop(INSTANCE_COUNT, "").strip()
-    if count:
-        if not count.isdigit() or int(count) < 1:
-            raise LauncherError(f"{INSTANCE_COUNT} must be a positive integer, got {count!r}")
+    try:
+        instance_count = parse_instance_count(parameters.pop(INSTANCE_COUNT, ""))
+    except ValueError as error:
+        raise LauncherError(str(error)) from None
+    if instance_count is not None:
         del config.instance_group[:]
-        config.instance_group.add(count=int(count))
+        config.instance_group.add(count=instance_count)
     for key, value in parameters.items():
         config.parameters[key].string_value = value
-    return text_format.MessageToString(completed_config(config, config_pbtxt.parent.name))
+    return text_format.MessageToString(completed_config(config, config_pbtxt.parent.name, config_pbtxt.parent))
 
 
-def completed_config(config, folder: str):
-    """``config`` with what every model of the shared runtime adds (model_config.py), when ``folder``
-    is one of its families; otherwise as it is.
+def completed_config(config, folder: str, model_dir: Path | None = None):
+    """``config`` with what every model of the shared runtime adds (poolserve_contract.triton_config) and
+    its model card (poolserve_contract.card), when ``folder`` is one of its families; otherwise as it is.
 
     Triton would ask the model's ``auto_complete_config`` for the same at load, in a stub process of
     its own that imports torch and the runtime only to exit again: on a 2-core machine that doubles
     the time a model takes to load, and to come back after its stub died. Completed here, the server
-    runs with auto-complete off (see :func:`all_completed`).
+    runs with auto-complete off (see :func:`all_completed`). The card is read from checkpoints already
+    on this machine (:func:`~poolserve_contract.card.card_for_config`).
     """
     from google.protobuf import json_format
     from tritonclient.grpc import model_config_pb2
-
-    from poolserve_contract.triton_config import complete_config
-    from poolserve_runtime.families import by_folder
 
     family = by_folder(folder)
     if family is None:
         return config
     as_dict = json_format.MessageToDict(config, preserving_proto_field_name=True)
-    complete_config(as_dict, family.task, family.uses_token_types, family.vision)
+    card = card_for_config(as_dict, family, model_dir)
+    complete_config(as_dict, family.task, family.uses_token_types, family.vision, card)
     return json_format.ParseDict(as_dict, model_config_pb2.ModelConfig())
 
 
 def all_completed(models: dict[str, dict[str, str]]) -> bool:
     """Every planned model comes from a folder of the shared runtime (its config completed here)."""
-    from poolserve_runtime.families import by_folder
-
     return all(by_folder(parameters.get(SOURCE_FOLDER, name)) is not None for name, parameters in models.items())
 
 

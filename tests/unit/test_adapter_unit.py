@@ -14,10 +14,11 @@ from tritonclient.utils import InferenceServerException
 
 from poolserve_adapter import errors
 from poolserve_adapter.app import create_app
-from poolserve_adapter.registry import ModelRegistry, ServedModel, served_name
+from poolserve_adapter.registry import ModelRegistry, ServedModel
 from poolserve_adapter.settings import Settings
 from poolserve_adapter.tokenization import Encoded, TextEncoder
 from poolserve_adapter.triton_gateway import TritonGateway
+from poolserve_contract.parameters import served_name
 
 
 class FakeTritonClient:
@@ -161,7 +162,7 @@ TOKEN_LIMIT = 40  # ADAPTER_MAX_TOKENS_PER_REQUEST of the app below
 
 @pytest.fixture(scope="module")
 def wordpiece(tmp_path_factory):
-    from tests.tiny_models import CHATML_TEMPLATE, wordpiece_tokenizer
+    from tests.support.tiny_models import CHATML_TEMPLATE, wordpiece_tokenizer
 
     tokenizer = wordpiece_tokenizer(tmp_path_factory.mktemp("wordpiece"))
     tokenizer.chat_template = CHATML_TEMPLATE  # for /tokenize's chat form
@@ -184,7 +185,7 @@ def tokenizing_app(monkeypatch, wordpiece):
 
 
 def words(count: int) -> str:
-    from tests.tiny_models import WORDS
+    from tests.support.tiny_models import WORDS
 
     return " ".join(WORDS[i % len(WORDS)] for i in range(count))
 
@@ -367,7 +368,7 @@ def test_truncate_texts_keeps_truncate_texts_results_in_one_batch(wordpiece):
 
 def test_health_is_ready_only_when_every_served_model_is():
     """A restarted Triton answers server-ready before its models are loaded again: /health must not."""
-    from poolserve_adapter.models.router import readiness
+    from poolserve_adapter.health.api_router import readiness
 
     class Probe:
         def __init__(self, loaded: set[str]):

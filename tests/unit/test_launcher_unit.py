@@ -10,7 +10,7 @@ from poolserve_contract.triton_config import complete_config
 from poolserve_contract.wire import SOURCE_FOLDER
 from poolserve_stack import triton_server
 from poolserve_stack.triton_server import config_with_parameters, write_run_repository
-from tests.conftest import MODEL_REPOSITORY
+from tests.support.stack import MODEL_REPOSITORY
 
 
 def parsed(text: str) -> dict:
@@ -117,7 +117,7 @@ def test_the_adapter_s_settings_and_api_key_stay_out_of_tritonserver_s_environme
 
 def test_run_configs_come_complete_so_triton_needs_no_auto_complete_stub():
     from poolserve_runtime.families import by_folder
-    from tests.conftest import FAULT_MODELS
+    from tests.support.stack import FAULT_MODELS
 
     config = parsed(config_with_parameters(MODEL_REPOSITORY / "bert_classifier" / "config.pbtxt", {}, name="x"))
     family = by_folder("bert_classifier")
@@ -143,3 +143,16 @@ def test_process_running_counts_zombies_as_gone():
     assert triton_server.pid_alive(child.pid)  # which a plain kill(0) still sees
     child.wait()
     assert triton_server.process_running(os.getpid()) and not triton_server.process_running(child.pid)
+
+
+def test_run_configs_carry_the_model_card_when_the_checkpoint_is_here(tmp_path):
+    from poolserve_contract.card import ModelCard
+    from tests.support.tiny_models import build_checkpoint
+
+    checkpoint = build_checkpoint("bert", tmp_path / "bert")
+    source = MODEL_REPOSITORY / "bert_classifier" / "config.pbtxt"
+    card = ModelCard.from_config(parsed(config_with_parameters(source, {"checkpoint": str(checkpoint)}, name="x")))
+    assert (card.served_name, card.family, card.num_labels, card.max_model_len) == (str(checkpoint), "bert", 3, 128)
+    # A checkpoint this machine cannot read yet (not downloaded): no card, and the config is written all the same.
+    absent = parsed(config_with_parameters(source, {"checkpoint": str(tmp_path / "absent")}, name="y"))
+    assert ModelCard.from_config(absent) is None and absent["input"]

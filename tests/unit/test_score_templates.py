@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import pytest
 
-from poolserve_contract.score_templates import TEMPLATE_DIR, _compiled, render, template_text
+from poolserve_contract.score_templates import TEMPLATE_DIR, compiled, render, template_text
 
 SHIPPED = ("bge_reranker_v2_gemma", "mxbai_rerank_v2", "qwen3_reranker", "qwen3_vl_reranker")
 
@@ -93,9 +93,9 @@ def test_qwen3_instruction_sources_in_vllm_order():
                   instruct="ignored") == QWEN3_INSTRUCTED
     messages = [{"role": "system", "content": "Retrieve semantically similar text"},
                 {"role": "query", "content": QUERY}, {"role": "document", "content": DOCUMENT}]
-    assert _compiled(text).render(messages=messages) == QWEN3_INSTRUCTED
-    assert _compiled(text).render(messages=messages, instruction="Given a web search query, retrieve relevant "
-                                  "passages that answer the query") == QWEN3_DEFAULT
+    assert compiled(text).render(messages=messages) == QWEN3_INSTRUCTED
+    assert compiled(text).render(messages=messages, instruction="Given a web search query, retrieve relevant "
+                                 "passages that answer the query") == QWEN3_DEFAULT
 
 
 def test_qwen3_content_is_literal():

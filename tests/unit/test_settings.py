@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from poolserve_contract.parameters import GPU_STUB_CPU_THREADS, ModelParameters
 from poolserve_runtime.settings import ModelSettings
 
 
@@ -36,13 +37,24 @@ def test_unknown_parameter_values_are_refused(tmp_path, name, value):
         ModelSettings.from_triton_args(triton_args(tmp_path, **{name: value}))
 
 
-def test_gpu_stubs_use_a_few_cpu_threads_and_cpu_stubs_torch_s_default():
-    import torch
-
-    from poolserve_runtime.settings import GPU_STUB_CPU_THREADS, _cpu_threads
-
-    assert _cpu_threads("auto", torch.device("cuda", 0)) == GPU_STUB_CPU_THREADS
-    assert _cpu_threads("auto", torch.device("cpu")) == 0  # the CPU forward wants every core
-    assert _cpu_threads("2", torch.device("cpu")) == 2
+def test_gpu_stubs_use_a_few_cpu_threads_and_cpu_stubs_torch_s_default(tmp_path):
+    assert ModelParameters.from_mapping({}).cpu_threads_on("cuda") == GPU_STUB_CPU_THREADS
+    assert ModelParameters.from_mapping({}).cpu_threads_on("cpu") == 0  # the CPU forward wants every core
+    assert ModelParameters.from_mapping({"cpu_threads": "2"}).cpu_threads_on("cpu") == 2
+    assert ModelSettings.from_triton_args(triton_args(tmp_path, cpu_threads="3")).cpu_threads == 3
     with pytest.raises(ValueError, match="cpu_threads"):
-        _cpu_threads("many", torch.device("cpu"))
+        ModelSettings.from_triton_args(triton_args(tmp_path, cpu_threads="many"))
+
+
+def test_max_model_len_comes_from_the_card_unless_set(tmp_path):
+    from poolserve_contract.card import ModelCard
+    from poolserve_contract.wire import MODEL_CARD
+
+    card = ModelCard(served_name="m", family="bert", task="classify", architecture="BertForSequenceClassification",
+                     max_model_len=77, num_labels=1)
+    args = triton_args(tmp_path)
+    config = json.loads(args["model_config"])
+    config["parameters"][MODEL_CARD] = {"string_value": card.to_json()}
+    args["model_config"] = json.dumps(config)
+    assert ModelSettings.from_triton_args(args).max_model_len == 77
+    assert ModelSettings.from_triton_args(triton_args(tmp_path)).max_model_len == 0  # the engine derives it

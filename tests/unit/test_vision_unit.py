@@ -9,7 +9,8 @@ import torch
 from poolserve_adapter.errors import BadRequestError
 from poolserve_adapter.multimodal import parse_item, parse_parts
 from poolserve_adapter.tokenization import VisionArrays
-from poolserve_runtime.native.llama_nemotron_vl import TilingImageProcessor, pixel_shuffle, tile_grid
+from poolserve_contract.tiling import TilingImageProcessor, tile_grid
+from poolserve_runtime.native.llama_nemotron_vl import pixel_shuffle
 from poolserve_runtime.packing import InvalidRequest
 from poolserve_runtime.vision import BatchImages, read_images
 
@@ -62,7 +63,7 @@ def test_tiling_picks_upstream_s_grid_and_adds_a_thumbnail():
     assert tile_grid(1024, 512, 512, 1, 6) == (2, 1)
     assert tile_grid(500, 500, 512, 1, 6) == (1, 1)
     assert tile_grid(2000, 400, 512, 1, 6) == (5, 1)
-    from tests.tiny_vision import make_image
+    from tests.support.tiny_vision import make_image
 
     processed = TilingImageProcessor(32, 1, 4)([make_image(64, 32), make_image(20, 20)])
     assert processed["image_grid_thw"].tolist() == [[1, 1, 3], [1, 1, 1]]  # 2 tiles + thumbnail; 1 tile

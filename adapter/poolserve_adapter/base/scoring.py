@@ -16,6 +16,7 @@ Two steps, so that the serving pipeline guards between them: :func:`encode_pairs
 from __future__ import annotations
 
 import asyncio
+from abc import abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -220,8 +221,9 @@ class ScoringServing(Serving):
 
     capability = "can_score"
 
+    @abstractmethod
     def sides(self, request) -> tuple[list[ScoreItem], list[ScoreItem]]:
-        raise NotImplementedError
+        """The query side and the document side, each a list."""
 
     def validate(self, ctx: ServeContext) -> None:
         check_scoring_fields(ctx.request, ctx.model)

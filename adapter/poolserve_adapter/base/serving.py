@@ -18,6 +18,7 @@ The guards run here, for every endpoint, in this order:
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar, Generic, Protocol, TypeVar
 
@@ -26,7 +27,7 @@ from fastapi import Request
 
 from poolserve_adapter.base.dependencies import get_app_settings, get_gateway, get_registry
 from poolserve_adapter.errors import BadRequestError, Flavour
-from poolserve_adapter.registry import ServedModel
+from poolserve_adapter.registry import ModelRegistry, ServedModel
 from poolserve_adapter.settings import Settings
 from poolserve_adapter.tokenization import DEFAULT_OPTIONS, Encoded, PromptOptions, check_request_tokens
 from poolserve_adapter.triton_gateway import TritonGateway
@@ -80,7 +81,7 @@ def check_context_length(model: ServedModel, encoded: Encoded) -> None:
         )
 
 
-class Serving(Generic[RequestT]):
+class Serving(ABC, Generic[RequestT]):
     """resolve → validate → guards → encode → guards → infer → respond; subclasses fill in the steps."""
 
     # The ServedModel property a model needs to serve this endpoint.
@@ -100,7 +101,7 @@ class Serving(Generic[RequestT]):
             raw_request.state.flavour = self.flavour
         return await self.run(request, raw_request, self.resolve(await get_registry(raw_request), request))
 
-    def resolve(self, registry, request: RequestT) -> ServedModel:
+    def resolve(self, registry: ModelRegistry, request: RequestT) -> ServedModel:
         if self.lenient:
             return registry.resolve_lenient(request.model, capability=self.capability, fallback=self.fallback)
         return registry.resolve(request.model, capability=self.capability)
@@ -130,20 +131,23 @@ class Serving(Generic[RequestT]):
     def validate(self, ctx: ServeContext) -> None:
         """Checks of the request alone, before any guard: no tokenizer, no Triton. Nothing by default."""
 
+    @abstractmethod
     def item_count(self, request: RequestT) -> int:
         """How many prompts, texts or documents the request holds."""
-        raise NotImplementedError
 
+    @abstractmethod
     async def encode(self, ctx: ServeContext) -> Batches:
-        raise NotImplementedError
+        """The request's prompts (or pairs) as token ids: all its tokenizing happens here."""
 
     def output_name(self, ctx: ServeContext) -> str:
-        """The Triton output the endpoint reads (``scores``, ``logits`` or ``embeddings``)."""
-        raise NotImplementedError
+        """The Triton output the default :meth:`infer` reads (``scores``, ``logits`` or ``embeddings``);
+        an endpoint that overrides :meth:`infer` (pair scoring) has none."""
+        raise NotImplementedError(f"{type(self).__name__} reads no single Triton output")
 
     async def infer(self, ctx: ServeContext) -> np.ndarray:
         name = self.output_name(ctx)
         return (await ctx.gateway.infer(ctx.model.triton_model, ctx.encoded, (name,)))[name]
 
+    @abstractmethod
     def respond(self, ctx: ServeContext):
-        raise NotImplementedError
+        """The response body (a response model, or a ``Response`` already rendered)."""

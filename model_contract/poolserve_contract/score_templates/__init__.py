@@ -29,7 +29,8 @@ def template_text(name_or_path: str) -> str:
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(text: str):
+def compiled(text: str):
+    """The template compiled once per text (Jinja compiles are slow; LLM rerankers render one per pair)."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     # The settings transformers uses for chat templates (vLLM renders score templates through them).
@@ -40,4 +41,4 @@ def _compiled(text: str):
 def render(text: str, query: str, document: str, **kwargs) -> str:
     """The prompt for one pair; ``kwargs`` are the template variables (``instruction``, ...)."""
     messages = [{"role": "query", "content": query}, {"role": "document", "content": document}]
-    return _compiled(text).render(messages=messages, **kwargs)
+    return compiled(text).render(messages=messages, **kwargs)

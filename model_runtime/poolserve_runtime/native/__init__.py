@@ -2,7 +2,8 @@
 
 Each module here builds the model from ``config.json`` and the checkpoint's weights without
 importing the checkpoint's Python files (remote code never runs unless the user asks for the
-generic path with ``trust_remote_code``), and exposes its :class:`~poolserve_runtime.families.Family`.
+generic path with ``trust_remote_code``), and exposes the implementation (``FAMILY``, a
+:class:`~poolserve_runtime.implementations.Family`) of a family declared in :mod:`poolserve_contract.families`.
 Golden outputs recorded once from the upstream code pin them down (``tests/goldens/``).
 """
 

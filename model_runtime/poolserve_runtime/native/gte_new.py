@@ -31,7 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from poolserve_runtime.families import BertFamily, UnsupportedArchitecture, read_config_dict
+from poolserve_contract.families import UnsupportedArchitecture, by_name, read_config_dict
+from poolserve_runtime.implementations import BertFamily
 from poolserve_runtime.native.weights import checkpoint_folder, load_state
 from poolserve_runtime.varlen import packed_attention
 
@@ -328,7 +329,6 @@ def convert_state_dict(state: dict[str, torch.Tensor], config) -> dict[str, torc
     return state
 
 
-@dataclass(frozen=True)
 class GteNewFamily(BertFamily):
     """``NewForSequenceClassification``: CLS pooling, NewPooler (dense + tanh), ``classifier``."""
 
@@ -352,12 +352,4 @@ class GteNewFamily(BertFamily):
         return model.classifier
 
 
-FAMILY = GteNewFamily(
-    name="gte_new",
-    architectures=("GteNewForSequenceClassification", "NewForSequenceClassification"),
-    uses_token_types=True,
-    pooling="cls",
-    bodies=("varlen",),
-    example="Alibaba-NLP/gte-multilingual-reranker-base",
-    folder="gte_new_classifier",
-)
+FAMILY = GteNewFamily(by_name("gte_new"))

@@ -34,16 +34,20 @@ activation is ``PoolerClassify`` (sigmoid for one label) with ``use_activation``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
+from poolserve_contract.families import (
+    INTERNLM2_REWARD_ARCHITECTURE,
+    UnsupportedArchitecture,
+    by_name,
+    read_config_dict,
+)
 from poolserve_runtime.activation import Activation
-from poolserve_runtime.families import DecoderFamily, UnsupportedArchitecture, read_config_dict
+from poolserve_runtime.implementations import DecoderFamily
 from poolserve_runtime.native.weights import assign_weights, checkpoint_folder, load_state, parameters_on_meta
 
-ARCHITECTURE = "InternLM2ForRewardModel"
+ARCHITECTURE = INTERNLM2_REWARD_ARCHITECTURE
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,7 +168,6 @@ def load_internlm2_reward(checkpoint: str, dtype: torch.dtype, device: torch.dev
     return assign_weights(model, internlm2_to_llama(load_state(folder), config), dtype, device)
 
 
-@dataclass(frozen=True)
 class InternLM2RewardFamily(DecoderFamily):
     def read_config(self, checkpoint: str, trust_remote_code: bool = False):
         return internlm2_config(read_config_dict(checkpoint))
@@ -184,10 +187,4 @@ class InternLM2RewardFamily(DecoderFamily):
         return model.score  # the v_head
 
 
-FAMILY = InternLM2RewardFamily(
-    name="internlm2_reward",
-    architectures=(ARCHITECTURE,),
-    skips_trailing_pad=False,  # upstream scores input_ids[:, -1] (the reward token), pad or not
-    example="internlm/internlm2-1_8b-reward",
-    folder="internlm2_reward",
-)
+FAMILY = InternLM2RewardFamily(by_name("internlm2_reward"))

@@ -27,36 +27,14 @@ would build a causal mask.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from poolserve_runtime.families import DecoderFamily, UnsupportedArchitecture, read_config_dict
+from poolserve_contract.families import by_name, llama_config_from_dict, read_config_dict
+from poolserve_runtime.implementations import DecoderFamily
 from poolserve_runtime.native.weights import checkpoint_folder, load_state
 
-# config.json "pooling" -> kernels pooling method (vLLM: avg -> MEAN, cls -> CLS, last -> LAST)
-POOLING = {"avg": "mean", "cls": "cls", "last": "last"}
 
-
-def llama_config_from_dict(config_dict: dict):
-    """A transformers ``LlamaConfig`` from a remote-code Llama config.json (``architectures`` kept)."""
-    from transformers import LlamaConfig
-
-    values = {k: v for k, v in config_dict.items() if k not in ("auto_map", "model_type", "transformers_version")}
-    if "torch_dtype" in values:  # the pre-v5 name
-        values.setdefault("dtype", values.pop("torch_dtype"))
-    config = LlamaConfig(**values)
-    for key, value in values.items():  # keys LlamaConfig does not know (pooling, temperature, ...)
-        if not hasattr(config, key):
-            setattr(config, key, value)
-    config.architectures = list(config_dict.get("architectures") or [])
-    if config_dict.get("auto_map"):
-        config.auto_map = dict(config_dict["auto_map"])
-    return config
-
-
-@dataclass(frozen=True)
 class NativeLlamaFamily(DecoderFamily):
     """Llama-body architectures upstream ships as remote code: the config from config.json, the
     weights (upstream names = transformers' Llama names) into a stock ``LlamaForSequenceClassification``,
@@ -81,15 +59,8 @@ class NativeLlamaFamily(DecoderFamily):
         return model
 
 
-@dataclass(frozen=True)
 class LlamaBidirectionalFamily(NativeLlamaFamily):
-    pooling: str = "mean"  # the upstream default ("avg"); pooling_for reads the config
-    fused_gather: bool = False  # mean pooling is no row gather
-    skips_trailing_pad: bool = False  # upstream pools by attention_mask, never by pad ids
-    causal: bool = False  # bidirectional: a shared prefix's states depend on each document
-    bodies: tuple[str, ...] = ("varlen",)
-    padded_reason: str = ("bidirectional attention runs on the packed body only "
-                          "(HF's padded Llama path builds a causal mask)")
+    """A stock Llama with every attention layer's ``is_causal`` off."""
 
     def customize(self, model: nn.Module, config) -> None:
         self.pooling_for(config)  # fail at load on a pooling we do not serve
@@ -102,20 +73,8 @@ class LlamaBidirectionalFamily(NativeLlamaFamily):
                 module.is_causal = False
         return model.to(device=device, dtype=dtype).eval()
 
-    def pooling_for(self, config) -> str:
-        pooling = getattr(config, "pooling", "avg")
-        if pooling not in POOLING:
-            raise UnsupportedArchitecture(
-                f"LlamaBidirectional pooling {pooling!r} is not one of {', '.join(POOLING)} (as vLLM)")
-        return POOLING[pooling]
-
     def head_linear(self, model: nn.Module) -> nn.Linear:
         return model.score
 
 
-FAMILY = LlamaBidirectionalFamily(
-    name="llama_bidirectional",
-    architectures=("LlamaBidirectionalForSequenceClassification",),
-    example="nvidia/llama-nemotron-rerank-1b-v2",
-    folder="llama_bidirectional_classifier",
-)
+FAMILY = LlamaBidirectionalFamily(by_name("llama_bidirectional"))

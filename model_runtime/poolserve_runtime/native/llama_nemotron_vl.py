@@ -14,78 +14,33 @@ Both, and this module (our own code on stock transformers parts):
   by ``pooling`` ("avg": the mean over all tokens), and a bias-free ``score`` linear; vLLM's default
   activation (sigmoid for one label).
 
-Images are cut into tiles as upstream's ``dynamic_preprocess``: the grid (i x j, min..max tiles)
-whose aspect ratio fits best (area-aware rule), the image resized to it (bicubic) and cropped row
-by row, plus a thumbnail of the whole image when there is more than one tile; each tile normalised
-with mean = std = 0.5. :class:`TilingImageProcessor` returns them as ``pixel_values``
-``[tiles, 3 * S * S]`` and one ``image_grid_thw`` row ``(1, 1, tiles)`` per image (the shared
-vision wire contract: an image's rows are the product of its grid).
+Images are cut into tiles as upstream's ``dynamic_preprocess`` by
+:class:`poolserve_contract.tiling.TilingImageProcessor` (the adapter runs it); the declaration (pooling,
+placeholders, how a pair is written) is :class:`poolserve_contract.families.NemotronVLDeclaration`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import numpy as np
 import torch
 from torch import nn
 
-from poolserve_runtime.families import UnsupportedArchitecture, read_config_dict
-from poolserve_runtime.native.llama_bidirectional import POOLING, llama_config_from_dict
+from poolserve_contract.families import (
+    NEMOTRON_IMAGE_CONTEXT,
+    NEMOTRON_IMAGE_TOKEN_ID,
+    by_name,
+    llama_config_from_dict,
+    read_config_dict,
+)
+from poolserve_contract.tiling import TilingImageProcessor, tiles_processor_for
 from poolserve_runtime.native.weights import checkpoint_folder, load_state
 from poolserve_runtime.vision_families import VisionFamily
 
-IMAGE_PLACEHOLDER = "<image>"
-IMAGE_START, IMAGE_END, IMAGE_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 
-
-def tile_grid(width: int, height: int, size: int, min_tiles: int, max_tiles: int) -> tuple[int, int]:
-    """(columns, rows) of the tiling, upstream's area-aware best-ratio rule."""
-    aspect = width / height
-    ratios = sorted({(i, j) for n in range(min_tiles, max_tiles + 1) for i in range(1, n + 1)
-                     for j in range(1, n + 1) if min_tiles <= i * j <= max_tiles}, key=lambda r: r[0] * r[1])
-    best, best_factor = (1, 1), -1.0
-    for columns, rows in ratios:
-        ratio = columns / rows
-        factor = min(columns * rows * size * size / (width * height), 0.6) * min(ratio / aspect, aspect / ratio)
-        if factor > best_factor:
-            best, best_factor = (columns, rows), factor
-    return best
-
-
-class TilingImageProcessor:
-    """Upstream's tiling and normalisation as an image processor (``pixel_values``, ``image_grid_thw``)."""
-
-    def __init__(self, size: int, min_tiles: int, max_tiles: int, use_thumbnail: bool = True,
-                 tokens_per_tile: int = 256):
-        self.size, self.min_tiles, self.max_tiles, self.use_thumbnail = size, min_tiles, max_tiles, use_thumbnail
-        self.tokens_per_tile = tokens_per_tile
-
-    def tiles(self, image) -> list:
-        from PIL import Image
-
-        columns, rows = tile_grid(image.width, image.height, self.size, self.min_tiles, self.max_tiles)
-        resized = image.resize((self.size * columns, self.size * rows), Image.BICUBIC)
-        tiles = [resized.crop((c * self.size, r * self.size, (c + 1) * self.size, (r + 1) * self.size))
-                 for r in range(rows) for c in range(columns)]
-        if self.use_thumbnail and len(tiles) != 1:
-            tiles.append(image.resize((self.size, self.size), Image.BICUBIC))
-        return tiles
+class TorchTilingImageProcessor(TilingImageProcessor):
+    """The tiling processor answering ``return_tensors="pt"`` too, as HF's processors do (benchmarks, references)."""
 
     def __call__(self, images, return_tensors: str = "np") -> dict:
-        from PIL import Image
-
-        arrays, grids = [], []
-        for image in images:
-            tiles = self.tiles(image.convert("RGB"))
-            for tile in tiles:
-                if tile.size != (self.size, self.size):
-                    tile = tile.resize((self.size, self.size), Image.BICUBIC)
-                pixels = (np.asarray(tile, dtype=np.float32) / 255.0 - 0.5) / 0.5  # [S, S, 3]
-                arrays.append(pixels.transpose(2, 0, 1).reshape(-1))
-            grids.append((1, 1, len(tiles)))
-        pixel_values = np.stack(arrays) if arrays else np.zeros((0, 3 * self.size * self.size), np.float32)
-        result = {"pixel_values": pixel_values, "image_grid_thw": np.array(grids, dtype=np.int64).reshape(-1, 3)}
+        result = super().__call__(images)
         if return_tensors == "pt":
             return {key: torch.from_numpy(value) for key, value in result.items()}
         return result
@@ -126,7 +81,7 @@ class NemotronVLClassifier(nn.Module):
         self.config.id2label = {int(k): v for k, v in (config.get("id2label") or {}).items()} or {
             i: f"LABEL_{i}" for i in range(self.num_labels)}
         self.image_size = int(config.get("force_image_size") or self.vision_model.config.image_size)
-        self.image_token_id = int(config.get("img_context_token_id", 128258))
+        self.image_token_id = int(config.get("img_context_token_id", NEMOTRON_IMAGE_TOKEN_ID))
         self.config.image_token_id = self.image_token_id
         self.family = family
 
@@ -154,7 +109,7 @@ class NemotronVLClassifier(nn.Module):
             if int(slots.sum()) != features.shape[0]:
                 from poolserve_runtime.packing import InvalidRequest
 
-                raise InvalidRequest(f"the prompts hold {int(slots.sum())} {IMAGE_CONTEXT} tokens where their tiles "
+                raise InvalidRequest(f"the prompts hold {int(slots.sum())} {NEMOTRON_IMAGE_CONTEXT} tokens where their tiles "
                                      f"need {features.shape[0]}")
             embeds = embeds.masked_scatter(slots.unsqueeze(-1), features)
         keep = attention_mask.bool()
@@ -186,23 +141,11 @@ def _checkpoint_names(state: dict[str, torch.Tensor], vision_prefix: str) -> dic
     return renamed
 
 
-@dataclass(frozen=True)
 class NemotronVLFamily(VisionFamily):
-    pooling: str = "mean"
-    fused_gather: bool = False
-    causal: bool = False
-    caches_kv: bool = False
-    image_placeholder: str = IMAGE_PLACEHOLDER
-    image_pad_token: str = IMAGE_CONTEXT
+    """Our module on stock SigLIP and Llama parts, the checkpoint's weights renamed into it."""
 
     def read_config(self, checkpoint: str, trust_remote_code: bool = False):
         return llama_config_from_dict(read_config_dict(checkpoint)["llm_config"])
-
-    def pooling_for(self, config) -> str:
-        pooling = getattr(config, "pooling", "avg")
-        if pooling not in POOLING:
-            raise UnsupportedArchitecture(f"LlamaNemotronVL pooling {pooling!r} is not one of {', '.join(POOLING)}")
-        return POOLING[pooling]
 
     def load_vision(self, checkpoint: str, dtype: torch.dtype, device: torch.device, conversion=None) -> nn.Module:
         config = read_config_dict(checkpoint)
@@ -213,43 +156,10 @@ class NemotronVLFamily(VisionFamily):
         model.load_state_dict(_checkpoint_names(load_state(checkpoint_folder(checkpoint)), vision_prefix), strict=True)
         return model.to(device=device, dtype=dtype).eval()
 
-    def adapter_config(self, checkpoint: str):
-        raw = read_config_dict(checkpoint)
-        config = llama_config_from_dict(raw["llm_config"])
-        config.num_labels = int(raw.get("num_labels") or config.num_labels or 1)
-        config.id2label = {int(k): v for k, v in (raw.get("id2label") or {}).items()} or {
-            i: f"LABEL_{i}" for i in range(config.num_labels)}
-        config.image_token_id = int(raw.get("img_context_token_id", 128258))
-        return config
-
-    def image_processor(self, checkpoint: str):
-        config = read_config_dict(checkpoint)
-        vision = config["vision_config"]
-        size = int(config.get("force_image_size") or vision.get("image_size", 512))
-        ratio = float(config.get("downsample_ratio", 0.5))
-        tokens = int((size // int(vision.get("patch_size", 16))) ** 2 * ratio * ratio)
-        max_tiles = int(config.get("max_dynamic_patch", 6)) if config.get("dynamic_image_size", True) else 1
-        return TilingImageProcessor(size, int(config.get("min_dynamic_patch", 1)), max_tiles,
-                                    bool(config.get("use_thumbnail", True)), tokens)
-
-    def image_text(self, grid, processor) -> str:
-        return IMAGE_START + IMAGE_CONTEXT * (processor.tokens_per_tile * int(np.prod(np.asarray(grid)))) + IMAGE_END
-
-    def render_pair(self, query_side, document_side) -> tuple[str, list[int]]:
-        """nemotron-vl-rerank.jinja: the document's image (one per pair) first, then
-        "question:{query} \\n \\n passage:{document text}"."""
-        if query_side.image_urls:
-            raise UnsupportedArchitecture("LlamaNemotronVL takes images in documents only; the query must be text")
-        if len(document_side.image_urls) > 1:
-            raise UnsupportedArchitecture("LlamaNemotronVL takes one image per document")
-        image = "\x00image0\x00 " if document_side.image_urls else ""
-        return f"{image}question:{chr(10).join(query_side.texts)} \n \n passage:{chr(10).join(document_side.texts)}", \
-            list(range(len(document_side.image_urls)))
+    def image_processor(self, checkpoint: str) -> TorchTilingImageProcessor:
+        processor = tiles_processor_for(read_config_dict(checkpoint))
+        return TorchTilingImageProcessor(processor.size, processor.min_tiles, processor.max_tiles,
+                                         processor.use_thumbnail, processor.tokens_per_tile)
 
 
-FAMILY = NemotronVLFamily(
-    name="llama_nemotron_vl",
-    architectures=("LlamaNemotronVLForSequenceClassification",),
-    example="nvidia/llama-nemotron-rerank-vl-1b-v2",
-    folder="llama_nemotron_vl_reranker",
-)
+FAMILY = NemotronVLFamily(by_name("llama_nemotron_vl"))

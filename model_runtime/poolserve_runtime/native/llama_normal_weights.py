@@ -20,13 +20,11 @@ engine: ``head_features`` gives the per-attribute products ``mean_k * weight_k``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
+from poolserve_contract.families import UnsupportedArchitecture, by_name
 from poolserve_runtime.activation import Activation
-from poolserve_runtime.families import UnsupportedArchitecture
 from poolserve_runtime.native.llama_bidirectional import NativeLlamaFamily
 
 
@@ -45,10 +43,8 @@ class NormalWeights(nn.Module):
         return self.fc(x.to(torch.float16))
 
 
-@dataclass(frozen=True)
 class LlamaNormalWeightsFamily(NativeLlamaFamily):
-    fused_gather: bool = False  # the gate and the products come between the gather and the sum
-    skips_trailing_pad: bool = False  # SGLang pools the sequence's last token, pad or not
+    """The gate (``weights``) and the sum over (mean, uncertainty) pairs on a stock Llama."""
 
     def customize(self, model: nn.Module, config) -> None:
         num_labels = int(config.num_labels)
@@ -84,13 +80,5 @@ class LlamaNormalWeightsFamily(NativeLlamaFamily):
     def head_linear(self, model: nn.Module) -> nn.Linear:
         return model.normal_weights_sum
 
-    def output_labels(self, config) -> int:
-        return 1  # one gated reward, whatever num_labels (the score layer's width) says
 
-
-FAMILY = LlamaNormalWeightsFamily(
-    name="llama_normal_weights",
-    architectures=("LlamaForSequenceClassificationWithNormal_Weights",),
-    example="LxzGordon/URM-LLaMa-3.1-8B",
-    folder="llama_normal_weights_reward",
-)
+FAMILY = LlamaNormalWeightsFamily(by_name("llama_normal_weights"))

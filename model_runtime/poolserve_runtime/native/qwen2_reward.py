@@ -16,17 +16,16 @@ no activation: ``scores == logits``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
+from poolserve_contract.families import QWEN2_REWARD_ARCHITECTURE, UnsupportedArchitecture, by_name, read_config_dict
 from poolserve_runtime.activation import Activation
-from poolserve_runtime.families import DecoderFamily, UnsupportedArchitecture, read_config_dict
+from poolserve_runtime.implementations import DecoderFamily
 from poolserve_runtime.native.internlm2 import num_labels_of
 from poolserve_runtime.native.weights import assign_weights, checkpoint_folder, load_state, parameters_on_meta
 
-ARCHITECTURE = "Qwen2ForRewardModel"
+ARCHITECTURE = QWEN2_REWARD_ARCHITECTURE
 
 
 def qwen2_reward_config(raw: dict):
@@ -83,9 +82,8 @@ def load_qwen2_reward(checkpoint: str, dtype: torch.dtype, device: torch.device,
     return assign_weights(model, state, dtype, device)
 
 
-@dataclass(frozen=True)
 class Qwen2RewardFamily(DecoderFamily):
-    fused_gather: bool = False  # score.0 + ReLU come between the pooled token and the last linear
+    """score.0 + ReLU, then score.2 (the reward) on the last token."""
 
     def read_config(self, checkpoint: str, trust_remote_code: bool = False):
         return qwen2_reward_config(read_config_dict(checkpoint))
@@ -107,10 +105,4 @@ class Qwen2RewardFamily(DecoderFamily):
         return model.score[2]
 
 
-FAMILY = Qwen2RewardFamily(
-    name="qwen2_reward",
-    architectures=(ARCHITECTURE,),
-    skips_trailing_pad=False,  # vLLM returns every token's reward; the sequence's is the last row
-    example="Qwen/Qwen2.5-Math-RM-72B",
-    folder="qwen2_reward",
-)
+FAMILY = Qwen2RewardFamily(by_name("qwen2_reward"))

@@ -1,0 +1,452 @@
+"""Architecture families as declarations: what each family serves and how it reads a checkpoint's config.
+
+A family is one entry of :data:`FAMILIES`: the ``architectures[0]`` values it serves, its task, its
+pooling, the bodies it can run, its model_repository folder, and the rules that read the checkpoint's
+``config.json`` (pooling, output width, position offset). Nothing here imports torch: the host's plan,
+the adapter and the model card read these declarations, and the Triton stub puts one torch
+implementation on each (:mod:`poolserve_runtime.families`).
+
+:func:`family_for_config` picks a family from a checkpoint's ``config.json`` (an ``architecture``
+override, then ``architectures[0]``, then ``auto_map``, then the generic fallback), so a user names a
+checkpoint, not a model folder.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from poolserve_contract.tiling import TilingImageProcessor, tiles_processor_for
+
+BODIES = ("varlen", "padded")
+GENERATIVE_SUFFIXES = ("ForCausalLM", "ForConditionalGeneration")
+
+
+class UnsupportedArchitecture(ValueError):
+    """No family serves this checkpoint (or not the one the user chose)."""
+
+
+@dataclass(frozen=True)
+class FamilyDeclaration:
+    name: str
+    architectures: tuple[str, ...]  # config.json `architectures[0]` values this family serves
+    task: str = "classify"  # "classify" (logits + scores) or "embed" (embeddings)
+    pooling: str = "cls"  # a kernels.POOLING_METHODS entry (pooling_for may read it from the config)
+    uses_token_types: bool = False
+    fused_gather: bool = False  # pooling is a plain gather straight into the last linear layer
+    # compile=auto compiles the layers on a GPU for these. Measured (benchmarks/results/
+    # engine_compiled_h200.csv): decoders 1.1-2.2x (eager RMSNorm + rotary were half of Qwen3's GPU
+    # time); encoders -30% to +6% (their eager layers are already few kernels, and MiniLM-sized
+    # layers turn bound by the compiled graphs' per-call CPU cost).
+    compile_by_default: bool = False
+    # Which bodies the architecture can run: "varlen" (one packed stream) and/or "padded" (HF's
+    # padded forward). A family without "varlen" says why in padded_reason (logged at load).
+    bodies: tuple[str, ...] = BODIES
+    padded_reason: str = ""
+    padded_attention: str = "sdpa"  # attn_implementation of the padded body ("": the model's default)
+    # Decoders: pool the last token that is not the pad token, as HF's *ForSequenceClassification
+    # does (a sequence ending in pad ids, e.g. pad = eos, is pooled before them).
+    skips_trailing_pad: bool = False
+    caches_kv: bool = False  # the body builds a KV cache unless called with use_cache=False
+    causal: bool = False  # causal attention: documents sharing a prompt prefix may reuse it
+    vision: bool = False  # reads pixel inputs besides token ids (a VisionDeclaration)
+    example: str = ""  # a checkpoint of this architecture (README table, error messages)
+    folder: str = ""  # its model_repository folder
+
+    @property
+    def packed(self) -> bool:
+        return "varlen" in self.bodies
+
+    def check_architecture(self, config) -> None:
+        found = architecture_of(config)
+        if found not in self.architectures:
+            raise UnsupportedArchitecture(
+                f"checkpoint architecture {found} is not served by the {self.name} family "
+                f"(expected one of {', '.join(self.architectures)}); {supported_hint(found)}"
+            )
+
+    @staticmethod
+    def architecture_is_causal_lm(config) -> bool:
+        """A generative checkpoint (text ``*ForCausalLM`` or multimodal ``*ForConditionalGeneration``)."""
+        return architecture_of(config).endswith(GENERATIVE_SUFFIXES)
+
+    def pooling_for(self, config) -> str:
+        return self.pooling
+
+    def output_labels(self, config) -> int:
+        """Width of ``logits`` / ``scores``: the config's num_labels unless the head reduces it."""
+        return int(getattr(config, "num_labels", 1) or 1)
+
+    def position_offset(self, config) -> int:
+        """First position id of every sequence (RoBERTa-style models start after padding_idx)."""
+        return 0
+
+
+@dataclass(frozen=True)
+class RobertaDeclaration(FamilyDeclaration):
+    def position_offset(self, config) -> int:
+        return int(config.pad_token_id) + 1
+
+
+@dataclass(frozen=True)
+class ModernBertDeclaration(FamilyDeclaration):
+    def pooling_for(self, config) -> str:
+        pooling = getattr(config, "classifier_pooling", "cls")
+        if pooling not in ("cls", "mean"):
+            raise UnsupportedArchitecture(f"ModernBERT classifier_pooling {pooling!r} is not cls or mean")
+        return pooling
+
+
+@dataclass(frozen=True)
+class DecoderDeclaration(FamilyDeclaration):
+    pooling: str = "last"
+    fused_gather: bool = True
+    compile_by_default: bool = True
+    skips_trailing_pad: bool = True
+    caches_kv: bool = True
+    causal: bool = True
+
+
+@dataclass(frozen=True)
+class EmbeddingDeclaration(FamilyDeclaration):
+    task: str = "embed"
+
+
+@dataclass(frozen=True)
+class GenericDeclaration(FamilyDeclaration):
+    """Any other ``*ForSequenceClassification``: the model's own padded forward and head.
+
+    The slow path: no packing, no fused head kernel; the logits are the model's own output and
+    the activation follows vLLM's rule. Remote code runs only with ``trust_remote_code``.
+    """
+
+    bodies: tuple[str, ...] = ("padded",)
+    padded_reason: str = "generic fallback: the checkpoint's own forward, padded (the slow path)"
+    padded_attention: str = ""
+
+    def check_architecture(self, config) -> None:
+        found = architecture_of(config)
+        if not found.endswith("ForSequenceClassification"):
+            raise UnsupportedArchitecture(
+                f"the generic fallback serves *ForSequenceClassification checkpoints only, not {found}; "
+                f"{supported_hint(found)}"
+            )
+
+
+# config.json "pooling" of NVIDIA's bidirectional Llama models -> kernels pooling method (vLLM: avg ->
+# MEAN, cls -> CLS, last -> LAST; anything else is an error)
+LLAMA_BIDIRECTIONAL_POOLING = {"avg": "mean", "cls": "cls", "last": "last"}
+
+
+@dataclass(frozen=True)
+class BidirectionalLlamaDeclaration(DecoderDeclaration):
+    pooling: str = "mean"  # the upstream default ("avg"); pooling_for reads the config
+    fused_gather: bool = False  # mean pooling is no row gather
+    skips_trailing_pad: bool = False  # upstream pools by attention_mask, never by pad ids
+    causal: bool = False  # bidirectional: a shared prefix's states depend on each document
+    bodies: tuple[str, ...] = ("varlen",)
+    padded_reason: str = ("bidirectional attention runs on the packed body only "
+                          "(HF's padded Llama path builds a causal mask)")
+
+    def pooling_for(self, config) -> str:
+        pooling = getattr(config, "pooling", "avg")
+        if pooling not in LLAMA_BIDIRECTIONAL_POOLING:
+            raise UnsupportedArchitecture(f"LlamaBidirectional pooling {pooling!r} is not one of "
+                                          f"{', '.join(LLAMA_BIDIRECTIONAL_POOLING)} (as vLLM)")
+        return LLAMA_BIDIRECTIONAL_POOLING[pooling]
+
+
+@dataclass(frozen=True)
+class GatedRewardDeclaration(DecoderDeclaration):
+    """URM's (mean, uncertainty) pairs gated into one reward (SGLang's LlamaForSequenceClassificationWithNormal_Weights)."""
+
+    fused_gather: bool = False  # the gate and the products come between the gather and the sum
+    skips_trailing_pad: bool = False  # SGLang pools the sequence's last token, pad or not
+
+    def output_labels(self, config) -> int:
+        return 1  # one gated reward, whatever num_labels (the score layer's width) says
+
+
+# ----------------------------------------------------------------------------------------------
+# Vision-language families: what the adapter needs to write images into prompts
+
+QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+QWEN_VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
+_PADDED_VISION = ("vision-language: multimodal RoPE positions and the image merge are HF's own forward: "
+                  "runs padded")
+
+
+@dataclass(frozen=True)
+class VisionDeclaration(FamilyDeclaration):
+    pooling: str = "last"
+    fused_gather: bool = True
+    caches_kv: bool = True
+    causal: bool = True
+    bodies: tuple[str, ...] = ("padded",)
+    padded_reason: str = _PADDED_VISION
+    vision: bool = True
+    backbone: str = ""  # transformers class of the multimodal body, built from the checkpoint
+    head: str = "linear"  # "linear": score; "mlp": score.0 + ReLU + score.2
+    logit_bias: float = 0.0  # subtracted from the logit before the activation (vLLM's pooler logit_bias)
+    # Appended to every prompt after tokenizing (jina-reranker-m0 pools its score token, id 100).
+    score_token_id: int | None = None
+    # How a (query, document) pair is written when no score template applies: "{query}"/"{document}"
+    # are the texts with their image placeholders first. "" tokenizes query + document as one text.
+    score_format: str = ""
+    image_placeholder: str = QWEN_IMAGE  # one image in a prompt before expansion
+    image_pad_token: str = "<|image_pad|>"  # the token repeated per image feature (the model's image_token_id)
+    video_placeholder: str = ""  # "" when the model reads no video
+    # The original generative form of the checkpoint this family converts (yes/no rerankers).
+    generative_architecture: str = ""
+
+    def output_labels(self, config) -> int:
+        return 1 if self.head == "mlp" else int(getattr(config, "num_labels", 1) or 1)
+
+    def checkpoint_config(self, checkpoint: str, local_files_only: bool = False):
+        """The config labels, lengths and the image token are read from."""
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(checkpoint, local_files_only=local_files_only)
+
+    def image_processor(self, checkpoint: str):
+        from transformers import AutoImageProcessor
+
+        return AutoImageProcessor.from_pretrained(checkpoint)
+
+    def image_text(self, grid, processor) -> str:
+        """One image's placeholder expanded as the checkpoint's processor does: the pad token once per
+        merged patch (t * h * w / merge_size^2)."""
+        merge = int(getattr(processor, "merge_size", 2) or 2) ** 2
+        tokens = math.prod(int(size) for size in grid) // merge
+        return self.image_placeholder.replace(self.image_pad_token, self.image_pad_token * tokens)
+
+    def render_pair(self, query_side, document_side) -> tuple[str, list[int]] | None:
+        """A (query, document) prompt the family writes itself, with the order of its images; None: the
+        score template, ``score_format`` or query + document decide."""
+        return None
+
+
+NEMOTRON_IMAGE_PLACEHOLDER = "<image>"
+NEMOTRON_IMAGE_START, NEMOTRON_IMAGE_END, NEMOTRON_IMAGE_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
+NEMOTRON_IMAGE_TOKEN_ID = 128258  # img_context_token_id when config.json does not say
+
+
+def llama_config_from_dict(config_dict: dict):
+    """A transformers ``LlamaConfig`` from a remote-code Llama config.json (``architectures`` kept)."""
+    from transformers import LlamaConfig
+
+    values = {k: v for k, v in config_dict.items() if k not in ("auto_map", "model_type", "transformers_version")}
+    if "torch_dtype" in values:  # the pre-v5 name
+        values.setdefault("dtype", values.pop("torch_dtype"))
+    config = LlamaConfig(**values)
+    for key, value in values.items():  # keys LlamaConfig does not know (pooling, temperature, ...)
+        if not hasattr(config, key):
+            setattr(config, key, value)
+    config.architectures = list(config_dict.get("architectures") or [])
+    if config_dict.get("auto_map"):
+        config.auto_map = dict(config_dict["auto_map"])
+    return config
+
+
+@dataclass(frozen=True)
+class NemotronVLDeclaration(VisionDeclaration):
+    """nvidia/llama-nemotron-rerank-vl: a SigLIP tower on image tiles and a bidirectional Llama."""
+
+    pooling: str = "mean"
+    fused_gather: bool = False
+    causal: bool = False
+    caches_kv: bool = False
+    image_placeholder: str = NEMOTRON_IMAGE_PLACEHOLDER
+    image_pad_token: str = NEMOTRON_IMAGE_CONTEXT
+
+    def pooling_for(self, config) -> str:
+        pooling = getattr(config, "pooling", "avg")
+        if pooling not in LLAMA_BIDIRECTIONAL_POOLING:
+            raise UnsupportedArchitecture(f"LlamaNemotronVL pooling {pooling!r} is not one of "
+                                          f"{', '.join(LLAMA_BIDIRECTIONAL_POOLING)}")
+        return LLAMA_BIDIRECTIONAL_POOLING[pooling]
+
+    def checkpoint_config(self, checkpoint: str, local_files_only: bool = False):
+        raw = read_config_dict(checkpoint, local_files_only)
+        config = llama_config_from_dict(raw["llm_config"])
+        config.num_labels = int(raw.get("num_labels") or config.num_labels or 1)
+        config.id2label = {int(k): v for k, v in (raw.get("id2label") or {}).items()} or {
+            i: f"LABEL_{i}" for i in range(config.num_labels)}
+        config.image_token_id = int(raw.get("img_context_token_id", NEMOTRON_IMAGE_TOKEN_ID))
+        return config
+
+    def image_processor(self, checkpoint: str) -> TilingImageProcessor:
+        return tiles_processor_for(read_config_dict(checkpoint))
+
+    def image_text(self, grid, processor) -> str:
+        tiles = math.prod(int(size) for size in grid)
+        return NEMOTRON_IMAGE_START + NEMOTRON_IMAGE_CONTEXT * (processor.tokens_per_tile * tiles) + NEMOTRON_IMAGE_END
+
+    def render_pair(self, query_side, document_side) -> tuple[str, list[int]]:
+        """nemotron-vl-rerank.jinja: the document's image (one per pair) first, then
+        "question:{query} \\n \\n passage:{document text}"."""
+        if query_side.image_urls:
+            raise UnsupportedArchitecture("LlamaNemotronVL takes images in documents only; the query must be text")
+        if len(document_side.image_urls) > 1:
+            raise UnsupportedArchitecture("LlamaNemotronVL takes one image per document")
+        image = "\x00image0\x00 " if document_side.image_urls else ""
+        return f"{image}question:{chr(10).join(query_side.texts)} \n \n passage:{chr(10).join(document_side.texts)}", \
+            list(range(len(document_side.image_urls)))
+
+
+# ----------------------------------------------------------------------------------------------
+# The table
+
+_PADDED_RELATIVE = "DeBERTa's disentangled relative-position attention has no packed kernel: runs padded"
+_PADDED_MAMBA = "Jamba's Mamba layers scan a padded batch: runs padded"
+_PADDED_SOFTCAP = ("Gemma2's attention-logit soft-capping has no FlashAttention varlen kernel in torch: "
+                   "runs padded with eager attention (HF's reference path)")
+
+# Architectures upstream ships only as remote code, served by the runtime's own modules (poolserve_runtime.native).
+INTERNLM2_REWARD_ARCHITECTURE = "InternLM2ForRewardModel"
+QWEN2_REWARD_ARCHITECTURE = "Qwen2ForRewardModel"
+
+FAMILIES: tuple[FamilyDeclaration, ...] = (
+    FamilyDeclaration(name="bert", architectures=("BertForSequenceClassification",), uses_token_types=True,
+                      example="cross-encoder/ms-marco-MiniLM-L6-v2", folder="bert_classifier"),
+    RobertaDeclaration(name="xlm_roberta", architectures=("XLMRobertaForSequenceClassification",
+                                                          "RobertaForSequenceClassification"),
+                       uses_token_types=True, example="BAAI/bge-reranker-v2-m3", folder="xlm_roberta_classifier"),
+    FamilyDeclaration(name="ernie", architectures=("ErnieForSequenceClassification",), uses_token_types=True,
+                      example="an ernie-3.0 sequence-classification fine-tune", folder="ernie_classifier"),
+    FamilyDeclaration(name="distilbert", architectures=("DistilBertForSequenceClassification",),
+                      example="distilbert/distilbert-base-uncased-finetuned-sst-2-english",
+                      folder="distilbert_classifier"),
+    ModernBertDeclaration(name="modernbert", architectures=("ModernBertForSequenceClassification",),
+                          example="Alibaba-NLP/gte-reranker-modernbert-base", folder="modernbert_classifier"),
+    FamilyDeclaration(name="deberta_v2", architectures=("DebertaV2ForSequenceClassification",),
+                      uses_token_types=True, bodies=("padded",), padded_reason=_PADDED_RELATIVE,
+                      padded_attention="eager", example="protectai/deberta-v3-base-prompt-injection-v2",
+                      folder="deberta_v2_classifier"),
+    DecoderDeclaration(name="qwen2", architectures=("Qwen2ForSequenceClassification",),
+                       example="jason9693/Qwen2.5-1.5B-apeach", folder="qwen2_classifier"),
+    DecoderDeclaration(name="qwen3", architectures=("Qwen3ForSequenceClassification",),
+                       example="tomaarsen/Qwen3-Reranker-0.6B-seq-cls, Skywork/Skywork-Reward-V2-Qwen3-0.6B",
+                       folder="qwen3_classifier"),
+    DecoderDeclaration(name="llama", architectures=("LlamaForSequenceClassification",),
+                       example="Skywork/Skywork-Reward-V2-Llama-3.1-8B", folder="llama_classifier"),
+    DecoderDeclaration(name="mistral", architectures=("MistralForSequenceClassification",),
+                       example="weqweasdas/RM-Mistral-7B", folder="mistral_classifier"),
+    DecoderDeclaration(name="gemma", architectures=("GemmaForSequenceClassification",),
+                       example="weqweasdas/RM-Gemma-2B", folder="gemma_classifier"),
+    DecoderDeclaration(name="gemma2", architectures=("Gemma2ForSequenceClassification",), bodies=("padded",),
+                       padded_reason=_PADDED_SOFTCAP, padded_attention="eager",
+                       example="Skywork/Skywork-Reward-Gemma-2-27B-v0.2", folder="gemma2_classifier"),
+    DecoderDeclaration(name="phi3", architectures=("Phi3ForSequenceClassification",),
+                       example="a Phi-3 sequence-classification fine-tune", folder="phi3_classifier"),
+    DecoderDeclaration(name="gpt2", architectures=("GPT2ForSequenceClassification",),
+                       example="microsoft/DialogRPT-updown", folder="gpt2_classifier"),
+    DecoderDeclaration(name="jamba", architectures=("JambaForSequenceClassification",), bodies=("padded",),
+                       padded_reason=_PADDED_MAMBA, compile_by_default=False,
+                       example="ai21labs/Jamba-tiny-reward-dev", folder="jamba_classifier"),
+    EmbeddingDeclaration(name="bert_embedding", architectures=("BertModel",), pooling="mean_normalized",
+                         uses_token_types=True, example="sentence-transformers/all-MiniLM-L6-v2",
+                         folder="bert_embedder"),
+    # Served by poolserve_runtime.native modules (remote code upstream).
+    FamilyDeclaration(name="gte_new", architectures=("GteNewForSequenceClassification", "NewForSequenceClassification"),
+                      uses_token_types=True, pooling="cls", bodies=("varlen",),
+                      example="Alibaba-NLP/gte-multilingual-reranker-base", folder="gte_new_classifier"),
+    BidirectionalLlamaDeclaration(name="llama_bidirectional",
+                                  architectures=("LlamaBidirectionalForSequenceClassification",),
+                                  example="nvidia/llama-nemotron-rerank-1b-v2", folder="llama_bidirectional_classifier"),
+    GatedRewardDeclaration(name="llama_normal_weights",
+                           architectures=("LlamaForSequenceClassificationWithNormal_Weights",),
+                           example="LxzGordon/URM-LLaMa-3.1-8B", folder="llama_normal_weights_reward"),
+    DecoderDeclaration(name="internlm2_reward", architectures=(INTERNLM2_REWARD_ARCHITECTURE,),
+                       skips_trailing_pad=False,  # upstream scores input_ids[:, -1] (the reward token), pad or not
+                       example="internlm/internlm2-1_8b-reward", folder="internlm2_reward"),
+    DecoderDeclaration(name="qwen2_reward", architectures=(QWEN2_REWARD_ARCHITECTURE,),
+                       fused_gather=False,  # score.0 + ReLU come between the pooled token and the last linear
+                       skips_trailing_pad=False,  # vLLM returns every token's reward; the sequence's is the last row
+                       example="Qwen/Qwen2.5-Math-RM-72B", folder="qwen2_reward"),
+    NemotronVLDeclaration(name="llama_nemotron_vl", architectures=("LlamaNemotronVLForSequenceClassification",),
+                          example="nvidia/llama-nemotron-rerank-vl-1b-v2", folder="llama_nemotron_vl_reranker"),
+    # Vision-language families on stock transformers bodies.
+    VisionDeclaration(name="qwen2_5_vl", architectures=("Qwen2_5_VLForSequenceClassification",),
+                      backbone="Qwen2_5_VLModel", video_placeholder=QWEN_VIDEO,
+                      example="muziyongshixin/Qwen2.5-VL-7B-for-VideoCls", folder="qwen2_5_vl_classifier"),
+    VisionDeclaration(name="jina_vl", architectures=("JinaVLForRanking", "JinaVLForSequenceClassification"),
+                      backbone="Qwen2VLModel", head="mlp", fused_gather=False, logit_bias=2.65, score_token_id=100,
+                      score_format="**Document**:\n{document}\n**Query**:\n{query}",
+                      example="jinaai/jina-reranker-m0", folder="jina_vl_reranker"),
+    VisionDeclaration(name="qwen3_vl", architectures=("Qwen3VLForSequenceClassification",), backbone="Qwen3VLModel",
+                      video_placeholder=QWEN_VIDEO, generative_architecture="Qwen3VLForConditionalGeneration",
+                      example="Qwen/Qwen3-VL-Reranker-2B", folder="qwen3_vl_classifier"),
+)
+GENERIC = GenericDeclaration(name="generic", architectures=("*ForSequenceClassification",),
+                             folder="generic_classifier", example="any other *ForSequenceClassification")
+
+
+def by_name(name: str) -> FamilyDeclaration:
+    for family in (*FAMILIES, GENERIC):
+        if family.name == name:
+            return family
+    raise UnsupportedArchitecture(f"no family named {name!r}; known: {', '.join(f.name for f in FAMILIES)}")
+
+
+def by_folder(folder: str) -> FamilyDeclaration | None:
+    """The family a model_repository folder serves (None for folders that are not the runtime's)."""
+    for family in (*FAMILIES, GENERIC):
+        if family.folder == folder:
+            return family
+    return None
+
+
+def architecture_of(config) -> str:
+    """``architectures[0]`` of a config object or a config.json dict."""
+    architectures = config.get("architectures") if isinstance(config, dict) else getattr(config, "architectures", None)
+    return (architectures or ["<none>"])[0]
+
+
+def supported_hint(found: str) -> str:
+    names = sorted({arch for family in FAMILIES for arch in family.architectures})
+    return (f"served architectures: {', '.join(names)}; any other *ForSequenceClassification runs on the generic "
+            f"padded path (family=generic, trust_remote_code=true for remote code); "
+            f"to serve {found} under another architecture set the `architecture` parameter (vLLM's "
+            "--hf-overrides '{\"architectures\": [...]}')")
+
+
+def family_for_architecture(architecture: str) -> FamilyDeclaration | None:
+    for family in FAMILIES:
+        if architecture in family.architectures:
+            return family
+    return None
+
+
+def family_for_config(config_dict: dict, override: str = "") -> FamilyDeclaration:
+    """The family that serves a checkpoint, from its config.json: an explicit architecture override
+    (vLLM's ``--hf-overrides {"architectures": [...]}``) first, then ``architectures[0]``, then the
+    classes named in ``auto_map`` (remote-code checkpoints), then the generic fallback for any other
+    sequence classifier. Raises :class:`UnsupportedArchitecture` naming what is served."""
+    candidates = [override] if override else []
+    candidates += list(config_dict.get("architectures") or [])[:1]
+    auto_map = config_dict.get("auto_map") or {}
+    for key in ("AutoModelForSequenceClassification", "AutoModel"):
+        target = auto_map.get(key)
+        if isinstance(target, (list, tuple)):
+            target = target[0]
+        if target:
+            candidates.append(str(target).rsplit(".", 1)[-1])
+    for architecture in candidates:
+        family = family_for_architecture(architecture)
+        if family is not None:
+            return family
+    for architecture in candidates:
+        if architecture.endswith("ForSequenceClassification"):
+            return GENERIC
+    found = candidates[0] if candidates else "<no architectures in config.json>"
+    raise UnsupportedArchitecture(f"no family serves architecture {found}; {supported_hint(found)}")
+
+
+def read_config_dict(checkpoint: str, local_files_only: bool = False) -> dict:
+    """config.json of a local folder or hub id, as a plain dict (no remote code is imported).
+    ``local_files_only``: a hub checkpoint is read from the local cache only (nothing is downloaded)."""
+    from transformers import PretrainedConfig
+
+    config, _ = PretrainedConfig.get_config_dict(checkpoint, local_files_only=local_files_only)
+    return config

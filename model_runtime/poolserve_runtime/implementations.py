@@ -1,0 +1,129 @@
+"""How a declared family runs on torch: load the checkpoint, run its body, apply its head.
+
+Every family runs the stock Hugging Face model where transformers has one (or our own module for
+architectures that upstream ships only as remote code, :mod:`poolserve_runtime.native`): the body
+produces hidden states, the runtime pools them per packed sequence (``kernels``), and the
+checkpoint's own head weights score the pooled vectors, so scores equal the reference model's. A
+head is split in two: ``head_features`` (what comes before the last linear layer: BERT's pooler,
+RoBERTa's dense + tanh, ModernBERT's dense + activation + norm; nothing for decoders) and
+``head_linear`` (the last ``nn.Linear``), which the fused score-head kernel applies together with
+the activation. Decoders have no features step, so their last-token gather is fused into that
+kernel as well.
+
+What a family serves and how it reads a config (task, pooling, bodies, labels, ...) is its torch-free
+declaration (:mod:`poolserve_contract.families`); an implementation wraps one declaration and answers
+for it, so ``family.task`` or ``family.pooling_for(config)`` read the declaration. The table that
+pairs every declaration with its implementation is :mod:`poolserve_runtime.families`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from poolserve_contract.families import FamilyDeclaration
+from poolserve_runtime.activation import Activation, activation_for_config
+
+
+class Family:
+    """The torch side of one declared family; the declaration's fields and rules are read through it."""
+
+    def __init__(self, declaration: FamilyDeclaration):
+        self.declaration = declaration
+
+    def __getattr__(self, name: str):
+        if name == "declaration":  # not set yet (an instance being copied or unpickled)
+            raise AttributeError(name)
+        return getattr(self.declaration, name)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.declaration.name!r})"
+
+    def read_config(self, checkpoint: str, trust_remote_code: bool = False):
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
+
+    def load(self, checkpoint: str, dtype: torch.dtype, device: torch.device, attention: str = "sdpa",
+             trust_remote_code: bool = False) -> nn.Module:
+        from transformers import AutoModel, AutoModelForSequenceClassification
+
+        auto = AutoModel if self.task == "embed" else AutoModelForSequenceClassification
+        extra = {"attn_implementation": attention} if attention else {}
+        model = auto.from_pretrained(checkpoint, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
+        return model.to(device).eval()
+
+    def activation_for(self, config) -> Activation:
+        return activation_for_config(config) if self.task == "classify" else Activation.IDENTITY
+
+    def body(self, model: nn.Module) -> nn.Module:
+        return model.base_model
+
+    def head_features(self, model: nn.Module, pooled: torch.Tensor) -> torch.Tensor | None:
+        """The head up to its last linear layer; None when there is nothing before it."""
+        return None
+
+    def head_linear(self, model: nn.Module) -> nn.Linear:
+        raise NotImplementedError
+
+
+class BertFamily(Family):
+    """BERT-style heads: a pooler (dense + tanh on CLS), then ``classifier``."""
+
+    def head_features(self, model, pooled):
+        pooler = self.body(model).pooler  # dropout is off in eval
+        return pooler.activation(pooler.dense(pooled))
+
+    def head_linear(self, model):
+        return model.classifier
+
+
+class RobertaFamily(Family):
+    def head_features(self, model, pooled):
+        # RobertaClassificationHead: dense + tanh on CLS, then out_proj.
+        return torch.tanh(model.classifier.dense(pooled))
+
+    def head_linear(self, model):
+        return model.classifier.out_proj
+
+
+class DistilBertFamily(Family):
+    def head_features(self, model, pooled):
+        # DistilBertForSequenceClassification: pre_classifier + ReLU on the first token.
+        return torch.relu(model.pre_classifier(pooled))
+
+    def head_linear(self, model):
+        return model.classifier
+
+
+class DebertaV2Family(Family):
+    def head_features(self, model, pooled):
+        # ContextPooler: dense + the config's pooler_hidden_act on the first token.
+        from transformers.activations import ACT2FN
+
+        return ACT2FN[model.config.pooler_hidden_act](model.pooler.dense(pooled))
+
+    def head_linear(self, model):
+        return model.classifier
+
+
+class ModernBertFamily(Family):
+    def head_features(self, model, pooled):
+        return model.head(pooled)  # ModernBertPredictionHead: dense + activation + LayerNorm
+
+    def head_linear(self, model):
+        return model.classifier
+
+
+class DecoderFamily(Family):
+    def head_linear(self, model):
+        return model.score
+
+
+class EmbeddingFamily(Family):
+    def head_linear(self, model):
+        raise TypeError("embedding models have no score head")
+
+
+class GenericFamily(Family):
+    """Any other ``*ForSequenceClassification``: the model's own padded forward and head (the slow path)."""
