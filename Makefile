@@ -22,6 +22,8 @@ UV_VERSION := 0.13.9
 UV := .cache/tools/bin/uv
 LOCK_INPUTS := pyproject.toml requirements/build.in --extra runtime --extra test --extra bench
 IMAGE_INPUTS := pyproject.toml requirements/build.in --extra runtime
+# The adapter image: pyproject.toml's core dependencies alone (no torch, no triton).
+ADAPTER_IMAGE_INPUTS := pyproject.toml requirements/build.in
 NO_TORCH := --no-emit-package torch --no-emit-package triton
 # --find-links: where this machine keeps torch 2.13.0+cpu (PyTorch's CPU index is not reachable here).
 LOCK_FLAGS := --python-version 3.11 --python-platform x86_64-manylinux_2_35 --generate-hashes \
@@ -35,7 +37,8 @@ install: $(INSTALLED)
 # x86_64, torch 2.13.0+cpu (on CI machines' disk; elsewhere from download.pytorch.org/whl/cpu).
 # An environment that brings its own torch and triton (the GPU image) uses
 # LOCK=requirements/lock-gpu-image.txt; the Docker images install requirements/image*.txt (the
-# runtime alone, same versions). `make lock` refreshes them all from pyproject.toml's ranges.
+# triton image the runtime, the adapter image the core dependencies without torch; same versions).
+# `make lock` refreshes them all from pyproject.toml's ranges.
 $(INSTALLED): $(LOCK) requirements/tritonserver.txt pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --require-hashes -r $(LOCK) $(TORCH_SOURCE)
@@ -49,9 +52,10 @@ $(INSTALLED): $(LOCK) requirements/tritonserver.txt pyproject.toml Makefile
 lock: $(UV)
 	$(UV) pip compile $(LOCK_INPUTS) $(LOCK_FLAGS) -o requirements/lock.txt
 	$(UV) pip compile $(LOCK_INPUTS) $(LOCK_FLAGS) $(NO_TORCH) -o requirements/lock-gpu-image.txt
-	# The images: the runtime alone, at the versions of the full lock.
+	# The images, at the versions of the full lock: triton's the runtime, the adapter's no torch.
 	$(UV) pip compile $(IMAGE_INPUTS) $(LOCK_FLAGS) -c requirements/lock.txt -o requirements/image.txt
 	$(UV) pip compile $(IMAGE_INPUTS) $(LOCK_FLAGS) -c requirements/lock.txt $(NO_TORCH) -o requirements/image-gpu.txt
+	$(UV) pip compile $(ADAPTER_IMAGE_INPUTS) $(LOCK_FLAGS) -c requirements/lock.txt -o requirements/image-adapter.txt
 	$(UV) pip compile requirements/tritonserver.in $(LOCK_FLAGS) --no-deps -o requirements/tritonserver.txt
 
 $(UV):
@@ -80,9 +84,11 @@ lint: $(INSTALLED)
 test: $(INSTALLED) lint
 	$(PY) -m pytest -q --durations=10 $(PYTEST_ARGS)
 
+# No server: a test outside the integration and compose markers that starts one fails (tests/conftest.py).
 test-unit: $(INSTALLED)
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
 
+# Every test that starts tritonserver, the adapter or `make serve` (tests/integration/).
 test-integration: $(INSTALLED)
 	$(PY) -m pytest -q -m integration $(PYTEST_ARGS)
 

@@ -1,6 +1,8 @@
 #!/bin/sh
 # Inside an image build, in /opt/project, into /opt/venv:
-#   install-project.sh deps LOCK [TORCH_INDEX_URL]   the locked dependencies (requirements/LOCK)
+#   install-project.sh deps LOCK [TORCH_INDEX_URL]   the locked dependencies (requirements/LOCK):
+#                                                    image.txt / image-gpu.txt the Triton models' runtime,
+#                                                    image-adapter.txt the adapter's (no torch)
 #   install-project.sh tritonserver                  the locked nvidia-pytriton wheel (the server), no deps
 #   install-project.sh project                       the project itself, editable, no deps (after its sources)
 # The locks are resolved for CPython 3.11 (`make lock`): there they install with every hash checked.
@@ -25,9 +27,12 @@ case "$1" in
 deps)
     lock=requirements/$2
     torch_index=${3:-}
+    # A lock that pins torch (image.txt) or leaves it to the image (image-gpu.txt: uv lists it under
+    # "excluded from the output") is the runtime's; image-adapter.txt has no torch at all.
+    if grep -q -e '^torch==' -e '^# torch$' "$lock"; then project=".[runtime]"; else project="."; fi
     # image-gpu.txt leaves torch (and its triton) to the image; one that has none takes it from
     # TORCH_INDEX_URL (or the index) first, as the locked packages that need torch expect it there.
-    if ! grep -q '^torch==' "$lock" && ! /opt/venv/bin/python -c 'import torch' 2>/dev/null; then
+    if grep -q '^# torch$' "$lock" && ! /opt/venv/bin/python -c 'import torch' 2>/dev/null; then
         pip ${torch_index:+--extra-index-url "$torch_index"} torch
     fi
     if [ "$locked_python" = True ]; then
@@ -36,7 +41,7 @@ deps)
         sed -e '/^ *--hash/d' -e '/^ *#/d' -e 's/ *\\$//' -e '/^torch==/d' -e '/^triton==/d' "$lock" \
             > /tmp/lock-constraints.txt
         # The project's own requirements (it has no sources in this layer yet: `project` installs them).
-        pip -c /tmp/lock-constraints.txt "setuptools>=70.1" ".[runtime]" ${torch_index:+--extra-index-url "$torch_index"}
+        pip -c /tmp/lock-constraints.txt "setuptools>=70.1" "$project" ${torch_index:+--extra-index-url "$torch_index"}
     fi ;;
 tritonserver)
     pip --no-deps --require-hashes -r requirements/tritonserver.txt ;;

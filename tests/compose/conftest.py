@@ -52,12 +52,13 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def wheelhouse() -> Path:
-    """Every wheel the images install: the lock's, hashes checked (pip's own config here finds them)."""
+    """Every wheel the images install: their locks', hashes checked (pip's own config here finds them)."""
     WHEELHOUSE.mkdir(exist_ok=True)
     pip = [sys.executable, "-m", "pip", "download", "-q", "-d", str(WHEELHOUSE), "--only-binary=:all:",
            "--require-hashes"]
     requirements = PROJECT_ROOT / "requirements"
     for command in ([*pip, "-r", str(requirements / "image.txt")],
+                    [*pip, "-r", str(requirements / "image-adapter.txt")],
                     [*pip, "--no-deps", "-r", str(requirements / "tritonserver.txt")]):
         result = subprocess.run(command, capture_output=True, text=True)
         assert result.returncode == 0, f"{' '.join(command)}:\n{result.stderr[-3000:]}"
@@ -140,7 +141,6 @@ def new_project(prefix: str, files: list[Path], **env: str) -> ComposeProject:
             "TRITON_SERVER": "pytriton",
             "ADAPTER_BASE_IMAGE": BASE_IMAGE,
             "LB_BASE_IMAGE": BASE_IMAGE,
-            "TORCH_INDEX_URL": "",  # the wheelhouse has the CPU torch
             "MODELS": "",
             **env,
         },

@@ -56,6 +56,15 @@ def test_http_routes_answer(stack):
     assert "nv_inference_request_success" in text  # Triton's own metrics, fetched from the triton container
 
 
+def test_the_adapter_container_has_no_torch(stack):
+    """The adapter serves (the test above) from an image without torch, triton or the model code:
+    it reads the models through the torch-free contract alone."""
+    found = stack.compose("exec", "-T", "adapter", "python", "-c",
+                          "import importlib.util as u; print([n for n in ('torch', 'triton', 'poolserve_runtime')"
+                          " if u.find_spec(n)])")
+    assert found.stdout.strip() == "[]"
+
+
 def test_raw_grpc_infer_on_the_published_triton_port(stack):
     """The README's tritonclient example, against the compose stack's published gRPC port."""
     client = grpcclient.InferenceServerClient(f"{ADDRESS}:{stack.env['TRITON_GRPC_PORT']}")

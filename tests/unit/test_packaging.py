@@ -127,7 +127,8 @@ def test_the_lock_satisfies_pyproject_and_the_installed_environment_is_the_lock(
         assert not drifted, f"(locked, installed): {drifted}"
 
 
-@pytest.mark.parametrize("image_lock,full_lock", [("image.txt", "lock.txt"), ("image-gpu.txt", "lock-gpu-image.txt")])
+@pytest.mark.parametrize("image_lock,full_lock", [("image.txt", "lock.txt"), ("image-gpu.txt", "lock-gpu-image.txt"),
+                                                   ("image-adapter.txt", "lock.txt")])
 def test_image_locks_take_the_full_lock_s_versions(image_lock, full_lock):
     image, full = locked_versions(image_lock), locked_versions(full_lock)
     assert image and all(full.get(name) == version for name, version in image.items())
