@@ -14,7 +14,6 @@ Composites (what a user writes in torch today):
   mean             segment sum with index_add_ in fp32, divided by the lengths (the torch reference)
   mean_normalized  the same, then F.normalize
   score_head       index_select of the last tokens, then addmm in the model dtype, fp32 activation
-  cosine           F.cosine_similarity(query.expand_as(documents), documents)
 """
 
 from __future__ import annotations
@@ -26,17 +25,14 @@ import platform
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
 from poolserve_bench.results_csv import write_csv
-from poolserve_kernels.cosine import cosine_similarity_triton
 from poolserve_kernels.pooling import pool_reference, pool_triton
 from poolserve_kernels.score_head import score_head_triton
 
 # The modules themselves (``poolserve_kernels.score_head`` the attribute is the dispatch function).
-cosine_module = importlib.import_module("poolserve_kernels.cosine")
 pooling_module = importlib.import_module("poolserve_kernels.pooling")
 head_module = importlib.import_module("poolserve_kernels.score_head")
 
@@ -99,11 +95,6 @@ def cases(copy_gbps: float):
             yield ("score_head", f"last+linear+{activation} L={num_labels}", num_seqs, hidden_size, tokens, moved,
                    lambda h=hidden, c=cu, w=weight, b=bias, a=activation: score_head_triton(h, w, b, a, gather="last", cu_seqlens=c),
                    lambda h=hidden, c=cu, w=weight, b=bias, a=activation: torch_head(h, c, w, b, a))
-        documents = hidden[:num_seqs].contiguous()
-        query = hidden[num_seqs : num_seqs + 1].contiguous()
-        yield ("cosine", "1:N", num_seqs, hidden_size, tokens, (num_seqs + 1) * hidden_size * element + num_seqs * 4,
-               lambda q=query, d=documents: cosine_similarity_triton(q, d),
-               lambda q=query, d=documents: F.cosine_similarity(q.expand_as(d), d, dim=1))
         del hidden, cu
 
 
@@ -134,12 +125,10 @@ def run_sweep(out_dir: Path, commit: str) -> None:
     defaults = {module: {name: getattr(module, name) for name in names} for module, names in (
         (pooling_module, ("MEAN_BLOCK_H", "BLOCK_T", "NUM_WARPS", "GATHER_BLOCK_H")),
         (head_module, ("BLOCK_N", "BLOCK_H")),
-        (cosine_module, ("BLOCK_P", "BLOCK_H")),
     )}
     for num_seqs, hidden_size in itertools.product((1024, 4096), (384, 1024, 4096)):
         hidden, cu = packed(num_seqs, hidden_size)
         weight = torch.randn(8, hidden_size, device="cuda", dtype=DTYPE)
-        documents, query = hidden[:num_seqs].contiguous(), hidden[num_seqs : num_seqs + 1].contiguous()
         for block_h, block_t, warps in itertools.product((128, 256, 512), (8, 16, 32), (2, 4, 8)):
             pooling_module.MEAN_BLOCK_H, pooling_module.BLOCK_T, pooling_module.NUM_WARPS = block_h, block_t, warps
             rows.append(dict(op="pool mean", config=f"BLOCK_H={block_h} BLOCK_T={block_t} warps={warps}",
@@ -153,10 +142,6 @@ def run_sweep(out_dir: Path, commit: str) -> None:
             rows.append(dict(op="score_head", config=f"BLOCK_N={block_n} BLOCK_H={block_h}", num_seqs=num_seqs,
                              hidden=hidden_size, ms=sweep_ms(lambda: score_head_triton(
                                  hidden, weight, None, "softmax", gather="last", cu_seqlens=cu))))
-        for block_p, block_h in itertools.product((8, 16, 32), (64, 128, 256)):
-            cosine_module.BLOCK_P, cosine_module.BLOCK_H = block_p, block_h
-            rows.append(dict(op="cosine", config=f"BLOCK_P={block_p} BLOCK_H={block_h}", num_seqs=num_seqs,
-                             hidden=hidden_size, ms=sweep_ms(lambda: cosine_similarity_triton(query, documents))))
         for module, values in defaults.items():
             for name, value in values.items():
                 setattr(module, name, value)

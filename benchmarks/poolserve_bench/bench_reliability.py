@@ -24,8 +24,8 @@ clients:
 8. **shutdown** (always last): SIGTERM with 16 heavy requests in flight and a 3 s drain timeout: the
    seconds until no process of the stack and none of its shared-memory regions is left.
 
-:func:`soak` and :func:`rss_mib` are also what the CI soak test (``tests/integration/test_soak.py``)
-runs, for 60 s.
+The stack is started, stopped and its processes' memory read by tests/support/stack.py, as the
+tests do (run from the project root).
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ import platform
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -50,9 +49,8 @@ import orjson
 from poolserve_bench.results_csv import write_csv
 from poolserve_stack import triton_server
 from poolserve_stack.builtin import DATA_FILE
-from poolserve_stack.triton_server import free_port, spawn_tied_to_this_process, wait_for_http
+from tests.support.stack import rss_mib, stack_processes, start_serve, stop_serve
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CLASSIFIER, EMBEDDER = "sentiment-minilm", "all-MiniLM-L6-v2"
 CLASSIFIER_STUB = "bert_classifier/1/model.py"
 JSON = {"Content-Type": "application/json"}
@@ -81,30 +79,6 @@ class Bodies:
     def rerank(self) -> bytes:
         return orjson.dumps({"model": EMBEDDER, "query": self.rng.choice(self.queries),
                              "documents": self.rng.sample(self.pool, self.texts)})
-
-
-def rss_mib(pid: int) -> float:
-    """Resident memory of one process (0 once it is gone)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return 0.0
-
-
-def stack_processes(stack_pid: int) -> dict[str, int]:
-    """adapter (the stack process itself), tritonserver, and one entry per stub (by its model)."""
-    found = {"adapter": stack_pid}
-    for pid in triton_server.descendant_pids(stack_pid):
-        command = triton_server.process_cmdline(pid)
-        if "bin/tritonserver" in command:
-            found["tritonserver"] = pid
-        elif "triton_python_backend_stub" in command:
-            model = next((part.split("/")[-3] for part in command.split() if part.endswith("/model.py")), str(pid))
-            found[f"stub:{model}"] = pid
-    return found
 
 
 def slope_mib_per_min(times_s: list[float], values: list[float]) -> float:
@@ -407,28 +381,6 @@ def random_checkpoint_models(work: Path) -> list[str]:
     return arguments
 
 
-def start_stack(work: Path, env: dict | None = None, models: list[str] | None = None) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    log_path = work / "stack.log"
-    command = [sys.executable, "-m", "poolserve_stack", "serve", "--port", str(port), *(models or [])]
-    with log_path.open("wb") as log:  # tied to this process: a killed benchmark leaves nothing behind
-        process = spawn_tied_to_this_process(command,
-                                             cwd=PROJECT_ROOT, env={**os.environ, **(env or {})}, stdout=log,
-                                             stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    wait_for_http(f"{url}/health", process, timeout_s=600, log_path=log_path)
-    return process, url
-
-
-def stop_stack(process: subprocess.Popen) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=90)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 def device_name() -> str:
     try:
         import torch
@@ -466,7 +418,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args.work.mkdir(parents=True, exist_ok=True)
     meta = dict(device=device_name(), python=platform.python_version(), commit=args.commit)
     rows, samples = [], []
-    process, url = start_stack(args.work, env={"ADAPTER_DRAIN_TIMEOUT_S": str(SHUTDOWN_DRAIN_S)},
+    process, url = start_serve(args.work, env={"ADAPTER_DRAIN_TIMEOUT_S": str(SHUTDOWN_DRAIN_S)},
                                models=random_checkpoint_models(args.work) if args.random_checkpoints else None)
     try:
         phases = {
@@ -486,7 +438,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 rows.append({**meta, **asyncio.run(phases[phase]())})
             print(rows[-1], flush=True)
     finally:
-        stop_stack(process)
+        stop_serve(process)
         if rows:
             write_csv(args.out / f"reliability_{args.name}.csv", rows)
         if samples:

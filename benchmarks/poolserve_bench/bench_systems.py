@@ -226,8 +226,8 @@ def bench_shape(shape, workloads, args, work: Path, meta: dict, peak: float, ins
                     level = list(itertools.islice(stream, concurrency + max(args.requests, 2 * concurrency)))
                     grpc_inputs = [_padded_inputs(tokenizer, body) for body in level] if system == "grpc" else []
                     before = _triton_stats(triton.grpc_url, folder)
-                    pairs, seconds, latencies = asyncio.run(_sweep_level(
-                        system, level, grpc_inputs, concurrency, args, triton.grpc_url, folder,
+                    pairs, seconds, latencies = asyncio.run(sweep_level(
+                        system, level, grpc_inputs, concurrency, args.seconds, args.requests, triton.grpc_url, folder,
                         f"http://127.0.0.1:{adapter_port}{path}", f"http://127.0.0.1:{baseline_port}{path}", headers))
                     rows.append(row(system, concurrency, pairs, seconds, latencies))
                     rows[-1].update(_breakdown(before, _triton_stats(triton.grpc_url, folder), headers, system))
@@ -305,17 +305,21 @@ def _breakdown(before: dict, after: dict, headers: list, system: str) -> dict:
     return row
 
 
-async def _sweep_level(system, bodies, grpc_inputs, concurrency, args, grpc_url, folder, http_url, baseline_url,
-                       headers=None):
+async def sweep_level(system, bodies, grpc_inputs, concurrency, seconds, requests, grpc_url, folder, http_url,
+                      baseline_url, headers=None):
+    """One concurrency level of one system (``http``: the adapter at ``http_url``; ``grpc``: Triton's
+    ``folder`` fed ``grpc_inputs``; ``baseline_http``: ``baseline_url``), :func:`load` for ``seconds``
+    and at most ``requests`` requests (2x ``concurrency`` at least). The adapter's timing headers go to
+    ``headers`` when given. Returns (pairs scored, seconds, latencies)."""
     import tritonclient.grpc.aio as grpcaio
 
-    max_requests = max(args.requests, 2 * concurrency)
+    max_requests = max(requests, 2 * concurrency)
     if system == "grpc":
         by_id = {id(body): inputs for body, inputs in zip(bodies, grpc_inputs)}
         async with grpcaio.InferenceServerClient(grpc_url) as client:
             async def send(body):
                 await client.infer(folder, by_id[id(body)], outputs=[grpcaio.InferRequestedOutput("scores")])
-            return await load(send, bodies, concurrency, args.seconds, max_requests)
+            return await load(send, bodies, concurrency, seconds, max_requests)
     url = http_url if system == "http" else baseline_url
     # aiohttp, not httpx, drives the HTTP systems: httpx's async connection pool slows down as
     # concurrency grows (encode/httpx#3215), which showed here as HTTP throughput falling from c=16
@@ -331,7 +335,7 @@ async def _sweep_level(system, bodies, grpc_inputs, concurrency, args, grpc_url,
                 response.raise_for_status()
                 if headers is not None and system == "http":
                     headers.append({k.lower(): v for k, v in response.headers.items()})
-        return await load(send, bodies, concurrency, args.seconds, max_requests)
+        return await load(send, bodies, concurrency, seconds, max_requests)
 
 
 def _bare_forward_row(shape, checkpoint, tokenizer, bodies, row, args):

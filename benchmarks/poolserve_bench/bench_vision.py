@@ -1,6 +1,6 @@
 """Vision-language models on a GPU: bf16 parity per family, and a rerank of image documents through HTTP.
 
-``--parity``: each VL family's tiny checkpoint (tests/tiny_vision.py) scored by the engine in
+``--parity``: each VL family's tiny checkpoint (tests/support/tiny_vision.py) scored by the engine in
 bfloat16 on the GPU against HF's fp32 CPU forward (the same reference the CPU tests use at 1e-4).
 ``--bench``: a random checkpoint of jina-reranker-m0's shape (Qwen2-VL-2B body: 28 layers of 1536,
 a 32-layer 1280-wide vision tower; the MLP score head) served by the real stack (tritonserver +
@@ -29,7 +29,7 @@ def parity(kinds: list[str], device: torch.device) -> list[dict]:
     from poolserve_runtime.settings import ModelSettings
     from poolserve_runtime.vision import BatchImages, RequestImages
     from poolserve_runtime.vision_families import QWEN_IMAGE
-    from tests.tiny_vision import (
+    from tests.support.tiny_vision import (
         build_nemotron_vl_checkpoint,
         build_vision_checkpoint,
         make_image,
@@ -82,7 +82,7 @@ def jina_m0_checkpoint(directory: Path, smoke: bool) -> Path:
     import transformers as tf
     from safetensors.torch import load_file, save_file
 
-    from tests.tiny_vision import build_vision_checkpoint
+    from tests.support.tiny_vision import build_vision_checkpoint
 
     tiny = build_vision_checkpoint("jina_vl", directory)  # tokenizer, processor and config layout
     if smoke:
@@ -118,8 +118,8 @@ def bench(clients: list[int], seconds: float, smoke: bool, path: Path) -> list[d
 
     from poolserve_stack.plan import plan_models
     from poolserve_stack.triton_server import TritonServer
-    from tests.conftest import MODEL_REPOSITORY, running_adapter
-    from tests.tiny_vision import data_url, make_image
+    from tests.support.stack import MODEL_REPOSITORY, running_adapter
+    from tests.support.tiny_vision import data_url, make_image
 
     root = Path(tempfile.mkdtemp())
     checkpoint = jina_m0_checkpoint(root / "jina-reranker-m0-shape", smoke)

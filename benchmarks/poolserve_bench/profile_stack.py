@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from poolserve_bench.bench_engine import model_shapes
-from poolserve_bench.bench_systems import SYSTEM_WORKLOADS, _sweep_level, body_stream, start
+from poolserve_bench.bench_systems import SYSTEM_WORKLOADS, body_stream, start, sweep_level
 from poolserve_bench.checkpoints import save_checkpoint, word_count
 from poolserve_bench.results_csv import write_csv
 from poolserve_stack.triton_server import INSTANCE_COUNT, TritonServer, descendant_pids, free_port, wait_for_http
@@ -137,12 +137,9 @@ def profile_shape(shape, args, meta: dict, instances: int) -> list[dict]:
             spies = [(role, pid, start_py_spy(pid, args.seconds, args.work / f"{tag}-{role}-{pid}.txt"))
                      for role, pids in (("stub", stubs), ("adapter", workers)) for pid in pids]
             sampler = gpu_sampler()
-
-            class Args:  # what _sweep_level reads
-                seconds, requests = args.seconds, args.max_requests
-
-            pairs, seconds, latencies = asyncio.run(_sweep_level(
-                "http", level, [], concurrency, Args, triton.grpc_url, folder, f"http://127.0.0.1:{port}{path}", ""))
+            pairs, seconds, latencies = asyncio.run(sweep_level(
+                "http", level, [], concurrency, args.seconds, args.max_requests, triton.grpc_url, folder,
+                f"http://127.0.0.1:{port}{path}", ""))
             busy = gpu_busy_pct(sampler)
             for _, _, spy in spies:
                 if spy is not None:

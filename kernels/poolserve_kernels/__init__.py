@@ -1,4 +1,4 @@
-"""Pooling, score-head and similarity operations on packed (unpadded) hidden states.
+"""Pooling and score-head operations on packed (unpadded) hidden states.
 
 Every operation takes hidden states ``[total_tokens, hidden]`` and ``cu_seqlens`` ``[num_seqs + 1]``
 (int32, starting at 0), so no padding is ever read. One function per operation: it launches the
@@ -13,11 +13,10 @@ import os
 
 import torch
 
-from poolserve_kernels.cosine import cosine_similarity_reference, cosine_similarity_triton
 from poolserve_kernels.pooling import POOLING_METHODS, pool_reference, pool_triton
 from poolserve_kernels.score_head import MAX_LABELS, score_head_reference, score_head_triton
 
-__all__ = ["POOLING_METHODS", "MAX_LABELS", "cosine_similarity", "implementation", "pool", "score_head"]
+__all__ = ["POOLING_METHODS", "MAX_LABELS", "implementation", "pool", "score_head"]
 
 
 def _use_triton(tensor: torch.Tensor) -> bool:
@@ -43,10 +42,3 @@ def score_head(x, weight, bias, activation, *, gather="rows", cu_seqlens=None, l
                                  logit_mean=logit_mean, logit_sigma=logit_sigma)
     return score_head_reference(x, weight, bias, activation, gather=gather, cu_seqlens=cu_seqlens,
                                 logit_mean=logit_mean, logit_sigma=logit_sigma)
-
-
-def cosine_similarity(queries: torch.Tensor, documents: torch.Tensor) -> torch.Tensor:
-    """fp32 ``[N]``: 1:N when ``queries`` has one row, else N:N pairs."""
-    if _use_triton(documents):
-        return cosine_similarity_triton(queries, documents)
-    return cosine_similarity_reference(queries, documents)

@@ -20,9 +20,9 @@ import tritonclient.grpc as grpcclient
 
 from poolserve_stack.plan import PlanError, plan_models
 from poolserve_stack.triton_server import LauncherError, TritonServer
-from tests.conftest import MODEL_REPOSITORY, running_adapter
 from tests.goldens.build import build_golden_checkpoint, load_golden
-from tests.tiny_models import build_checkpoint, wordpiece_tokenizer
+from tests.support.stack import MODEL_REPOSITORY, running_adapter
+from tests.support.tiny_models import build_checkpoint, wordpiece_tokenizer
 
 pytestmark = pytest.mark.integration
 

@@ -1,7 +1,7 @@
 """The vLLM and SGLang contract (../shared/research/api-contract.md), against the real stack.
 
 One behaviour per test, exact shapes, orders, status codes and messages. Models are the tiny
-checkpoints served under their folder names (see tests/tiny_models.py): `bert_classifier` (3
+checkpoints served under their folder names (see tests/support/tiny_models.py): `bert_classifier` (3
 labels, max length 128), `xlm_roberta_classifier` (1 label: a cross-encoder), `bert_embedder`,
 `qwen2_classifier` (2 labels, ChatML chat template), `llama_classifier` (regression).
 A second adapter with an API key, small limits and SGLang's /v1/rerank runs for the guard tests.
@@ -18,8 +18,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from tests.conftest import running_adapter
 from tests.integration.test_adapter_api import assert_vllm_error, hf_classifier, hf_embeddings
+from tests.support.stack import running_adapter
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import running_adapter
+from tests.support.stack import running_adapter
 
 pytestmark = pytest.mark.integration
 

@@ -9,8 +9,8 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import start_adapter
-from tests.tiny_models import corpus
+from tests.support.stack import start_adapter
+from tests.support.tiny_models import corpus
 
 pytestmark = pytest.mark.integration
 

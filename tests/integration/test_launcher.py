@@ -15,7 +15,7 @@ import tritonclient.grpc as grpcclient
 
 from poolserve_stack import triton_server
 from poolserve_stack.triton_server import LauncherError, TritonServer
-from tests.conftest import FAULT_MODELS, PROJECT_ROOT
+from tests.support.stack import FAULT_MODELS, PROJECT_ROOT
 
 pytestmark = pytest.mark.integration
 

@@ -17,8 +17,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import running_adapter
-from tests.tiny_models import WORDS, corpus
+from tests.support.stack import running_adapter
+from tests.support.tiny_models import WORDS, corpus
 
 pytestmark = pytest.mark.integration
 

@@ -15,8 +15,8 @@ import pytest
 import tritonclient.grpc
 
 from poolserve_stack.triton_server import TritonServer
-from tests.conftest import MODEL_REPOSITORY, running_adapter
-from tests.tiny_models import corpus, random_text, wordpiece_tokenizer
+from tests.support.stack import MODEL_REPOSITORY, running_adapter
+from tests.support.tiny_models import corpus, random_text, wordpiece_tokenizer
 
 pytestmark = pytest.mark.integration
 

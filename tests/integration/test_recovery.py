@@ -20,7 +20,7 @@ import pytest
 
 from poolserve_stack import triton_server
 from poolserve_stack.triton_server import free_port, spawn_tied_to_this_process, wait_for_http
-from tests.conftest import PROJECT_ROOT
+from tests.support.stack import PROJECT_ROOT
 
 pytestmark = pytest.mark.integration
 

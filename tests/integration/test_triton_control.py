@@ -17,7 +17,7 @@ from tritonclient.utils import InferenceServerException
 
 from poolserve_stack.supervision import Recovery, recover
 from poolserve_stack.triton_server import CONTROL_GRPC_HEADER, INFERENCE_GRPC_HEADER, ModelUnloaded, TritonServer
-from tests.conftest import FAULT_MODELS
+from tests.support.stack import FAULT_MODELS
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
-from tests.tiny_models import random_text
+from tests.support.tiny_models import random_text
 
 pytestmark = pytest.mark.integration
 

@@ -20,8 +20,9 @@ from poolserve_contract.score_templates import render, template_text
 from poolserve_runtime.vision_families import QWEN_IMAGE
 from poolserve_stack.plan import plan_models
 from poolserve_stack.triton_server import TritonServer
-from tests.conftest import MODEL_REPOSITORY, http_server_on_loopback, running_adapter
-from tests.tiny_vision import (
+from tests.support.loopback import http_server_on_loopback
+from tests.support.stack import MODEL_REPOSITORY, running_adapter
+from tests.support.tiny_vision import (
     build_nemotron_vl_checkpoint,
     build_vision_checkpoint,
     data_url,

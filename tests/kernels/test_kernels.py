@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from poolserve_kernels.cosine import cosine_similarity_reference, cosine_similarity_triton
 from poolserve_kernels.pooling import POOLING_METHODS, pool_reference, pool_triton
 from poolserve_kernels.score_head import score_head_reference, score_head_triton
 
@@ -116,24 +115,6 @@ def test_score_head_many_sequences(device):
     assert_close(out[1], scores, HEAD_TOLERANCE[torch.float32], "scores")
 
 
-@pytest.mark.parametrize("pairing", ["1:N", "N:N", "1:1"])
-@pytest.mark.parametrize("hidden_size", [384, 1000, 1536])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_cosine_similarity(device, pairing, hidden_size, dtype):
-    pairs = 1 if pairing == "1:1" else 37
-    documents = torch.randn(pairs, hidden_size, device=device).to(dtype)
-    queries = torch.randn(1 if pairing != "N:N" else pairs, hidden_size, device=device).to(dtype)
-    out = torch.full((pairs,), float("nan"), device=device)
-    cosine_similarity_triton(queries, documents, out=out)
-    assert_close(out, cosine_similarity_reference(queries.double(), documents.double()), HEAD_TOLERANCE[dtype], pairing)
-
-
-def test_cosine_similarity_thousands_of_pairs(device):
-    documents, queries = torch.randn(3000, 48, device=device), torch.randn(3000, 48, device=device)
-    assert_close(cosine_similarity_triton(queries, documents),
-                 cosine_similarity_reference(queries.double(), documents.double()), HEAD_TOLERANCE[torch.float32], "N:N")
-
-
 def test_launchers_refuse_bad_inputs(device):
     hidden, cu = packed([3, 4], 64, torch.float32, device)
     with pytest.raises(ValueError, match="hidden must be bf16, fp16 or fp32"):
@@ -152,8 +133,6 @@ def test_launchers_refuse_bad_inputs(device):
         score_head_triton(hidden, torch.randn(2, 64, device=device), None, "softmax", gather="cls")
     with pytest.raises(ValueError, match="activation must be"):
         score_head_triton(hidden, torch.randn(2, 64, device=device), None, "tanh")
-    with pytest.raises(ValueError, match="queries must be 1"):
-        cosine_similarity_triton(torch.randn(2, 64, device=device), torch.randn(3, 64, device=device))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors are fine for the interpreter only")

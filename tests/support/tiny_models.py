@@ -246,6 +246,11 @@ MODEL_FOLDERS = {
     "bert_embedder": "bert_embedding",
 }
 
+
+def build_model_folder_checkpoints(root: Path) -> dict[str, Path]:
+    """Model folder → a tiny checkpoint of its architecture, each in ``root / <folder>``."""
+    return {folder: build_checkpoint(kind, root / folder) for folder, kind in MODEL_FOLDERS.items()}
+
 # Architecture → tiny checkpoint kind, for the parity tests (every HF-native family and the fallback).
 ARCHITECTURE_KINDS = {
     "BertForSequenceClassification": "bert",

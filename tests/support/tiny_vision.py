@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tests.tiny_models import byte_level_tokenizer
+from tests.support.tiny_models import byte_level_tokenizer
 
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 VISION_KINDS = ("qwen2_5_vl", "jina_vl", "qwen3_vl", "qwen3_vl_reranker")

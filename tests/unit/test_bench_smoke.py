@@ -1,4 +1,5 @@
-"""The benchmark harnesses run end to end at smoke size on the CPU (their GPU numbers are not tests)."""
+"""The benchmark harnesses that start no server run end to end at smoke size on the CPU (their GPU numbers
+are not tests), and their helpers behave; those that start the stack: tests/integration/test_bench_stack_smoke.py."""
 
 import csv
 import json
@@ -18,18 +19,6 @@ def test_engine_benchmark_smoke(tmp_path):
     assert {(r["model"], r["system"]) for r in rows} == expected
     written = list(csv.DictReader((tmp_path / "engine.csv").open()))
     assert len(written) == 11 and all(float(r["sequences_per_s"]) > 0 for r in written)
-
-
-def test_systems_benchmark_smoke(tmp_path):
-    """Starts Triton, the adapter and the baseline server on the CPU and drives each briefly."""
-    from poolserve_bench import bench_systems
-
-    rows = bench_systems.main(["--smoke", "--out", str(tmp_path), "--work", str(tmp_path / "work")])
-    systems = {r["system"] for r in rows}
-    assert systems == {"bare_forward", "http", "grpc", "baseline_http", "sentence_transformers"}
-    assert all(r["pairs_per_s"] > 0 for r in rows)
-    assert (tmp_path / "systems.csv").exists()
-
 
 
 @pytest.mark.parametrize("model_type,vocab_size", [
@@ -64,15 +53,6 @@ def test_profile_groups_kernels_by_name(kernel, expected):
     from poolserve_bench.profile_engine import category
 
     assert category(kernel) == expected
-
-
-def test_llm_reranker_benchmark_smoke(tmp_path):
-    """Recognises the named causal LM, serves it with and without reuse beside the plain HF recipe."""
-    from poolserve_bench import bench_llm_rerankers
-
-    rows = bench_llm_rerankers.main(["--smoke", "--out", str(tmp_path), "--work", str(tmp_path / "work")])
-    assert {r["system"] for r in rows} == {"http_reuse", "http_no_reuse", "baseline_http"}
-    assert all(r["pairs_per_s"] > 0 and 0 < r["prefix_share"] < 1 for r in rows)
 
 
 def test_benchmark_bodies_never_repeat_and_are_reproducible():

@@ -15,7 +15,7 @@ from poolserve_runtime import families
 from poolserve_runtime.engine import PackedEngine
 from poolserve_runtime.packing import PackedBatch, RequestSequences
 from poolserve_runtime.settings import ModelSettings
-from tests.tiny_models import MODEL_FOLDERS
+from tests.support.tiny_models import MODEL_FOLDERS
 
 FAMILIES = {
     "bert_classifier": families.BERT,

@@ -18,8 +18,8 @@ from poolserve_runtime.engine import PackedEngine
 from poolserve_runtime.packing import PackedBatch, RequestSequences
 from poolserve_runtime.settings import ModelSettings
 from poolserve_stack.plan import PlanError, plan_models
-from tests.conftest import MODEL_REPOSITORY
-from tests.tiny_models import build_checkpoint
+from tests.support.stack import MODEL_REPOSITORY
+from tests.support.tiny_models import build_checkpoint
 
 QUERY = "what is the capital of france"
 DOCUMENTS = ["paris is the capital of france", "pizza and pasta", "the river bank", "rain",

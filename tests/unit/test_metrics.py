@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from poolserve_adapter import metrics
 from poolserve_adapter.metrics import count_error, install_metrics, prepare_multiprocess_dir, route_label
-from tests.conftest import http_server_on_loopback
+from tests.support.loopback import http_server_on_loopback
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 TRITON_TEXT = (

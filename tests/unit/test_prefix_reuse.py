@@ -16,7 +16,7 @@ from poolserve_runtime import families, prefix_reuse
 from poolserve_runtime.engine import PackedEngine
 from poolserve_runtime.packing import PackedBatch, RequestSequences
 from poolserve_runtime.settings import ModelSettings
-from tests.tiny_models import build_checkpoint
+from tests.support.tiny_models import build_checkpoint
 
 
 @pytest.fixture(scope="module")
