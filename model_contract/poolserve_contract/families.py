@@ -50,7 +50,7 @@ class FamilyDeclaration:
     caches_kv: bool = False  # the body builds a KV cache unless called with use_cache=False
     causal: bool = False  # causal attention: documents sharing a prompt prefix may reuse it
     vision: bool = False  # reads pixel inputs besides token ids (a VisionDeclaration)
-    example: str = ""  # a checkpoint of this architecture (README table, error messages)
+    example: str = ""  # a checkpoint of this architecture (docs/models.md table, error messages)
     folder: str = ""  # its model_repository folder
 
     @property

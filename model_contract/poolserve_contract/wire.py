@@ -1,4 +1,4 @@
-"""Names on the wire between the launcher, Triton and the adapter."""
+"""Names on the wire between the stack (which starts Triton), Triton and the adapter."""
 
 from __future__ import annotations
 

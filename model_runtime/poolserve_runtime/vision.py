@@ -3,7 +3,7 @@ batched with the token stream, sliced per token-budget chunk for the padded mult
 (:class:`poolserve_runtime.bodies.VisionBody`; the families and their models:
 :mod:`poolserve_runtime.vision_families`).
 
-The wire contract (see README "Images"): ``input_ids`` hold the placeholders already expanded
+The wire contract (see docs/images.md): ``input_ids`` hold the placeholders already expanded
 (one ``<|image_pad|>`` per merged patch, as the checkpoint's processor writes them);
 ``pixel_values`` ``[rows, patches, patch_dim]`` FP32 holds each row's images' patches in prompt order
 (rows right-padded with zeros), ``image_grid_thw`` ``[rows, images, 3]`` INT64 their (t, h, w) patch

@@ -18,7 +18,7 @@ merge of vision embeddings into the placeholder tokens are HF's, so the scores a
 model's. The Triton-language kernels still pool (last token / mean over ``cu_seqlens``) and apply
 the fused score head.
 
-The wire contract (see README "Images"): ``input_ids`` hold the placeholders already expanded
+The wire contract (see docs/images.md): ``input_ids`` hold the placeholders already expanded
 (one ``<|image_pad|>`` per merged patch, as the checkpoint's processor writes them);
 ``pixel_values`` ``[rows, patches, patch_dim]`` FP32 holds each row's images' patches in prompt order
 (rows right-padded with zeros), ``image_grid_thw`` ``[rows, images, 3]`` INT64 their (t, h, w) patch

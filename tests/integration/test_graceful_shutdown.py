@@ -50,10 +50,12 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(triton_server, t
             # With several workers, one that has drained exits while the others finish; a new
             # connection it had just accepted is reset (a load balancer reads that as down too).
             # Probe again: a draining worker answers.
+            # The probes are independent: a reset of the request after a 503 /health is retried alone.
             try:
-                response = httpx.get(f"{url}/health", timeout=5)
-                if response.status_code == 503:
-                    health = response
+                if health is None:
+                    response = httpx.get(f"{url}/health", timeout=5)
+                    health = response if response.status_code == 503 else None
+                if health is not None:
                     refused = httpx.post(f"{url}/classify", json={"model": MODEL, "input": ["new"]}, timeout=5)
             except httpx.TransportError:
                 pass
