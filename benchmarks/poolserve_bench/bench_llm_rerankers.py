@@ -41,7 +41,8 @@ from poolserve_bench.results_csv import write_csv
 from poolserve_contract.score_templates import render, template_text
 from poolserve_runtime import families, prefix_reuse
 from poolserve_stack.plan import plan_models
-from poolserve_stack.triton_server import TritonServer, free_port, wait_for_http
+from poolserve_stack.processes import free_port, wait_for_http
+from poolserve_stack.triton_server import TritonServer
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DOCUMENTS = 64

@@ -47,7 +47,7 @@ import numpy as np
 import orjson
 
 from poolserve_bench.results_csv import write_csv
-from poolserve_stack import triton_server
+from poolserve_stack import processes
 from poolserve_stack.builtin import DATA_FILE
 from tests.support.stack import rss_mib, stack_processes, start_serve, stop_serve
 
@@ -207,8 +207,8 @@ async def recovery(url: str, stack_pid: int, clients: int, seed: int, limit_s: f
 
         background = asyncio.create_task(other_model())
         await asyncio.sleep(2)
-        (stub,) = [pid for pid in triton_server.descendant_pids(stack_pid)
-                   if CLASSIFIER_STUB in triton_server.process_cmdline(pid)]
+        (stub,) = [pid for pid in processes.descendant_pids(stack_pid)
+                   if CLASSIFIER_STUB in processes.process_cmdline(pid)]
         os.kill(stub, signal.SIGKILL)
         killed = time.perf_counter()
         answers = await classify_until_ok(client, url, bodies, killed, limit_s)
@@ -256,7 +256,7 @@ async def soak(url: str, stack_pid: int, clients: int, seconds: float, sample_s:
 async def server_recovery(url: str, stack_pid: int, seed: int, limit_s: float = 180) -> dict:
     """kill -9 tritonserver; the time until the classifier answers 200 again."""
     bodies = Bodies(seed, texts=8, words=40)
-    (server,) = [pid for pid in triton_server.descendant_pids(stack_pid) if "bin/tritonserver" in triton_server.process_cmdline(pid)]
+    (server,) = [pid for pid in processes.descendant_pids(stack_pid) if "bin/tritonserver" in processes.process_cmdline(pid)]
     async with session(30) as client:
         os.kill(server, signal.SIGKILL)
         killed = time.perf_counter()
@@ -329,8 +329,8 @@ def shutdown(process: subprocess.Popen, url: str, seed: int, clients: int = 16) 
 
     import httpx
 
-    children = triton_server.descendant_pids(process.pid)
-    own_regions = f"{triton_server.SHM_PREFIX}{triton_server.OWNER_TAG}{process.pid}-*"
+    children = processes.descendant_pids(process.pid)
+    own_regions = f"{processes.SHM_PREFIX}{processes.OWNER_TAG}{process.pid}-*"
     bodies = Bodies(seed, texts=64, words=120)
 
     def post(body: bytes) -> None:
@@ -346,14 +346,14 @@ def shutdown(process: subprocess.Popen, url: str, seed: int, clients: int = 16) 
     started = time.perf_counter()
     process.send_signal(signal.SIGTERM)
     pids = [process.pid, *children]
-    while time.perf_counter() - started < 120 and (any(triton_server.process_running(pid) for pid in pids)
-                                                  or list(triton_server.SHM_DIR.glob(own_regions))):
+    while time.perf_counter() - started < 120 and (any(processes.process_running(pid) for pid in pids)
+                                                  or list(processes.SHM_DIR.glob(own_regions))):
         time.sleep(0.05)
         process.poll()
     gone_s = time.perf_counter() - started
     for thread in threads:
         thread.join(timeout=60)
-    left = [pid for pid in pids if triton_server.process_running(pid)] + [p.name for p in triton_server.SHM_DIR.glob(own_regions)]
+    left = [pid for pid in pids if processes.process_running(pid)] + [p.name for p in processes.SHM_DIR.glob(own_regions)]
     return dict(phase="shutdown", clients=clients, seconds=round(gone_s, 2), errors=len(left),
                 answers_while_down=f"drain timeout {SHUTDOWN_DRAIN_S:g} s")
 

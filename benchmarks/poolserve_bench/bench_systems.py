@@ -40,14 +40,10 @@ import torch
 from poolserve_bench.bench_engine import flops_per_request, matmul_peak_tflops, model_shapes
 from poolserve_bench.checkpoints import save_checkpoint, word_count, words
 from poolserve_bench.results_csv import write_csv
+from poolserve_contract.wire import INSTANCE_COUNT
 from poolserve_runtime import families
-from poolserve_stack.triton_server import (
-    INSTANCE_COUNT,
-    TritonServer,
-    free_port,
-    spawn_tied_to_this_process,
-    wait_for_http,
-)
+from poolserve_stack.processes import free_port, spawn_tied_to_this_process, wait_for_http
+from poolserve_stack.triton_server import TritonServer
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SYSTEM_WORKLOADS = {  # the (shape, workload) pairs the goals are about
@@ -127,7 +123,7 @@ def start(command: list[str], env: dict, log: Path, cpus: str | None = None) -> 
 
 def pin_process_tree(pid: int, cpus: set[int]) -> None:
     """Move every thread of ``pid`` and of its descendants onto ``cpus``."""
-    from poolserve_stack.triton_server import child_pids
+    from poolserve_stack.processes import child_pids
 
     pending = [pid]
     while pending:

@@ -35,7 +35,9 @@ from poolserve_bench.bench_engine import model_shapes
 from poolserve_bench.bench_systems import SYSTEM_WORKLOADS, body_stream, start, sweep_level
 from poolserve_bench.checkpoints import save_checkpoint, word_count
 from poolserve_bench.results_csv import write_csv
-from poolserve_stack.triton_server import INSTANCE_COUNT, TritonServer, descendant_pids, free_port, wait_for_http
+from poolserve_contract.wire import INSTANCE_COUNT
+from poolserve_stack.processes import descendant_pids, free_port, wait_for_http
+from poolserve_stack.triton_server import TritonServer
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # Frame groups, first match wins on "function (file)" of any frame of a sample, innermost first.

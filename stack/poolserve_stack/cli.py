@@ -20,8 +20,8 @@ from pathlib import Path
 
 from poolserve_contract.checkpoints import PROJECT_ROOT
 from poolserve_stack.plan import DEFAULT_MODELS
+from poolserve_stack.processes import signal_me_when_parent_dies
 from poolserve_stack.running import EXIT_STOPPED, StopRequests, run_triton
-from poolserve_stack.triton_server import signal_me_when_parent_dies
 
 
 def log_path_arg(value: str) -> Path | None:

@@ -11,9 +11,10 @@ import signal
 import sys
 import time
 
+from poolserve_stack.errors import LauncherError
 from poolserve_stack.plan import PlanError
 from poolserve_stack.supervision import CrashLoop, Recovery, check_and_recover
-from poolserve_stack.triton_server import LauncherError, TritonServer
+from poolserve_stack.triton_server import TritonServer
 
 EXIT_STOPPED, EXIT_FAILED, EXIT_BAD_PLAN = 0, 1, 2
 

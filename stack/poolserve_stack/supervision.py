@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 from poolserve_contract.parameters import served_name
 from poolserve_contract.wire import SOURCE_FOLDER
-from poolserve_stack.triton_server import LauncherError, ModelUnloaded, ServerDied, StubDied, TritonServer
+from poolserve_stack.errors import LauncherError, ModelUnloaded, ServerDied, StubDied
+from poolserve_stack.triton_server import TritonServer
 
 logger = logging.getLogger("serve")
 

@@ -3,15 +3,12 @@
 No Docker needed. The wheel carries the server binary, the Python backend and one backend stub per
 Python version; this module wires them together the way ../shared/NOTES.md verified:
 
-* the stub for the *running* Python is copied next to a copy of the Python backend in a run folder,
-  and ``LD_LIBRARY_PATH`` points at the wheel's vendored libraries and at ``libpython``;
+* the wheel's stub is made ready for this interpreter and preflighted (:mod:`poolserve_stack.installation`);
 * the venv's ``bin/`` goes first on ``PATH``: the stub ignores ``PYTHONPATH`` and imports from the
   environment whose interpreter it finds there (the project root reaches it through a ``.pth``);
-* the stub's libraries are preflighted with ``ldd``: a stub that cannot load them makes 2.51 wait
-  forever during model load instead of failing;
-* every Python-backend shared-memory region gets a prefix naming this launcher's pid, so stale
-  ``/dev/shm/triton_python_backend_shm_region_*`` files of dead launchers can be told apart from
-  those of live servers and removed;
+* every Python-backend shared-memory region gets a prefix naming this launcher's pid
+  (:mod:`poolserve_stack.processes`), and the server is a child the kernel kills with this process;
+* each served model gets its folder in a per-run repository (:mod:`poolserve_stack.run_repository`);
 * models load through the repository API (explicit model-control mode), optionally with
   ``parameters`` overridden, so the repository on disk stays the one the NGC image serves;
 * that API runs any ``model.py`` a caller uploads, so it is closed: the model-repository,
@@ -26,28 +23,19 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import functools
-import importlib.util
 import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tritonclient.utils import InferenceServerException
 
-from poolserve_contract.card import card_for_config
-from poolserve_contract.families import by_folder
-from poolserve_contract.parameters import parse_instance_count
-from poolserve_contract.triton_config import complete_config
 from poolserve_contract.wire import (
     CONTROL_GRPC_HEADER,
     CONTROL_HEADER,
@@ -56,83 +44,20 @@ from poolserve_contract.wire import (
     INFERENCE_GRPC_HEADER,
     INFERENCE_HEADER,
     INFERENCE_KEY_ENV,
-    INSTANCE_COUNT,
-    SOURCE_FOLDER,
 )
-
-SHM_DIR = Path("/dev/shm")
-STOCK_ROOT = Path("/opt/tritonserver")  # where NGC's tritonserver images install the server
-SHM_PREFIX = "triton_python_backend_shm_region_"
-# Our regions are named SHM_PREFIX + OWNER_TAG + "<launcher pid>-" + Triton's own suffix.
-OWNER_TAG = "mrt-"
-
-
-class LauncherError(RuntimeError):
-    """The server could not be started, died, or a model failed to load."""
-
-
-class ServerDied(LauncherError):
-    """tritonserver itself exited."""
-
-
-class StubDied(LauncherError):
-    """One model's Python backend stub died; the server and the other models still run."""
-
-    def __init__(self, message: str, model: str):
-        super().__init__(message)
-        self.model = model
-
-
-class ModelUnloaded(StubDied):
-    """A model's stubs went because a holder of the control key unloaded it: not a crash."""
-
-
-# ----------------------------------------------------------------------------------------------
-# The wheel's files
-
-
-@dataclass(frozen=True)
-class TritonInstallation:
-    """Where the nvidia-pytriton wheel put the server, backend, stubs and vendored libraries."""
-
-    server_root: Path  # site-packages/pytriton/tritonserver
-    libs_dir: Path  # site-packages/nvidia_pytriton.libs
-
-    @classmethod
-    def find(cls) -> TritonInstallation:
-        explicit = os.environ.get("TRITONSERVER_BIN")  # an unpacked copy of the wheel's server tree
-        if explicit:
-            server_root = Path(explicit).resolve().parents[1]
-            return cls(server_root=server_root, libs_dir=server_root.parents[1] / "nvidia_pytriton.libs")
-        spec = importlib.util.find_spec("pytriton")  # finds the package without importing it
-        if (spec is None or not spec.submodule_search_locations) and (STOCK_ROOT / "bin" / "tritonserver").exists():
-            # NGC's tritonserver image: its own server, Python backend and stub (built for its Python).
-            return cls(server_root=STOCK_ROOT, libs_dir=STOCK_ROOT / "lib")
-        if spec is None or not spec.submodule_search_locations:
-            raise LauncherError(
-                "nvidia-pytriton is not installed in this environment: "
-                "pip install --no-deps nvidia-pytriton==0.7.0 (or run `make install`)"
-            )
-        package_dir = Path(next(iter(spec.submodule_search_locations)))
-        server_root = package_dir / "tritonserver"
-        if not (server_root / "bin" / "tritonserver").exists():
-            raise LauncherError(f"no tritonserver binary under {server_root}")
-        return cls(server_root=server_root, libs_dir=package_dir.parent / "nvidia_pytriton.libs")
-
-    @property
-    def binary(self) -> Path:
-        return self.server_root / "bin" / "tritonserver"
-
-    def stub_for_running_python(self) -> Path:
-        version = f"{sys.version_info.major}.{sys.version_info.minor}"
-        stub = self.server_root / "python_backend_stubs" / version / "triton_python_backend_stub"
-        if not stub.exists():  # a trimmed tree that keeps only the stub for its Python, in place
-            stub = self.server_root / "backends" / "python" / "triton_python_backend_stub"
-        if not stub.exists():
-            raise LauncherError(f"the wheel has no Python backend stub for Python {version}")
-        return stub
-
-
+from poolserve_stack.errors import LauncherError, ModelUnloaded, ServerDied, StubDied
+from poolserve_stack.installation import TritonInstallation, library_path, preflight_stub, prepare_backends
+from poolserve_stack.processes import (
+    OWNER_TAG,
+    SHM_DIR,
+    SHM_PREFIX,
+    descendant_pids,
+    free_port,
+    process_cmdline,
+    remove_stale_shm_regions,
+    spawn_tied_to_this_process,
+)
+from poolserve_stack.run_repository import all_completed, write_run_repository
 
 # The adapter's settings (its API key among them) and the keys above are no business of the model
 # code the stubs run: they are left out of the server's environment.
@@ -160,262 +85,6 @@ def triton_environment(environ: dict[str, str], ld_library_path: str) -> dict[st
     # The stub imports from the environment whose interpreter comes first on PATH.
     env["PATH"] = f"{Path(sys.executable).parent}:{environ.get('PATH', '')}"
     return env
-
-
-def library_path(installation: TritonInstallation) -> str:
-    """LD_LIBRARY_PATH for the server and the stub: vendored libs, then libpython's folder."""
-    parts = [str(installation.libs_dir), sysconfig.get_config_var("LIBDIR") or ""]
-    if os.environ.get("LD_LIBRARY_PATH"):
-        parts.append(os.environ["LD_LIBRARY_PATH"])
-    return ":".join(p for p in parts if p)
-
-
-def prepare_backends(installation: TritonInstallation, run_dir: Path) -> Path:
-    """Copy the Python backend and the stub for this interpreter into ``run_dir/backends``."""
-    backends = run_dir / "backends"
-    python_backend = backends / "python"
-    if python_backend.exists():
-        shutil.rmtree(python_backend)
-    shutil.copytree(
-        installation.server_root / "backends" / "python",
-        python_backend,
-        ignore=shutil.ignore_patterns("__pycache__"),
-    )
-    shutil.copy2(installation.stub_for_running_python(), python_backend / "triton_python_backend_stub")
-    return backends
-
-
-def preflight_stub(stub: Path, ld_library_path: str) -> None:
-    """Fail now if the stub cannot load its shared libraries (2.51 would hang on model load)."""
-    result = subprocess.run(
-        ["ldd", str(stub)],
-        env={**os.environ, "LD_LIBRARY_PATH": ld_library_path},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    missing = [line.strip() for line in result.stdout.splitlines() if "not found" in line]
-    if result.returncode != 0 or missing:
-        detail = "\n  ".join(missing) or result.stderr.strip()
-        raise LauncherError(
-            f"the Python backend stub {stub} cannot load its libraries:\n  {detail}\n"
-            "The running Python must be built with --enable-shared (libpython3.X.so) and the "
-            "nvidia-pytriton wheel must be complete."
-        )
-
-
-# ----------------------------------------------------------------------------------------------
-# Processes, ports and shared memory
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_http(url: str, process: subprocess.Popen, timeout_s: float, log_path: Path | None = None) -> None:
-    """Poll ``url`` until it answers 200; fail at once (with the log's tail) if ``process`` exits."""
-    def log_tail() -> str:
-        return f":\n{log_path.read_text(errors='replace')[-4000:]}" if log_path and log_path.exists() else ""
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise LauncherError(f"{url}: process exited with {process.returncode}{log_tail()}")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        time.sleep(0.2)
-    raise LauncherError(f"{url} not ready after {timeout_s}s{log_tail()}")
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def process_running(pid: int) -> bool:
-    """Alive and not a zombie waiting to be reaped (what "still there" means after a stop)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    return state != "Z"
-
-
-def remove_stale_shm_regions() -> list[Path]:
-    """Remove shm regions created by launchers that are no longer running. Returns what went."""
-    removed = []
-    for region in SHM_DIR.glob(f"{SHM_PREFIX}{OWNER_TAG}*"):
-        owner = region.name[len(SHM_PREFIX) + len(OWNER_TAG) :].split("-", 1)[0]
-        if owner.isdigit() and not pid_alive(int(owner)):
-            with contextlib.suppress(FileNotFoundError):
-                region.unlink()
-            removed.append(region)
-    return removed
-
-
-def child_pids(pid: int) -> list[int]:
-    """Children of ``pid``, forked from any of its threads (Linux /proc)."""
-    children: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            children.extend(int(child) for child in (task / "children").read_text().split())
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return children
-
-
-def descendant_pids(pid: int) -> list[int]:
-    """Every process below ``pid``."""
-    found, pending = [], child_pids(pid)
-    while pending:
-        child = pending.pop()
-        found.append(child)
-        pending.extend(child_pids(child))
-    return found
-
-
-_PR_SET_PDEATHSIG = 1
-_libc = None
-_spawner: concurrent.futures.ThreadPoolExecutor | None = None
-
-
-def _die_with_parent(parent: int) -> None:
-    """In the child, before exec: SIGKILL when the parent goes, however it goes (kill -9 included).
-    Survives the exec; the check after it covers a parent that died before the call (the child was
-    reparented). ``parent`` is compared, not pid 1: in a container the parent may be pid 1 itself."""
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:
-        os._exit(1)
-
-
-def signal_me_when_parent_dies(sig: int = signal.SIGTERM) -> None:
-    """Ask the kernel for ``sig`` when this process's parent goes (``make serve``: a SIGTERM to make
-    alone would otherwise leave the stack running, orphaned)."""
-    global _libc
-    if _libc is None:
-        import ctypes
-
-        _libc = ctypes.CDLL(None, use_errno=True)
-    parent = os.getppid()
-    _libc.prctl(_PR_SET_PDEATHSIG, sig)
-    if os.getppid() != parent:  # gone before the call took effect
-        os.kill(os.getpid(), sig)
-
-
-def spawn_tied_to_this_process(command: list[str], **popen_kwargs) -> subprocess.Popen:
-    """``Popen`` in its own session (signals to our group do not reach it; ``stop`` kills its whole
-    group) that the kernel kills if this process dies without stopping it.
-
-    PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, so children are forked
-    from one spawner thread that lives as long as this process (``make serve`` starts the server
-    from a short-lived worker thread).
-    """
-    global _libc, _spawner
-    if _libc is None:
-        import ctypes
-
-        _libc = ctypes.CDLL(None, use_errno=True)
-    if _spawner is None:
-        _spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="launcher-spawner")
-    return _spawner.submit(subprocess.Popen, command, start_new_session=True,
-                           preexec_fn=functools.partial(_die_with_parent, os.getpid()), **popen_kwargs).result()
-
-
-def process_cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except (FileNotFoundError, ProcessLookupError):
-        return ""
-
-
-# ----------------------------------------------------------------------------------------------
-# The per-run model repository
-
-
-
-def config_with_parameters(config_pbtxt: Path, parameters: dict[str, str], name: str | None = None) -> str:
-    """The model's config.pbtxt (text format) renamed to ``name``, with ``parameters`` set or replaced
-    (and ``instance_count`` turned into its instance_group), completed with the model card."""
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
-
-    config = text_format.Parse(config_pbtxt.read_text(), model_config_pb2.ModelConfig())
-    if name is not None:
-        config.name = name
-    parameters = dict(parameters)
-    try:
-        instance_count = parse_instance_count(parameters.pop(INSTANCE_COUNT, ""))
-    except ValueError as error:
-        raise LauncherError(str(error)) from None
-    if instance_count is not None:
-        del config.instance_group[:]
-        config.instance_group.add(count=instance_count)
-    for key, value in parameters.items():
-        config.parameters[key].string_value = value
-    return text_format.MessageToString(completed_config(config, config_pbtxt.parent.name, config_pbtxt.parent))
-
-
-def completed_config(config, folder: str, model_dir: Path | None = None):
-    """``config`` with what every model of the shared runtime adds (poolserve_contract.triton_config) and
-    its model card (poolserve_contract.card), when ``folder`` is one of its families; otherwise as it is.
-
-    Triton would ask the model's ``auto_complete_config`` for the same at load, in a stub process of
-    its own that imports torch and the runtime only to exit again: on a 2-core machine that doubles
-    the time a model takes to load, and to come back after its stub died. Completed here, the server
-    runs with auto-complete off (see :func:`all_completed`). The card is read from checkpoints already
-    on this machine (:func:`~poolserve_contract.card.card_for_config`).
-    """
-    from google.protobuf import json_format
-    from tritonclient.grpc import model_config_pb2
-
-    family = by_folder(folder)
-    if family is None:
-        return config
-    as_dict = json_format.MessageToDict(config, preserving_proto_field_name=True)
-    card = card_for_config(as_dict, family, model_dir)
-    complete_config(as_dict, family.task, family.uses_token_types, family.vision, card)
-    return json_format.ParseDict(as_dict, model_config_pb2.ModelConfig())
-
-
-def all_completed(models: dict[str, dict[str, str]]) -> bool:
-    """Every planned model comes from a folder of the shared runtime (its config completed here)."""
-    return all(by_folder(parameters.get(SOURCE_FOLDER, name)) is not None for name, parameters in models.items())
-
-
-def write_run_repository(source: Path, models: dict[str, dict[str, str]], target: Path) -> Path:
-    """One folder per served model under ``target``, each made from a folder of ``source``.
-
-    This is how two checkpoints of one architecture run side by side (two Triton models, each with
-    its own dynamic batcher) while ``source`` stays the repository a stock tritonserver serves: the
-    generated ``config.pbtxt`` is the source folder's with its name and parameters set, and the
-    version folders are links to the source's. A relative ``checkpoint`` is resolved against the
-    source folder, as the model would have resolved it there.
-    """
-    target.mkdir(parents=True, exist_ok=True)
-    for name, parameters in models.items():
-        parameters = {**parameters, SOURCE_FOLDER: parameters.get(SOURCE_FOLDER, name)}
-        folder = source / parameters[SOURCE_FOLDER]
-        if not (folder / "config.pbtxt").exists():
-            raise LauncherError(f"no model folder {folder.name!r} in {source}")
-        checkpoint = parameters.get("checkpoint", "")
-        if checkpoint and not checkpoint.startswith("builtin:") and (folder / checkpoint).exists():
-            parameters["checkpoint"] = str((folder / checkpoint).resolve())
-        model_dir = target / name
-        model_dir.mkdir()
-        (model_dir / "config.pbtxt").write_text(config_with_parameters(folder / "config.pbtxt", parameters, name))
-        for entry in folder.iterdir():
-            if entry.name != "config.pbtxt":
-                (model_dir / entry.name).symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
-    return target
 
 
 # ----------------------------------------------------------------------------------------------

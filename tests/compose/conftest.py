@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from poolserve_stack.triton_server import free_port
+from poolserve_stack.processes import free_port
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 WHEELHOUSE = PROJECT_ROOT / "docker" / "wheelhouse"

@@ -18,8 +18,9 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 
+from poolserve_stack.errors import LauncherError
 from poolserve_stack.plan import PlanError, plan_models
-from poolserve_stack.triton_server import LauncherError, TritonServer
+from poolserve_stack.triton_server import TritonServer
 from tests.goldens.build import build_golden_checkpoint, load_golden
 from tests.support.stack import MODEL_REPOSITORY, running_adapter
 from tests.support.tiny_models import build_checkpoint, wordpiece_tokenizer

@@ -13,15 +13,16 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from poolserve_stack import triton_server
-from poolserve_stack.triton_server import LauncherError, TritonServer
+from poolserve_stack import installation, processes
+from poolserve_stack.errors import LauncherError
+from poolserve_stack.triton_server import TritonServer
 from tests.support.stack import FAULT_MODELS, PROJECT_ROOT
 
 pytestmark = pytest.mark.integration
 
 
 def descendants(pid: int) -> list[int]:
-    return triton_server.descendant_pids(pid)
+    return processes.descendant_pids(pid)
 
 
 def test_stub_dying_during_load_is_reported_quickly(tmp_path):
@@ -61,15 +62,15 @@ def test_sigterm_stops_server_and_stubs_and_removes_shm(tmp_path):
         ready = json.loads(line)
         assert ready["ready"] and ready["models"] == ["echo"]
         children = descendants(process.pid)
-        assert any("tritonserver" in triton_server.process_cmdline(p) for p in children)
-        assert any("triton_python_backend_stub" in triton_server.process_cmdline(p) for p in children)
-        regions = list(Path("/dev/shm").glob(f"{triton_server.SHM_PREFIX}{triton_server.OWNER_TAG}{process.pid}-*"))
+        assert any("tritonserver" in processes.process_cmdline(p) for p in children)
+        assert any("triton_python_backend_stub" in processes.process_cmdline(p) for p in children)
+        regions = list(Path("/dev/shm").glob(f"{processes.SHM_PREFIX}{processes.OWNER_TAG}{process.pid}-*"))
         assert regions, "the server's shm regions carry the launcher's pid"
 
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
         for pid in children:
-            assert not triton_server.process_running(pid), f"pid {pid} outlived the launcher"
+            assert not processes.process_running(pid), f"pid {pid} outlived the launcher"
         assert not [r for r in regions if r.exists()]
     finally:
         if process.poll() is None:
@@ -85,13 +86,13 @@ def test_killing_the_launcher_leaves_no_process_behind(tmp_path):
     try:
         assert process.stdout.readline(), f"launcher exited early with {process.wait()}"
         children = descendants(process.pid)
-        assert any("triton_python_backend_stub" in triton_server.process_cmdline(p) for p in children)
+        assert any("triton_python_backend_stub" in processes.process_cmdline(p) for p in children)
         process.kill()
         process.wait(timeout=10)
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and any(triton_server.process_running(p) for p in children):
+        while time.monotonic() < deadline and any(processes.process_running(p) for p in children):
             time.sleep(0.2)
-        left = [triton_server.process_cmdline(p) for p in children if triton_server.process_running(p)]
+        left = [processes.process_cmdline(p) for p in children if processes.process_running(p)]
         assert not left, f"outlived a killed launcher: {left}"
     finally:
         if process.poll() is None:
@@ -99,15 +100,15 @@ def test_killing_the_launcher_leaves_no_process_behind(tmp_path):
 
 
 def test_missing_wheel_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(triton_server.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(installation.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(LauncherError, match="nvidia-pytriton is not installed"):
-        triton_server.TritonInstallation.find()
+        installation.TritonInstallation.find()
 
 
 def test_stub_that_cannot_load_libraries_fails_preflight(tmp_path):
-    installation = triton_server.TritonInstallation.find()
-    backends = triton_server.prepare_backends(installation, tmp_path)  # a copied stub loses its rpath
+    found = installation.TritonInstallation.find()
+    backends = installation.prepare_backends(found, tmp_path)  # a copied stub loses its rpath
     stub = backends / "python" / "triton_python_backend_stub"
     with pytest.raises(LauncherError, match="cannot load its libraries"):
-        triton_server.preflight_stub(stub, ld_library_path=str(tmp_path))  # without the vendored libs
-    triton_server.preflight_stub(stub, triton_server.library_path(installation))  # the launcher's path passes
+        installation.preflight_stub(stub, ld_library_path=str(tmp_path))  # without the vendored libs
+    installation.preflight_stub(stub, installation.library_path(found))  # the launcher's path passes

@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from poolserve_stack import triton_server
-from poolserve_stack.triton_server import free_port, wait_for_http
+from poolserve_stack import processes
+from poolserve_stack.processes import free_port, wait_for_http
 from tests.support.stack import PROJECT_ROOT
 
 pytestmark = pytest.mark.integration
@@ -30,7 +30,7 @@ def readme_sample_curl() -> str:
 
 
 def descendants(pid: int) -> list[int]:
-    return triton_server.descendant_pids(pid)
+    return processes.descendant_pids(pid)
 
 
 DRAIN_TIMEOUT_S = 3.0
@@ -141,11 +141,11 @@ def test_sigterm_with_requests_in_flight_leaves_nothing_after_the_drain_timeout(
     what is left, and every process and shared-memory region is gone a few seconds later."""
     url, process, _ = make_serve
     children = descendants(process.pid)
-    assert any("tritonserver" in triton_server.process_cmdline(pid) for pid in children)
-    assert any("triton_python_backend_stub" in triton_server.process_cmdline(pid) for pid in children)
-    stack = next(pid for pid in children if "poolserve_stack serve" in triton_server.process_cmdline(pid))
-    own_regions = f"{triton_server.SHM_PREFIX}{triton_server.OWNER_TAG}{stack}-*"  # the launcher names them after its pid
-    assert list(triton_server.SHM_DIR.glob(own_regions))
+    assert any("tritonserver" in processes.process_cmdline(pid) for pid in children)
+    assert any("triton_python_backend_stub" in processes.process_cmdline(pid) for pid in children)
+    stack = next(pid for pid in children if "poolserve_stack serve" in processes.process_cmdline(pid))
+    own_regions = f"{processes.SHM_PREFIX}{processes.OWNER_TAG}{stack}-*"  # the launcher names them after its pid
+    assert list(processes.SHM_DIR.glob(own_regions))
     heavy = {"model": "sentiment-minilm", "input": ["a long sentence about nothing in particular " * 12] * 64}
 
     def post() -> None:
@@ -159,12 +159,12 @@ def test_sigterm_with_requests_in_flight_leaves_nothing_after_the_drain_timeout(
     started = time.monotonic()
     os.kill(process.pid, signal.SIGTERM)
     bound = DRAIN_TIMEOUT_S + 8
-    while time.monotonic() - started < bound + 30 and any(triton_server.process_running(pid) for pid in children):
+    while time.monotonic() - started < bound + 30 and any(processes.process_running(pid) for pid in children):
         time.sleep(0.1)
     gone_after = time.monotonic() - started
-    left = [triton_server.process_cmdline(pid) for pid in children if triton_server.process_running(pid)]
+    left = [processes.process_cmdline(pid) for pid in children if processes.process_running(pid)]
     assert not left, f"processes outlived make serve: {left}"
-    assert not list(triton_server.SHM_DIR.glob(own_regions))
+    assert not list(processes.SHM_DIR.glob(own_regions))
     print(f"SIGTERM to make with 16 heavy requests in flight: everything gone after {gone_after:.1f} s "
           f"(drain timeout {DRAIN_TIMEOUT_S:g} s)")
     assert gone_after < bound

@@ -18,8 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from poolserve_stack import triton_server
-from poolserve_stack.triton_server import free_port, spawn_tied_to_this_process, wait_for_http
+from poolserve_stack import processes
+from poolserve_stack.processes import free_port, spawn_tied_to_this_process, wait_for_http
 from tests.support.stack import PROJECT_ROOT
 
 pytestmark = pytest.mark.integration
@@ -52,7 +52,7 @@ def classify(url: str, model: str) -> httpx.Response:
 
 
 def processes_of(pid: int, needle: str) -> list[int]:
-    return [p for p in triton_server.descendant_pids(pid) if needle in triton_server.process_cmdline(p)]
+    return [p for p in processes.descendant_pids(pid) if needle in processes.process_cmdline(p)]
 
 
 def until_ok(url: str, model: str, seconds: float) -> tuple[float, list[tuple[int, float]]]:
@@ -78,7 +78,7 @@ def test_no_adapter_setting_reaches_tritonserver_or_its_stubs(stack):
     assert len(pids) >= 3  # the server and a stub per model
     for pid in pids:
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        assert not [entry for entry in environ if entry.startswith(b"ADAPTER_")], triton_server.process_cmdline(pid)
+        assert not [entry for entry in environ if entry.startswith(b"ADAPTER_")], processes.process_cmdline(pid)
     assert b"ADAPTER_TEST_CANARY=canary-secret" in Path(f"/proc/{process.pid}/environ").read_bytes()
 
 
@@ -137,10 +137,10 @@ def test_a_dead_tritonserver_is_restarted(stack, tiny_checkpoints):
 
 def test_sigterm_leaves_nothing_behind(stack):
     url, process, _ = stack
-    children = triton_server.descendant_pids(process.pid)
+    children = processes.descendant_pids(process.pid)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=90) == 0
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and any(triton_server.process_running(p) for p in children):
+    while time.monotonic() < deadline and any(processes.process_running(p) for p in children):
         time.sleep(0.2)
-    assert not [p for p in children if triton_server.process_running(p)]
+    assert not [p for p in children if processes.process_running(p)]

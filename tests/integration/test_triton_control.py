@@ -15,8 +15,10 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from poolserve_contract.wire import CONTROL_GRPC_HEADER, INFERENCE_GRPC_HEADER
+from poolserve_stack.errors import ModelUnloaded
 from poolserve_stack.supervision import Recovery, recover
-from poolserve_stack.triton_server import CONTROL_GRPC_HEADER, INFERENCE_GRPC_HEADER, ModelUnloaded, TritonServer
+from poolserve_stack.triton_server import TritonServer
 from tests.support.stack import FAULT_MODELS
 
 pytestmark = pytest.mark.integration

@@ -17,8 +17,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from poolserve_stack import triton_server
-from poolserve_stack.triton_server import TritonServer, free_port, spawn_tied_to_this_process, wait_for_http
+from poolserve_stack import processes
+from poolserve_stack.processes import free_port, spawn_tied_to_this_process, wait_for_http
+from poolserve_stack.triton_server import TritonServer
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 MODEL_REPOSITORY = PROJECT_ROOT / "model_repository"
@@ -100,8 +101,8 @@ def stack_processes(stack_pid: int) -> dict[str, int]:
     """The processes of a ``poolserve serve`` stack: ``adapter`` (the stack process itself),
     ``tritonserver``, and ``stub:<model folder>`` for each Python backend stub."""
     found = {"adapter": stack_pid}
-    for pid in triton_server.descendant_pids(stack_pid):
-        command = triton_server.process_cmdline(pid)
+    for pid in processes.descendant_pids(stack_pid):
+        command = processes.process_cmdline(pid)
         if "bin/tritonserver" in command:
             found["tritonserver"] = pid
         elif "triton_python_backend_stub" in command:

@@ -8,8 +8,8 @@ import pytest
 
 from poolserve_contract.triton_config import complete_config
 from poolserve_contract.wire import SOURCE_FOLDER
-from poolserve_stack import triton_server
-from poolserve_stack.triton_server import config_with_parameters, write_run_repository
+from poolserve_stack import processes, run_repository, triton_server
+from poolserve_stack.run_repository import config_with_parameters, write_run_repository
 from tests.support.stack import MODEL_REPOSITORY
 
 
@@ -75,15 +75,15 @@ def test_run_repository_links_the_source_folder(tmp_path):
 
 
 def test_removes_only_stale_regions_of_dead_launchers(tmp_path, monkeypatch):
-    monkeypatch.setattr(triton_server, "SHM_DIR", tmp_path)
+    monkeypatch.setattr(processes, "SHM_DIR", tmp_path)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)
-    stale = tmp_path / f"{triton_server.SHM_PREFIX}{triton_server.OWNER_TAG}{dead_pid}-abc-uuid"
-    live = tmp_path / f"{triton_server.SHM_PREFIX}{triton_server.OWNER_TAG}{os.getpid()}-abc-uuid"
-    foreign = tmp_path / f"{triton_server.SHM_PREFIX}0123-uuid"  # another tool's region: never ours to remove
+    stale = tmp_path / f"{processes.SHM_PREFIX}{processes.OWNER_TAG}{dead_pid}-abc-uuid"
+    live = tmp_path / f"{processes.SHM_PREFIX}{processes.OWNER_TAG}{os.getpid()}-abc-uuid"
+    foreign = tmp_path / f"{processes.SHM_PREFIX}0123-uuid"  # another tool's region: never ours to remove
     for path in (stale, live, foreign):
         path.write_bytes(b"")
-    assert triton_server.remove_stale_shm_regions() == [stale]
+    assert processes.remove_stale_shm_regions() == [stale]
     assert not stale.exists() and live.exists() and foreign.exists()
 
 
@@ -91,7 +91,8 @@ def test_instance_count_becomes_the_instance_group_not_a_parameter(tmp_path):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    from poolserve_stack.triton_server import LauncherError, config_with_parameters
+    from poolserve_stack.errors import LauncherError
+    from poolserve_stack.run_repository import config_with_parameters
 
     source = tmp_path / "config.pbtxt"
     source.write_text('name: "m"\nbackend: "python"\n')
@@ -130,19 +131,19 @@ def test_run_configs_come_complete_so_triton_needs_no_auto_complete_stub():
     # A folder the runtime does not know is left to Triton, and then auto-complete stays on.
     echo = config_with_parameters(FAULT_MODELS / "echo" / "config.pbtxt", {}, name="echo")
     assert parsed(echo) == parsed((FAULT_MODELS / "echo" / "config.pbtxt").read_text())
-    assert triton_server.all_completed({"a": {SOURCE_FOLDER: "bert_classifier"}, "bert_embedder": {}})
-    assert not triton_server.all_completed({"a": {SOURCE_FOLDER: "bert_classifier"}, "echo": {}})
+    assert run_repository.all_completed({"a": {SOURCE_FOLDER: "bert_classifier"}, "bert_embedder": {}})
+    assert not run_repository.all_completed({"a": {SOURCE_FOLDER: "bert_classifier"}, "echo": {}})
 
 
 def test_process_running_counts_zombies_as_gone():
     child = subprocess.Popen(["true"])
     deadline = time.monotonic() + 5
-    while triton_server.process_running(child.pid) and time.monotonic() < deadline:
+    while processes.process_running(child.pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not triton_server.process_running(child.pid)  # exited, not yet reaped: a zombie
-    assert triton_server.pid_alive(child.pid)  # which a plain kill(0) still sees
+    assert not processes.process_running(child.pid)  # exited, not yet reaped: a zombie
+    assert processes.pid_alive(child.pid)  # which a plain kill(0) still sees
     child.wait()
-    assert triton_server.process_running(os.getpid()) and not triton_server.process_running(child.pid)
+    assert processes.process_running(os.getpid()) and not processes.process_running(child.pid)
 
 
 def test_run_configs_carry_the_model_card_when_the_checkpoint_is_here(tmp_path):

@@ -11,10 +11,10 @@ import yaml
 
 from poolserve_adapter.settings import Settings
 from poolserve_stack.cli import add_model_arguments
+from poolserve_stack.errors import LauncherError, ServerDied, StubDied
 from poolserve_stack.plan import uses_builtins
 from poolserve_stack.running import model_entries
 from poolserve_stack.supervision import CrashLoop, Recovery, placement, recover
-from poolserve_stack.triton_server import LauncherError, ServerDied, StubDied
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 REPOSITORY = PROJECT_ROOT / "model_repository"
