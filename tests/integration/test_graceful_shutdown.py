@@ -15,6 +15,7 @@ from tests.support.tiny_models import corpus
 pytestmark = pytest.mark.integration
 
 MODEL = "bert_classifier"
+CLIENTS = 240
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
@@ -33,17 +34,19 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(triton_server, t
             except httpx.HTTPError as error:
                 results.append(repr(error))
 
-        clients = [threading.Thread(target=one, args=(i,)) for i in range(120)]
+        # Enough work that the drain outlasts a few slow probes: with 2 workers each holds its share of
+        # the requests in flight, and the window in which /health says "draining" lasts as long as they do.
+        clients = [threading.Thread(target=one, args=(i,)) for i in range(CLIENTS)]
         for client in clients:
             client.start()
         deadline = time.monotonic() + 10
         while not results and time.monotonic() < deadline:  # the work has started
             time.sleep(0.01)
-        assert len(results) < 120, "the load finished before the signal: make it larger"
+        assert len(results) < CLIENTS, "the load finished before the signal: make it larger"
         process.send_signal(signal.SIGTERM)
         done_before_signal = len(results)
         health = refused = None
-        # 30 s, not 10: on CI's 2 cores the probes queue behind 120 in-flight requests and each may use
+        # 30 s, not 10: on CI's 2 cores the probes queue behind the in-flight requests and each may use
         # its 5 s timeout (no answer within 10 s was seen there once); the drain itself takes longer.
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and (health is None or refused is None):
