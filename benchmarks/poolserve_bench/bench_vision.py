@@ -25,15 +25,16 @@ import torch
 def parity(kinds: list[str], device: torch.device) -> list[dict]:
     from poolserve_runtime.engine import PackedEngine
     from poolserve_runtime.families import by_name
-    from poolserve_runtime.packing import PackedBatch, RequestSequences
+    from poolserve_runtime.packing import PackedBatch
     from poolserve_runtime.settings import ModelSettings
-    from poolserve_runtime.vision import BatchImages, RequestImages
+    from poolserve_runtime.vision import BatchImages
     from poolserve_runtime.vision_families import QWEN_IMAGE
     from tests.support.tiny_vision import (
         build_nemotron_vl_checkpoint,
         build_vision_checkpoint,
         make_image,
         nemotron_reference_scores,
+        packed_vision_requests,
         reference_scores,
     )
 
@@ -53,21 +54,8 @@ def parity(kinds: list[str], device: torch.device) -> list[dict]:
                                  max_tokens_per_forward=8192, max_model_len=0, logit_mean=0, logit_sigma=1,
                                  attention="padded", output_names=("logits", "scores"))
         engine = PackedEngine.load(family, settings)
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-        processor = family.image_processor(str(checkpoint))
-        requests, request_images = [], []
-        for prompt, these in zip(prompts, row_images):
-            text, pixels, grids = prompt, torch.zeros(0, 0), torch.zeros(0, 3, dtype=torch.int64)
-            if these:
-                processed = processor(images=these, return_tensors="pt")
-                pixels, grids = processed["pixel_values"], processed["image_grid_thw"]
-                pieces = prompt.split(placeholder)
-                text = pieces[0] + "".join(family.image_text(grid, processor) + rest for grid, rest in zip(grids, pieces[1:]))
-            ids = tokenizer(text)["input_ids"] + ([100] if kind == "jina_vl" else [])
-            requests.append(RequestSequences(torch.tensor(ids), torch.tensor([len(ids)]), None))
-            request_images.append(RequestImages(pixels.float(), grids, torch.tensor([len(grids)])))
+        requests, request_images = packed_vision_requests(family, checkpoint, prompts, row_images, placeholder,
+                                                          (100,) if kind == "jina_vl" else ())
         scores = engine.run(PackedBatch.pack(requests), BatchImages.concat(request_images))["scores"].flatten()
         difference = float((scores - reference.float()).abs().max())
         rows.append({"kind": kind, "dtype": "bfloat16", "device": torch.cuda.get_device_name(device)

@@ -110,6 +110,32 @@ def data_url(image, fmt: str = "PNG") -> str:
 
 
 @torch.inference_mode()
+def packed_vision_requests(family, checkpoint: Path, prompts: list[str], images: list[list], placeholder: str,
+                           extra_ids: tuple[int, ...] = ()) -> tuple[list, list]:
+    """One engine request per prompt, as the adapter sends it: each ``placeholder`` expanded into the
+    image tokens the checkpoint's processor writes for that image, the ids then ``extra_ids``; and
+    the request's pixel values and grids. Returns (RequestSequences list, RequestImages list)."""
+    from transformers import AutoTokenizer
+
+    from poolserve_runtime.packing import RequestSequences
+    from poolserve_runtime.vision import RequestImages
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    processor = family.image_processor(str(checkpoint))
+    requests, request_images = [], []
+    for prompt, these in zip(prompts, images):
+        text, pixels, grids = prompt, torch.zeros(0, 0), torch.zeros(0, 3, dtype=torch.int64)
+        if these:
+            processed = processor(images=these, return_tensors="pt")
+            pixels, grids = processed["pixel_values"], processed["image_grid_thw"]
+            pieces = prompt.split(placeholder)
+            text = pieces[0] + "".join(family.image_text(grid, processor) + rest for grid, rest in zip(grids, pieces[1:]))
+        ids = tokenizer(text)["input_ids"] + list(extra_ids)
+        requests.append(RequestSequences(torch.tensor(ids), torch.tensor([len(ids)]), None))
+        request_images.append(RequestImages(pixels.float(), grids, torch.tensor([len(grids)])))
+    return requests, request_images
+
+
 def reference_scores(kind: str, directory: Path, prompts: list[str], images: list[list], activation: bool = True):
     """HF's own forward, one unpadded sequence at a time, then the head vLLM applies: the reference."""
     import transformers as tf

@@ -125,29 +125,16 @@ def test_generic_body_gives_the_checkpoint_s_own_logits(checkpoints):
 def test_vision_body_gives_hf_scores_with_images_split_across_chunks(tmp_path):
     """The padded multimodal forward, with each chunk's own images, scored by the engine, equals HF's
     forward one sequence at a time (the reference the real-stack vision tests use)."""
-    from transformers import AutoTokenizer
 
-    from poolserve_runtime.vision import BatchImages, RequestImages
+    from poolserve_runtime.vision import BatchImages
     from poolserve_runtime.vision_families import QWEN_IMAGE
-    from tests.support.tiny_vision import build_vision_checkpoint, make_image, reference_scores
+    from tests.support.tiny_vision import build_vision_checkpoint, make_image, packed_vision_requests, reference_scores
 
     checkpoint = build_vision_checkpoint("qwen2_5_vl", tmp_path / "qwen2_5_vl")
     family = families.by_name("qwen2_5_vl")
     images = [[make_image(90, 70, 1)], [], [make_image(60, 120, 2), make_image(50, 50, 3)]]
     prompts = [f"{QWEN_IMAGE} question one", "plain text only", f"{QWEN_IMAGE} two {QWEN_IMAGE}"]
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    processor = family.image_processor(str(checkpoint))
-    requests, request_images = [], []
-    for prompt, these in zip(prompts, images):
-        text, pixels, grids = prompt, torch.zeros(0, 0), torch.zeros(0, 3, dtype=torch.int64)
-        if these:
-            processed = processor(images=these, return_tensors="pt")
-            pixels, grids = processed["pixel_values"], processed["image_grid_thw"]
-            pieces = prompt.split(QWEN_IMAGE)
-            text = pieces[0] + "".join(family.image_text(g, processor) + rest for g, rest in zip(grids, pieces[1:]))
-        ids = tokenizer(text)["input_ids"]
-        requests.append(RequestSequences(torch.tensor(ids), torch.tensor([len(ids)]), None))
-        request_images.append(RequestImages(pixels.float(), grids, torch.tensor([len(grids)])))
+    requests, request_images = packed_vision_requests(family, checkpoint, prompts, images, QWEN_IMAGE)
     engine = PackedEngine.load(family, ModelSettings(
         model_name="vision", checkpoint=str(checkpoint), device=torch.device("cpu"), dtype=torch.float32,
         max_tokens_per_forward=1, max_model_len=0, logit_mean=0.0, logit_sigma=1.0, attention="padded",
