@@ -109,7 +109,6 @@ def data_url(image, fmt: str = "PNG") -> str:
     return f"data:image/{fmt.lower()};base64,{base64.b64encode(image_bytes(image, fmt)).decode()}"
 
 
-@torch.inference_mode()
 def packed_vision_requests(family, checkpoint: Path, prompts: list[str], images: list[list], placeholder: str,
                            extra_ids: tuple[int, ...] = ()) -> tuple[list, list]:
     """One engine request per prompt, as the adapter sends it: each ``placeholder`` expanded into the
@@ -136,6 +135,7 @@ def packed_vision_requests(family, checkpoint: Path, prompts: list[str], images:
     return requests, request_images
 
 
+@torch.inference_mode()
 def reference_scores(kind: str, directory: Path, prompts: list[str], images: list[list], activation: bool = True):
     """HF's own forward, one unpadded sequence at a time, then the head vLLM applies: the reference."""
     import transformers as tf
