@@ -4,6 +4,7 @@ import os
 
 import uvicorn
 
+from poolserve_adapter.admission_board import prepare_board_dir
 from poolserve_adapter.connections import server_options
 from poolserve_adapter.log_config import uvicorn_log_config
 from poolserve_adapter.metrics import prepare_multiprocess_dir
@@ -15,6 +16,7 @@ if __name__ == "__main__":
     if settings.tokenizer_threads:
         os.environ.setdefault("RAYON_NUM_THREADS", str(settings.tokenizer_threads))
     prepare_multiprocess_dir(settings.workers)  # several workers: /metrics sums them through a shared folder
+    prepare_board_dir(settings.workers)  # and admission judges each model by all workers' work
     # A factory, so each of `workers` processes builds its own app (and Triton client) from the env.
     uvicorn.run("poolserve_adapter.app:create_app", factory=True, host=settings.host, port=settings.port,
                 workers=settings.workers, log_level="info", log_config=uvicorn_log_config(),

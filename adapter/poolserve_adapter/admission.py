@@ -7,7 +7,9 @@ Without it every request waits in Triton's queue, and under overload all of them
   the bound alone runs when nothing else does. Until one request has finished, the model's speed is
   unknown and one request runs at a time: the others wait here, where they can still be refused,
   instead of in Triton's queue, where they cannot;
-* up to ``max_queued_tokens`` more wait here, first come first served, each at most ``max_wait_s``;
+* more wait here, first come first served, each at most ``max_wait_s`` (and at most ``max_queued_tokens``
+  of them when that bound is set; by default only time bounds the queue: a fixed token bound refused work
+  the GPU had time for, e.g. 64 clients of 64-document reranks);
 * both bounds follow the model's speed (see :meth:`Admission.rate`): a request is taken, to run or to
   wait, only when the work ahead of it (in flight and queued) and its own are expected to be done
   within ``max_wait_s``; a request with nothing ahead of it always is. While it waits it is refused
@@ -27,6 +29,10 @@ than one per window. Work in flight that has run for ``t`` seconds without finis
 above (finished plus in-flight tokens over ``t``): that bound lowers the estimate as soon as the
 model slows down, and it is the only estimate before any request has finished.
 
+With several adapter workers, the arrival check reads the others' backlog and rates from the admission board
+(:mod:`poolserve_adapter.admission_board`): a request is refused when the model as a whole, not this worker's
+share of it, cannot start it in time. Waiters are still started by their own worker, in its order.
+
 A request that leaves (client gone, cancelled) gives its place back whether it waited or ran.
 
 Refusing is cheap only if it comes before the work: :meth:`Admission.refuse_if_full` runs before a
@@ -42,9 +48,13 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from poolserve_adapter.errors import TooManyRequestsError
 from poolserve_adapter.metrics import get_metrics
+
+if TYPE_CHECKING:
+    from poolserve_adapter.admission_board import BoardEntry
 
 
 class _Waiter:
@@ -68,11 +78,12 @@ class Admission:
     # Waiters are checked against the estimate this often: it moves as time passes without a finish.
     REVIEW_INTERVAL_S = 0.1
 
-    def __init__(self, model: str, *, max_inflight_tokens: int, max_queued_tokens: int, max_wait_s: float,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(self, model: str, *, max_inflight_tokens: int, max_queued_tokens: int | None, max_wait_s: float,
+                 clock: Callable[[], float] = time.monotonic, board: BoardEntry | None = None):
         self.model = model
         self.max_inflight_tokens = max_inflight_tokens
-        self.max_queued_tokens = max_queued_tokens
+        self.max_queued_tokens = max_queued_tokens  # None: no token bound, only the time bound
+        self._board = board  # the other adapter workers' share of this model (None: this worker is alone)
         self.max_wait_s = max_wait_s
         self._clock = clock  # seconds; tests pass a fake one
         self.inflight_tokens = 0
@@ -141,9 +152,16 @@ class Admission:
         or the work ahead of it and its own would not be done within max_wait_s at the estimated rate."""
         must_wait = bool(self._waiters) or not self._fits(tokens)
         rate, inflight_left = self._rate_and_inflight_left()
-        seconds = self._seconds(rate, inflight_left + self.queued_tokens, tokens)
-        if (must_wait and self.queued_tokens + tokens > self.max_queued_tokens) or (
-                seconds is not None and seconds > self.max_wait_s):
+        ahead = inflight_left + self.queued_tokens
+        if self._board is not None:
+            # The model's backlog and speed are all workers' together: they queue for the same Triton model.
+            peers = self._board.peers()
+            ahead += peers.ahead_tokens
+            if peers.rate > 0:
+                rate = (rate or 0.0) + peers.rate
+        seconds = self._seconds(rate, ahead, tokens)
+        over_token_bound = self.max_queued_tokens is not None and self.queued_tokens + tokens > self.max_queued_tokens
+        if (must_wait and over_token_bound) or (seconds is not None and seconds > self.max_wait_s):
             return self._refuse("queue_full", f"The server is busy: model {self.model} holds its maximum of "
                                               f"queued work. Retry later.")
         return None
@@ -230,7 +248,9 @@ class Admission:
 
     def _schedule_review(self) -> None:
         """One timer while requests wait, none otherwise. The head's deadline is the earliest (first come first
-        served, one max_wait_s for all), so the timer never fires later than it."""
+        served, one max_wait_s for all), so the timer never fires later than it. Every change of the queue or of
+        the work in flight ends here: it is published then."""
+        self._publish()
         if not self._waiters:
             if self._review_timer is not None:
                 self._review_timer.cancel()
@@ -243,6 +263,18 @@ class Admission:
         if self._busy_since is None:
             self._busy_since = self._clock()
         self.inflight_tokens += tokens
+        self._publish()
+
+    def leave_board(self) -> None:
+        if self._board is not None:
+            self._board.close()
+            self._board = None
+
+    def _publish(self) -> None:
+        """This worker's share of the model on the board, after every change of it."""
+        if self._board is not None:
+            rate, inflight_left = self._rate_and_inflight_left()
+            self._board.publish(inflight_left, self.queued_tokens, rate)
 
     def _release(self, tokens: int, finished: bool = False) -> None:
         busy = self._busy_now()

@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from tritonclient.utils import InferenceServerException
 
 from poolserve_adapter import __version__
+from poolserve_adapter.admission_board import board_from_environment
 from poolserve_adapter.disconnect import CancelOnDisconnectMiddleware
 from poolserve_adapter.errors import install_exception_handlers
 from poolserve_adapter.health.api_router import router as health_router
@@ -86,11 +87,13 @@ def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = N
                 client, timeout_s=settings.triton_timeout_s, max_rows=settings.max_sequences_per_triton_request,
                 admission=AdmissionLimits(settings.max_inflight_tokens_per_model, settings.max_queued_tokens_per_model,
                                           settings.admission_wait_s),
+                admission_board=board_from_environment(),
                 triton_models=tuple(model.triton_model for model in app.state.registry),
                 inference_headers=inference_headers(settings),
             )
             async with SignalDrain(lifecycle, settings.drain_timeout_s):
                 yield
+            app.state.gateway.leave_admission_board()
         finally:
             with contextlib.suppress(asyncio.TimeoutError):  # a stop must not wait on a stuck channel
                 await asyncio.wait_for(client.close(), timeout=2)

@@ -41,10 +41,11 @@ class Settings(BaseSettings):
         description="Admission control, per served model and adapter worker: tokens being computed at once "
         "(sent to Triton). The default holds a few dynamic batches of the engine's 16,384-token forwards.",
     )
-    max_queued_tokens_per_model: int = Field(
-        524288, ge=0,
-        description="Admission control: tokens more that may wait for admission (about 64 rerank requests of 64 "
-        "documents); beyond, requests are refused at once with 429 and Retry-After.",
+    max_queued_tokens_per_model: int | None = Field(
+        None, ge=0,
+        description="Admission control: an optional bound on the tokens that may wait for admission per worker. "
+        "Unset (the default), only time bounds the queue: a request is refused with 429 and Retry-After when the "
+        "model, at the speed measured across all adapter workers, cannot start it within admission_wait_s.",
     )
     admission_wait_s: float = Field(
         10.0, gt=0,

@@ -15,6 +15,7 @@ import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
 from poolserve_adapter.admission import Admission
+from poolserve_adapter.admission_board import AdmissionBoard
 from poolserve_adapter.errors import from_triton
 from poolserve_adapter.settings import Settings
 from poolserve_adapter.timing import timed
@@ -31,11 +32,11 @@ def _tensor(name: str, array: np.ndarray) -> grpcaio.InferInput:
 @dataclass(frozen=True)
 class AdmissionLimits:
     max_inflight_tokens: int
-    max_queued_tokens: int
+    max_queued_tokens: int | None  # None: only time bounds the queue
     max_wait_s: float
 
 
-UNLIMITED = AdmissionLimits(2**62, 2**62, 1e9)  # no refusals: no queue bound, no rate-based wait bound
+UNLIMITED = AdmissionLimits(2**62, None, 1e9)  # no refusals: no queue bound, no rate-based wait bound
 
 
 def inference_headers(settings: Settings) -> dict[str, str]:
@@ -45,7 +46,7 @@ def inference_headers(settings: Settings) -> dict[str, str]:
 
 class TritonGateway:
     def __init__(self, client: grpcaio.InferenceServerClient, *, timeout_s: float, max_rows: int,
-                 admission: AdmissionLimits = UNLIMITED,
+                 admission: AdmissionLimits = UNLIMITED, admission_board: AdmissionBoard | None = None,
                  triton_models: tuple[str, ...] = (), inference_headers: dict[str, str] | None = None):
         self.client = client
         self.triton_models = triton_models  # what the registry serves: the models /health reports on
@@ -53,6 +54,7 @@ class TritonGateway:
         self.timeout_s = timeout_s
         self.max_rows = max_rows
         self.admission_limits = admission
+        self.admission_board = admission_board  # the other adapter workers' share of each model
         self._admissions: dict[str, Admission] = {}
 
     def admission(self, triton_model: str) -> Admission:
@@ -60,8 +62,14 @@ class TritonGateway:
             limits = self.admission_limits
             self._admissions[triton_model] = Admission(
                 triton_model, max_inflight_tokens=limits.max_inflight_tokens,
-                max_queued_tokens=limits.max_queued_tokens, max_wait_s=limits.max_wait_s)
+                max_queued_tokens=limits.max_queued_tokens, max_wait_s=limits.max_wait_s,
+                board=self.admission_board.entry(triton_model) if self.admission_board is not None else None)
         return self._admissions[triton_model]
+
+    def leave_admission_board(self) -> None:
+        """At shutdown: this worker's records leave the board (the others would drop them once it is gone)."""
+        for admission in self._admissions.values():
+            admission.leave_board()
 
     def refuse_if_busy(self, triton_model: str) -> None:
         """429 before any tokenizing when the model's admission queue is full (the serving pipeline's guard)."""

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from poolserve_adapter.admission import Admission
+from poolserve_adapter.admission_board import NO_PEERS, RESCAN_INTERVAL_S, AdmissionBoard, PeerLoad
 from poolserve_adapter.errors import TooManyRequestsError
 
 
@@ -330,3 +331,90 @@ def test_at_ten_times_the_capacity_admitted_requests_take_at_most_the_wait_plus_
     assert all(took == 0 for arrived, took in refused if arrived >= first_answer)
     assert max(took for _, took in refused) <= max_wait / 2
     assert len(admitted) >= 10  # and the model is kept busy: (25 s + the drain) / 2.5 s a request
+
+
+def test_by_default_only_time_bounds_the_queue_64_clients_of_large_reranks_all_wait(fast_reviews):
+    """The defaults' case that refused most requests: 64 clients of 64-document reranks (~15,000 tokens each) on a
+    model that does ~500,000 tokens/s. All 64 are done in about 2 s, well within the wait: none is refused; the
+    excess beyond what the model can start within the wait still is, at once."""
+
+    async def scenario():
+        clock = FakeClock()
+        gate = Admission("m", max_inflight_tokens=131072, max_queued_tokens=None, max_wait_s=10.0, clock=clock)
+        for _ in range(2):  # the model's speed: 15,000 tokens in 0.03 s
+            task = await arrive(gate, clock, 15000, seconds=0.03)
+            await clock.advance(0.03)
+            await task
+        clients = [await arrive(gate, clock, 15000, seconds=0.25) for _ in range(64)]
+        assert not any(task.done() for task in clients)  # none refused: 960,000 tokens ~ 2 s of work
+        assert gate.queued_tokens > 524288  # more than the old fixed bound queued
+        excess = [await arrive(gate, clock, 15000) for _ in range(400)]
+        refused = [task for task in excess if task.done()]
+        # 10 s at 500,000 tokens/s hold ~333 such requests in all: the rest is refused on arrival.
+        assert 200 < len(excess) - len(refused) < 300 and all("maximum of queued work" in refusal(t) for t in refused)
+        for task in clients + excess:
+            task.cancel()
+        await asyncio.gather(*clients, *excess, return_exceptions=True)
+
+    asyncio.run(scenario())
+
+
+def board_workers(tmp_path, clock, count: int, **limits) -> list[Admission]:
+    """``count`` adapter workers' admissions of one model on one board (one process plays them all)."""
+    alive = set(range(1, count + 1))
+    workers = []
+    for pid in alive:
+        board = AdmissionBoard(tmp_path, pid=pid, clock=clock, is_alive=lambda p: p in alive)
+        workers.append(Admission("m", **{"max_inflight_tokens": 10**9, "max_queued_tokens": None, "max_wait_s": 5.0,
+                                         **limits}, clock=clock, board=board.entry("m")))
+    return workers
+
+
+def test_a_worker_judges_by_the_whole_models_backlog_and_speed(tmp_path, fast_reviews, monkeypatch):
+    monkeypatch.setattr("poolserve_adapter.admission_board.RESCAN_INTERVAL_S", 0.0)
+
+    async def scenario():
+        clock = FakeClock()
+        busy, idle = board_workers(tmp_path, clock, 2)
+        for gate in (busy, idle):  # each has measured 100 tokens/s
+            task = await arrive(gate, clock, 100, seconds=1.0)
+            await clock.advance(1.0)
+            await task
+        # The busy worker holds 400 tokens of work (4 s at its 100 tokens/s: within its 5 s wait).
+        held = [await arrive(busy, clock, 100, seconds=100.0) for _ in range(4)]
+        assert not any(task.done() for task in held)
+        # Alone, the idle worker would take any request at once (nothing ahead of it); but it queues for the same
+        # model, whose backlog is 400 tokens at 200 tokens/s (both rates). 700 more: 5.5 s, refused on arrival.
+        assert "maximum of queued work" in refusal(await arrive(idle, clock, 700))
+        taken = await arrive(idle, clock, 100, seconds=100.0)  # (400 + 100) / 200: 2.5 s, taken
+        assert not taken.done()
+        # The busy worker's clients leave: its backlog leaves the board with them.
+        for task in held:
+            task.cancel()
+        await asyncio.gather(*held, return_exceptions=True)
+        later = await arrive(idle, clock, 300, seconds=100.0)  # (100 + 300) / 100: 4 s, its own work only
+        assert not later.done()
+        for task in (taken, later):
+            task.cancel()
+        await asyncio.gather(taken, later, return_exceptions=True)
+
+    asyncio.run(scenario())
+
+
+def test_the_board_forgets_a_worker_that_died_and_one_that_left(tmp_path):
+    clock = FakeClock()
+    alive = {1, 2, 3}
+    entries = {pid: AdmissionBoard(tmp_path, pid=pid, clock=clock, is_alive=lambda p: p in alive).entry("m")
+               for pid in alive}
+    entries[2].publish(500.0, 300, 100.0)
+    entries[3].publish(0.0, 200, 50.0)
+    clock.now += 2.0  # worker 2's work in flight has gone on at its rate: 300 left of 500
+    assert entries[1].peers() == PeerLoad(ahead_tokens=300 + 300 + 200, rate=150.0)
+    alive.discard(2)  # killed: its record is dropped at the next scan, and its file removed
+    clock.now += RESCAN_INTERVAL_S
+    assert entries[1].peers() == PeerLoad(ahead_tokens=200, rate=50.0)
+    assert sorted(path.name.rsplit(".", 1)[1] for path in tmp_path.iterdir()) == ["1", "3"]
+    entries[3].close()  # shut down: gone from the board at once
+    clock.now += RESCAN_INTERVAL_S
+    assert entries[1].peers() == NO_PEERS
+    assert [path.name.rsplit(".", 1)[1] for path in tmp_path.iterdir()] == ["1"]

@@ -44,6 +44,9 @@ class FakeGateway:
         if triton_model in self.busy:
             raise TooManyRequestsError(f"The server is busy: model {triton_model} is full.", retry_after_s=7)
 
+    def leave_admission_board(self) -> None:
+        pass  # no board: one worker
+
     async def infer(self, triton_model: str, encoded: Encoded, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
         self.calls.append((triton_model, encoded, outputs))
         lengths = encoded.lengths.astype(np.float32)
