@@ -15,9 +15,10 @@ if __name__ == "__main__":
     # Read by the tokenizers library when its thread pool starts, in each worker process.
     if settings.tokenizer_threads:
         os.environ.setdefault("RAYON_NUM_THREADS", str(settings.tokenizer_threads))
-    prepare_multiprocess_dir(settings.workers)  # several workers: /metrics sums them through a shared folder
-    prepare_board_dir(settings.workers)  # and admission judges each model by all workers' work
+    workers = settings.worker_count()
+    prepare_multiprocess_dir(workers)  # several workers: /metrics sums them through a shared folder
+    prepare_board_dir(workers)  # and admission judges each model by all workers' work
     # A factory, so each of `workers` processes builds its own app (and Triton client) from the env.
     uvicorn.run("poolserve_adapter.app:create_app", factory=True, host=settings.host, port=settings.port,
-                workers=settings.workers, log_level="info", log_config=uvicorn_log_config(),
+                workers=workers, log_level="info", log_config=uvicorn_log_config(),
                 **server_options(settings))  # connection limits; the open-file limit raised for the workers too

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -10,6 +11,11 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from poolserve_contract.checkpoints import PROJECT_ROOT
+
+# workers=0: one adapter worker per 4 cores, at most 4. Measured on 16-core H100/H200 hosts: 4 workers
+# sustained the tuned rerank rates; more competed with Triton's stubs for the CPU (benchmarks/README.md).
+CORES_PER_AUTO_WORKER = 4
+MAX_AUTO_WORKERS = 4
 
 
 class Settings(BaseSettings):
@@ -74,11 +80,12 @@ class Settings(BaseSettings):
         "does not stall the event loop for the others.",
     )
     workers: int = Field(
-        1,
-        ge=1,
+        0,
+        ge=0,
         description="Adapter processes (uvicorn workers), each with its own Triton client. Tokenization and JSON "
         "run on the CPU: more workers raise the request rate the adapter sustains; too many compete with Triton's "
-        "own CPU work.",
+        "own CPU work. 0 (the default): one per 4 cores, 1 to 4 (the setting measured best on a 16-core H100/H200 "
+        "host: benchmarks/README.md).",
     )
     tokenizer_threads: int = Field(
         0,
@@ -156,6 +163,13 @@ class Settings(BaseSettings):
         32768, ge=1024, description="Largest request line plus headers in bytes; larger is a 431.")
     host: str = Field("127.0.0.1", description="Address the HTTP server binds.")
     port: int = Field(8080, description="Port the HTTP server binds.")
+
+    def worker_count(self) -> int:
+        """``workers``, or one per 4 cores (1 to 4) when it is 0."""
+        if self.workers:
+            return self.workers
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, min(MAX_AUTO_WORKERS, cores // CORES_PER_AUTO_WORKER))
 
 
 @lru_cache

@@ -154,3 +154,14 @@ def process_cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except (FileNotFoundError, ProcessLookupError):
         return ""
+
+
+def visible_gpu_count() -> int:
+    """NVIDIA GPUs this process may use, without importing torch: the driver's list, narrowed by
+    CUDA_VISIBLE_DEVICES (as Triton narrows it) when that is set."""
+    gpus = Path("/proc/driver/nvidia/gpus")
+    count = len(list(gpus.iterdir())) if gpus.is_dir() else 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        count = min(count, len([device for device in visible.split(",") if device.strip() not in ("", "-1")]))
+    return count

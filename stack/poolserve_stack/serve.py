@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import signal
+import subprocess
 import sys
+import urllib.request
 
 import uvicorn
 
@@ -19,6 +23,7 @@ from poolserve_adapter.app import create_app
 from poolserve_adapter.connections import server_options
 from poolserve_adapter.log_config import uvicorn_log_config
 from poolserve_adapter.settings import Settings
+from poolserve_stack.processes import spawn_tied_to_this_process
 from poolserve_stack.running import EXIT_FAILED, EXIT_STOPPED, StopRequests, model_entries, start_or_exit_code
 from poolserve_stack.startup import start_triton
 from poolserve_stack.supervision import CrashLoop, Recovery, check_and_recover
@@ -77,6 +82,8 @@ async def serve(args: argparse.Namespace, stop: StopRequests) -> int:
         if stop.requested:
             return EXIT_STOPPED
         settings = adapter_settings(triton, args)
+        if settings.worker_count() > 1:
+            return await serve_adapter_workers(triton, settings, stop)
         web = uvicorn.Server(uvicorn.Config(create_app(settings), host=args.host, port=args.port, log_level="info",
                                             log_config=uvicorn_log_config(), **server_options(settings)))
 
@@ -94,3 +101,60 @@ async def serve(args: argparse.Namespace, stop: StopRequests) -> int:
         print(f"serve: {failures[0]}", file=sys.stderr, flush=True)
         return EXIT_FAILED
     return EXIT_STOPPED
+
+
+def adapter_environment(settings: Settings) -> dict[str, str]:
+    """The environment of ``python -m poolserve_adapter`` serving ``settings``: this one's ADAPTER_* values and
+    the stack's own Triton and address over them."""
+    own = {"triton_grpc_url": settings.triton_grpc_url,
+           "model_repository": None if settings.model_repository is None else str(settings.model_repository),
+           "host": settings.host, "port": str(settings.port), "triton_metrics_url": settings.triton_metrics_url,
+           "triton_inference_key": settings.triton_inference_key, "workers": str(settings.worker_count())}
+    return {**os.environ, **{f"ADAPTER_{key.upper()}": value for key, value in own.items() if value is not None}}
+
+
+async def serve_adapter_workers(triton: TritonServer, settings: Settings, stop: StopRequests) -> int:
+    """Several adapter workers (``ADAPTER_WORKERS``, by default one per 4 cores): uvicorn runs them from its own
+    process, the adapter's ``python -m poolserve_adapter``, a child of this one that drains on SIGTERM.
+    Returns the exit code; Triton is stopped by the caller."""
+    adapter = spawn_tied_to_this_process([sys.executable, "-m", "poolserve_adapter"],
+                                         env=adapter_environment(settings))
+    stop.on_stop = lambda: adapter.poll() is None and adapter.send_signal(signal.SIGTERM)
+    if stop.requested:  # a signal that came before the handler knew the child
+        adapter.send_signal(signal.SIGTERM)
+    base_url = f"http://{settings.host}:{settings.port}"
+    announced, recovery = False, Recovery()
+    try:
+        while adapter.poll() is None:
+            if not announced and await asyncio.to_thread(answers_health, f"{base_url}/health"):
+                print(f"\nServing on {base_url} with {settings.worker_count()} adapter workers  (Triton gRPC "
+                      f"{triton.grpc_url}, OpenAPI {base_url}/docs)", flush=True)
+                print("Try:\n" + sample_requests(base_url) + "\n", flush=True)
+                announced = True
+            try:
+                await asyncio.to_thread(check_and_recover, triton, recovery)
+            except CrashLoop as loop:
+                print(f"serve: {loop}", file=sys.stderr, flush=True)
+                adapter.send_signal(signal.SIGTERM)
+                await asyncio.to_thread(adapter.wait)
+                return EXIT_FAILED
+            await asyncio.sleep(0.5)
+    finally:
+        if adapter.poll() is None:  # cancelled: the adapter drains, then goes
+            adapter.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.to_thread(adapter.wait, settings.drain_timeout_s + 5)
+            except subprocess.TimeoutExpired:
+                adapter.kill()
+    if stop.requested:
+        return EXIT_STOPPED
+    print(f"serve: the adapter exited with code {adapter.returncode}", file=sys.stderr, flush=True)
+    return EXIT_FAILED
+
+
+def answers_health(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False

@@ -171,3 +171,40 @@ def test_sigterm_with_requests_in_flight_leaves_nothing_after_the_drain_timeout(
     process.wait(timeout=10)
     for client in clients:
         client.join(timeout=60)
+
+
+def test_several_adapter_workers_serve_and_stop_with_the_stack(tmp_path):
+    """ADAPTER_WORKERS=2 (what the default picks on a host of 8+ cores): the adapter runs as its own process with
+    two uvicorn workers beside Triton; both answer, and SIGTERM to make leaves nothing behind."""
+    port = free_port()
+    log_path = tmp_path / "make-serve.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(["make", "serve", f"PORT={port}"], cwd=PROJECT_ROOT, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True,
+                                   env={**os.environ, "ADAPTER_WORKERS": "2", "ADAPTER_DRAIN_TIMEOUT_S": "3"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{url}/health", process, timeout_s=420, log_path=log_path)
+        deadline = time.monotonic() + 10
+        while "Try:" not in log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert f"Serving on {url} with 2 adapter workers" in log_path.read_text()
+        workers = {pid for pid in descendants(process.pid)
+                   if "multiprocessing" in processes.process_cmdline(pid) and "spawn" in processes.process_cmdline(pid)}
+        assert len(workers) == 2, [processes.process_cmdline(pid) for pid in descendants(process.pid)]
+        body = {"model": "sentiment-minilm", "input": ["I love this!", "This is terrible."]}
+        for _ in range(8):  # new connections: both workers take some
+            response = httpx.post(f"{url}/classify", json=body, timeout=60)
+            assert response.status_code == 200 and [d["label"] for d in response.json()["data"]] == ["positive", "negative"]
+        children = descendants(process.pid)
+        os.kill(process.pid, signal.SIGTERM)
+        process.wait(timeout=60)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(processes.process_running(pid) for pid in children):
+            time.sleep(0.1)
+        assert not [processes.process_cmdline(pid) for pid in children if processes.process_running(pid)]
+        assert "Traceback" not in log_path.read_text()
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

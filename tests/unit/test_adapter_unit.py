@@ -387,3 +387,12 @@ def test_health_is_ready_only_when_every_served_model_is():
         assert response.status_code == status, loaded
         if status == 503:
             assert json.loads(response.body)["unavailable_models"] == {m: "not ready" for m in "ab" if m not in loaded}
+
+
+def test_workers_default_to_one_per_four_cores_at_most_four(monkeypatch):
+    from poolserve_adapter.settings import Settings
+
+    for cores, expected in ((2, 1), (4, 1), (8, 2), (16, 4), (128, 4)):
+        monkeypatch.setattr("os.sched_getaffinity", lambda _pid, cores=cores: set(range(cores)))
+        assert Settings().worker_count() == expected
+        assert Settings(workers=3).worker_count() == 3

@@ -157,3 +157,37 @@ def test_run_configs_carry_the_model_card_when_the_checkpoint_is_here(tmp_path):
     # A checkpoint this machine cannot read yet (not downloaded): no card, and the config is written all the same.
     absent = parsed(config_with_parameters(source, {"checkpoint": str(tmp_path / "absent")}, name="y"))
     assert ModelCard.from_config(absent) is None and absent["input"]
+
+
+def test_on_a_gpu_machine_a_small_checkpoint_gets_two_instances_a_large_one_triton_s_one(tmp_path, monkeypatch):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    source = tmp_path / "config.pbtxt"
+    source.write_text('name: "m"\nbackend: "python"\n')
+    small, large = tmp_path / "small", tmp_path / "large"
+    for folder, size in ((small, 1000), (large, run_repository.SMALL_WEIGHTS_BYTES + 1)):
+        folder.mkdir()
+        with (folder / "model.safetensors").open("wb") as weights:
+            weights.truncate(size)  # sparse: no disk used
+
+    def groups(parameters: dict) -> list[int]:
+        config = text_format.Parse(config_with_parameters(source, parameters, "x"), model_config_pb2.ModelConfig())
+        return [group.count for group in config.instance_group]
+
+    monkeypatch.setattr(run_repository, "visible_gpu_count", lambda: 1)
+    assert groups({"checkpoint": str(small)}) == [run_repository.INSTANCES_PER_GPU] == [2]
+    assert groups({"checkpoint": str(large)}) == []  # Triton's one per GPU
+    assert groups({"checkpoint": "org/hub-model"}) == []  # size unknown here
+    assert groups({"checkpoint": str(small), "instance_count": "3"}) == [3]  # the user's choice wins
+    monkeypatch.setattr(run_repository, "visible_gpu_count", lambda: 0)
+    assert groups({"checkpoint": str(small)}) == []  # the CPU: one instance uses every core
+
+
+def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
+    if not os.path.isdir("/proc/driver/nvidia/gpus"):
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        assert processes.visible_gpu_count() == 0
+        return
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert processes.visible_gpu_count() == 0
