@@ -167,7 +167,7 @@ def bench_shape(shape, workloads, args, work: Path, meta: dict, peak: float, ins
     folder = shape.family.folder
     rows: list[dict] = []
     parameters = {"checkpoint": str(checkpoint), "served_model_name": shape.name,
-                  **({INSTANCE_COUNT: str(instances)} if instances > 1 else {}), **dict(args.model_set)}
+                  **({INSTANCE_COUNT: str(instances)} if instances > 0 else {}), **dict(args.model_set)}
     triton = TritonServer(PROJECT_ROOT / "model_repository", {folder: parameters},
                           log_path=work / f"{shape.name}-triton.log", ready_timeout_s=600)
     cpus = cpu_plan(args.pin_cpus)
@@ -388,9 +388,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seconds", type=float, default=8.0, help="time bound of one concurrency level")
     parser.add_argument("--requests", type=int, default=96, help="request bound of one concurrency level")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-systems"))
-    parser.add_argument("--adapter-workers", type=int, default=4)
+    parser.add_argument("--adapter-workers", type=int, default=4, help="0: the adapter's default (one per 4 cores)")
     parser.add_argument("--instance-counts", type=int, nargs="*", default=[1],
-                        help="model instances per GPU to compare in this run (the instance_count parameter)")
+                        help="model instances per GPU to compare in this run (the instance_count parameter; 0: the "
+                        "machine's default)")
     parser.add_argument("--systems", nargs="*", default=["http", "grpc", "baseline_http", "sentence_transformers"])
     parser.add_argument("--model-set", type=lambda v: tuple(v.split("=", 1)), action="append", default=[],
                         metavar="KEY=VALUE", help="a model parameter for every shape (e.g. max_tokens_per_forward=65536)")

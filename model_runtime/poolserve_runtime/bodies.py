@@ -7,7 +7,8 @@ packed token, in stream order, so the engine pools by the chunk's ``cu_seqlens``
 
 * :class:`VarlenBody`: the chunk as one sequence ``[1, tokens]`` with per-sequence positions; the
   attention function of :mod:`poolserve_runtime.varlen` keeps the sequences apart by ``cu_seqlens``,
-  so no padding is computed (the GPU default).
+  so no padding is computed (the GPU default). On CUDA a chunk of a few hundred tokens replays a
+  CUDA graph of this body instead (:mod:`poolserve_runtime.cuda_graphs`).
 * :class:`PaddedBody`: the chunk as padded rows ``[n, longest]`` + mask through HF's padded forward,
   unpadded after it (the CPU default, whose results the varlen body matches; the only body of
   architectures without a packed kernel).
@@ -70,18 +71,27 @@ class VarlenBody:
             model.set_attn_implementation(varlen.register())
 
     def hidden_states(self, chunk: Chunk) -> torch.Tensor:
+        positions = varlen.packed_positions(chunk.cu_seqlens, chunk.input_ids.numel(), self.position_offset)
+        token_types = None if chunk.token_type_ids is None else chunk.token_type_ids.unsqueeze(0)
+        return self.packed_forward(chunk.input_ids.unsqueeze(0), positions, chunk.cu_seqlens, chunk.max_length,
+                                   token_types)
+
+    def packed_forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
+                       max_length: int, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``[tokens, hidden]`` of the stream ``input_ids`` ``[1, tokens]``, whose sequences ``cu_seqlens``
+        bounds; ``max_length`` may be any bound on their lengths (a CUDA graph's bucket passes its size)."""
         inputs = {
-            "input_ids": chunk.input_ids.unsqueeze(0),
-            "position_ids": varlen.packed_positions(chunk.cu_seqlens, chunk.input_ids.numel(), self.position_offset),
-            "cu_seq_lens_q": chunk.cu_seqlens,
-            "cu_seq_lens_k": chunk.cu_seqlens,
-            "max_length_q": chunk.max_length,
-            "max_length_k": chunk.max_length,
+            "input_ids": input_ids,
+            "position_ids": position_ids,
+            "cu_seq_lens_q": cu_seqlens,
+            "cu_seq_lens_k": cu_seqlens,
+            "max_length_q": max_length,
+            "max_length_k": max_length,
         }
         if self.family.caches_kv:
             inputs["use_cache"] = False  # decoders would otherwise build a KV cache nobody reads
-        if chunk.token_type_ids is not None:
-            inputs["token_type_ids"] = chunk.token_type_ids.unsqueeze(0)
+        if token_type_ids is not None:
+            inputs["token_type_ids"] = token_type_ids
         return self.family.body(self.model)(**inputs).last_hidden_state[0]
 
 
@@ -95,8 +105,11 @@ class ReusedPrefixBody:
         self.model = model
         self.device = device
 
-    def hidden_states(self, chunk: ReusedChunk) -> torch.Tensor:
-        """``[stream tokens, hidden]``; ``chunk.pool_rows`` are the rows its sequences are pooled at."""
+    def hidden_states(self, chunk: ReusedChunk, captured: torch.Tensor | None = None) -> torch.Tensor:
+        """``[stream tokens, hidden]``; ``chunk.pool_rows`` are the rows its sequences are pooled at.
+        The attention reads the chunk's cached prefix keys/values and writes those of
+        ``chunk.capture_rows`` to ``captured`` (a :class:`~poolserve_runtime.prefix_cache.PrefixCache`
+        capture buffer)."""
         to_device = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
         inputs = {
             "input_ids": to_device(chunk.input_ids).unsqueeze(0),
@@ -108,6 +121,11 @@ class ReusedPrefixBody:
             "key_index": to_device(chunk.key_index),
             "use_cache": False,
         }
+        if chunk.cached_kv is not None:
+            inputs["cached_kv"] = chunk.cached_kv
+        if captured is not None:
+            inputs["kv_capture"] = captured
+            inputs["kv_capture_rows"] = to_device(chunk.capture_rows)
         return self.family.body(self.model)(**inputs).last_hidden_state[0]
 
 

@@ -14,7 +14,9 @@ is computed; ``padded`` (the CPU default) pads each chunk internally and runs HF
 path, whose results it matches exactly. Vision-language families run their padded multimodal
 forward; the generic fallback runs the checkpoint's own forward and head, whose logits the engine
 only calibrates. A causal varlen engine runs a batch whose documents share a prompt prefix as
-reused-prefix streams (:mod:`poolserve_runtime.prefix_reuse`).
+reused-prefix streams (:mod:`poolserve_runtime.prefix_reuse`). On CUDA, a varlen chunk of up to
+``cuda_graph_max_tokens`` tokens replays a CUDA graph of the body captured at load
+(:mod:`poolserve_runtime.cuda_graphs`).
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ import torch
 
 import poolserve_kernels
 from poolserve_contract.checkpoints import max_model_len_for
-from poolserve_runtime import bodies, prefix_reuse
+from poolserve_runtime import bodies, cuda_graphs, prefix_reuse
 from poolserve_runtime.activation import apply_activation
 from poolserve_runtime.families import Family, GenericFamily
 from poolserve_runtime.packing import PackedBatch, RequestSequences, SequenceLimits, token_budget_chunks
+from poolserve_runtime.prefix_cache import PrefixCache
 from poolserve_runtime.settings import ModelSettings
 
 if TYPE_CHECKING:
@@ -83,11 +86,20 @@ class PackedEngine:
         self.reuses_prefix = (settings.prefix_reuse == "auto" and self.body_mode == "varlen" and family.causal
                               and not self.is_generic)
         self.reused_body = bodies.ReusedPrefixBody(family, model, self.device) if self.reuses_prefix else None
+        # Prefixes' keys/values kept across requests (prefix_cache_tokens > 0) for the reused streams.
+        self.prefix_cache = PrefixCache.for_model(
+            text_config, settings.prefix_cache_tokens, settings.dtype, self.device,
+        ) if self.reuses_prefix and settings.prefix_cache_tokens > 0 else None
         self.compiled = not self.is_generic and (settings.compile == "layers" or (
             settings.compile == "auto" and self.body_mode == "varlen" and family.compile_by_default))
         if self.compiled:
             compile_layers(family.body(model))
             self.warm_up()
+        # Chunks of up to cuda_graph_max_tokens tokens replay a CUDA graph of the varlen body.
+        self.graph_buckets = cuda_graphs.buckets_to_capture(self.body, self.device, settings.dtype,
+                                                            settings.cuda_graph_max_tokens, self.compiled)
+        if self.graph_buckets:
+            self.body = cuda_graphs.GraphedVarlenBody(self.body, self.graph_buckets, self.pad_token_id, self.device)
 
     def warm_up(self) -> None:
         """Run batches of a few shapes so compilation happens at load, not on the first requests."""
@@ -155,6 +167,8 @@ class PackedEngine:
             f"dtype={self.settings.dtype} pooling={self.pooling} activation={self.activation.value} "
             f"max_model_len={self.limits.max_model_len} max_tokens_per_forward={self.settings.max_tokens_per_forward} "
             f"body={self.body_mode} compiled_layers={self.compiled} prefix_reuse={self.reuses_prefix} "
+            f"cuda_graphs={','.join(map(str, self.graph_buckets)) or 'none'} "
+            f"prefix_cache_tokens={self.prefix_cache.budget_tokens if self.prefix_cache else 0} "
             f"pooling_and_head={poolserve_kernels.implementation(self.device)}"
             + (f" (slow path: {self.family.padded_reason})" if self.body_mode != self.settings.attention
                or self.is_generic else "")
@@ -166,8 +180,7 @@ class PackedEngine:
         :class:`~poolserve_runtime.vision.BatchImages`)."""
         reused = self.reused_prefix_chunks(batch)
         if reused is not None:
-            outputs = [self.pool_and_score(self.reused_body.hidden_states(chunk), rows=chunk.pool_rows)
-                       for chunk in reused]
+            outputs = [self.score_reused_chunk(chunk) for chunk in reused]
         else:
             outputs = [self.score_chunk(chunk) for chunk in self.chunks(batch, images)]
         return {name: torch.cat([output[name] for output in outputs]).float().cpu() for name in self.output_names}
@@ -199,13 +212,20 @@ class PackedEngine:
         """The batch as reused-prefix streams; None when the plain chunks serve it (reuse off, no
         request sharing a prefix worth it, or a sequence ending in pad ids, which the last-non-pad
         rule pools from the plain stream)."""
-        if not self.reuses_prefix:
+        if not self.reuses_prefix or (self.family.skips_trailing_pad and self._ends_in_pad(batch)):
             return None
-        reused = prefix_reuse.plan_chunks(batch.input_ids, batch.cu_seqlens, batch.sequences_per_request,
-                                          self.settings.max_tokens_per_forward, self.position_offset)
-        if reused is None or (self.family.skips_trailing_pad and self._ends_in_pad(batch)):
-            return None
-        return reused
+        return prefix_reuse.plan_chunks(batch.input_ids, batch.cu_seqlens, batch.sequences_per_request,
+                                        self.settings.max_tokens_per_forward, self.position_offset,
+                                        cache=self.prefix_cache)
+
+    def score_reused_chunk(self, chunk: prefix_reuse.ReusedChunk) -> dict[str, torch.Tensor]:
+        """One reused-prefix stream through the body, pooled and scored; the prefix blocks it computed
+        go to the prefix cache."""
+        captured = self.prefix_cache.capture_buffer(chunk.capture_rows.numel()) if chunk.stores else None
+        hidden = self.reused_body.hidden_states(chunk, captured)
+        if captured is not None:
+            self.prefix_cache.store(chunk.stores, captured)
+        return self.pool_and_score(hidden, rows=chunk.pool_rows)
 
     def score_chunk(self, chunk: bodies.Chunk) -> dict[str, torch.Tensor]:
         """One chunk through the body, then pooled and scored (the generic body's logits: calibrated)."""

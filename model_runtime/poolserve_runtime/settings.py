@@ -32,6 +32,9 @@ class ModelSettings:
     compile: str = "none"
     # Remote code from the checkpoint runs only when the user asks for it (the generic family).
     trust_remote_code: bool = False
+    # Chunks of up to this many tokens replay a CUDA graph of the varlen body (CUDA only;
+    # model_runtime/poolserve_runtime/cuda_graphs.py); 0: always eager.
+    cuda_graph_max_tokens: int = 512
     # Serve the checkpoint as this architecture whatever config.json says (vLLM's --hf-overrides
     # '{"architectures": [...]}'): e.g. GteNewForSequenceClassification for NewForSequenceClassification.
     architecture: str = ""
@@ -41,6 +44,9 @@ class ModelSettings:
     # "auto": documents of one request sharing a prompt prefix compute it once (causal packed
     # bodies, model_runtime/poolserve_runtime/prefix_reuse.py); "off": every sequence computes its whole prompt.
     prefix_reuse: str = "auto"
+    # Tokens of prompt prefixes whose keys/values the reused streams keep across requests (0: none;
+    # model_runtime/poolserve_runtime/prefix_cache.py; see ModelParameters.prefix_cache_tokens_on for auto).
+    prefix_cache_tokens: int = 0
     # torch's intra-op threads in this stub (0: torch's default, one per core; see
     # ModelParameters.cpu_threads_on for auto)
     cpu_threads: int = 0
@@ -78,8 +84,10 @@ class ModelSettings:
             output_names=tuple(output["name"] for output in config.get("output", [])),
             compile=parameters.compile,
             trust_remote_code=parameters.trust_remote_code,
+            cuda_graph_max_tokens=parameters.cuda_graph_max_tokens,
             architecture=parameters.architecture,
             hf_overrides=parameters.hf_overrides,
             prefix_reuse=parameters.prefix_reuse,
+            prefix_cache_tokens=parameters.prefix_cache_tokens_on(device.type),
             cpu_threads=parameters.cpu_threads_on(device.type),
         )

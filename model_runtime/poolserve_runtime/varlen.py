@@ -49,6 +49,16 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     # ranges and causal masking aligns each segment's queries to its last keys.
     cu_keys, max_keys = cu_seqlens, max_length
     key_index = kwargs.get("key_index")
+    capture = kwargs.get("kv_capture")
+    if capture is not None:
+        # Prefix cache (model_runtime/poolserve_runtime/prefix_cache.py): keep this layer's keys (post-rotary)
+        # and values of the new prefix blocks for later requests.
+        rows = kwargs["kv_capture_rows"]
+        capture[module.layer_idx, 0].copy_(k.index_select(0, rows))
+        capture[module.layer_idx, 1].copy_(v.index_select(0, rows))
+    cached = kwargs.get("cached_kv")
+    if cached is not None:  # cached prefix blocks are key rows 0..C-1, the stream's rows follow
+        k, v = torch.cat([cached[module.layer_idx, 0], k]), torch.cat([cached[module.layer_idx, 1], v])
     if key_index is not None:
         k, v = k.index_select(0, key_index), v.index_select(0, key_index)
         cu_keys, max_keys = kwargs["cu_seq_lens_k"], int(kwargs["max_length_k"])
