@@ -41,6 +41,8 @@ class ServedModel:
     architecture: str = ""
     # Vision-language models: the checkpoint's image processor and placeholder rules; None: text only.
     vision: VisionPrompter | None = None
+    # The scoring routes' long_documents default (the model parameter): "truncate", "max" or "mean".
+    long_documents: str = "truncate"
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -116,6 +118,7 @@ def build_served_model(triton_model: str, config: dict, repository: Path) -> Ser
         num_labels=card.num_labels,
         score_template=template_text(card.score_template) if card.score_template else None,
         declares_st_activation=card.declares_st_activation,
+        long_documents=card.long_documents,
     )
 
 

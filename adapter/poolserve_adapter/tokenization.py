@@ -356,6 +356,15 @@ class TextEncoder:
             check_request_tokens(sum(map(len, rows)), max_tokens, param)
         return rows
 
+    def encode_whole(self, inputs: list, add_special_tokens: bool) -> list:
+        """The backend's untruncated encodings of texts or ``(text, pair)`` tuples, with what :meth:`encode`
+        drops (sequence ids, offsets): what cutting a long document into chunks reads. One
+        ``encode_batch``, which releases the GIL."""
+        try:
+            return self._backend_truncating_to(None).encode_batch(inputs, add_special_tokens=add_special_tokens)
+        except Exception as error:
+            raise BadRequestError(f"Could not tokenize the input: {error}") from None
+
     def count_tokens(self, text: str, add_special_tokens: bool) -> list[int]:
         return self.tokenize([text], add_special_tokens)[0]
 

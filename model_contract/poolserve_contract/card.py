@@ -39,6 +39,7 @@ class ModelCard:
     sends_token_types: bool = False  # text pairs are sent with token_type_ids
     vocab_size: int | None = None  # token ids at or above it are refused before they reach Triton
     image_token_id: int | None = None  # the token an image's features replace; None: a text-only model
+    long_documents: str = "truncate"  # the long_documents parameter: the scoring routes' default
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -92,6 +93,7 @@ def model_card(parameters: ModelParameters, family: FamilyDeclaration | None, ch
         sends_token_types=token_type_input and int(getattr(config, "type_vocab_size", 1) or 1) > 1,
         vocab_size=int(getattr(config, "vocab_size", 0) or 0) or None,
         image_token_id=int(config.image_token_id) if family is not None and family.vision else None,
+        long_documents=parameters.long_documents,
     )
 
 

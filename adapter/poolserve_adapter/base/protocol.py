@@ -144,6 +144,15 @@ class ScoringFields(PoolingRequestBase):
     chat_template_kwargs: dict[str, Any] | None = Field(
         None, description="For score templates; the keys chat_template, tools and tokenize are reserved (400)."
     )
+    long_documents: Literal["truncate", "max", "mean"] | None = Field(
+        None, description="A pair longer than the model's window: truncate (vLLM's rule: cut with "
+        "truncate_prompt_tokens, else a 400), or cut the document into overlapping chunks, each scored with the "
+        "query, and return their max or mean score. null: the model's long_documents parameter (truncate).",
+    )
+    chunk_overlap_tokens: int | None = Field(
+        None, ge=0, description="Tokens consecutive chunks of a document share (less than the room a chunk has "
+        "beside the query); null: a quarter of that room.",
+    )
 
 
 class UsageInfo(OpenAIBaseModel):

@@ -7,6 +7,11 @@ prompt their score template renders (LLM rerankers), and return the activated lo
 similarity, as vLLM's ``BiEncoderIOProcessor`` does. Vision-language rerankers join each pair into
 one prompt with its images.
 
+A pair longer than the model's window is truncated (or refused) as vLLM does, or, when the request's
+``long_documents`` (else the model's parameter) says ``max`` or ``mean``, its document is cut into
+overlapping chunks of token ids, each scored with the query in the same Triton request, and the pair's
+score is the max or mean of its chunks' (:class:`LongDocuments`).
+
 Two steps, so that the serving pipeline guards between them: :func:`encode_pairs` tokenizes into
 :class:`EncodedPairs`, :func:`score_encoded` runs the model. What the APIs differ in is one
 :class:`PairScoring`. :class:`ScoringServing` is the pipeline's steps /score and /rerank share (vLLM's
@@ -17,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,9 +34,30 @@ from poolserve_adapter.media import MediaLoader
 from poolserve_adapter.multimodal import check_image_count, is_multimodal, load_images, parse_item
 from poolserve_adapter.registry import ServedModel
 from poolserve_adapter.settings import Settings
-from poolserve_adapter.tokenization import DEFAULT_OPTIONS, Encoded, PromptOptions
+from poolserve_adapter.tokenization import (
+    DEFAULT_OPTIONS,
+    MAX_CHARS_PER_TOKEN,
+    Encoded,
+    PromptOptions,
+    run_sized,
+    too_many_tokens_error,
+)
 from poolserve_adapter.triton_gateway import TritonGateway
 from poolserve_contract.score_templates import render
+
+
+@dataclass(frozen=True)
+class LongDocuments:
+    """How a pair longer than the model's window is scored: ``truncate`` (vLLM's and TEI's rule: cut by
+    ``truncate_prompt_tokens``, else a 400), or its document cut into chunks of token ids that share
+    ``overlap`` tokens, each paired with the query, and the ``max`` or ``mean`` of their scores."""
+
+    mode: str = "truncate"
+    overlap: int | None = None  # None: a quarter of the room a chunk has beside the query
+
+    @property
+    def chunks(self) -> bool:
+        return self.mode != "truncate"
 
 
 @dataclass(frozen=True)
@@ -44,6 +70,7 @@ class PairScoring:
     template_variables: Mapping[str, object] = field(default_factory=dict)  # for the score template
     # vLLM's length rule, applied while tokenizing; False: the endpoint applies its own after (SGLang's).
     check_length: bool = True
+    long_documents: LongDocuments = LongDocuments()
 
 
 @dataclass(frozen=True)
@@ -53,6 +80,9 @@ class EncodedPairs:
     joint: Encoded | None = None
     queries: Encoded | None = None  # one row for 1:N
     documents: Encoded | None = None
+    # Documents cut into chunks: the first row (of `joint`, or of `documents`) of each pair, whose rows run
+    # to the next pair's first; None: one row per pair.
+    pair_starts: np.ndarray | None = None
 
     @property
     def batches(self) -> tuple[Encoded, ...]:
@@ -63,9 +93,28 @@ class EncodedPairs:
         return sum(batch.num_tokens for batch in self.batches)
 
     def tokens_per_pair(self) -> list[int]:
+        """Each pair's tokens: every chunk's, and a bi-encoder's query once."""
         if self.joint is not None:
-            return self.joint.lengths.tolist()
-        return (np.broadcast_to(self.queries.lengths, self.documents.lengths.shape) + self.documents.lengths).tolist()
+            return self.per_pair(self.joint.lengths).tolist()
+        documents = self.per_pair(self.documents.lengths)
+        return (np.broadcast_to(self.queries.lengths, documents.shape) + documents).tolist()
+
+    def per_pair(self, rows: np.ndarray, reduce: np.ufunc = np.add) -> np.ndarray:
+        """``rows`` (one value per row sent) reduced to one per pair; as is without chunks."""
+        return rows if self.pair_starts is None else reduce.reduceat(rows, self.pair_starts)
+
+    def rows_per_pair(self) -> np.ndarray:
+        rows = (self.joint if self.joint is not None else self.documents).num_sequences
+        return np.diff(np.append(self.pair_starts, rows))
+
+
+def aggregated(scores: np.ndarray, pairs: EncodedPairs, mode: str) -> np.ndarray:
+    """One score per pair: the max or mean of its chunks' (a pair of one row keeps its score exactly)."""
+    if pairs.pair_starts is None:
+        return scores
+    if mode == "max":
+        return pairs.per_pair(scores, np.maximum)
+    return pairs.per_pair(scores.astype(np.float64)) / pairs.rows_per_pair()
 
 
 def pair_up(queries: list, documents: list) -> list:
@@ -91,29 +140,159 @@ def check_pairs(model: ServedModel, queries: list, documents: list) -> None:
 async def encode_pairs(model: ServedModel, queries: list, documents: list, scoring: PairScoring,
                        settings: Settings) -> EncodedPairs:
     if model.vision is not None:
+        if scoring.long_documents.chunks:
+            raise BadRequestError(f"long_documents={scoring.long_documents.mode} is for text models; "
+                                  f"{model.name} takes images", param="long_documents")
         return EncodedPairs(joint=await encode_vision_pairs(model, queries, documents, scoring, settings))
     paired = pair_up(queries, documents)
     thread_above, check_length = settings.tokenize_in_thread_above, scoring.check_length
+    chunks = scoring.long_documents.chunks
     if model.is_cross_encoder and model.score_template is not None:
         prompts = await render_prompts(model.score_template, paired, documents, scoring.template_variables,
                                        thread_above)
+        if chunks:
+            def document_characters(index: int) -> tuple[int, int]:
+                return document_in_prompt(model.score_template, paired[index], documents[index], prompts[index],
+                                          scoring.template_variables)
+
+            joint, starts = await encode_chunked(model, prompts, scoring, settings, sequence=0,
+                                                 characters=document_characters)
+            return EncodedPairs(joint=joint, pair_starts=starts)
         return EncodedPairs(joint=await model.encoder.encode_async(prompts, None, thread_above, scoring.options,
                                                                    check_length=check_length))
     if model.is_cross_encoder:
+        if chunks:
+            joint, starts = await encode_chunked(model, list(zip(paired, documents)), scoring, settings, sequence=1)
+            return EncodedPairs(joint=joint, pair_starts=starts)
         return EncodedPairs(joint=await model.encoder.encode_async(paired, documents, thread_above, scoring.options,
                                                                    check_length=check_length))
     # `queries` holds one text for 1:N: the query is embedded once and broadcast.
+    query_rows = await model.encoder.encode_async(queries, None, thread_above, scoring.options,
+                                                  check_length=check_length)
+    if chunks:  # each chunk of a document is embedded alone: its room is the window less the special tokens
+        document_rows, starts = await encode_chunked(model, documents, scoring, settings, sequence=0)
+        return EncodedPairs(queries=query_rows, documents=document_rows, pair_starts=starts)
     return EncodedPairs(
-        queries=await model.encoder.encode_async(queries, None, thread_above, scoring.options,
-                                                 check_length=check_length),
+        queries=query_rows,
         documents=await model.encoder.encode_async(documents, None, thread_above, scoring.options,
                                                    check_length=check_length),
     )
 
 
+def pair_window(model: ServedModel, scoring: PairScoring) -> int:
+    """The most tokens one row may hold: ``truncate_prompt_tokens`` when asked, else the model's length,
+    less one under SGLang's rule (the endpoint's own length check refuses ``max_model_len`` tokens)."""
+    window = model.max_model_len if scoring.options.truncate_to is None else scoring.options.truncate_to
+    return window if scoring.check_length else min(window, model.max_model_len - 1)
+
+
+def chunk_windows(length: int, room: int, overlap: int) -> list[tuple[int, int]]:
+    """``[start, end)`` of each chunk of a document of ``length`` tokens: ``room`` tokens each, each
+    starting ``room - overlap`` after the one before; the last ends the document (it may be shorter,
+    and still holds more than ``overlap`` tokens, at least one new)."""
+    stride, start, windows = room - overlap, 0, []
+    while True:
+        end = min(start + room, length)
+        windows.append((start, end))
+        if end == length:
+            return windows
+        start += stride
+
+
+def document_tokens(encoding, sequence: int, characters: tuple[int, int] | None) -> tuple[int, int]:
+    """``[start, end)`` of the document's tokens in one whole encoding: sequence ``sequence`` of it (the
+    second of a text pair, the only one of a text), and of those, when ``characters`` is given (a
+    rendered prompt), the tokens overlapping that span of the text. A token that straddles the
+    document's edge (a byte-level word with the template's space before it) is the document's."""
+    first, last = len(encoding.ids), -1
+    for position, (owner, (start, end)) in enumerate(zip(encoding.sequence_ids, encoding.offsets)):
+        if owner == sequence and (characters is None or (start < characters[1] and end > characters[0])):
+            first, last = min(first, position), position
+    return (first, first) if last < 0 else (first, last + 1)
+
+
+def chunked(model: ServedModel, inputs: list, scoring: PairScoring, max_rows: int, sequence: int,
+            characters: Callable[[int], tuple[int, int]] | None) -> tuple[Encoded, np.ndarray]:
+    """Every input tokenized whole, once; one longer than the window becomes several rows, each the
+    encoding's own ids around one chunk of the document's ids (the special tokens, the query, a
+    template's fixed parts: exactly what the tokenizer put there, token types included), so no chunk is
+    decoded and tokenized again. One that fits is one row, the ids truncate mode sends."""
+    encodings = model.encoder.encode_whole(inputs, scoring.options.add_special_tokens)
+    window, mode = pair_window(model, scoring), scoring.long_documents.mode
+    rows, types, starts = [], [], []
+    for index, encoding in enumerate(encodings):
+        starts.append(len(rows))
+        ids, type_ids = encoding.ids, encoding.type_ids
+        if len(ids) <= window:
+            rows.append(ids)
+            types.append(type_ids)
+            continue
+        start, end = document_tokens(encoding, sequence, None if characters is None else characters(index))
+        room = window - (len(ids) - (end - start))  # what the query, specials and template leave
+        if room < 1:
+            raise BadRequestError(
+                f"The query and the special tokens take {len(ids) - (end - start)} of the {window} tokens a "
+                f"pair may hold: no room is left for a chunk of document {index} (long_documents={mode}).",
+                param="long_documents")
+        overlap = room // 4 if scoring.long_documents.overlap is None else scoring.long_documents.overlap
+        if overlap >= room:
+            raise BadRequestError(
+                f"chunk_overlap_tokens ({overlap}) must be less than the {room} tokens a chunk of document "
+                f"{index} has beside the query and the special tokens.", param="chunk_overlap_tokens")
+        for chunk_start, chunk_end in chunk_windows(end - start, room, overlap):
+            rows.append(ids[:start] + ids[start + chunk_start:start + chunk_end] + ids[end:])
+            types.append(type_ids[:start] + type_ids[start + chunk_start:start + chunk_end] + type_ids[end:])
+    if len(rows) > max_rows:
+        raise BadRequestError(
+            f"The documents make {len(rows)} chunks (long_documents={mode}), more than the maximum of {max_rows} "
+            "per request (ADAPTER_MAX_ITEMS_PER_REQUEST).", param="long_documents")
+    return Encoded.from_lists(rows, types if model.encoder.sends_token_types else None), np.array(starts)
+
+
+async def encode_chunked(model: ServedModel, inputs: list, scoring: PairScoring, settings: Settings, *,
+                         sequence: int, characters: Callable[[int], tuple[int, int]] | None = None,
+                         ) -> tuple[Encoded, np.ndarray]:
+    """:func:`chunked` (in a worker thread when large). Texts too long for the request's token limit are
+    refused before tokenizing: each token spans at most ``MAX_CHARS_PER_TOKEN`` characters, and the
+    chunks hold at least every token of their documents."""
+    size = sum(len(text) for item in inputs for text in (item if isinstance(item, tuple) else (item,)))
+    limit = settings.max_tokens_per_request
+    if size > (limit + 1) * MAX_CHARS_PER_TOKEN:
+        raise too_many_tokens_error(size // MAX_CHARS_PER_TOKEN, limit)
+    return await run_sized(model.encoder.work_size(size), chunked, model, inputs, scoring,
+                           settings.max_items_per_request, sequence, characters)
+
+
+DOCUMENT_MARK = "\ue000document\ue000"  # private-use characters: no template writes them itself
+
+
+def document_in_prompt(template: str, query: str, document: str, prompt: str,
+                       variables: Mapping[str, object]) -> tuple[int, int]:
+    """The characters the document takes in its rendered prompt, found by rendering the mark in its place.
+    A template that writes the document more than once or changes it cannot be cut into chunks."""
+    try:
+        marked = render(template, query, DOCUMENT_MARK, **variables)
+    except Exception:  # a template that reads the document's content; it rendered the document itself
+        marked = ""
+    before, _, after = marked.partition(DOCUMENT_MARK)
+    if marked.count(DOCUMENT_MARK) != 1 or before + document + after != prompt:
+        raise BadRequestError("The score template does not write each document once as it is, so long "
+                              "documents cannot be cut into chunks; use long_documents=truncate.",
+                              param="long_documents")
+    return len(before), len(before) + len(document)
+
+
 async def score_encoded(gateway: TritonGateway, model: ServedModel, pairs: EncodedPairs,
                         scoring: PairScoring) -> np.ndarray:
-    """One score per pair."""
+    """One score per pair: with chunks, the max or mean of what each chunk's row scores as a pair would
+    (the activated score, or the raw logit / dot product with ``use_activation`` false), so a document
+    that fits keeps its score exactly."""
+    return aggregated(await score_rows(gateway, model, pairs, scoring), pairs, scoring.long_documents.mode)
+
+
+async def score_rows(gateway: TritonGateway, model: ServedModel, pairs: EncodedPairs,
+                     scoring: PairScoring) -> np.ndarray:
+    """One score per row sent: per pair, or per chunk."""
     if pairs.joint is not None:
         output = "logits" if scoring.use_activation is False else "scores"
         return (await gateway.infer(model.triton_model, pairs.joint, (output,)))[output][:, 0]
@@ -121,6 +300,8 @@ async def score_encoded(gateway: TritonGateway, model: ServedModel, pairs: Encod
     document_vectors = (await gateway.infer(model.triton_model, pairs.documents, ("embeddings",)))["embeddings"]
     if len(query_vectors) == 1:
         query_vectors = np.broadcast_to(query_vectors, document_vectors.shape)
+    elif pairs.pair_starts is not None:  # N:N: each pair's query beside each of its chunks
+        query_vectors = np.repeat(query_vectors, pairs.rows_per_pair(), axis=0)
     dots = np.einsum("ij,ij->i", query_vectors, document_vectors)
     if scoring.use_activation is False:
         return dots  # vLLM: no activation for a bi-encoder means no normalisation
@@ -205,6 +386,11 @@ def template_variables(request: ScoringFields) -> dict:
     return variables
 
 
+def long_documents(request, model: ServedModel) -> LongDocuments:
+    """The request's ``long_documents`` and ``chunk_overlap_tokens``; the model's parameter when it sends none."""
+    return LongDocuments(request.long_documents or model.long_documents, request.chunk_overlap_tokens)
+
+
 async def truncated_sides(request: ScoringFields, model: ServedModel, queries: list[ScoreItem],
                           documents: list[ScoreItem]) -> tuple[list[ScoreItem], list[ScoreItem]]:
     """Each text cut to ``max_tokens_per_query`` / ``max_tokens_per_doc`` tokens first (vLLM's
@@ -232,7 +418,8 @@ class ScoringServing(Serving):
 
     def scoring(self, ctx: ServeContext) -> PairScoring:
         return PairScoring(options=ctx.options, use_activation=ctx.request.use_activation,
-                           template_variables=template_variables(ctx.request))
+                           template_variables=template_variables(ctx.request),
+                           long_documents=long_documents(ctx.request, ctx.model))
 
     async def encode(self, ctx: ServeContext) -> EncodedPairs:
         queries, documents = await truncated_sides(ctx.request, ctx.model, *self.sides(ctx.request))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -66,6 +66,12 @@ class RerankRequest(SGLangModel):
     instruct: str | None = Field(None, description="Instruction for LLM-reranker templates (unused by cross-encoders).")
     top_n: int | None = Field(None, description="Return the best n (at least 1); null returns all.")
     return_documents: bool = Field(True, description="false leaves `document` out of each result.")
+    long_documents: Literal["truncate", "max", "mean"] | None = Field(
+        None, description="Not in SGLang's API (this adapter's, as on /rerank): a pair longer than the context "
+        "length is refused (truncate), or its document cut into overlapping chunks whose max or mean score it gets. "
+        "null: the model's long_documents parameter.")
+    chunk_overlap_tokens: int | None = Field(
+        None, ge=0, description="Tokens consecutive chunks share (as on /rerank); null: a quarter of a chunk's room.")
 
     @field_validator("top_n")
     @classmethod

@@ -17,7 +17,14 @@ import numpy as np
 import orjson
 from fastapi.responses import Response
 
-from poolserve_adapter.base.scoring import EncodedPairs, PairScoring, check_pairs, encode_pairs, score_encoded
+from poolserve_adapter.base.scoring import (
+    EncodedPairs,
+    PairScoring,
+    check_pairs,
+    encode_pairs,
+    long_documents,
+    score_encoded,
+)
 from poolserve_adapter.base.serving import ServeContext, Serving, check_item_count
 from poolserve_adapter.errors import BadRequestError, Flavour
 from poolserve_adapter.registry import ServedModel
@@ -139,7 +146,7 @@ class ServingRerank(Serving[RerankRequest]):
         model, instruct = ctx.model, ctx.request.instruct
         return PairScoring(use_activation=model.declares_st_activation or model.score_template is not None,
                            template_variables={} if instruct is None else {"instruction": instruct},
-                           check_length=False)
+                           check_length=False, long_documents=long_documents(ctx.request, model))
 
     async def encode(self, ctx: ServeContext[RerankRequest]) -> EncodedPairs:
         return await encode_pairs(ctx.model, [ctx.request.query], ctx.request.documents, self.scoring(ctx),
