@@ -209,3 +209,39 @@ class GraphedVarlenBody:
         bucket_graph.graph.replay()
         # Copied out: the next replay of any bucket may overwrite this buffer (one pool).
         return bucket_graph.output[:tokens].clone()
+
+
+def graphed_or_eager(body: VarlenBody, buckets: tuple[int, ...], pad_token_id: int, device: torch.device,
+                     vocab_size: int) -> tuple[VarlenBody | GraphedVarlenBody, tuple[int, ...]]:
+    """The graphed body and its buckets, checked at load against the eager body on a few sequences; the
+    eager body and no buckets, with a warning, when capture fails or a replay disagrees. A model whose
+    forward cannot be captured is then served as before, only slower, instead of failing to load."""
+    try:
+        graphed = GraphedVarlenBody(body, buckets, pad_token_id, device)
+        mismatch = replay_mismatch(graphed, body, device, vocab_size)
+    except Exception as error:  # any capture failure: the eager body still works
+        # A capture that failed inside torch.cuda.graph leaves its side stream current.
+        torch.cuda.set_stream(torch.cuda.default_stream(device))
+        logger.warning("CUDA graphs off: capturing the forward failed (%s: %s); running it eagerly",
+                       type(error).__name__, error)
+        return body, ()
+    if mismatch is not None:
+        logger.warning("CUDA graphs off: a replay differs from the eager forward (%s); running it eagerly", mismatch)
+        return body, ()
+    return graphed, buckets
+
+
+def replay_mismatch(graphed: GraphedVarlenBody, body: VarlenBody, device: torch.device,
+                    vocab_size: int) -> str | None:
+    """How a replay of three short sequences differs from the eager forward beyond bf16 rounding; None if not."""
+    generator = torch.Generator().manual_seed(0)
+    host_cu = torch.tensor([0, 5, 6, 15], dtype=torch.int32)
+    host_ids = torch.randint(0, vocab_size, (int(host_cu[-1]),), generator=generator)
+    chunk = Chunk(input_ids=host_ids.to(device), cu_seqlens=host_cu.to(device), host_ids=host_ids, host_cu=host_cu,
+                  max_length=9, token_type_ids=None)
+    with torch.inference_mode():
+        replayed = graphed.hidden_states(chunk).float()
+        eager = body.hidden_states(chunk).float()
+    error = float((replayed - eager).abs().max())
+    scale = float(eager.abs().max()) or 1.0
+    return None if error <= 0.05 * scale else f"largest difference {error:.3g} at a scale of {scale:.3g}"

@@ -99,7 +99,8 @@ class PackedEngine:
         self.graph_buckets = cuda_graphs.buckets_to_capture(self.body, self.device, settings.dtype,
                                                             settings.cuda_graph_max_tokens, self.compiled)
         if self.graph_buckets:
-            self.body = cuda_graphs.GraphedVarlenBody(self.body, self.graph_buckets, self.pad_token_id, self.device)
+            self.body, self.graph_buckets = cuda_graphs.graphed_or_eager(
+                self.body, self.graph_buckets, self.pad_token_id, self.device, self.limits.vocab_size)
 
     def warm_up(self) -> None:
         """Run batches of a few shapes so compilation happens at load, not on the first requests."""

@@ -187,3 +187,27 @@ def test_the_parameter_reaches_the_model_settings(tmp_path):
     settings = ModelSettings.from_triton_args({"model_config": json.dumps(config), "model_repository": str(tmp_path),
                                                "model_name": "m", "model_instance_kind": "CPU"})
     assert settings.cuda_graph_max_tokens == 128
+
+
+def test_a_capture_that_fails_or_disagrees_leaves_the_eager_body(monkeypatch, caplog):
+    """At load: a forward that cannot be captured, or whose replay differs, is served eagerly with a warning
+    instead of failing the model's load."""
+    body = object()
+    restored = []
+    monkeypatch.setattr(cuda_graphs.torch.cuda, "default_stream", lambda device: f"default of {device}")
+    monkeypatch.setattr(cuda_graphs.torch.cuda, "set_stream", restored.append)
+
+    def failing_capture(*args):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(cuda_graphs, "GraphedVarlenBody", failing_capture)
+    with caplog.at_level("WARNING"):
+        assert cuda_graphs.graphed_or_eager(body, (16, 32), 0, "cuda:0", 100) == (body, ())
+    assert restored == ["default of cuda:0"] and "capturing the forward failed" in caplog.text
+
+    monkeypatch.setattr(cuda_graphs, "GraphedVarlenBody", lambda *args: "graphed")
+    monkeypatch.setattr(cuda_graphs, "replay_mismatch", lambda *args: "largest difference 3")
+    assert cuda_graphs.graphed_or_eager(body, (16, 32), 0, "cuda:0", 100) == (body, ())
+    assert "a replay differs" in caplog.text
+    monkeypatch.setattr(cuda_graphs, "replay_mismatch", lambda *args: None)
+    assert cuda_graphs.graphed_or_eager(body, (16, 32), 0, "cuda:0", 100) == ("graphed", (16, 32))
