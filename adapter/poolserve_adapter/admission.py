@@ -154,11 +154,12 @@ class Admission:
         rate, inflight_left = self._rate_and_inflight_left()
         ahead = inflight_left + self.queued_tokens
         if self._board is not None:
-            # The model's backlog and speed are all workers' together: they queue for the same Triton model.
+            # The model's backlog and speed are all workers' together: they queue for the same Triton model. A
+            # rate counts only for a worker holding work (this one's too): an idle worker's window is the past.
             peers = self._board.peers()
-            ahead += peers.ahead_tokens
             if peers.rate > 0:
-                rate = (rate or 0.0) + peers.rate
+                rate = (rate if ahead >= 1 and rate is not None else 0.0) + peers.rate
+            ahead += peers.ahead_tokens
         seconds = self._seconds(rate, ahead, tokens)
         over_token_bound = self.max_queued_tokens is not None and self.queued_tokens + tokens > self.max_queued_tokens
         if (must_wait and over_token_bound) or (seconds is not None and seconds > self.max_wait_s):
@@ -186,6 +187,7 @@ class Admission:
             await self._wait_for_turn(tokens)
         else:
             self._start(tokens)
+            self._schedule_review()
         metrics.admitted.labels(self.model).inc()
         metrics.queue_wait.labels(self.model).observe(time.perf_counter() - started)
         try:
@@ -247,25 +249,29 @@ class Admission:
         self._wake()
 
     def _schedule_review(self) -> None:
-        """One timer while requests wait, none otherwise. The head's deadline is the earliest (first come first
-        served, one max_wait_s for all), so the timer never fires later than it. Every change of the queue or of
-        the work in flight ends here: it is published then."""
+        """One timer while requests wait (with a board, also while work is in flight), none otherwise. The head's
+        deadline is the earliest (first come first served, one max_wait_s for all), so the timer never fires later
+        than it. Every change of the queue or of the work in flight ends here: it is published then."""
         self._publish()
-        if not self._waiters:
+        # With a board, work in flight is republished too: the others age this worker's record by its rate, and
+        # only a fresh one shows them a model that has slowed down or stalled.
+        if not self._waiters and not (self._board is not None and self.inflight_tokens):
             if self._review_timer is not None:
                 self._review_timer.cancel()
                 self._review_timer = None
         elif self._review_timer is None:
-            delay = min(self.REVIEW_INTERVAL_S, max(0.0, self._waiters[0].deadline - self._clock()))
+            delay = self.REVIEW_INTERVAL_S
+            if self._waiters:
+                delay = min(delay, max(0.0, self._waiters[0].deadline - self._clock()))
             self._review_timer = asyncio.get_running_loop().call_later(delay, self._review)
 
     def _start(self, tokens: int) -> None:
         if self._busy_since is None:
             self._busy_since = self._clock()
         self.inflight_tokens += tokens
-        self._publish()
 
     def leave_board(self) -> None:
+        """This worker's record leaves the board (at shutdown)."""
         if self._board is not None:
             self._board.close()
             self._board = None

@@ -19,7 +19,7 @@ from poolserve_adapter.admission_board import board_from_environment
 from poolserve_adapter.disconnect import CancelOnDisconnectMiddleware
 from poolserve_adapter.errors import install_exception_handlers
 from poolserve_adapter.health.api_router import router as health_router
-from poolserve_adapter.lifecycle import DrainMiddleware, Lifecycle, SignalDrain
+from poolserve_adapter.lifecycle import DrainMiddleware, Lifecycle, SignalDrain, stop_with_launcher
 from poolserve_adapter.metrics import install_metrics
 from poolserve_adapter.models.api_router import router as models_router
 from poolserve_adapter.pooling.api_router import router as pooling_router
@@ -79,6 +79,7 @@ def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = N
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        stop_with_launcher()
         client = grpcaio.InferenceServerClient(settings.triton_grpc_url)
         try:
             app.state.settings = settings
@@ -93,8 +94,9 @@ def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = N
             )
             async with SignalDrain(lifecycle, settings.drain_timeout_s):
                 yield
-            app.state.gateway.leave_admission_board()
         finally:
+            if hasattr(app.state, "gateway"):
+                app.state.gateway.leave_admission_board()
             with contextlib.suppress(asyncio.TimeoutError):  # a stop must not wait on a stuck channel
                 await asyncio.wait_for(client.close(), timeout=2)
 

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import sys
 import threading
 import time
 from http import HTTPStatus
@@ -132,3 +134,26 @@ class SignalDrain:
                                self.drain_timeout_s, self.lifecycle.inflight)
             self._pending = (sig, float("inf"))  # forwarded once
             self._forward(sig)
+
+
+# Set by the launcher of several workers (``python -m poolserve_adapter``) to its pid, for them to read.
+LAUNCHER_PID_ENV = "POOLSERVE_ADAPTER_LAUNCHER_PID"
+_PR_SET_PDEATHSIG = 1
+
+
+def stop_with_launcher() -> None:
+    """In a worker of several: be sent SIGTERM (a drain) when the launcher that spawned it dies, however it dies.
+
+    uvicorn's workers have no such tie: a launcher killed with SIGKILL (or by the kernel's parent-death signal of
+    ``make serve``) leaves them serving on the port, in front of a Triton that has been stopped. The launcher
+    forks its workers from its main thread, so the signal fires when the launcher exits. Linux only; elsewhere,
+    and in a single worker (the launcher itself), nothing is done.
+    """
+    launcher = os.environ.get(LAUNCHER_PID_ENV)
+    if not launcher or int(launcher) == os.getpid() or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != int(launcher):  # it died before the tie was made
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -156,11 +156,13 @@ def process_cmdline(pid: int) -> str:
         return ""
 
 
+NVIDIA_GPUS_DIR = Path("/proc/driver/nvidia/gpus")  # one entry per GPU the driver sees
+
+
 def visible_gpu_count() -> int:
     """NVIDIA GPUs this process may use, without importing torch: the driver's list, narrowed by
     CUDA_VISIBLE_DEVICES (as Triton narrows it) when that is set."""
-    gpus = Path("/proc/driver/nvidia/gpus")
-    count = len(list(gpus.iterdir())) if gpus.is_dir() else 0
+    count = len(list(NVIDIA_GPUS_DIR.iterdir())) if NVIDIA_GPUS_DIR.is_dir() else 0
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         count = min(count, len([device for device in visible.split(",") if device.strip() not in ("", "-1")]))

@@ -23,10 +23,11 @@ from poolserve_stack.processes import visible_gpu_count
 # Instances per GPU by default. Two stub processes overlap one batch's CPU work (reading inputs, packing,
 # returning outputs) with the other's forward: measured on an H200, 64 clients of MiniLM rerank64 went from
 # 7,514 to 14,016 pairs/s, at a cost of 2-3 ms for one client alone (benchmarks/README.md). Only for
-# checkpoints up to SMALL_WEIGHTS_BYTES (a 4B model in bf16): a second copy of a large one costs memory the
-# batches need, and its forward, not the CPU work, is the bottleneck.
+# checkpoints on this machine of up to SMALL_WEIGHTS_BYTES (bge-m3's 2.3 GB of fp32 weights, a 1B model in
+# bf16): a second copy of a larger one costs memory the batches (and a prefix cache) need, and on a small GPU
+# may not fit; its forward, not the CPU work, is the bottleneck then.
 INSTANCES_PER_GPU = 2
-SMALL_WEIGHTS_BYTES = 8 * 2**30
+SMALL_WEIGHTS_BYTES = 4 * 2**30
 
 
 def config_with_parameters(config_pbtxt: Path, parameters: dict[str, str], name: str | None = None) -> str:
@@ -67,7 +68,8 @@ def default_instance_count(checkpoint: str, model_dir: Path) -> int | None:
         return None
     if not path.is_dir():  # a hub id: its size is unknown here
         return None
-    weights = sum(file.stat().st_size for pattern in ("*.safetensors", "*.bin") for file in path.glob(pattern))
+    files = list(path.glob("*.safetensors")) or list(path.glob("*.bin"))  # one format, when a checkpoint has both
+    weights = sum(file.stat().st_size for file in files)
     return INSTANCES_PER_GPU if 0 < weights <= SMALL_WEIGHTS_BYTES else None
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -23,6 +24,7 @@ from poolserve_adapter.app import create_app
 from poolserve_adapter.connections import server_options
 from poolserve_adapter.log_config import uvicorn_log_config
 from poolserve_adapter.settings import Settings
+from poolserve_contract.wire import CONTROL_KEY_ENV, INFERENCE_KEY_ENV
 from poolserve_stack.processes import spawn_tied_to_this_process
 from poolserve_stack.running import EXIT_FAILED, EXIT_STOPPED, StopRequests, model_entries, start_or_exit_code
 from poolserve_stack.startup import start_triton
@@ -103,58 +105,77 @@ async def serve(args: argparse.Namespace, stop: StopRequests) -> int:
     return EXIT_STOPPED
 
 
-def adapter_environment(settings: Settings) -> dict[str, str]:
-    """The environment of ``python -m poolserve_adapter`` serving ``settings``: this one's ADAPTER_* values and
-    the stack's own Triton and address over them."""
-    own = {"triton_grpc_url": settings.triton_grpc_url,
-           "model_repository": None if settings.model_repository is None else str(settings.model_repository),
+def adapter_environment(settings: Settings, environ: dict[str, str]) -> dict[str, str]:
+    """The environment of ``python -m poolserve_adapter`` serving ``settings``: ``environ``'s ADAPTER_* values
+    with the stack's own Triton and address over them. Triton's control key stays out (the adapter never holds
+    it), and a value the stack has not set (no inference key) is removed, not inherited."""
+    own = {"triton_grpc_url": settings.triton_grpc_url, "model_repository": str(settings.model_repository),
            "host": settings.host, "port": str(settings.port), "triton_metrics_url": settings.triton_metrics_url,
            "triton_inference_key": settings.triton_inference_key, "workers": str(settings.worker_count())}
-    return {**os.environ, **{f"ADAPTER_{key.upper()}": value for key, value in own.items() if value is not None}}
+    env = {key: value for key, value in environ.items() if key not in (CONTROL_KEY_ENV, INFERENCE_KEY_ENV)}
+    for key, value in own.items():
+        if value is None:
+            env.pop(f"ADAPTER_{key.upper()}", None)
+        else:
+            env[f"ADAPTER_{key.upper()}"] = value
+    return env
 
 
 async def serve_adapter_workers(triton: TritonServer, settings: Settings, stop: StopRequests) -> int:
     """Several adapter workers (``ADAPTER_WORKERS``, by default one per 4 cores): uvicorn runs them from its own
-    process, the adapter's ``python -m poolserve_adapter``, a child of this one that drains on SIGTERM.
-    Returns the exit code; Triton is stopped by the caller."""
+    process, the adapter's ``python -m poolserve_adapter``, a child of this one (in a session of its own, with
+    its workers) that drains on SIGTERM. Returns the exit code; Triton is stopped by the caller."""
     adapter = spawn_tied_to_this_process([sys.executable, "-m", "poolserve_adapter"],
-                                         env=adapter_environment(settings))
-    stop.on_stop = lambda: adapter.poll() is None and adapter.send_signal(signal.SIGTERM)
+                                         env=adapter_environment(settings, dict(os.environ)))
+    stop.on_stop = lambda: adapter.send_signal(signal.SIGTERM)  # nothing once it has exited
     if stop.requested:  # a signal that came before the handler knew the child
         adapter.send_signal(signal.SIGTERM)
     base_url = f"http://{settings.host}:{settings.port}"
-    announced, recovery = False, Recovery()
+    announced, recovery, failure = False, Recovery(), None
     try:
-        while adapter.poll() is None:
+        while adapter.poll() is None and failure is None:
             if not announced and await asyncio.to_thread(answers_health, f"{base_url}/health"):
                 print(f"\nServing on {base_url} with {settings.worker_count()} adapter workers  (Triton gRPC "
                       f"{triton.grpc_url}, OpenAPI {base_url}/docs)", flush=True)
                 print("Try:\n" + sample_requests(base_url) + "\n", flush=True)
                 announced = True
-            try:
-                await asyncio.to_thread(check_and_recover, triton, recovery)
-            except CrashLoop as loop:
-                print(f"serve: {loop}", file=sys.stderr, flush=True)
-                adapter.send_signal(signal.SIGTERM)
-                await asyncio.to_thread(adapter.wait)
-                return EXIT_FAILED
+            if not stop.requested:  # stopping: no Triton restart to wait for
+                try:
+                    await asyncio.to_thread(check_and_recover, triton, recovery)
+                except CrashLoop as loop:
+                    failure = str(loop)
             await asyncio.sleep(0.5)
     finally:
-        if adapter.poll() is None:  # cancelled: the adapter drains, then goes
-            adapter.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.to_thread(adapter.wait, settings.drain_timeout_s + 5)
-            except subprocess.TimeoutExpired:
-                adapter.kill()
-    if stop.requested:
-        return EXIT_STOPPED
-    print(f"serve: the adapter exited with code {adapter.returncode}", file=sys.stderr, flush=True)
-    return EXIT_FAILED
+        await asyncio.to_thread(stop_adapter, adapter, settings.drain_timeout_s)
+    if failure is None and not stop.requested:
+        failure = f"the adapter stopped (exit code {adapter.returncode}); its log is above"
+    if failure is not None:
+        print(f"serve: {failure}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    return EXIT_STOPPED
+
+
+# After its drain, an adapter worker takes up to this long more to stop (cutting what is left, closing its
+# Triton channel: lifecycle.CUT_AFTER_DRAIN_S and the 2 s channel close).
+ADAPTER_STOP_AFTER_DRAIN_S = 5.0
+
+
+def stop_adapter(adapter: subprocess.Popen, drain_timeout_s: float) -> None:
+    """SIGTERM (a drain), a wait bounded by the drain, then SIGKILL to the adapter's whole session: its workers
+    too, which a killed launcher would leave serving."""
+    adapter.send_signal(signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        adapter.wait(drain_timeout_s + ADAPTER_STOP_AFTER_DRAIN_S)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(adapter.pid, signal.SIGKILL)
+    adapter.wait()
 
 
 def answers_health(url: str) -> bool:
+    """Whether ``url`` answers 200 now (no proxy: the adapter is on this machine)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with urllib.request.urlopen(url, timeout=2) as response:
+        with opener.open(url, timeout=2) as response:
             return response.status == 200
     except OSError:
         return False

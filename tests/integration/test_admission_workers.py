@@ -1,8 +1,10 @@
 """Admission on defaults, with several adapter workers: load the model has time for is never refused.
 
 The case that refused most requests before (a fixed token bound per worker): 64 and 128 clients at once, each
-reranking many documents. With the defaults only time bounds the queue, judged over all workers through the
-admission board; the refusal of what cannot start in time is tested in test_overload.py and test_admission.py.
+reranking many documents, through two workers sharing an admission board. This guards the real stack's wiring
+(the board folder, its records, two workers judging together) and that no bound but time refuses; how the board
+makes one worker refuse for another's backlog is tested in tests/unit/test_admission.py, and the refusal of what
+cannot start in time in test_overload.py.
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ def test_console_shows_what_loaded_and_keeps_triton_s_log_in_a_file(make_serve):
     _, _, log_path = make_serve
     output = log_path.read_text()
     triton_log = Path(re.search(r"its log: (\S+)\)", output).group(1))
-    assert re.search(r"sentiment-minilm: Triton model bert_classifier .*1 instance on (CPU|GPU \d+), loaded in [\d.]+ s",
+    assert re.search(r"sentiment-minilm: Triton model bert_classifier .*\d+ instances? on (CPU|GPU \d+), loaded in [\d.]+ s",
                      output)
     assert re.search(r"all-MiniLM-L6-v2: Triton model bert_embedder .*loaded in [\d.]+ s", output)
     assert "Triton ready in" in output

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from poolserve_adapter.admission import Admission
-from poolserve_adapter.admission_board import NO_PEERS, RESCAN_INTERVAL_S, AdmissionBoard, PeerLoad
+from poolserve_adapter.admission_board import RESCAN_INTERVAL_S, STALE_AFTER_S, AdmissionBoard, PeerLoad
 from poolserve_adapter.errors import TooManyRequestsError
 
 
@@ -384,9 +384,10 @@ def test_a_worker_judges_by_the_whole_models_backlog_and_speed(tmp_path, fast_re
         held = [await arrive(busy, clock, 100, seconds=100.0) for _ in range(4)]
         assert not any(task.done() for task in held)
         # Alone, the idle worker would take any request at once (nothing ahead of it); but it queues for the same
-        # model, whose backlog is 400 tokens at 200 tokens/s (both rates). 700 more: 5.5 s, refused on arrival.
-        assert "maximum of queued work" in refusal(await arrive(idle, clock, 700))
-        taken = await arrive(idle, clock, 100, seconds=100.0)  # (400 + 100) / 200: 2.5 s, taken
+        # model, whose backlog is 400 tokens at the busy worker's 100 tokens/s (an idle worker's rate is its past,
+        # not the model's speed now). 200 more: 6 s, refused on arrival.
+        assert "maximum of queued work" in refusal(await arrive(idle, clock, 200))
+        taken = await arrive(idle, clock, 100, seconds=100.0)  # (400 + 100) / 100: 5 s, taken
         assert not taken.done()
         # The busy worker's clients leave: its backlog leaves the board with them.
         for task in held:
@@ -414,7 +415,50 @@ def test_the_board_forgets_a_worker_that_died_and_one_that_left(tmp_path):
     clock.now += RESCAN_INTERVAL_S
     assert entries[1].peers() == PeerLoad(ahead_tokens=200, rate=50.0)
     assert sorted(path.name.rsplit(".", 1)[1] for path in tmp_path.iterdir()) == ["1", "3"]
+    # A torn record (read while half written) is skipped for that read only.
+    record = tmp_path / next(path.name for path in tmp_path.iterdir() if path.name.endswith(".3"))
+    intact = record.read_bytes()
+    record.write_bytes(intact[:8] + b"\xff" * 8 + intact[16:])
+    assert entries[1].peers() == PeerLoad(0.0, 0.0)
+    record.write_bytes(intact)
+    assert entries[1].peers() == PeerLoad(ahead_tokens=200, rate=50.0)
+    # A record its worker stopped rewriting (stuck, or gone and its pid reused) counts for nothing.
+    clock.now += STALE_AFTER_S
+    assert entries[1].peers() == PeerLoad(0.0, 0.0)
+    entries[3].publish(0.0, 200, 50.0)
+    assert entries[1].peers() == PeerLoad(ahead_tokens=200, rate=50.0)
     entries[3].close()  # shut down: gone from the board at once
     clock.now += RESCAN_INTERVAL_S
-    assert entries[1].peers() == NO_PEERS
+    assert entries[1].peers() == PeerLoad(0.0, 0.0)
     assert [path.name.rsplit(".", 1)[1] for path in tmp_path.iterdir()] == ["1"]
+
+
+def test_a_worker_holding_work_republishes_so_the_others_see_a_stall(tmp_path, monkeypatch):
+    """Work in flight with nobody waiting is republished every review: without it the others would age the record
+    at the old rate down to nothing while the model stalls."""
+    monkeypatch.setattr(Admission, "REVIEW_INTERVAL_S", 0.01)
+    writes = []
+
+    async def scenario():
+        entry = AdmissionBoard(tmp_path, pid=1).entry("m")
+        original = entry.publish
+        entry.publish = lambda *args: (writes.append(args), original(*args))
+        gate = Admission("m", max_inflight_tokens=1000, max_queued_tokens=None, max_wait_s=5.0, board=entry)
+        release = asyncio.Event()
+        task = asyncio.create_task(hold(gate, 100, release))
+        await asyncio.sleep(0.2)
+        during = len(writes)
+        release.set()
+        await task
+        await asyncio.sleep(0.05)
+        after = len(writes)
+        await asyncio.sleep(0.1)
+        assert len(writes) == after  # nothing held: no more rewriting
+        return during
+
+    assert asyncio.run(scenario()) >= 5
+
+
+def test_without_its_folder_a_board_gives_no_entry_and_the_worker_judges_alone(tmp_path):
+    board = AdmissionBoard(tmp_path / "removed")
+    assert board.entry("m") is None

@@ -184,10 +184,14 @@ def test_on_a_gpu_machine_a_small_checkpoint_gets_two_instances_a_large_one_trit
     assert groups({"checkpoint": str(small)}) == []  # the CPU: one instance uses every core
 
 
-def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
-    if not os.path.isdir("/proc/driver/nvidia/gpus"):
-        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-        assert processes.visible_gpu_count() == 0
-        return
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+def test_visible_gpus_follow_cuda_visible_devices(tmp_path, monkeypatch):
+    for index in range(4):
+        (tmp_path / f"0000:0{index}:00.0").mkdir()
+    monkeypatch.setattr(processes, "NVIDIA_GPUS_DIR", tmp_path)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert processes.visible_gpu_count() == 4
+    for visible, expected in (("0,2", 2), ("", 0), ("-1", 0), ("0,1,2,3,4,5", 4)):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        assert processes.visible_gpu_count() == expected
+    monkeypatch.setattr(processes, "NVIDIA_GPUS_DIR", tmp_path / "none")  # no driver
     assert processes.visible_gpu_count() == 0

@@ -118,3 +118,21 @@ def test_healthy_probes_stay_off_the_console_and_failing_ones_do_not():
 
     assert not shown("/health", 200) and not shown("/ping", 200)
     assert shown("/health", 503) and shown("/classify", 200)
+
+
+def test_the_adapter_process_gets_the_stack_s_triton_and_address_but_not_triton_s_keys():
+    from poolserve_adapter.settings import Settings
+    from poolserve_stack.serve import adapter_environment
+
+    settings = Settings(triton_grpc_url="127.0.0.1:5001", host="0.0.0.0", port=9000, workers=2,
+                        triton_metrics_url="http://127.0.0.1:5002/metrics")
+    environ = {"PATH": "/usr/bin", "ADAPTER_API_KEY": "client-key", "ADAPTER_TRITON_GRPC_URL": "elsewhere:1",
+               "ADAPTER_TRITON_INFERENCE_KEY": "stale", "TRITON_CONTROL_KEY": "admin", "TRITON_INFERENCE_KEY": "k"}
+    env = adapter_environment(settings, environ)
+    assert env["ADAPTER_TRITON_GRPC_URL"] == "127.0.0.1:5001" and env["ADAPTER_PORT"] == "9000"
+    assert env["ADAPTER_HOST"] == "0.0.0.0" and env["ADAPTER_WORKERS"] == "2"
+    assert env["ADAPTER_API_KEY"] == "client-key" and env["PATH"] == "/usr/bin"  # the adapter's own settings
+    # The control key never reaches the adapter; Triton started without an inference key: none is sent.
+    assert not {"TRITON_CONTROL_KEY", "TRITON_INFERENCE_KEY", "ADAPTER_TRITON_INFERENCE_KEY"} & set(env)
+    keyed = adapter_environment(settings.model_copy(update={"triton_inference_key": "k2"}), environ)
+    assert keyed["ADAPTER_TRITON_INFERENCE_KEY"] == "k2"
