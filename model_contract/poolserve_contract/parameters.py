@@ -26,12 +26,6 @@ LONG_DOCUMENT_MODES = ("truncate", "max", "mean")
 # does best: with a thread per core they contend with the adapter and the other stubs, and unpadding
 # a 64-document request took 3.8 ms instead of 0.6 ms on a busy 16-core host.
 GPU_STUB_CPU_THREADS = 4
-# prefix_cache_tokens=auto on a GPU instance. The template's system prompt and instruction every
-# request shares are ~100 tokens, so 16,384 tokens keep them and ~150 queries' prefixes besides, at
-# 1.9 GB for Qwen3-Reranker-0.6B (112 KiB of bf16 keys/values a token) and 2.4 GB for the 4B/8B
-# (144 KiB), allocated only as prefixes come. On the CPU: off, as the CPU default (padded) body
-# never runs the reused streams the cache serves; set it with attention=varlen.
-GPU_PREFIX_CACHE_TOKENS = 16384
 
 
 def parse_bool(value: str, name: str) -> bool:
@@ -51,15 +45,10 @@ def _choice(value: str, name: str, allowed: tuple[str, ...]) -> str:
 
 def parse_cpu_threads(value: str) -> int | None:
     """``auto`` (None: the device decides, :meth:`ModelParameters.cpu_threads_on`) or a whole number."""
-    return parse_auto_count(value, "cpu_threads")
-
-
-def parse_auto_count(value: str, name: str) -> int | None:
-    """``auto`` (None: the device decides) or a whole number."""
     if value.strip() == "auto":
         return None
     if not value.strip().isdigit():
-        raise ValueError(f"{name} parameter {value!r} is not auto or a whole number")
+        raise ValueError(f"cpu_threads parameter {value!r} is not auto or a whole number")
     return int(value)
 
 
@@ -94,8 +83,9 @@ class ModelParameters:
     max_tokens_per_forward: int = 16384  # token budget of one forward pass
     max_model_len: int = 0  # 0: derive from the checkpoint (the model card)
     # Chunks of up to this many tokens replay a CUDA graph of the packed body captured at load (GPU
-    # varlen body without compiled layers; poolserve_runtime.cuda_graphs); 0: always eager.
-    cuda_graph_max_tokens: int = 512
+    # varlen body without compiled layers; poolserve_runtime.cuda_graphs); 0: always eager, the default
+    # until the graphs have been checked and measured on a GPU (tests/gpu/test_cuda_graphs_gpu.py).
+    cuda_graph_max_tokens: int = 0
     logit_mean: float = 0.0  # calibration before the activation: (logit - mean) / sigma, as vLLM's pooler
     logit_sigma: float = 1.0
     # Remote code from the checkpoint runs only when the user asks for it (the generic family).
@@ -110,9 +100,9 @@ class ModelParameters:
     # bodies, poolserve_runtime.prefix_reuse); "off": every sequence computes its whole prompt.
     prefix_reuse: str = "auto"
     # Tokens of prompt prefixes whose per-layer keys/values a model instance keeps across requests
-    # for the reused-prefix streams (poolserve_runtime.prefix_cache); 0: off; None: auto
-    # (prefix_cache_tokens_on).
-    prefix_cache_tokens: int | None = None
+    # for the reused-prefix streams (poolserve_runtime.prefix_cache); 0: off, the default until it has
+    # been measured on a GPU (16,384 suits Qwen3-Reranker: its shared prompt plus ~150 queries, 1.9 GB).
+    prefix_cache_tokens: int = 0
     cpu_threads: int | None = None  # torch's intra-op threads in the stub; None: auto (cpu_threads_on)
     score_template: str = ""  # a shipped score template's name or a Jinja file (poolserve_contract.score_templates)
     model_folder: str = ""  # the model_repository folder the model is made from (wire.SOURCE_FOLDER)
@@ -135,14 +125,14 @@ class ModelParameters:
             compile=_choice(text("compile", "auto"), "compile", COMPILE_MODES),
             max_tokens_per_forward=int(text("max_tokens_per_forward", "16384")),
             max_model_len=int(text("max_model_len", "0") or 0),
-            cuda_graph_max_tokens=parse_whole_number(text("cuda_graph_max_tokens") or "512", "cuda_graph_max_tokens"),
+            cuda_graph_max_tokens=parse_whole_number(text("cuda_graph_max_tokens") or "0", "cuda_graph_max_tokens"),
             logit_mean=float(text("logit_mean", "0") or 0),
             logit_sigma=float(text("logit_sigma", "1") or 1),
             trust_remote_code=parse_bool(text("trust_remote_code", "false"), "trust_remote_code"),
             architecture=text("architecture").strip(),
             hf_overrides=text("hf_overrides").strip(),
             prefix_reuse=_choice(text("prefix_reuse", "auto"), "prefix_reuse", PREFIX_REUSE_MODES),
-            prefix_cache_tokens=parse_auto_count(text("prefix_cache_tokens", "auto"), "prefix_cache_tokens"),
+            prefix_cache_tokens=parse_whole_number(text("prefix_cache_tokens") or "0", "prefix_cache_tokens"),
             cpu_threads=parse_cpu_threads(text("cpu_threads", "auto")),
             score_template=text("score_template").strip(),
             model_folder=text("model_folder"),
@@ -167,12 +157,6 @@ class ModelParameters:
     def resolved_checkpoint(self, model_dir: Path | None = None) -> str:
         """A local path or a hub id that ``from_pretrained`` accepts."""
         return resolve_checkpoint(self.checkpoint, model_dir)
-
-    def prefix_cache_tokens_on(self, device_type: str) -> int:
-        """Prefix cache budget of an instance on ``device_type`` ("cuda", "cpu"); 0: no cache."""
-        if self.prefix_cache_tokens is not None:
-            return self.prefix_cache_tokens
-        return GPU_PREFIX_CACHE_TOKENS if device_type == "cuda" else 0
 
     def cpu_threads_on(self, device_type: str) -> int:
         """Threads for a stub on ``device_type`` ("cuda", "cpu"); 0: torch's default, one per core."""

@@ -34,7 +34,7 @@ class ModelSettings:
     trust_remote_code: bool = False
     # Chunks of up to this many tokens replay a CUDA graph of the varlen body (CUDA only;
     # model_runtime/poolserve_runtime/cuda_graphs.py); 0: always eager.
-    cuda_graph_max_tokens: int = 512
+    cuda_graph_max_tokens: int = 0
     # Serve the checkpoint as this architecture whatever config.json says (vLLM's --hf-overrides
     # '{"architectures": [...]}'): e.g. GteNewForSequenceClassification for NewForSequenceClassification.
     architecture: str = ""
@@ -45,7 +45,7 @@ class ModelSettings:
     # bodies, model_runtime/poolserve_runtime/prefix_reuse.py); "off": every sequence computes its whole prompt.
     prefix_reuse: str = "auto"
     # Tokens of prompt prefixes whose keys/values the reused streams keep across requests (0: none;
-    # model_runtime/poolserve_runtime/prefix_cache.py; see ModelParameters.prefix_cache_tokens_on for auto).
+    # model_runtime/poolserve_runtime/prefix_cache.py).
     prefix_cache_tokens: int = 0
     # torch's intra-op threads in this stub (0: torch's default, one per core; see
     # ModelParameters.cpu_threads_on for auto)
@@ -88,6 +88,6 @@ class ModelSettings:
             architecture=parameters.architecture,
             hf_overrides=parameters.hf_overrides,
             prefix_reuse=parameters.prefix_reuse,
-            prefix_cache_tokens=parameters.prefix_cache_tokens_on(device.type),
+            prefix_cache_tokens=parameters.prefix_cache_tokens,
             cpu_threads=parameters.cpu_threads_on(device.type),
         )

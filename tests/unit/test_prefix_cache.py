@@ -182,12 +182,10 @@ def test_cache_off_runs_today_s_reused_streams(checkpoints):
         assert torch.equal(first_run[name], second_run[name])
 
 
-def test_the_budget_parameter_is_auto_by_device_or_a_whole_number():
-    from poolserve_contract.parameters import GPU_PREFIX_CACHE_TOKENS, ModelParameters
+def test_the_budget_parameter_is_a_whole_number_off_by_default():
+    from poolserve_contract.parameters import ModelParameters
 
-    auto = ModelParameters.from_mapping({})
-    assert (auto.prefix_cache_tokens_on("cuda"), auto.prefix_cache_tokens_on("cpu")) == (GPU_PREFIX_CACHE_TOKENS, 0)
-    assert ModelParameters.from_mapping({"prefix_cache_tokens": "4096"}).prefix_cache_tokens_on("cpu") == 4096
-    assert ModelParameters.from_mapping({"prefix_cache_tokens": "0"}).prefix_cache_tokens_on("cuda") == 0
-    with pytest.raises(ValueError, match="prefix_cache_tokens parameter '-1' is not auto or a whole number"):
+    assert ModelParameters.from_mapping({}).prefix_cache_tokens == 0  # off until measured on a GPU
+    assert ModelParameters.from_mapping({"prefix_cache_tokens": "4096"}).prefix_cache_tokens == 4096
+    with pytest.raises(ValueError, match="prefix_cache_tokens parameter '-1' is not a whole number"):
         ModelParameters.from_mapping({"prefix_cache_tokens": "-1"})
