@@ -17,17 +17,28 @@ from __future__ import annotations
 from poolserve_contract.card import ModelCard
 from poolserve_contract.wire import MODEL_CARD
 
-# Largest sum of batch dimensions of the requests grouped into one execute(). The token budget of
-# one forward is the max_tokens_per_forward parameter, not this.
+# Largest sum of batch dimensions of the requests grouped into one execute(). A padded request's
+# batch dimension is its sequence count; a flat request's is 1 whatever it holds, so an execute() of
+# flat requests may hold up to MAX_BATCH_SIZE requests of any number of sequences (the adapter's
+# admission bounds the tokens it has in flight). The token budget of one forward is the
+# max_tokens_per_forward parameter, not this: the engine cuts any batch into such forwards.
 MAX_BATCH_SIZE = 256
 
-# Token ids [batch, tokens]; rows of different lengths share a request by right padding plus
-# attention_mask; separate requests of different lengths share one execute() because the inputs
-# are ragged-batchable (a flag Triton's add_input helper does not take, hence the plain dicts).
+# A request sends its sequences in one of two forms (model_runtime/poolserve_runtime/packing.py):
+# padded, token ids [batch, tokens] with rows of different lengths right-padded and marked by
+# attention_mask; or flat, token ids [1, total_tokens] (the sequences back to back) cut by
+# sequence_lengths [1, sequences], which sends no padding at all. Separate requests of different
+# lengths share one execute() because the inputs are ragged-batchable (a flag Triton's add_input
+# helper does not take, hence the plain dicts). Triton's dynamic batcher groups only requests that
+# send the same set of inputs when a model has optional ones (RequiredEqualInputs in Triton core's
+# scheduler_utils.cc), so padded and flat requests never share an execute().
 _TOKEN_INPUTS = (
     {"name": "input_ids", "data_type": "TYPE_INT64", "dims": [-1], "allow_ragged_batch": True},
     # 1 for real tokens, 0 for right padding; same shape as input_ids. Absent: no padding.
     {"name": "attention_mask", "data_type": "TYPE_INT64", "dims": [-1], "allow_ragged_batch": True,
+     "optional": True},
+    # The flat form's token count of each sequence, all positive, summing to input_ids' length.
+    {"name": "sequence_lengths", "data_type": "TYPE_INT64", "dims": [-1], "allow_ragged_batch": True,
      "optional": True},
 )
 # Segment ids for text pairs (0s then 1s), same shape as input_ids, below the checkpoint's

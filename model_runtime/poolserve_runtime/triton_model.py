@@ -1,9 +1,9 @@
 """The Triton Python-backend model every ``model_repository/*/1/model.py`` subclasses.
 
 ``execute`` maps requests to responses explicitly: read each request's tensors through DLPack and
-validate them (a bad request gets its own ``TritonError`` and nothing else fails), pack all valid
-sequences into one stream, run the engine once, split the outputs back per request, and answer
-every request exactly once, in order.
+validate them, padded or flat (:func:`~poolserve_runtime.packing.read_sequences`; a bad request gets
+its own ``TritonError`` and nothing else fails), pack all valid sequences into one stream, run the
+engine once, split the outputs back per request, and answer every request exactly once, in order.
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ class PackedTritonModel:
                     _input(request, "attention_mask"),
                     _input(request, "token_type_ids"),
                     self.engine.limits,
+                    _input(request, "sequence_lengths"),
                 )
                 if self.family.vision:
                     request_images = read_images(_input(request, "pixel_values"), _input(request, "image_grid_thw"),
