@@ -20,6 +20,7 @@ from poolserve_adapter.app import create_app
 from poolserve_adapter.errors import TooManyRequestsError
 from poolserve_adapter.registry import ModelRegistry, ServedModel
 from poolserve_adapter.settings import Settings
+from poolserve_adapter.timing import timed
 from poolserve_adapter.tokenization import Encoded, TextEncoder
 
 MAX_MODEL_LEN = 32
@@ -500,3 +501,21 @@ def test_health_reports_the_models_triton_has_not_ready(api):
     response = client.get("/ping")
     assert response.status_code == 503 and response.json() == {
         "status": "degraded", "unavailable_models": {"chat_triton": "not ready"}}
+
+
+def test_timing_headers_say_where_a_request_s_time_went(api, monkeypatch):
+    client, gateway = api
+    fake_infer = gateway.infer
+
+    async def timed_infer(*args):  # the real gateway times its Triton calls so
+        with timed("inference"):
+            return await fake_infer(*args)
+
+    monkeypatch.setattr(gateway, "infer", timed_infer)
+    response = client.post("/classify", json={"model": "sentiment", "input": [TEXT]})
+    assert response.status_code == 200
+    tokenize, inference, total = (float(response.headers[f"x-{name}-time"]) for name in ("tokenize", "inference", "total"))
+    assert 0 < tokenize < total and 0 < inference < total
+    refused = client.post("/classify", json={"model": "nope", "input": [TEXT]})  # errors are timed too
+    assert refused.status_code == 404 and "x-inference-time" not in refused.headers
+    assert float(refused.headers["x-total-time"]) > 0
