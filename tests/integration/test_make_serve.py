@@ -36,14 +36,16 @@ def descendants(pid: int) -> list[int]:
 DRAIN_TIMEOUT_S = 3.0
 
 
-@pytest.fixture(scope="module")
-def make_serve(tmp_path_factory):
+@contextlib.contextmanager
+def running_make_serve(work: Path, env: dict[str, str]):
+    """``make serve`` on a free port with ``env`` over this environment, up and announced; yields (url,
+    process, console log). Stopped after (SIGTERM first: tritonserver runs in its own session and only a
+    clean stop of `make serve` takes it down; SIGKILL is the last resort)."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("serve") / "make-serve.log"
+    log_path = work / "make-serve.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(["make", "serve", f"PORT={port}"], cwd=PROJECT_ROOT, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True,
-                                   env={**os.environ, "ADAPTER_DRAIN_TIMEOUT_S": str(DRAIN_TIMEOUT_S)})
+                                   stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **env})
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(f"{url}/health", process, timeout_s=420, log_path=log_path)
@@ -53,14 +55,18 @@ def make_serve(tmp_path_factory):
         yield url, process, log_path
     finally:
         if process.poll() is None:
-            # SIGTERM first: tritonserver runs in its own session and only a clean stop of
-            # `make serve` takes it down; SIGKILL is the last resort.
             os.killpg(process.pid, signal.SIGTERM)
             try:
                 process.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+
+
+@pytest.fixture(scope="module")
+def make_serve(tmp_path_factory):
+    with running_make_serve(tmp_path_factory.mktemp("serve"), {"ADAPTER_DRAIN_TIMEOUT_S": str(DRAIN_TIMEOUT_S)}) as run:
+        yield run
 
 
 def test_prints_url_and_sample_request(make_serve):
@@ -176,19 +182,8 @@ def test_sigterm_with_requests_in_flight_leaves_nothing_after_the_drain_timeout(
 def test_several_adapter_workers_serve_and_stop_with_the_stack(tmp_path):
     """ADAPTER_WORKERS=2 (what the default picks on a host of 8+ cores): the adapter runs as its own process with
     two uvicorn workers beside Triton; both answer, and SIGTERM to make leaves nothing behind."""
-    port = free_port()
-    log_path = tmp_path / "make-serve.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(["make", "serve", f"PORT={port}"], cwd=PROJECT_ROOT, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True,
-                                   env={**os.environ, "ADAPTER_WORKERS": "2", "ADAPTER_DRAIN_TIMEOUT_S": "3"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(f"{url}/health", process, timeout_s=420, log_path=log_path)
-        deadline = time.monotonic() + 10
-        while "Try:" not in log_path.read_text() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert f"Serving on {url} with 2 adapter workers" in log_path.read_text()
+    with running_make_serve(tmp_path, {"ADAPTER_WORKERS": "2", "ADAPTER_DRAIN_TIMEOUT_S": "3"}) as (url, process, log):
+        assert f"Serving on {url} with 2 adapter workers" in log.read_text()
         workers = {pid for pid in descendants(process.pid)
                    if "multiprocessing" in processes.process_cmdline(pid) and "spawn" in processes.process_cmdline(pid)}
         assert len(workers) == 2, [processes.process_cmdline(pid) for pid in descendants(process.pid)]
@@ -203,8 +198,4 @@ def test_several_adapter_workers_serve_and_stop_with_the_stack(tmp_path):
         while time.monotonic() < deadline and any(processes.process_running(pid) for pid in children):
             time.sleep(0.1)
         assert not [processes.process_cmdline(pid) for pid in children if processes.process_running(pid)]
-        assert "Traceback" not in log_path.read_text()
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        assert "Traceback" not in log.read_text()

@@ -11,19 +11,15 @@ the real model.
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 
-from poolserve_adapter.app import create_app
 from poolserve_adapter.base.scoring import chunk_windows
-from poolserve_adapter.registry import ModelRegistry, ServedModel
-from poolserve_adapter.settings import Settings
+from poolserve_adapter.registry import ServedModel
 from poolserve_adapter.tokenization import Encoded, TextEncoder
 from poolserve_contract.card import ModelCard
 from poolserve_contract.parameters import ModelParameters
+from tests.support.fake_triton import app_over
 
 MAX_MODEL_LEN = 32
 MAX_ITEMS = 12
@@ -85,20 +81,9 @@ def served(name: str, task: str, tokenizer, *, token_types: bool = False, **fiel
                        id2label={}, num_labels=1 if task == "classify" else 0, created=1, **fields)
 
 
-@contextlib.contextmanager
 def running(monkeypatch, models: list[ServedModel]):
-    async def discover(_client, _settings):
-        return ModelRegistry(models)
-
-    monkeypatch.setattr("poolserve_adapter.app.discover_models", discover)
-    app = create_app(Settings(triton_grpc_url="127.0.0.1:1", max_items_per_request=MAX_ITEMS,
-                              max_tokens_per_request=MAX_TOKENS))
-    with TestClient(app) as client:
-        real, app.state.gateway = app.state.gateway, RecordingGateway()
-        try:
-            yield client, app.state.gateway
-        finally:
-            app.state.gateway = real  # the app's shutdown closes what it made
+    return app_over(monkeypatch, models, RecordingGateway(), max_items_per_request=MAX_ITEMS,
+                    max_tokens_per_request=MAX_TOKENS)
 
 
 @pytest.fixture

@@ -10,18 +10,15 @@ and the three error flavours. The real-stack tests (tests/integration/) keep the
 from __future__ import annotations
 
 import base64
-import contextlib
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 
-from poolserve_adapter.app import create_app
 from poolserve_adapter.errors import TooManyRequestsError
-from poolserve_adapter.registry import ModelRegistry, ServedModel
-from poolserve_adapter.settings import Settings
+from poolserve_adapter.registry import ServedModel
 from poolserve_adapter.timing import timed
 from poolserve_adapter.tokenization import Encoded, TextEncoder
+from tests.support.fake_triton import app_over
 
 MAX_MODEL_LEN = 32
 MAX_ITEMS = 4
@@ -97,19 +94,10 @@ def models(tokenizers) -> list[ServedModel]:
     ]
 
 
-@contextlib.contextmanager
 def running(monkeypatch, models: list[ServedModel]):
-    """The app over ``models`` and a :class:`FakeGateway` (put in place after the lifespan made the real one)."""
-    async def discover(_client, _settings):
-        return ModelRegistry(models)
-
-    monkeypatch.setattr("poolserve_adapter.app.discover_models", discover)
-    app = create_app(Settings(triton_grpc_url="127.0.0.1:1", max_items_per_request=MAX_ITEMS,
-                              max_tokens_per_request=MAX_TOKENS))
+    """The app over ``models`` and a :class:`FakeGateway` answering for Triton."""
     gateway = FakeGateway({model.triton_model: max(model.num_labels, 1) for model in models})
-    with TestClient(app) as client:
-        app.state.gateway = gateway
-        yield client, gateway
+    return app_over(monkeypatch, models, gateway, max_items_per_request=MAX_ITEMS, max_tokens_per_request=MAX_TOKENS)
 
 
 @pytest.fixture
