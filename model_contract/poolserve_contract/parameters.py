@@ -52,6 +52,19 @@ def parse_cpu_threads(value: str) -> int | None:
     return int(value)
 
 
+# The least prefix cache that stores anything: one request stores at most a quarter of the budget, in blocks
+# of 16 tokens (poolserve_runtime.prefix_cache).
+MIN_PREFIX_CACHE_TOKENS = 64
+
+
+def parse_prefix_cache_tokens(value: str) -> int:
+    tokens = parse_whole_number(value, "prefix_cache_tokens")
+    if 0 < tokens < MIN_PREFIX_CACHE_TOKENS:
+        raise ValueError(f"prefix_cache_tokens parameter {value!r} is too small to store a prefix: 0 (off) or at "
+                         f"least {MIN_PREFIX_CACHE_TOKENS}")
+    return tokens
+
+
 def parse_whole_number(value: str, name: str) -> int:
     if not value.strip().isdigit():
         raise ValueError(f"{name} parameter {value!r} is not a whole number")
@@ -101,7 +114,8 @@ class ModelParameters:
     prefix_reuse: str = "auto"
     # Tokens of prompt prefixes whose per-layer keys/values a model instance keeps across requests
     # for the reused-prefix streams (poolserve_runtime.prefix_cache); 0: off, the default until it has
-    # been measured on a GPU (16,384 suits Qwen3-Reranker: its shared prompt plus ~150 queries, 1.9 GB).
+    # been measured on a GPU (16,384 suits Qwen3-Reranker: its shared prompt plus ~150 queries, 1.9 GB per
+    # model instance: each instance keeps its own).
     prefix_cache_tokens: int = 0
     cpu_threads: int | None = None  # torch's intra-op threads in the stub; None: auto (cpu_threads_on)
     score_template: str = ""  # a shipped score template's name or a Jinja file (poolserve_contract.score_templates)
@@ -132,7 +146,7 @@ class ModelParameters:
             architecture=text("architecture").strip(),
             hf_overrides=text("hf_overrides").strip(),
             prefix_reuse=_choice(text("prefix_reuse", "auto"), "prefix_reuse", PREFIX_REUSE_MODES),
-            prefix_cache_tokens=parse_whole_number(text("prefix_cache_tokens") or "0", "prefix_cache_tokens"),
+            prefix_cache_tokens=parse_prefix_cache_tokens(text("prefix_cache_tokens") or "0"),
             cpu_threads=parse_cpu_threads(text("cpu_threads", "auto")),
             score_template=text("score_template").strip(),
             model_folder=text("model_folder"),

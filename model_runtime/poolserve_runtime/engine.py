@@ -84,7 +84,7 @@ class PackedEngine:
         self.is_generic = isinstance(self.body, bodies.GenericBody)
         # Documents of one request that share a prompt prefix compute it once (causal packed bodies).
         self.reuses_prefix = (settings.prefix_reuse == "auto" and self.body_mode == "varlen" and family.causal
-                              and not self.is_generic)
+                              and not self.is_generic and family.task != "embed")  # reused rows are pooled as rows
         self.reused_body = bodies.ReusedPrefixBody(family, model, self.device) if self.reuses_prefix else None
         # Prefixes' keys/values kept across requests (prefix_cache_tokens > 0) for the reused streams.
         self.prefix_cache = PrefixCache.for_model(

@@ -237,9 +237,10 @@ def test_bad_values_and_the_guards_are_400s_counting_the_chunks(api):
     overlap = error_of(client.post("/rerank", json={**base, "long_documents": "max", "chunk_overlap_tokens": room}),
                        400, f"chunk_overlap_tokens ({room}) must be less than the {room} tokens")
     assert overlap["param"] == "chunk_overlap_tokens" and overlap["type"] == "BadRequestError"
-    # 3 chunks per document: 5 documents are 15 rows, more than MAX_ITEMS, though 5 items are allowed
-    error_of(client.post("/rerank", json={**base, "documents": [LONG] * 5, "long_documents": "max"}), 400,
-             f"The documents make 15 chunks (long_documents=max), more than the maximum of {MAX_ITEMS}")
+    # A 10-token window leaves 6 for the document: one document of 70 tokens is 14 rows, more than MAX_ITEMS
+    # (refused before its rows are built: they are counted first)
+    error_of(client.post("/rerank", json={**base, "long_documents": "max", "truncate_prompt_tokens": 10}), 400,
+             f"The documents make 14 chunks or more (long_documents=max), more than the maximum of {MAX_ITEMS}")
     # 4 documents of 70 tokens are 280 (within MAX_TOKENS), their 12 chunks 384 with the query and specials
     error_of(client.post("/rerank", json={**base, "documents": [LONG] * 4, "long_documents": "max"}), 400,
              f"The request holds 384 tokens, more than the maximum of {MAX_TOKENS}")
@@ -280,3 +281,25 @@ def test_the_model_parameter_is_checked_and_carried_by_the_card():
     assert ModelCard.from_json(card.to_json()).long_documents == "max"
     old = {key: value for key, value in card.__dict__.items() if key != "long_documents"}
     assert ModelCard(**old).long_documents == "truncate"  # a card written before the parameter existed
+
+
+def test_chunks_are_counted_without_being_cut():
+    from poolserve_adapter.base.scoring import chunk_count, chunk_windows
+
+    for length in range(1, 60):
+        for room in range(1, 12):
+            for overlap in range(room):
+                assert chunk_count(length, room, overlap) == len(chunk_windows(length, room, overlap))
+
+
+def test_a_vision_model_s_default_does_not_chunk_but_a_request_that_asks_is_refused():
+    from types import SimpleNamespace
+
+    from poolserve_adapter.base.scoring import long_documents
+
+    vision = SimpleNamespace(vision=object(), long_documents="max")
+    text = SimpleNamespace(vision=None, long_documents="max")
+    silent = SimpleNamespace(long_documents=None, chunk_overlap_tokens=None)
+    asking = SimpleNamespace(long_documents="mean", chunk_overlap_tokens=3)
+    assert long_documents(silent, vision).mode == "truncate" and long_documents(silent, text).mode == "max"
+    assert long_documents(asking, vision).mode == "mean"  # refused when its pairs are encoded

@@ -189,3 +189,11 @@ def test_the_budget_parameter_is_a_whole_number_off_by_default():
     assert ModelParameters.from_mapping({"prefix_cache_tokens": "4096"}).prefix_cache_tokens == 4096
     with pytest.raises(ValueError, match="prefix_cache_tokens parameter '-1' is not a whole number"):
         ModelParameters.from_mapping({"prefix_cache_tokens": "-1"})
+
+
+def test_a_budget_too_small_to_store_a_prefix_is_refused():
+    from poolserve_contract.parameters import MIN_PREFIX_CACHE_TOKENS, ModelParameters
+
+    assert ModelParameters.from_mapping({"prefix_cache_tokens": str(MIN_PREFIX_CACHE_TOKENS)}).prefix_cache_tokens == 64
+    with pytest.raises(ValueError, match="too small to store a prefix"):
+        ModelParameters.from_mapping({"prefix_cache_tokens": "63"})

@@ -21,6 +21,7 @@ Two steps, so that the serving pipeline guards between them: :func:`encode_pairs
 from __future__ import annotations
 
 import asyncio
+import math
 from abc import abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -199,6 +200,11 @@ def chunk_windows(length: int, room: int, overlap: int) -> list[tuple[int, int]]
         start += stride
 
 
+def chunk_count(length: int, room: int, overlap: int) -> int:
+    """How many windows :func:`chunk_windows` cuts, without cutting them."""
+    return 1 if length <= room else 1 + math.ceil((length - room) / (room - overlap))
+
+
 def document_tokens(encoding, sequence: int, characters: tuple[int, int] | None) -> tuple[int, int]:
     """``[start, end)`` of the document's tokens in one whole encoding: sequence ``sequence`` of it (the
     second of a text pair, the only one of a text), and of those, when ``characters`` is given (a
@@ -211,19 +217,33 @@ def document_tokens(encoding, sequence: int, characters: tuple[int, int] | None)
     return (first, first) if last < 0 else (first, last + 1)
 
 
-def chunked(model: ServedModel, inputs: list, scoring: PairScoring, max_rows: int, sequence: int,
+def chunked(model: ServedModel, inputs: list, scoring: PairScoring, max_rows: int, max_tokens: int, sequence: int,
             characters: Callable[[int], tuple[int, int]] | None) -> tuple[Encoded, np.ndarray]:
     """Every input tokenized whole, once; one longer than the window becomes several rows, each the
     encoding's own ids around one chunk of the document's ids (the special tokens, the query, a
     template's fixed parts: exactly what the tokenizer put there, token types included), so no chunk is
-    decoded and tokenized again. One that fits is one row, the ids truncate mode sends."""
+    decoded and tokenized again. One that fits is one row, the ids truncate mode sends. The rows and tokens
+    a document makes are counted before its rows are built: every row repeats the query and the template,
+    so a long document with little room would otherwise cost memory far beyond the request's limits."""
     encodings = model.encoder.encode_whole(inputs, scoring.options.add_special_tokens)
     window, mode = pair_window(model, scoring), scoring.long_documents.mode
     rows, types, starts = [], [], []
+    row_count = token_count = 0
+
+    def check_limits() -> None:
+        if row_count > max_rows:
+            raise BadRequestError(
+                f"The documents make {row_count} chunks or more (long_documents={mode}), more than the maximum of "
+                f"{max_rows} per request (ADAPTER_MAX_ITEMS_PER_REQUEST).", param="long_documents")
+        if token_count > max_tokens:
+            raise too_many_tokens_error(token_count, max_tokens)
+
     for index, encoding in enumerate(encodings):
         starts.append(len(rows))
         ids, type_ids = encoding.ids, encoding.type_ids
         if len(ids) <= window:
+            row_count, token_count = row_count + 1, token_count + len(ids)
+            check_limits()
             rows.append(ids)
             types.append(type_ids)
             continue
@@ -239,13 +259,14 @@ def chunked(model: ServedModel, inputs: list, scoring: PairScoring, max_rows: in
             raise BadRequestError(
                 f"chunk_overlap_tokens ({overlap}) must be less than the {room} tokens a chunk of document "
                 f"{index} has beside the query and the special tokens.", param="chunk_overlap_tokens")
-        for chunk_start, chunk_end in chunk_windows(end - start, room, overlap):
+        length, fixed = end - start, len(ids) - (end - start)
+        count = chunk_count(length, room, overlap)
+        last = length - (count - 1) * (room - overlap)  # the last window's document tokens
+        row_count, token_count = row_count + count, token_count + count * fixed + (count - 1) * room + last
+        check_limits()
+        for chunk_start, chunk_end in chunk_windows(length, room, overlap):
             rows.append(ids[:start] + ids[start + chunk_start:start + chunk_end] + ids[end:])
             types.append(type_ids[:start] + type_ids[start + chunk_start:start + chunk_end] + type_ids[end:])
-    if len(rows) > max_rows:
-        raise BadRequestError(
-            f"The documents make {len(rows)} chunks (long_documents={mode}), more than the maximum of {max_rows} "
-            "per request (ADAPTER_MAX_ITEMS_PER_REQUEST).", param="long_documents")
     return Encoded.from_lists(rows, types if model.encoder.sends_token_types else None), np.array(starts)
 
 
@@ -260,7 +281,7 @@ async def encode_chunked(model: ServedModel, inputs: list, scoring: PairScoring,
     if size > (limit + 1) * MAX_CHARS_PER_TOKEN:
         raise too_many_tokens_error(size // MAX_CHARS_PER_TOKEN, limit)
     return await run_sized(model.encoder.work_size(size), chunked, model, inputs, scoring,
-                           settings.max_items_per_request, sequence, characters)
+                           settings.max_items_per_request, limit, sequence, characters)
 
 
 DOCUMENT_MARK = "\ue000document\ue000"  # private-use characters: no template writes them itself
@@ -387,8 +408,11 @@ def template_variables(request: ScoringFields) -> dict:
 
 
 def long_documents(request, model: ServedModel) -> LongDocuments:
-    """The request's ``long_documents`` and ``chunk_overlap_tokens``; the model's parameter when it sends none."""
-    return LongDocuments(request.long_documents or model.long_documents, request.chunk_overlap_tokens)
+    """The request's ``long_documents`` and ``chunk_overlap_tokens``; the model's parameter when it sends none
+    (not for a vision model, which has no chunks: its requests would all be refused for a setting they did not
+    make; one that asks for chunks itself is)."""
+    default = model.long_documents if model.vision is None else "truncate"
+    return LongDocuments(request.long_documents or default, request.chunk_overlap_tokens)
 
 
 async def truncated_sides(request: ScoringFields, model: ServedModel, queries: list[ScoreItem],
