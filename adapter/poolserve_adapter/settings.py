@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -168,8 +169,33 @@ class Settings(BaseSettings):
         """``workers``, or one per 4 cores (1 to 4) when it is 0."""
         if self.workers:
             return self.workers
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return max(1, min(MAX_AUTO_WORKERS, cores // CORES_PER_AUTO_WORKER))
+        return max(1, min(MAX_AUTO_WORKERS, usable_cores() // CORES_PER_AUTO_WORKER))
+
+
+def usable_cores(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """The cores this process may run on: its CPU affinity, capped by the CPU quota of its cgroup (a
+    container started with ``--cpus 2`` sees every host core in its affinity but gets two cores' time)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = cgroup_cpu_quota(cgroup_root)
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+def cgroup_cpu_quota(root: Path) -> float | None:
+    """Cores' worth of CPU time the cgroup allows (cgroup v2 ``cpu.max``, else v1 ``cpu.cfs_quota_us``
+    over ``cpu.cfs_period_us``); None when unlimited or unreadable."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        try:
+            quota = (root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (root / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    try:
+        quota_us, period_us = int(quota), int(period)
+    except ValueError:  # "max": no limit
+        return None
+    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
 
 
 @lru_cache

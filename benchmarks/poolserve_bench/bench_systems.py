@@ -88,21 +88,26 @@ def body_texts(body: dict) -> tuple[list[str], list[str] | None]:
 
 async def load(send, bodies: list[dict], concurrency: int, seconds: float, max_requests: int):
     """Closed-loop clients: each sends its next request when the last one returns. ``bodies`` holds
-    ``concurrency`` warm-up bodies, then one body for each request of the level: none is sent twice."""
+    ``concurrency`` warm-up bodies, then one body for each request of the level: none is sent twice.
+    ``send`` returns False for a request the server refused (429 or 503), which the level counts apart.
+    Returns (pairs answered, seconds, latencies of the answered requests, refused requests)."""
     latencies: list[float] = []
     done_pairs = 0
+    refused = 0
     measured = bodies[concurrency:]
     counter = iter(range(min(max_requests, len(measured))))
 
     async def client():
-        nonlocal done_pairs
-        while time.perf_counter() < deadline or not latencies:  # at least one result per level
+        nonlocal done_pairs, refused
+        while time.perf_counter() < deadline or not (latencies or refused):  # at least one result per level
             index = next(counter, None)
             if index is None:
                 return
             body = measured[index]
             start = time.perf_counter()
-            await send(body)
+            if not await send(body):
+                refused += 1  # refused at once (429/503): no latency, no pairs
+                continue
             latencies.append(time.perf_counter() - start)
             done_pairs += len(body_texts(body)[0])
 
@@ -110,7 +115,7 @@ async def load(send, bodies: list[dict], concurrency: int, seconds: float, max_r
     start = time.perf_counter()
     deadline = start + seconds
     await asyncio.gather(*(client() for _ in range(concurrency)))
-    return done_pairs, time.perf_counter() - start, latencies
+    return done_pairs, time.perf_counter() - start, latencies, refused
 
 
 def start(command: list[str], env: dict, log: Path, cpus: str | None = None) -> subprocess.Popen:
@@ -199,10 +204,10 @@ def bench_shape(shape, workloads, args, work: Path, meta: dict, peak: float, ins
             tokens_per_pair = float(sum(int(row.sum()) for row in lengths)) / pairs
             path = "/rerank" if workload.startswith("rerank") else "/classify"
 
-            def row(system, concurrency, pairs, seconds, latencies):
+            def row(system, concurrency, pairs, seconds, latencies, refused=0):
                 pairs_per_s = pairs / seconds
                 return {**meta, "model": shape.name, "workload": workload, "system": system, "concurrency": concurrency,
-                        "requests": len(latencies), "pairs_per_s": round(pairs_per_s, 1),
+                        "requests": len(latencies), "refused": refused, "pairs_per_s": round(pairs_per_s, 1),
                         "tokens_per_s": round(pairs_per_s * tokens_per_pair),
                         "p50_ms": round(1000 * statistics.median(latencies), 2) if latencies else None,
                         "p99_ms": round(1000 * float(np.percentile(latencies, 99)), 2) if latencies else None,
@@ -222,14 +227,15 @@ def bench_shape(shape, workloads, args, work: Path, meta: dict, peak: float, ins
                     level = list(itertools.islice(stream, concurrency + max(args.requests, 2 * concurrency)))
                     grpc_inputs = [_padded_inputs(tokenizer, body) for body in level] if system == "grpc" else []
                     before = _triton_stats(triton.grpc_url, folder)
-                    pairs, seconds, latencies = asyncio.run(sweep_level(
+                    pairs, seconds, latencies, refused = asyncio.run(sweep_level(
                         system, level, grpc_inputs, concurrency, args.seconds, args.requests, triton.grpc_url, folder,
                         f"http://127.0.0.1:{adapter_port}{path}", f"http://127.0.0.1:{baseline_port}{path}", headers))
-                    rows.append(row(system, concurrency, pairs, seconds, latencies))
+                    rows.append(row(system, concurrency, pairs, seconds, latencies, refused))
                     rows[-1].update(_breakdown(before, _triton_stats(triton.grpc_url, folder), headers, system))
                     r = rows[-1]
                     print(f"{shape.name:<24}{workload:<11}{system:<14}i={instances} c={concurrency:<3} "
-                          f"{r['pairs_per_s']:>9.0f} pairs/s  p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  "
+                          f"{r['pairs_per_s']:>9.0f} pairs/s  refused {r['refused']}/{r['requests'] + r['refused']}  "
+                          f"p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  "
                           f"MFU {r['mfu_pct']}%  triton queue/in/infer/out {r['triton_queue_ms']}/"
                           f"{r['triton_compute_input_ms']}/{r['triton_compute_infer_ms']}/{r['triton_compute_output_ms']} ms "
                           f"x{r['triton_requests_per_execution']}  adapter tok/inf/total {r['adapter_tokenize_ms']}/"
@@ -315,6 +321,7 @@ async def sweep_level(system, bodies, grpc_inputs, concurrency, seconds, request
         async with grpcaio.InferenceServerClient(grpc_url) as client:
             async def send(body):
                 await client.infer(folder, by_id[id(body)], outputs=[grpcaio.InferRequestedOutput("scores")])
+                return True
             return await load(send, bodies, concurrency, seconds, max_requests)
     url = http_url if system == "http" else baseline_url
     # aiohttp, not httpx, drives the HTTP systems: httpx's async connection pool slows down as
@@ -328,9 +335,12 @@ async def sweep_level(system, bodies, grpc_inputs, concurrency, seconds, request
             async with session.post(url, data=encoded[id(body)],
                                     headers={"Content-Type": "application/json"}) as response:
                 await response.read()
+                if response.status in (429, 503):  # admission refused it: counted, not a failure of the run
+                    return False
                 response.raise_for_status()
                 if headers is not None and system == "http":
                     headers.append({k.lower(): v for k, v in response.headers.items()})
+                return True
         return await load(send, bodies, concurrency, seconds, max_requests)
 
 

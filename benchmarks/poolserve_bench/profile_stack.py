@@ -139,7 +139,7 @@ def profile_shape(shape, args, meta: dict, instances: int) -> list[dict]:
             spies = [(role, pid, start_py_spy(pid, args.seconds, args.work / f"{tag}-{role}-{pid}.txt"))
                      for role, pids in (("stub", stubs), ("adapter", workers)) for pid in pids]
             sampler = gpu_sampler()
-            pairs, seconds, latencies = asyncio.run(sweep_level(
+            pairs, seconds, latencies, _refused = asyncio.run(sweep_level(
                 "http", level, [], concurrency, args.seconds, args.max_requests, triton.grpc_url, folder,
                 f"http://127.0.0.1:{port}{path}", ""))
             busy = gpu_busy_pct(sampler)

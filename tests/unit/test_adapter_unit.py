@@ -396,3 +396,23 @@ def test_workers_default_to_one_per_four_cores_at_most_four(monkeypatch):
         monkeypatch.setattr("os.sched_getaffinity", lambda _pid, cores=cores: set(range(cores)))
         assert Settings().worker_count() == expected
         assert Settings(workers=3).worker_count() == 3
+
+
+def test_usable_cores_follow_the_cgroup_cpu_quota(monkeypatch, tmp_path):
+    from poolserve_adapter.settings import usable_cores
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(16)))
+    assert usable_cores(tmp_path) == 16  # no cgroup files: the affinity
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert usable_cores(tmp_path) == 16  # v2, unlimited
+    (tmp_path / "cpu.max").write_text("250000 100000\n")
+    assert usable_cores(tmp_path) == 3  # 2.5 cores' time: rounded up
+    (tmp_path / "cpu.max").write_text("3200000 100000\n")
+    assert usable_cores(tmp_path) == 16  # a quota above the affinity: the affinity
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert usable_cores(tmp_path) == 2  # v1
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert usable_cores(tmp_path) == 16  # v1, unlimited

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from poolserve_adapter.base.scoring import chunk_windows
+from poolserve_adapter.base.scoring import chunk_count, chunk_windows
 from poolserve_adapter.registry import ServedModel
 from poolserve_adapter.tokenization import Encoded, TextEncoder
 from poolserve_contract.card import ModelCard
@@ -108,9 +108,18 @@ def error_of(response, status: int, fragment: str) -> dict:
 
 def test_chunk_windows_cover_the_document_with_the_overlap_asked_for():
     assert chunk_windows(10, 4, 1) == [(0, 4), (3, 7), (6, 10)]
-    assert chunk_windows(11, 4, 1) == [(0, 4), (3, 7), (6, 10), (9, 11)]  # the last is shorter
+    assert chunk_windows(11, 4, 1) == [(0, 4), (3, 7), (6, 10), (7, 11)]  # the last ends the document, full size
     assert chunk_windows(4, 4, 3) == [(0, 4)]
-    assert chunk_windows(6, 4, 0) == [(0, 4), (4, 6)]
+    assert chunk_windows(3, 4, 1) == [(0, 3)]
+    assert chunk_windows(6, 4, 0) == [(0, 4), (2, 6)]
+    for length in range(1, 60):
+        for room in range(2, 9):
+            for overlap in range(room):
+                windows = chunk_windows(length, room, overlap)
+                assert len(windows) == chunk_count(length, room, overlap)
+                assert windows[0][0] == 0 and windows[-1][1] == length
+                assert all(b - a == min(room, length) for a, b in windows)
+                assert all(next_start - start <= room - overlap for (start, _), (next_start, _) in zip(windows, windows[1:]))
 
 
 def test_a_cross_encoder_chunk_is_the_pairs_own_ids_around_a_window_of_the_document(api, tokenizers):
@@ -127,7 +136,7 @@ def test_a_cross_encoder_chunk_is_the_pairs_own_ids_around_a_window_of_the_docum
     room = MAX_MODEL_LEN - len(query) - 3  # [CLS] q [SEP] d [SEP]
     assert len(whole["input_ids"]) == len(query) + len(doc) + 3 > MAX_MODEL_LEN
     windows = chunk_windows(len(doc), room, 5)
-    assert len(windows) > 2 and all(b - a == room for a, b in windows[:-1])
+    assert len(windows) > 2 and all(b - a == room for a, b in windows)
     assert rows_of(encoded) == [[cls, *query, sep, *doc[a:b], sep] for a, b in windows]
     assert max(encoded.lengths) == MAX_MODEL_LEN
     assert [row[:length].tolist() for row, length in zip(encoded.token_type_ids, encoded.lengths)] == \

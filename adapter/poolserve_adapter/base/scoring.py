@@ -189,15 +189,15 @@ def pair_window(model: ServedModel, scoring: PairScoring) -> int:
 
 def chunk_windows(length: int, room: int, overlap: int) -> list[tuple[int, int]]:
     """``[start, end)`` of each chunk of a document of ``length`` tokens: ``room`` tokens each, each
-    starting ``room - overlap`` after the one before; the last ends the document (it may be shorter,
-    and still holds more than ``overlap`` tokens, at least one new)."""
+    starting ``room - overlap`` after the one before, except the last, which ends at the document's end
+    and starts ``room`` tokens before it (it overlaps the one before by ``overlap`` tokens or more): a
+    short last chunk would score its few tokens with little context."""
     stride, start, windows = room - overlap, 0, []
-    while True:
-        end = min(start + room, length)
-        windows.append((start, end))
-        if end == length:
-            return windows
+    while start + room < length:
+        windows.append((start, start + room))
         start += stride
+    windows.append((max(0, length - room), length))
+    return windows
 
 
 def chunk_count(length: int, room: int, overlap: int) -> int:
