@@ -115,9 +115,10 @@ def save_checkpoint(name: str, config: dict, template: str, directory: Path, dev
 
 
 async def closed_loop(url: str, make_body, concurrency: int, seconds: float, max_requests: int):
-    """Closed-loop clients; every request body is new (``make_body`` draws one per call)."""
+    """Closed-loop clients; every request body is new (``make_body`` draws one per call). Returns
+    (pairs answered, seconds, latencies of the answered requests, requests refused with 429/503)."""
     latencies: list[float] = []
-    pairs = 0
+    pairs = refused = 0
     connector = aiohttp.TCPConnector(limit=concurrency + 4)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
         async def send():
@@ -126,6 +127,8 @@ async def closed_loop(url: str, make_body, concurrency: int, seconds: float, max
             started = time.perf_counter()
             async with session.post(url, data=orjson.dumps(body), headers={"Content-Type": "application/json"}) as r:
                 await r.read()
+                if r.status in (429, 503):  # admission refused it: counted apart, no latency
+                    return None, 0
                 r.raise_for_status()
             return time.perf_counter() - started, len(body["documents"])
 
@@ -134,14 +137,17 @@ async def closed_loop(url: str, make_body, concurrency: int, seconds: float, max
         deadline, sent = begin + seconds, 0
 
         async def client():
-            nonlocal pairs, sent
-            while (time.perf_counter() < deadline or not latencies) and sent < max_requests:
+            nonlocal pairs, sent, refused
+            while (time.perf_counter() < deadline or not (latencies or refused)) and sent < max_requests:
                 sent += 1
                 latency, count = await send()
+                if latency is None:
+                    refused += 1
+                    continue
                 latencies.append(latency)
                 pairs += count
         await asyncio.gather(*(client() for _ in range(concurrency)))
-        return pairs, time.perf_counter() - begin, latencies
+        return pairs, time.perf_counter() - begin, latencies, refused
 
 
 def token_counts(tokenizer, template: str, rng_seed: int, count: int = 8):
@@ -213,12 +219,13 @@ def bench_shape(name, family, config, template_name, args, meta, peak) -> list[d
     template = template_text(template_name)
     (triton_name, parameters), = plan_models([str(checkpoint)], PROJECT_ROOT / "model_repository").items()
     assert parameters.get("score_template") == template_name, "the checkpoint must be recognised with no flag"
-    plan = {triton_name: parameters,
-            f"{triton_name}-noreuse": {**parameters, "prefix_reuse": "off", "served_model_name": f"{name}-noreuse"},
-            }
-    plan[triton_name]["served_model_name"] = name
+    parameters = {**parameters, **dict(args.model_set)}
+    plan = {triton_name: {**parameters, "served_model_name": name}}
+    if "http_no_reuse" in args.systems:
+        plan[f"{triton_name}-noreuse"] = {**parameters, "prefix_reuse": "off", "prefix_cache_tokens": "0",
+                                          "served_model_name": f"{name}-noreuse"}
     rows: list[dict] = []
-    if torch.cuda.is_available() and not args.smoke:
+    if torch.cuda.is_available() and not args.smoke and not args.no_engine_rows:
         from poolserve_bench.bench_engine import build_model
 
         counter = Shape(name, family, {**config, "num_labels": 1}, ())
@@ -240,11 +247,12 @@ def bench_shape(name, family, config, template_name, args, meta, peak) -> list[d
             "ADAPTER_TRITON_GRPC_URL": triton.grpc_url, "ADAPTER_PORT": str(adapter_port),
             "ADAPTER_MAX_SEQUENCES_PER_TRITON_REQUEST": str(DOCUMENTS), "ADAPTER_WORKERS": str(args.adapter_workers)},
             args.work / f"{name}-adapter.log", cpus["adapter"]))
-        processes.append(start([sys.executable, "-m", "poolserve_bench.baseline_server", str(checkpoint), "--port",
-                                str(baseline_port), "--score-template", template_name],
-                               {}, args.work / f"{name}-baseline.log", cpus["baseline"]))
-        wait_for_http(f"http://127.0.0.1:{adapter_port}/health", processes[0], 600)
-        wait_for_http(f"http://127.0.0.1:{baseline_port}/health", processes[1], 600)
+        if "baseline_http" in args.systems:
+            processes.append(start([sys.executable, "-m", "poolserve_bench.baseline_server", str(checkpoint), "--port",
+                                    str(baseline_port), "--score-template", template_name],
+                                   {}, args.work / f"{name}-baseline.log", cpus["baseline"]))
+        for process, url in zip(processes, (adapter_port, baseline_port)):
+            wait_for_http(f"http://127.0.0.1:{url}/health", process, 600)
         held, computed, share = token_counts(tokenizer, template, 99)
         counter = Shape(name, family, {**config, "num_labels": 1}, ())
         from poolserve_bench.bench_engine import build_model
@@ -256,23 +264,26 @@ def bench_shape(name, family, config, template_name, args, meta, peak) -> list[d
         systems = {"http_reuse": (f"http://127.0.0.1:{adapter_port}/rerank", name),
                    "http_no_reuse": (f"http://127.0.0.1:{adapter_port}/rerank", f"{name}-noreuse"),
                    "baseline_http": (f"http://127.0.0.1:{baseline_port}/rerank", name)}
+        systems = {system: target for system, target in systems.items() if system in args.systems}
         for concurrency in args.concurrency:
             for system, (url, model) in systems.items():
-                pairs, seconds, latencies = asyncio.run(closed_loop(
+                pairs, seconds, latencies, refused = asyncio.run(closed_loop(
                     url, lambda model=model: rerank_body(rng, model), concurrency, args.seconds,
                     max(args.requests, 2 * concurrency)))
                 rate = pairs / seconds
                 computed_flops = flops_computed if system == "http_reuse" else flops_held
                 row = {**meta, "model": name, "workload": f"rerank{DOCUMENTS}", "system": system,
-                       "concurrency": concurrency, "requests": len(latencies), "pairs_per_s": round(rate, 1),
-                       "p50_ms": round(1000 * statistics.median(latencies), 2),
-                       "p99_ms": round(1000 * float(np.percentile(latencies, 99)), 2),
+                       "concurrency": concurrency, "requests": len(latencies), "refused": refused,
+                       "pairs_per_s": round(rate, 1),
+                       "p50_ms": round(1000 * statistics.median(latencies), 2) if latencies else None,
+                       "p99_ms": round(1000 * float(np.percentile(latencies, 99)), 2) if latencies else None,
                        "tokens_per_pair_held": round(held, 1), "tokens_per_pair_computed": round(
                            computed if system == "http_reuse" else held, 1), "prefix_share": round(share, 3),
                        "mfu_computed_pct": round(100 * rate * computed_flops / 1e12 / peak, 1),
                        "mfu_held_pct": round(100 * rate * flops_held / 1e12 / peak, 1)}
                 rows.append(row)
-                print(f"{name:<24}{system:<15}c={concurrency:<3}{rate:>9.0f} pairs/s  p50 {row['p50_ms']} ms  "
+                print(f"{name:<24}{system:<15}c={concurrency:<3}{rate:>9.0f} pairs/s  refused {refused}/"
+                      f"{refused + len(latencies)}  p50 {row['p50_ms']} ms  "
                       f"p99 {row['p99_ms']} ms  MFU computed {row['mfu_computed_pct']}% held {row['mfu_held_pct']}%  "
                       f"(prefix {100 * share:.0f}% of {held:.0f} tokens/pair)", flush=True)
     finally:
@@ -297,6 +308,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--pin-cpus", action="store_true")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--engine-only", action="store_true", help="only the engine rows (no servers)")
+    parser.add_argument("--no-engine-rows", action="store_true", help="only the servers (no engine rows)")
+    parser.add_argument("--systems", nargs="*", default=["http_reuse", "http_no_reuse", "baseline_http"])
+    parser.add_argument("--model-set", type=lambda v: tuple(v.split("=", 1)), action="append", default=[],
+                        metavar="KEY=VALUE", help="a parameter of the served model (e.g. prefix_cache_tokens=16384)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.concurrency, args.seconds, args.requests, args.adapter_workers = [1, 2], 1.0, 3, 1
