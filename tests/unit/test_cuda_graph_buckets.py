@@ -170,8 +170,8 @@ def test_dynamic_rope_waits_for_the_device_so_it_gets_no_graphs():
 
 
 def test_cuda_graph_max_tokens_parameter():
-    assert ModelParameters.from_mapping({}).cuda_graph_max_tokens == 0  # off until checked on a GPU
-    assert ModelParameters.from_mapping({"cuda_graph_max_tokens": ""}).cuda_graph_max_tokens == 0
+    assert ModelParameters.from_mapping({}).cuda_graph_max_tokens == 512  # on by default (GPU varlen bodies)
+    assert ModelParameters.from_mapping({"cuda_graph_max_tokens": ""}).cuda_graph_max_tokens == 512
     assert ModelParameters.from_mapping({"cuda_graph_max_tokens": "0"}).cuda_graph_max_tokens == 0
     assert ModelParameters.from_mapping({"cuda_graph_max_tokens": " 1024 "}).cuda_graph_max_tokens == 1024
     for value in ("many", "-1"):
