@@ -16,7 +16,9 @@ from tritonclient.utils import InferenceServerException
 
 from poolserve_adapter import __version__
 from poolserve_adapter.admission_board import board_from_environment
+from poolserve_adapter.cohere.api_router import router as cohere_router
 from poolserve_adapter.disconnect import CancelOnDisconnectMiddleware
+from poolserve_adapter.embeddings.api_router import router as embeddings_router
 from poolserve_adapter.errors import install_exception_handlers
 from poolserve_adapter.health.api_router import router as health_router
 from poolserve_adapter.lifecycle import DrainMiddleware, Lifecycle, SignalDrain, stop_with_launcher
@@ -102,7 +104,8 @@ def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = N
 
     app = FastAPI(
         title="triton-pooling-serve",
-        description="vLLM- and SGLang-compatible classify / score / rerank APIs over Triton Inference Server.",
+        description="vLLM- and SGLang-compatible classify / score / rerank / embeddings APIs over Triton Inference "
+        "Server.",
         version=__version__,
         lifespan=lifespan,
     )
@@ -112,8 +115,8 @@ def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = N
     v1_rerank = sglang_v1_rerank_router if settings.rerank_v1_flavour == "sglang" else vllm_v1_rerank_router
     app.state.lifecycle = lifecycle
     app.state.sglang_paths = SGLANG_PATHS | ({"/v1/rerank"} if settings.rerank_v1_flavour == "sglang" else set())
-    for router in (classify_router, score_router, rerank_router, v1_rerank, sglang_router, pooling_router, tokenize_router,
-                   invocations_router, models_router, health_router):
+    for router in (classify_router, score_router, rerank_router, v1_rerank, sglang_router, pooling_router,
+                   embeddings_router, cohere_router, tokenize_router, invocations_router, models_router, health_router):
         app.include_router(router)
     # Outermost first to run: the API key, then the body size.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)

@@ -43,6 +43,15 @@ class ServedModel:
     vision: VisionPrompter | None = None
     # The scoring routes' long_documents default (the model parameter): "truncate", "max" or "mean".
     long_documents: str = "truncate"
+    # Embedding models (task "embed"), from the card: the width of `embeddings`, whether that output is
+    # L2-normalised (vLLM's default use_activation), the Matryoshka sizes `dimensions` may take (any in
+    # [1, embedding_size] when the list is empty), and the sentence-transformers prompts by name
+    # (Cohere's input_type).
+    embedding_size: int = 0
+    normalizes: bool = False
+    is_matryoshka: bool = False
+    matryoshka_dimensions: tuple[int, ...] = ()
+    prompts: dict[str, str] = field(default_factory=dict)
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -52,6 +61,10 @@ class ServedModel:
     @property
     def can_classify(self) -> bool:
         return self.task == "classify"
+
+    @property
+    def can_embed(self) -> bool:
+        return self.task == "embed"
 
     @property
     def can_classify_or_embed(self) -> bool:
@@ -119,6 +132,11 @@ def build_served_model(triton_model: str, config: dict, repository: Path) -> Ser
         score_template=template_text(card.score_template) if card.score_template else None,
         declares_st_activation=card.declares_st_activation,
         long_documents=card.long_documents,
+        embedding_size=card.embedding_size,
+        normalizes=card.normalizes,
+        is_matryoshka=card.is_matryoshka,
+        matryoshka_dimensions=tuple(card.matryoshka_dimensions),
+        prompts=dict(card.prompts),
     )
 
 

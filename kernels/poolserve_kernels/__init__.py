@@ -13,10 +13,18 @@ import os
 
 import torch
 
-from poolserve_kernels.pooling import POOLING_METHODS, pool_reference, pool_triton
+from poolserve_kernels.pooling import (
+    EMBEDDING_POOLING,
+    POOLING_METHODS,
+    pool_normalized_reference,
+    pool_normalized_triton,
+    pool_reference,
+    pool_triton,
+)
 from poolserve_kernels.score_head import MAX_LABELS, score_head_reference, score_head_triton
 
-__all__ = ["POOLING_METHODS", "MAX_LABELS", "implementation", "pool", "score_head"]
+__all__ = ["EMBEDDING_POOLING", "POOLING_METHODS", "MAX_LABELS", "implementation", "pool", "pool_normalized",
+           "score_head"]
 
 
 def _use_triton(tensor: torch.Tensor) -> bool:
@@ -33,6 +41,14 @@ def pool(hidden: torch.Tensor, cu_seqlens: torch.Tensor, method: str) -> torch.T
     if _use_triton(hidden):
         return pool_triton(hidden, cu_seqlens, method)
     return pool_reference(hidden, cu_seqlens, method)
+
+
+def pool_normalized(hidden: torch.Tensor, cu_seqlens: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pooled, normalized)``: an embedding model's rows pooled by cls, last or mean (fp32) and the
+    same rows L2-normalised (``hidden``'s dtype)."""
+    if _use_triton(hidden):
+        return pool_normalized_triton(hidden, cu_seqlens, method)
+    return pool_normalized_reference(hidden, cu_seqlens, method)
 
 
 def score_head(x, weight, bias, activation, *, gather="rows", cu_seqlens=None, logit_mean=0.0, logit_sigma=1.0):

@@ -1,4 +1,5 @@
-"""Sequence pooling over packed hidden states: first token, last token, mean, normalised mean.
+"""Sequence pooling over packed hidden states: first token, last token, mean, normalised mean, and
+an embedding model's pooled rows with their L2-normalised copy.
 
 Layout: ``hidden`` is ``[total_tokens, hidden_size]`` (bf16 / fp16 / fp32, rows contiguous) with
 the tokens of sequence ``i`` at rows ``cu_seqlens[i] : cu_seqlens[i + 1]``; the result is
@@ -9,10 +10,16 @@ the tokens of sequence ``i`` at rows ``cu_seqlens[i] : cu_seqlens[i + 1]``; the 
     mean[i]            = sum(hidden[cu[i] : cu[i + 1]]) / (cu[i + 1] - cu[i])      (fp32 accumulation)
     mean_normalized[i] = mean[i] / max(||mean[i]||_2, 1e-12)                      (as F.normalize)
 
+:func:`pool_normalized_triton` serves embedding models (sentence-transformers ``Pooling`` then
+``Normalize``): it returns both the fp32 pooled rows (cls, last or mean) and those rows
+L2-normalised in ``hidden``'s dtype, from one pooling launch and one normalising launch; its
+normalised mean equals ``mean_normalized`` bit for bit (the same kernels on the same workspace).
+
 GPU: one program per (sequence, block of BLOCK_H columns); mean walks the sequence BLOCK_T rows at
 a time, so every token row is read once, coalesced along the hidden dimension. The normalised mean
 writes fp32 means to a workspace and a second, per-row kernel scales them (one launch cannot
-reduce across the column blocks of a row). CPU: the torch reference at the end of this file.
+reduce across the column blocks of a row); the embedding variant keeps that workspace as its
+un-normalised output. CPU: the torch references at the end of this file.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import triton
 import triton.language as tl
 
 POOLING_METHODS = ("cls", "last", "mean", "mean_normalized")
+EMBEDDING_POOLING = ("cls", "last", "mean")  # what an embedding model pools before its optional Normalize
 _METHOD_CODE = {"cls": 0, "last": 1, "mean": 2, "mean_normalized": 2}
 
 # Tile sizes, from the sweep in benchmarks/poolserve_bench/bench_kernels.py --sweep on an H100 (bf16, 1,024 and
@@ -119,17 +127,11 @@ def check_packed(hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but hidden is on {hidden.device}")
 
 
-def pool_triton(
-    hidden: torch.Tensor, cu_seqlens: torch.Tensor, method: str, *, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Launch the pooling kernel(s); see the module docstring for the formulas.
-
-    ``out`` (optional) receives the result: ``[num_seqs, hidden]`` in ``hidden``'s dtype.
-    """
+def _check_pool_inputs(hidden: torch.Tensor, cu_seqlens: torch.Tensor, method: str, methods: tuple[str, ...]) -> None:
     check_packed(hidden, cu_seqlens)
     check_device(hidden, cu_seqlens)
-    if method not in POOLING_METHODS:
-        raise ValueError(f"unknown pooling method {method!r}; expected one of {POOLING_METHODS}")
+    if method not in methods:
+        raise ValueError(f"unknown pooling method {method!r}; expected one of {methods}")
     if hidden.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"hidden must be bf16, fp16 or fp32, got {hidden.dtype}")
     if hidden.stride(1) != 1:
@@ -137,24 +139,59 @@ def pool_triton(
     if not cu_seqlens.is_contiguous():
         raise ValueError("cu_seqlens must be contiguous")
 
+
+def pool_triton(
+    hidden: torch.Tensor, cu_seqlens: torch.Tensor, method: str, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Launch the pooling kernel(s); see the module docstring for the formulas.
+
+    ``out`` (optional) receives the result: ``[num_seqs, hidden]`` in ``hidden``'s dtype.
+    """
+    _check_pool_inputs(hidden, cu_seqlens, method, POOLING_METHODS)
     num_seqs, hidden_size = cu_seqlens.numel() - 1, hidden.shape[1]
     if out is None:
         out = torch.empty(num_seqs, hidden_size, dtype=hidden.dtype, device=hidden.device)
     elif out.shape != (num_seqs, hidden_size) or out.dtype != hidden.dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {hidden.dtype} tensor of shape {(num_seqs, hidden_size)}")
-    normalize = method == "mean_normalized"
-    # The normalised mean goes through an fp32 workspace, scaled into `out` by the second kernel.
-    means = torch.empty(num_seqs, hidden_size, dtype=torch.float32, device=hidden.device) if normalize else out
+    if method == "mean_normalized":
+        # The normalised mean goes through an fp32 workspace, scaled into `out` by the second kernel.
+        means = torch.empty(num_seqs, hidden_size, dtype=torch.float32, device=hidden.device)
+        _launch_pool(hidden, cu_seqlens, "mean", means)
+        _launch_normalize(means, out)
+    else:
+        _launch_pool(hidden, cu_seqlens, method, out)
+    return out
+
+
+def pool_normalized_triton(hidden: torch.Tensor, cu_seqlens: torch.Tensor,
+                           method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pooled, normalized)``: the rows pooled by ``method`` (cls, last or mean) in fp32, and the
+    same rows L2-normalised (``max(||x||_2, 1e-12)``, as F.normalize) in ``hidden``'s dtype."""
+    _check_pool_inputs(hidden, cu_seqlens, method, EMBEDDING_POOLING)
+    num_seqs, hidden_size = cu_seqlens.numel() - 1, hidden.shape[1]
+    pooled = torch.empty(num_seqs, hidden_size, dtype=torch.float32, device=hidden.device)
+    normalized = torch.empty(num_seqs, hidden_size, dtype=hidden.dtype, device=hidden.device)
+    _launch_pool(hidden, cu_seqlens, method, pooled)
+    _launch_normalize(pooled, normalized)
+    return pooled, normalized
+
+
+def _launch_pool(hidden: torch.Tensor, cu_seqlens: torch.Tensor, method: str, out: torch.Tensor) -> None:
+    """One ``_pool_kernel`` launch writing ``out`` (contiguous, hidden's dtype or fp32)."""
+    hidden_size = hidden.shape[1]
     block_h = GATHER_BLOCK_H if method in ("cls", "last") else MEAN_BLOCK_H
-    grid = (num_seqs, triton.cdiv(hidden_size, block_h))
+    grid = (cu_seqlens.numel() - 1, triton.cdiv(hidden_size, block_h))
     _pool_kernel[grid](
-        hidden, hidden.stride(0), cu_seqlens, means, means.stride(0), hidden_size,
+        hidden, hidden.stride(0), cu_seqlens, out, out.stride(0), hidden_size,
         METHOD=_METHOD_CODE[method], BLOCK_T=BLOCK_T, BLOCK_H=block_h, num_warps=NUM_WARPS,
     )
-    if normalize:
-        block = min(NORMALIZE_BLOCK_H, triton.next_power_of_2(hidden_size))
-        _normalize_rows_kernel[(num_seqs,)](means, out, hidden_size, NORMALIZE_EPS, BLOCK_H=block)
-    return out
+
+
+def _launch_normalize(rows: torch.Tensor, out: torch.Tensor) -> None:
+    """One ``_normalize_rows_kernel`` launch: ``out`` = the fp32 ``rows`` L2-normalised."""
+    hidden_size = rows.shape[1]
+    block = min(NORMALIZE_BLOCK_H, triton.next_power_of_2(hidden_size))
+    _normalize_rows_kernel[(rows.shape[0],)](rows, out, hidden_size, NORMALIZE_EPS, BLOCK_H=block)
 
 
 def pool_reference(hidden: torch.Tensor, cu_seqlens: torch.Tensor, method: str) -> torch.Tensor:
@@ -177,3 +214,15 @@ def pool_reference(hidden: torch.Tensor, cu_seqlens: torch.Tensor, method: str) 
             means = F.normalize(means, p=2.0, dim=1, eps=NORMALIZE_EPS)
         return means.to(hidden.dtype)
     raise ValueError(f"unknown pooling method {method!r}; expected one of {POOLING_METHODS}")
+
+
+def pool_normalized_reference(hidden: torch.Tensor, cu_seqlens: torch.Tensor,
+                              method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch implementation of :func:`pool_normalized_triton` (fp64 stays fp64: the tests' reference)."""
+    if method not in EMBEDDING_POOLING:
+        raise ValueError(f"unknown pooling method {method!r}; expected one of {EMBEDDING_POOLING}")
+    # Pooling the upcast rows keeps the fp32 mean unrounded, as the kernels' workspace does.
+    pooled = pool_reference(hidden.to(torch.float64 if hidden.dtype == torch.float64 else torch.float32),
+                            cu_seqlens, method)
+    normalized = F.normalize(pooled, p=2.0, dim=1, eps=NORMALIZE_EPS)
+    return pooled, normalized.to(hidden.dtype)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from poolserve_contract.checkpoints import checkpoint_config, max_model_len_for
 from poolserve_contract.conversions import load_conversion
+from poolserve_contract.embedding_meta import read_embedding_meta
 from poolserve_contract.families import FamilyDeclaration, architecture_of, read_config_dict
 from poolserve_contract.parameters import ModelParameters, string_parameters
 from poolserve_contract.wire import MODEL_CARD
@@ -40,6 +41,12 @@ class ModelCard:
     vocab_size: int | None = None  # token ids at or above it are refused before they reach Triton
     image_token_id: int | None = None  # the token an image's features replace; None: a text-only model
     long_documents: str = "truncate"  # the long_documents parameter: the scoring routes' default
+    # Task "embed" (poolserve_contract.embedding_meta); the defaults describe any other model.
+    embedding_size: int = 0  # width of `embeddings` and `pooled` (the hidden size)
+    normalizes: bool = False  # `embeddings` is L2-normalised (a Normalize module, or no sentence-transformers files)
+    is_matryoshka: bool = False  # config.json is_matryoshka, or matryoshka_dimensions given
+    matryoshka_dimensions: list[int] = field(default_factory=list)  # empty: any size in [1, embedding_size]
+    prompts: dict[str, str] = field(default_factory=dict)  # config_sentence_transformers.json prompts
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -72,7 +79,7 @@ def model_card(parameters: ModelParameters, family: FamilyDeclaration | None, ch
     num_labels = int(getattr(config, "num_labels", 1) or 1)
     if family is not None and family.output_labels(config) != num_labels:
         num_labels, id2label = family.output_labels(config), {}
-    if family is not None and (family.caches_kv or parameters.hf_overrides):
+    if family is not None and task == "classify" and (family.caches_kv or parameters.hf_overrides):
         conversion = load_conversion(read_config_dict(checkpoint, local_files_only), checkpoint,
                                      parameters.hf_overrides)
         if conversion is not None:
@@ -80,6 +87,13 @@ def model_card(parameters: ModelParameters, family: FamilyDeclaration | None, ch
     st_config = getattr(config, "sentence_transformers", None)
     declared_activation = getattr(config, "sbert_ce_default_activation_function", None) or (
         st_config.get("activation_fn") if isinstance(st_config, dict) else None)
+    embedding = {}
+    if task == "embed" and family is not None:
+        meta = read_embedding_meta(checkpoint, family.pooling, local_files_only)
+        dimensions = [int(size) for size in getattr(config, "matryoshka_dimensions", None) or []]
+        embedding = dict(embedding_size=int(config.hidden_size), normalizes=meta.normalizes,
+                         is_matryoshka=bool(getattr(config, "is_matryoshka", False)) or bool(dimensions),
+                         matryoshka_dimensions=dimensions, prompts=meta.prompts)
     return ModelCard(
         served_name=parameters.served_name(fallback_name),
         family=family.name if family is not None else "",
@@ -94,6 +108,7 @@ def model_card(parameters: ModelParameters, family: FamilyDeclaration | None, ch
         vocab_size=int(getattr(config, "vocab_size", 0) or 0) or None,
         image_token_id=int(config.image_token_id) if family is not None and family.vision else None,
         long_documents=parameters.long_documents,
+        **embedding,
     )
 
 

@@ -109,7 +109,35 @@ class DecoderDeclaration(FamilyDeclaration):
 
 @dataclass(frozen=True)
 class EmbeddingDeclaration(FamilyDeclaration):
+    """A dense embedding model: the stock base model (``AutoModel``), pooled, then L2-normalised or
+    not, as the checkpoint's sentence-transformers files say (:mod:`poolserve_contract.embedding_meta`).
+    ``pooling`` is the default for a checkpoint without them."""
+
     task: str = "embed"
+    # *ForCausalLM architectures served as this family's base model when the checkpoint's modules.json
+    # lists a Pooling module, as vLLM does (Qwen3-Embedding ships as Qwen3ForCausalLM): the LM head is
+    # left unloaded.
+    causal_lm_architectures: tuple[str, ...] = ()
+
+    def check_architecture(self, config) -> None:
+        if architecture_of(config) not in self.causal_lm_architectures:
+            super().check_architecture(config)
+
+
+@dataclass(frozen=True)
+class RobertaEmbeddingDeclaration(EmbeddingDeclaration, RobertaDeclaration):
+    pooling: str = "cls"  # vLLM's RobertaEmbeddingModel default
+
+
+@dataclass(frozen=True)
+class DecoderEmbeddingDeclaration(EmbeddingDeclaration):
+    """A causal decoder's base model pooled at each sequence's final token (a packed stream holds no
+    padding, so the final token is the last one the tokenizer wrote)."""
+
+    pooling: str = "last"  # vLLM's default for decoders
+    compile_by_default: bool = True  # see FamilyDeclaration.compile_by_default
+    caches_kv: bool = True
+    causal: bool = True
 
 
 @dataclass(frozen=True)
@@ -344,9 +372,22 @@ FAMILIES: tuple[FamilyDeclaration, ...] = (
     DecoderDeclaration(name="jamba", architectures=("JambaForSequenceClassification",), bodies=("padded",),
                        padded_reason=_PADDED_MAMBA, compile_by_default=False,
                        example="ai21labs/Jamba-tiny-reward-dev", folder="jamba_classifier"),
-    EmbeddingDeclaration(name="bert_embedding", architectures=("BertModel",), pooling="mean_normalized",
+    # Embedding models: pooling and normalisation from the checkpoint's sentence-transformers files, else
+    # `pooling` and normalised (poolserve_contract.embedding_meta). BERT keeps its mean default (vLLM's is CLS).
+    EmbeddingDeclaration(name="bert_embedding", architectures=("BertModel",), pooling="mean",
                          uses_token_types=True, example="sentence-transformers/all-MiniLM-L6-v2",
                          folder="bert_embedder"),
+    RobertaEmbeddingDeclaration(name="roberta_embedding", architectures=("XLMRobertaModel", "RobertaModel"),
+                                uses_token_types=True, example="BAAI/bge-m3, intfloat/multilingual-e5-base",
+                                folder="xlm_roberta_embedder"),
+    EmbeddingDeclaration(name="modernbert_embedding", architectures=("ModernBertModel",), pooling="cls",
+                         example="Alibaba-NLP/gte-modernbert-base, nomic-ai/modernbert-embed-base",
+                         folder="modernbert_embedder"),
+    DecoderEmbeddingDeclaration(name="decoder_embedding",
+                                architectures=("Qwen3Model", "Qwen2Model", "LlamaModel", "MistralModel"),
+                                causal_lm_architectures=("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM",
+                                                         "MistralForCausalLM"),
+                                example="Qwen/Qwen3-Embedding-0.6B", folder="decoder_embedder"),
     # Served by poolserve_runtime.native modules (remote code upstream).
     FamilyDeclaration(name="gte_new", architectures=("GteNewForSequenceClassification", "NewForSequenceClassification"),
                       uses_token_types=True, pooling="cls", bodies=("varlen",),
@@ -441,6 +482,15 @@ def family_for_config(config_dict: dict, override: str = "") -> FamilyDeclaratio
             return GENERIC
     found = candidates[0] if candidates else "<no architectures in config.json>"
     raise UnsupportedArchitecture(f"no family serves architecture {found}; {supported_hint(found)}")
+
+
+def embedding_family_for_causal_lm(architecture: str) -> FamilyDeclaration | None:
+    """The embedding family that serves a ``*ForCausalLM`` sentence-transformers checkpoint as its base
+    model (the caller checks the checkpoint's modules.json), or None."""
+    for family in FAMILIES:
+        if architecture in getattr(family, "causal_lm_architectures", ()):
+            return family
+    return None
 
 
 def read_config_dict(checkpoint: str, local_files_only: bool = False) -> dict:

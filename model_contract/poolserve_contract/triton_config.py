@@ -60,8 +60,11 @@ _OUTPUTS = {
     # Raw head output and the activated scores (vLLM's rule) per sequence: [batch, num_labels].
     "classify": ({"name": "logits", "data_type": "TYPE_FP32", "dims": [-1]},
                  {"name": "scores", "data_type": "TYPE_FP32", "dims": [-1]}),
-    # Pooled (and, for mean_normalized, L2-normalised) sentence embedding: [batch, hidden_size].
-    "embed": ({"name": "embeddings", "data_type": "TYPE_FP32", "dims": [-1]},),
+    # Sentence embeddings [batch, hidden_size]: pooled, then L2-normalised when the model normalises
+    # (its card's `normalizes`); and the pooled vectors never normalised (a request turning the
+    # activation off on a normalising model).
+    "embed": ({"name": "embeddings", "data_type": "TYPE_FP32", "dims": [-1]},
+              {"name": "pooled", "data_type": "TYPE_FP32", "dims": [-1]}),
 }
 
 # Group concurrent requests into one packed forward. Under load requests pile up while the instance

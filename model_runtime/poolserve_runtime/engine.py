@@ -3,8 +3,9 @@
 ``PackedEngine.run`` takes a :class:`~poolserve_runtime.packing.PackedBatch`, splits it into chunks
 of at most ``max_tokens_per_forward`` tokens, has the body it picked at load turn each chunk into
 hidden states (:mod:`poolserve_runtime.bodies`), and pools and scores every sequence by
-``cu_seqlens`` through ``kernels`` (Triton kernels on CUDA, the torch reference on CPU): mean + L2
-norm for embedding models; CLS pooling, the family's head features and the fused linear +
+``cu_seqlens`` through ``kernels`` (Triton kernels on CUDA, the torch reference on CPU): for
+embedding models the pooling their sentence-transformers files name (cls, mean or last), then L2
+normalisation when they normalise (``pooled`` keeps the vectors before it); CLS pooling, the family's head features and the fused linear +
 activation head for encoders; one fused last-token + linear + activation launch for decoders.
 
 The body runs one of two ways (the ``attention`` parameter; ``auto`` picks by device):
@@ -29,6 +30,7 @@ import torch
 
 import poolserve_kernels
 from poolserve_contract.checkpoints import max_model_len_for
+from poolserve_contract.embedding_meta import read_embedding_meta
 from poolserve_runtime import bodies, cuda_graphs, prefix_reuse
 from poolserve_runtime.activation import apply_activation
 from poolserve_runtime.families import Family, GenericFamily
@@ -69,6 +71,10 @@ class PackedEngine:
         config = model.config
         self.config = config
         self.pooling = family.pooling_for(config)
+        self.normalizes = False
+        if family.task == "embed":  # pooling and normalisation from the checkpoint's sentence-transformers files
+            embedding = read_embedding_meta(settings.checkpoint, family.pooling)
+            self.pooling, self.normalizes = embedding.pooling, embedding.normalizes
         self.activation = family.activation_for(config)
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         self.limits = SequenceLimits(
@@ -77,7 +83,7 @@ class PackedEngine:
             type_vocab_size=int(getattr(config, "type_vocab_size", 1) or 1) if family.uses_token_types else 1,
         )
         self.pad_token_id = int(getattr(text_config, "pad_token_id", None) or getattr(config, "pad_token_id", None) or 0)
-        self.output_names = ("embeddings",) if family.task == "embed" else ("logits", "scores")
+        self.output_names = ("embeddings", "pooled") if family.task == "embed" else ("logits", "scores")
 
         self.position_offset = family.position_offset(config)
         self.body = body_strategy(family, model, self.body_mode, self.position_offset, self.pad_token_id)
@@ -123,7 +129,8 @@ class PackedEngine:
             logger.warning("%s: %s", settings.model_name, family.padded_reason)
         attention = family.padded_attention if body == "padded" else "sdpa"
         conversion = None
-        if settings.hf_overrides or family.caches_kv:  # only decoders are converted from a causal LM
+        # Only decoder classifiers are converted from a causal LM (an embedder loads its base model).
+        if family.task == "classify" and (settings.hf_overrides or family.caches_kv):
             raw = read_config_dict(settings.checkpoint)
             conversion = llm_rerankers.conversion_for(raw, settings.checkpoint, settings.hf_overrides)
             if conversion is not None and not (conversion.method or family.architecture_is_causal_lm(raw)):
@@ -165,7 +172,8 @@ class PackedEngine:
     def describe(self) -> str:
         return (
             f"family={self.family.name} checkpoint={self.settings.checkpoint} device={self.device} "
-            f"dtype={self.settings.dtype} pooling={self.pooling} activation={self.activation.value} "
+            f"dtype={self.settings.dtype} pooling={self.pooling}"
+            f"{' normalized' if self.normalizes else ''} activation={self.activation.value} "
             f"max_model_len={self.limits.max_model_len} max_tokens_per_forward={self.settings.max_tokens_per_forward} "
             f"body={self.body_mode} compiled_layers={self.compiled} prefix_reuse={self.reuses_prefix} "
             f"cuda_graphs={','.join(map(str, self.graph_buckets)) or 'none'} "
@@ -242,7 +250,11 @@ class PackedEngine:
         ``cu_seqlens`` (on the device), or, for a score head, at ``rows`` (on the host: each sequence's
         row, when a last-token rule or a reused-prefix stream places it), then the head."""
         if self.family.task == "embed":
-            return {"embeddings": poolserve_kernels.pool(hidden, cu_seqlens, self.pooling)}
+            if not self.normalizes:
+                pooled = poolserve_kernels.pool(hidden, cu_seqlens, self.pooling)
+                return {"embeddings": pooled, "pooled": pooled}
+            pooled, normalized = poolserve_kernels.pool_normalized(hidden, cu_seqlens, self.pooling)
+            return {"embeddings": normalized, "pooled": pooled}
         linear = self.family.head_linear(self.model)
         if rows is not None:
             # HF pools these rows (a sequence ending in pad ids: its last non-pad token), so gather them.

@@ -5,6 +5,9 @@ An entry is one of:
 * ``CHECKPOINT``: a local folder, ``builtin:NAME`` or a hub id. Its ``config.json`` picks the family
   (:func:`poolserve_contract.families.family_for_config`: an ``architecture`` override, then
   ``architectures[0]``, then ``auto_map``, then the generic fallback), and with it the model folder;
+  a ``*ForCausalLM`` checkpoint whose ``modules.json`` lists a sentence-transformers Pooling module
+  is an embedding model (as vLLM serves Qwen3-Embedding), unless it is a known reranker or
+  ``hf_overrides`` / ``architecture`` say otherwise;
 * ``FOLDER``: a model_repository folder with the checkpoint its config.pbtxt names;
 * ``FOLDER=CHECKPOINT``: that folder, that checkpoint (an explicit choice).
 
@@ -23,10 +26,13 @@ import re
 from pathlib import Path
 
 from poolserve_contract.conversions import conversion_for
+from poolserve_contract.embedding_meta import has_sentence_pooling
 from poolserve_contract.families import (
     GENERIC,
     FamilyDeclaration,
     UnsupportedArchitecture,
+    architecture_of,
+    embedding_family_for_causal_lm,
     family_for_config,
     read_config_dict,
 )
@@ -108,6 +114,14 @@ def _folder_for_checkpoint(checkpoint: str, parameters: dict[str, str], reposito
     try:
         override = typed.architecture
         conversion = conversion_for(config, checkpoint, typed.hf_overrides)
+        embedder = None
+        if conversion is not None and not (override or typed.hf_overrides or conversion.score_template):
+            embedder = embedding_family_for_causal_lm(architecture_of(config))
+            if embedder is not None and not has_sentence_pooling(typed.resolved_checkpoint()):
+                embedder = None
+        if embedder is not None:  # a causal LM's base model served as a sentence-transformers embedder
+            conversion = None
+            override = embedder.architectures[0]
         if conversion is not None:  # a causal LM served as a classifier (an LLM reranker)
             override = override or conversion.architecture
             if conversion.overrides:

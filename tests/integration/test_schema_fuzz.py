@@ -84,6 +84,8 @@ class Outcome:
 def flavour_of(path: str, body: object, declared_sglang: frozenset[str] = frozenset()) -> str:
     if path in SGLANG_OPENAI_PATHS or path.startswith(SGLANG_PATH_PREFIX) or path in declared_sglang:
         return "sglang"
+    if path == "/encode":  # SGLang's native embedding route: native errors, flat validation errors
+        return "sglang_native"
     if (
         path == "/classify"
         and isinstance(body, dict)

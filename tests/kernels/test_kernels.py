@@ -10,7 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from poolserve_kernels.pooling import POOLING_METHODS, pool_reference, pool_triton
+from poolserve_kernels.pooling import (
+    EMBEDDING_POOLING,
+    POOLING_METHODS,
+    pool_normalized_reference,
+    pool_normalized_triton,
+    pool_reference,
+    pool_triton,
+)
 from poolserve_kernels.score_head import score_head_reference, score_head_triton
 
 # Per-dtype tolerances: the kernels accumulate in fp32; the result is rounded to the output dtype.
@@ -75,6 +82,41 @@ def test_pooling_thousands_of_sequences(device, method):
     out = torch.full((len(lengths), 64), float("nan"), device=device)
     pool_triton(hidden, cu, method, out=out)
     assert_close(out, pool_reference(hidden.double(), cu, method), TOLERANCE[torch.float32], method)
+
+
+@pytest.mark.parametrize("method", EMBEDDING_POOLING)
+@pytest.mark.parametrize("case", ["single token", "length-one sequences", "one long among short", "just over a tile"])
+@pytest.mark.parametrize("hidden_size", [384, 1000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_pool_normalized(device, method, case, hidden_size, dtype):
+    """An embedding model's pooled rows (fp32, never normalised) and their L2-normalised copy."""
+    hidden, cu = packed(LENGTH_CASES[case], hidden_size, dtype, device)
+    pooled, normalized = pool_normalized_triton(hidden, cu, method)
+    assert pooled.dtype == torch.float32 and normalized.dtype == dtype
+    expected_pooled, expected_normalized = pool_normalized_reference(hidden.double(), cu, method)
+    # The pooled rows are fp32 sums of the inputs: only accumulation order differs from fp64.
+    assert_close(pooled, expected_pooled, TOLERANCE[torch.float32], f"pooled {method} {case}")
+    assert_close(normalized, expected_normalized, TOLERANCE[dtype], f"normalized {method} {case}")
+    norms = normalized.double().norm(dim=1).cpu()
+    torch.testing.assert_close(norms, torch.ones_like(norms), rtol=0, atol=TOLERANCE[dtype]["atol"] * 4)
+
+
+def test_pool_normalized_mean_equals_mean_normalized(device):
+    """The normalised mean of an embedding model is bit for bit the existing mean_normalized pooling."""
+    hidden, cu = packed([3, 1, 40, 17], 384, torch.bfloat16, device)
+    _, normalized = pool_normalized_triton(hidden, cu, "mean")
+    assert torch.equal(normalized, pool_triton(hidden, cu, "mean_normalized"))
+    _, reference = pool_normalized_reference(hidden, cu, "mean")
+    assert torch.equal(reference, pool_reference(hidden, cu, "mean_normalized"))
+
+
+def test_pool_normalized_keeps_a_zero_row_finite(device):
+    hidden, cu = packed([2, 3], 64, torch.float32, device)
+    hidden[:2] = 0.0
+    pooled, normalized = pool_normalized_triton(hidden, cu, "cls")
+    assert torch.equal(normalized[0].cpu(), torch.zeros(64)) and torch.isfinite(normalized).all()
+    with pytest.raises(ValueError, match="unknown pooling method"):
+        pool_normalized_triton(hidden, cu, "mean_normalized")
 
 
 @pytest.mark.parametrize("activation", ["identity", "sigmoid", "softmax"])

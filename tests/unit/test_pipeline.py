@@ -254,7 +254,7 @@ def test_a_request_invalid_on_its_face_is_a_400_even_while_its_model_is_full(api
     client, gateway = api
     gateway.busy.add("embedder_triton")
     vllm_error(client.post("/pooling", json={"model": "embedder", "input": TEXT, "dimensions": 8}), 400,
-               "BadRequestError", "dimensions is not supported")
+               "BadRequestError", "dimensions is currently not supported")
     vllm_error(client.post("/classify", json={"model": "sentiment", "input": TEXT, "truncate_prompt_tokens": 99}),
                400, "BadRequestError", "truncate_prompt_tokens value is greater than max_model_len")
 

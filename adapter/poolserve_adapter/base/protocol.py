@@ -66,16 +66,22 @@ class PoolingRequestBase(OpenAIBaseModel):
         return self
 
     def prompt_options(self, max_model_len: int, add_special_tokens: bool = True) -> PromptOptions:
-        """vLLM's truncation rules for this request (``PoolingBaseServing._validate_request``)."""
-        k = self.truncate_prompt_tokens
-        if k is not None and k > max_model_len:
-            raise BadRequestError(
-                "truncate_prompt_tokens value is greater than max_model_len. Please request a smaller truncation size."
-            )
-        if k == 0:
-            raise BadRequestError("The decoder prompt cannot be empty")
-        truncate_to = None if k is None else (max_model_len if k == -1 else k)
-        return PromptOptions(add_special_tokens=add_special_tokens, truncate_to=truncate_to, side=self.truncation_side)
+        return truncation_options(self.truncate_prompt_tokens, self.truncation_side, max_model_len, add_special_tokens)
+
+
+def truncation_options(truncate_prompt_tokens: int | None, side: str | None, max_model_len: int,
+                       add_special_tokens: bool = True) -> PromptOptions:
+    """vLLM's truncation rules (``PoolingBaseServing._validate_request``): None keeps the whole prompt, -1
+    truncates to ``max_model_len``, k keeps k tokens."""
+    k = truncate_prompt_tokens
+    if k is not None and k > max_model_len:
+        raise BadRequestError(
+            "truncate_prompt_tokens value is greater than max_model_len. Please request a smaller truncation size."
+        )
+    if k == 0:
+        raise BadRequestError("The decoder prompt cannot be empty")
+    truncate_to = None if k is None else (max_model_len if k == -1 else k)
+    return PromptOptions(add_special_tokens=add_special_tokens, truncate_to=truncate_to, side=side)
 
 
 def reject_removed_parameters(body: dict) -> dict:
@@ -201,6 +207,20 @@ SGLANG_ERROR_RESPONSES = {
     400: {"model": SGLangErrorResponse, "description": "Invalid request (validation, empty input, over-long input)"},
     500: {"model": SGLangErrorResponse, "description": "Internal error"},
     503: {"model": SGLangErrorResponse, "description": "Triton is unavailable or its queue is full"},
+    **UNAUTHORIZED, **TOO_LARGE,
+}
+
+# The 200 of the routes with vLLM's bytes formats: JSON, or the raw rows (encoding_format bytes / bytes_only).
+BYTES_RESPONSE = {200: {"content": {"application/octet-stream": {}},
+                        "description": "encoding_format float / base64: JSON; bytes / bytes_only: the raw rows, "
+                        "one after another (bytes: where each is in the `metadata` header)"}}
+
+SGLANG_NATIVE_ERROR_RESPONSES = {
+    400: {"model": NativeErrorResponse, "description": "Invalid request (empty input, over-long input, dimensions); "
+          "validation errors take SGLang's flat shape"},
+    404: {"description": 'No served model can serve the route: {"detail": "Not Found"}'},
+    500: {"model": NativeErrorResponse, "description": "Internal error"},
+    503: {"model": NativeErrorResponse, "description": "Triton is unavailable or its queue is full"},
     **UNAUTHORIZED, **TOO_LARGE,
 }
 

@@ -6,19 +6,18 @@ from typing import Literal
 
 from pydantic import Field
 
+from poolserve_adapter.base.embedding import EncodingFields
 from poolserve_adapter.base.protocol import CompletionRequest, OpenAIBaseModel, UsageInfo, now, random_request_id
 
 
-class PoolingRequest(CompletionRequest):
+class PoolingRequest(EncodingFields, CompletionRequest):
     task: Literal["classify", "embed", "token_embed", "token_classify", "plugin"] | None = Field(
         None, description="The pooling task; null: the model's own (classify or embed)."
     )
-    encoding_format: Literal["float", "base64", "bytes", "bytes_only"] = Field(
-        "float", description="float: JSON numbers; base64: little-endian float32 bytes, base64-encoded."
-    )
-    embed_dtype: Literal["float32", "float16"] = Field("float32", description="Element type of base64 output.")
-    endianness: Literal["native", "little", "big"] = Field("little", description="Byte order of base64 output.")
-    dimensions: int | None = Field(None, description="Not supported (a 400 when set).")
+    dimensions: int | None = Field(None, description="Not supported (a 400 when set), as vLLM's /pooling.")
+    use_activation: bool | None = Field(
+        None, description="Classifiers: false returns raw logits. Embedding models: L2 normalisation; null: the "
+        "model's default.")
 
 
 class PoolingData(OpenAIBaseModel):

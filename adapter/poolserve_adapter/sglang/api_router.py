@@ -1,21 +1,24 @@
 """SGLang's OpenAI-style routes (flat error bodies) over the same Triton models.
 
 ``/v1/classify``, ``/v1/tokenize``, ``/v1/detokenize`` and SGLang's rerank under ``/sglang/v1/rerank``
-(and under ``/v1/rerank`` when ``ADAPTER_RERANK_V1_FLAVOUR=sglang``). SGLang does not check
-``model``: a served name picks that model, anything else the first model able to serve the route.
+(and under ``/v1/rerank`` when ``ADAPTER_RERANK_V1_FLAVOUR=sglang``); and SGLang's native ``/encode``.
+SGLang does not check ``model``: a served name picks that model, anything else the first model able to
+serve the route.
 """
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from poolserve_adapter.base.dependencies import RegistryDep, SettingsDep
-from poolserve_adapter.base.protocol import SGLANG_ERROR_RESPONSES, require_json
+from poolserve_adapter.base.protocol import SGLANG_ERROR_RESPONSES, SGLANG_NATIVE_ERROR_RESPONSES, require_json
 from poolserve_adapter.sglang import serving
 from poolserve_adapter.sglang.protocol import (
     ClassifyRequest,
     ClassifyResponse,
     DetokenizeRequest,
     DetokenizeResponse,
+    NativeEncodeRequest,
+    NativeEncodeResult,
     RerankRequest,
     RerankResult,
     TokenizeRequest,
@@ -26,7 +29,9 @@ router = APIRouter(tags=["sglang"])
 v1_rerank_router = APIRouter(tags=["sglang"])
 
 # Paths whose errors take SGLang's flat shape (read by poolserve_adapter.errors.flavour_of through app.state).
-SGLANG_PATHS = {"/v1/classify", "/sglang/v1/rerank", "/v1/tokenize", "/v1/detokenize"}
+# /encode's own errors are SGLang's native {"error": {"message"}} (its serving says so); its validation
+# errors are flat, as SGLang answers them.
+SGLANG_PATHS = {"/v1/classify", "/sglang/v1/rerank", "/v1/tokenize", "/v1/detokenize", "/encode"}
 
 
 @router.post("/v1/classify", response_model=ClassifyResponse, responses=SGLANG_ERROR_RESPONSES,
@@ -68,3 +73,15 @@ async def tokenize_v1(body: TokenizeRequest, registry: RegistryDep, settings: Se
 async def detokenize_v1(body: DetokenizeRequest, registry: RegistryDep, settings: SettingsDep) -> Response:
     model = registry.resolve_lenient(body.model, capability="can_tokenize")
     return Response(await serving.detokenize(body, model, settings), media_type="application/json")
+
+
+@router.post("/encode", response_model=NativeEncodeResult | list[NativeEncodeResult],
+             responses=SGLANG_NATIVE_ERROR_RESPONSES, dependencies=[Depends(require_json)],
+             summary="Embed texts or token ids (SGLang native)",
+             description="SGLang's `EmbeddingReqInput`: `text` (a text or a list) or `input_ids`; `dimensions` for "
+             "Matryoshka models. One input: an object `{embedding, meta_info}`; a batch: a bare list of them.")
+async def encode(body: NativeEncodeRequest, raw: Request) -> Response:
+    return await serving.serving_native_encode(body, raw)
+
+
+router.add_api_route("/encode", encode, methods=["PUT"], include_in_schema=False, dependencies=[Depends(require_json)])

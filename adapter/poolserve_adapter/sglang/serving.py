@@ -17,6 +17,7 @@ import numpy as np
 import orjson
 from fastapi.responses import Response
 
+from poolserve_adapter.base.embedding import EmbeddingPlan
 from poolserve_adapter.base.scoring import (
     EncodedPairs,
     PairScoring,
@@ -58,6 +59,22 @@ def encode_ids(model: ServedModel, prompts: list[list[int]]) -> Encoded:
 def meta_info(rid: str | None, prompt_tokens: int, latency: float) -> NativeMetaInfo:
     return NativeMetaInfo(id=rid or secrets.token_hex(16), finish_reason={"type": "length", "length": 0},
                           prompt_tokens=prompt_tokens, e2e_latency=latency)
+
+
+def check_matryoshka(model: ServedModel, dimensions: int | None) -> None:
+    """SGLang's ``_validate_for_matryoshka_dim``, in its order and words (the model named by its served name)."""
+    if dimensions is None:
+        return
+    if not model.is_matryoshka:
+        raise BadRequestError(f"Model '{model.name}' does not support matryoshka representation, changing output "
+                              "dimensions will lead to poor results.")
+    if dimensions < 1:
+        raise BadRequestError("Requested dimensions must be greater than 0")
+    if model.matryoshka_dimensions and dimensions not in model.matryoshka_dimensions:
+        raise BadRequestError(f"Model '{model.name}' only supports {list(model.matryoshka_dimensions)} matryoshka "
+                              "dimensions, using other output dimensions will lead to poor results.")
+    if dimensions > model.embedding_size:
+        raise BadRequestError(f"Provided dimensions are greater than max embedding dimension: {model.embedding_size}")
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -173,7 +190,9 @@ class ServingRerank(Serving[RerankRequest]):
 
 
 class ServingNativeClassify(Serving[NativeEncodeRequest]):
-    """SGLang's native ``/classify``: the raw head output (or the embedding) per input, with meta_info."""
+    """SGLang's native ``/classify``: the raw head output (or the embedding) per input, with meta_info.
+    ``dimensions`` keeps the first values of a Matryoshka embedding, normalised again when the model
+    normalises (SGLang's pooler slices, then normalises)."""
 
     capability = "can_classify"
     fallback = "can_classify_or_embed"
@@ -206,6 +225,7 @@ class ServingNativeClassify(Serving[NativeEncodeRequest]):
                 raise BadRequestError("Each text pair must be [query, document]")
         elif not prompts or any(not ids for ids in prompts):
             raise BadRequestError("input_ids cannot be empty")
+        check_matryoshka(ctx.model, request.dimensions)
 
     def item_count(self, request: NativeEncodeRequest) -> int:
         return len(self.prompts(request))
@@ -224,20 +244,33 @@ class ServingNativeClassify(Serving[NativeEncodeRequest]):
     def respond(self, ctx: ServeContext[NativeEncodeRequest]) -> Response:
         latency = time.perf_counter() - ctx.started
         rid = ctx.request.rid
-        rids = rid if isinstance(rid, list) else [rid] * len(ctx.output)
+        rows = ctx.output
+        if ctx.request.dimensions is not None:  # only a Matryoshka embedding model gets here with dimensions
+            rows = EmbeddingPlan("embeddings", ctx.request.dimensions, ctx.model.normalizes).finish(rows)
+        rids = rid if isinstance(rid, list) else [rid] * len(rows)
         results = [
             NativeEncodeResult(embedding=row.tolist(),
                                meta_info=meta_info(rids[i] if i < len(rids) else None, int(ctx.encoded.lengths[i]),
                                                    latency)).model_dump()
-            for i, row in enumerate(ctx.output)
+            for i, row in enumerate(rows)
         ]
         return Response(orjson.dumps(results[0] if self.is_single(ctx.request) else results),
                         media_type="application/json")
 
 
+class ServingNativeEncode(ServingNativeClassify):
+    """SGLang's ``/encode``: the same request and answer as its native ``/classify`` (one handler in SGLang),
+    served by an embedding model first; a named classifier answers with its raw head output, as SGLang
+    run with ``--is-embedding`` does."""
+
+    capability = "can_embed"
+    fallback = "can_classify_or_embed"
+
+
 serving_classify_v1 = ServingClassifyV1()
 serving_rerank = ServingRerank()
 serving_native_classify = ServingNativeClassify()
+serving_native_encode = ServingNativeEncode()
 
 
 def tokenize_json(request: TokenizeRequest, model: ServedModel, settings: Settings) -> bytes:

@@ -71,4 +71,6 @@ async def invocations(raw: Request, registry: RegistryDep,
     except ValidationError as error:
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in error.errors()]) from None
     result = await serving.run(request, raw, model)
+    if isinstance(result, Response):  # pooling's bytes formats: the body is already rendered
+        return result
     return Response(orjson.dumps(result.model_dump()), media_type="application/json")

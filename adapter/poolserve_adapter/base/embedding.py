@@ -1,0 +1,139 @@
+"""Embedding vectors as every embedding route returns them (``/v1/embeddings``, ``/v2/embed``, ``/pooling``
+``task: embed``, SGLang's ``/encode``): which Triton output a request reads, the Matryoshka checks,
+truncation then L2 normalisation, and the binary encodings (vLLM's base64 and ``bytes`` bodies,
+Cohere's packed bits).
+
+An embed model answers two Triton outputs: ``embeddings`` (pooled, then L2-normalised when the model's
+card says ``normalizes``) and ``pooled`` (never normalised). A request reads ``embeddings`` unless it
+turns normalisation off on a normalising model; normalising what the model does not is done here.
+vLLM's head truncates to ``dimensions`` first and normalises after, so a truncated vector is
+re-normalised (``EmbeddingPoolerHead.forward``).
+"""
+
+from __future__ import annotations
+
+import base64
+import sys
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import orjson
+from fastapi.responses import Response
+from pydantic import Field
+
+from poolserve_adapter.base.protocol import OpenAIBaseModel
+from poolserve_adapter.errors import BadRequestError
+from poolserve_adapter.registry import ServedModel
+
+EmbedDType = Literal["float32", "float16", "bfloat16"]
+Endianness = Literal["native", "big", "little"]
+NORM_EPSILON = 1e-12  # torch.nn.functional.normalize's floor on the norm, as vLLM's PoolerNormalize
+
+
+class EncodingFields(OpenAIBaseModel):
+    """vLLM's output-format fields of ``/v1/embeddings`` and ``/pooling`` (``EncodingRequestMixin``)."""
+
+    encoding_format: Literal["float", "base64", "bytes", "bytes_only"] = Field(
+        "float", description="float: JSON numbers; base64: each item's raw bytes, base64-encoded; bytes: one "
+        "application/octet-stream body of every item's raw bytes, with a `metadata` header (JSON: each item's "
+        "start, end, shape, embed_dtype and endianness); bytes_only: the body without the header.",
+    )
+    embed_dtype: EmbedDType = Field("float32", description="Element type of the base64 and bytes formats "
+                                    "(bfloat16: rounded to nearest even, sent as its 16 bits).")
+    endianness: Endianness = Field("native", description="Byte order of the base64 and bytes formats "
+                                   "(native: this server's, little-endian on x86 and arm64).")
+
+
+@dataclass(frozen=True)
+class EmbeddingPlan:
+    """How one request gets its vectors: the Triton output read, then the first ``dimensions`` columns,
+    then L2 normalisation here when ``normalise``."""
+
+    output: str
+    dimensions: int | None = None
+    normalise: bool = False
+
+    def finish(self, rows: np.ndarray) -> np.ndarray:
+        if self.dimensions is not None:
+            rows = rows[:, :self.dimensions]
+        if self.normalise:
+            rows = l2_normalised(rows)
+        return np.ascontiguousarray(rows, dtype=np.float32)
+
+
+def plan_embeddings(model: ServedModel, use_activation: bool | None, dimensions: int | None) -> EmbeddingPlan:
+    """``use_activation`` (vLLM's name for normalisation on embed models): None is the model's default.
+    A truncated vector is normalised again when normalisation is on."""
+    activation = model.normalizes if use_activation is None else use_activation
+    if model.normalizes and not activation:
+        return EmbeddingPlan("pooled", dimensions)
+    return EmbeddingPlan("embeddings", dimensions, activation and (dimensions is not None or not model.normalizes))
+
+
+def l2_normalised(rows: np.ndarray) -> np.ndarray:
+    rows = rows.astype(np.float32, copy=False)
+    norms = np.linalg.norm(rows, axis=-1, keepdims=True)
+    return rows / np.maximum(norms, NORM_EPSILON)
+
+
+def check_dimensions(model: ServedModel, dimensions: int | None) -> None:
+    """vLLM's Matryoshka checks, in its order (``PoolingParams._set_default_parameters``)."""
+    if dimensions is None:
+        return
+    if not model.is_matryoshka:
+        raise BadRequestError(f"Model {model.name!r} does not support Matryoshka embeddings; dimensions must be "
+                              f"unset (received dimensions={dimensions}).")
+    if not 1 <= dimensions <= model.embedding_size:
+        raise BadRequestError(f"Model {model.name!r} only supports dimensions in range [1, {model.embedding_size}], "
+                              f"got {dimensions}.")
+    if model.matryoshka_dimensions and dimensions not in model.matryoshka_dimensions:
+        raise BadRequestError(f"Model {model.name!r} only supports Matryoshka dimensions "
+                              f"{list(model.matryoshka_dimensions)}, got {dimensions}.")
+
+
+def bfloat16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 → bfloat16 rounded to nearest even (as ``torch.Tensor.to(torch.bfloat16)``), as uint16 bits."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    bits = values.view(np.uint32)
+    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.where(np.isnan(values), np.uint16(0x7FC0), rounded)
+
+
+def to_binary(rows: np.ndarray, embed_dtype: EmbedDType, endianness: Endianness) -> np.ndarray:
+    """The rows as vLLM's ``tensor2binary`` writes them: cast to ``embed_dtype`` (bfloat16 as its bits), byte
+    order swapped only when the requested order is not this machine's. An array: ``.tobytes()`` is the wire."""
+    cast = bfloat16_bits(rows) if embed_dtype == "bfloat16" else np.ascontiguousarray(rows, dtype=embed_dtype)
+    order = sys.byteorder if endianness == "native" else endianness
+    return cast.byteswap() if order != sys.byteorder else cast
+
+
+def base64_rows(rows: np.ndarray, embed_dtype: EmbedDType, endianness: Endianness) -> list[str]:
+    return [base64.b64encode(row.tobytes()).decode() for row in to_binary(rows, embed_dtype, endianness)]
+
+
+def bytes_response(rows: np.ndarray, fields: EncodingFields, *, response_id: str, created: int, model: str,
+                   prompt_tokens: int) -> Response:
+    """vLLM's ``bytes`` / ``bytes_only`` answer: every row's raw bytes in index order, one
+    ``application/octet-stream`` body; ``bytes`` adds the ``metadata`` header saying where each row is."""
+    binary = to_binary(rows, fields.embed_dtype, fields.endianness)
+    headers = None
+    if fields.encoding_format == "bytes":
+        size = binary[0].nbytes  # every row has the same shape
+        items = [{"index": i, "embed_dtype": fields.embed_dtype, "endianness": fields.endianness,
+                  "start": i * size, "end": (i + 1) * size, "shape": list(rows.shape[1:])} for i in range(len(rows))]
+        # vLLM writes the header with json.dumps's separators; orjson's compact form parses the same.
+        headers = {"metadata": orjson.dumps({"id": response_id, "created": created, "model": model, "data": items,
+                                             "usage": {"prompt_tokens": prompt_tokens,
+                                                       "total_tokens": prompt_tokens}}).decode()}
+    return Response(binary.tobytes(), media_type="application/octet-stream", headers=headers)
+
+
+def packed_bits(rows: np.ndarray, signed: bool) -> list[list[int]]:
+    """Cohere's ``binary`` / ``ubinary`` as vLLM packs them: one bit per dimension, set where the value is
+    >= 0, most significant first, 8 dimensions a byte; ``binary`` is the byte minus 128."""
+    if rows.shape[1] % 8:
+        raise BadRequestError("Embedding dimension must be a multiple of 8 for binary embedding types, but got "
+                              f"{rows.shape[1]}.")
+    packed = np.packbits(rows >= 0, axis=-1).astype(np.int16)
+    return (packed - 128 if signed else packed).tolist()
