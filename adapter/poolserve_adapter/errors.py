@@ -98,6 +98,17 @@ class InternalServerError(AdapterError):
     pass
 
 
+class InvalidFieldError(BadRequestError):
+    """A field the model's own request schema refuses, known only once the model is (vLLM parses a token_embed
+    model's /v1/embeddings body with a narrower schema): answered as that schema's validation error would be."""
+
+    error_type = HTTPStatus.BAD_REQUEST.phrase
+
+    def __init__(self, field: str, kind: str, message: str, value: object):
+        super().__init__(validation_message([{"type": kind, "loc": ("body", field), "msg": message, "input": value}]),
+                         param=f"body.{field}")
+
+
 class RouteNotOffered(Exception):
     """The model cannot do this task: vLLM would not have registered the route at all."""
 

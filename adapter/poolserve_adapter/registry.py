@@ -26,7 +26,7 @@ from poolserve_contract.score_templates import template_text
 class ServedModel:
     name: str  # the name clients send in `model`
     triton_model: str
-    task: str  # "classify" or "embed"
+    task: str  # "classify", "embed" or "token_embed" (late interaction: ColBERT)
     checkpoint: str  # resolved path or hub id (the `root` of /v1/models)
     encoder: TextEncoder
     id2label: dict[int, str]
@@ -67,6 +67,16 @@ class ServedModel:
         return self.task == "embed"
 
     @property
+    def can_embed_texts(self) -> bool:
+        """vLLM's /v1/embeddings: a vector per prompt (embed), or a vector per token (token_embed)."""
+        return self.task in ("embed", "token_embed")
+
+    @property
+    def late_interaction(self) -> bool:
+        """/score and /rerank by MaxSim over token vectors (vLLM's LateInteractionIOProcessor)."""
+        return self.task == "token_embed"
+
+    @property
     def can_classify_or_embed(self) -> bool:
         return True
 
@@ -80,8 +90,8 @@ class ServedModel:
 
     @property
     def can_score(self) -> bool:
-        """vLLM's enable_scoring_api: embedding models, and classifiers with one label."""
-        return self.task == "embed" or self.num_labels == 1
+        """vLLM's enable_scoring_api: embedding and late-interaction models, and classifiers with one label."""
+        return self.task in ("embed", "token_embed") or (self.task == "classify" and self.num_labels == 1)
 
     def label(self, index: int) -> str | None:
         return self.id2label.get(index)
@@ -89,6 +99,10 @@ class ServedModel:
     @property
     def is_cross_encoder(self) -> bool:
         return self.task == "classify"
+
+
+# A model config's output → the task of the model that answers it (a config without a card).
+TASK_BY_OUTPUT = {"embeddings": "embed", "token_embeddings": "token_embed"}
 
 
 def card_of(triton_model: str, config: dict, checkpoint: str, parameters: ModelParameters) -> ModelCard:
@@ -99,7 +113,7 @@ def card_of(triton_model: str, config: dict, checkpoint: str, parameters: ModelP
     outputs = {output["name"] for output in config.get("output", [])}
     inputs = {tensor["name"] for tensor in config.get("input", [])}
     return model_card(parameters, families.by_folder(parameters.model_folder or triton_model), checkpoint,
-                      task="embed" if "embeddings" in outputs else "classify",
+                      task=TASK_BY_OUTPUT.get(next((o for o in TASK_BY_OUTPUT if o in outputs), ""), "classify"),
                       token_type_input="token_type_ids" in inputs, fallback_name=triton_model)
 
 

@@ -44,6 +44,15 @@ def inference_headers(settings: Settings) -> dict[str, str]:
     return {INFERENCE_GRPC_HEADER: settings.triton_inference_key} if settings.triton_inference_key else {}
 
 
+def concatenated(arrays: list[np.ndarray]) -> np.ndarray:
+    """The outputs of a request's Triton requests, in order. A token-level output ``[n, tokens, D]`` is as wide
+    as its own request's longest sequence: the narrower are padded with zeros to the widest."""
+    if arrays[0].ndim == 3 and len(arrays) > 1:
+        width = max(array.shape[1] for array in arrays)
+        arrays = [np.pad(array, ((0, 0), (0, width - array.shape[1]), (0, 0))) for array in arrays]
+    return np.concatenate(arrays)
+
+
 class TritonGateway:
     def __init__(self, client: grpcaio.InferenceServerClient, *, timeout_s: float, max_rows: int,
                  admission: AdmissionLimits = UNLIMITED, admission_board: AdmissionBoard | None = None,
@@ -86,7 +95,7 @@ class TritonGateway:
             with timed("inference"):
                 results = await asyncio.gather(
                     *(self._infer_rows(triton_model, encoded, a, b, outputs) for a, b in chunks))
-        return {name: np.concatenate([result[name] for result in results]) for name in outputs}
+        return {name: concatenated([result[name] for result in results]) for name in outputs}
 
     async def _infer_vision(self, triton_model: str, encoded: Encoded, outputs) -> dict[str, np.ndarray]:
         """Rows with images and rows without go in separate Triton requests (pixel_values is padded per

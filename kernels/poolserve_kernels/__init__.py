@@ -1,4 +1,4 @@
-"""Pooling and score-head operations on packed (unpadded) hidden states.
+"""Pooling, score-head and late-interaction (MaxSim) operations on packed (unpadded) hidden states.
 
 Every operation takes hidden states ``[total_tokens, hidden]`` and ``cu_seqlens`` ``[num_seqs + 1]``
 (int32, starting at 0), so no padding is ever read. One function per operation: it launches the
@@ -13,6 +13,7 @@ import os
 
 import torch
 
+from poolserve_kernels.maxsim import maxsim_reference, maxsim_triton
 from poolserve_kernels.pooling import (
     EMBEDDING_POOLING,
     POOLING_METHODS,
@@ -23,7 +24,7 @@ from poolserve_kernels.pooling import (
 )
 from poolserve_kernels.score_head import MAX_LABELS, score_head_reference, score_head_triton
 
-__all__ = ["EMBEDDING_POOLING", "POOLING_METHODS", "MAX_LABELS", "implementation", "pool", "pool_normalized",
+__all__ = ["EMBEDDING_POOLING", "POOLING_METHODS", "MAX_LABELS", "implementation", "maxsim", "pool", "pool_normalized",
            "score_head"]
 
 
@@ -49,6 +50,14 @@ def pool_normalized(hidden: torch.Tensor, cu_seqlens: torch.Tensor, method: str)
     if _use_triton(hidden):
         return pool_normalized_triton(hidden, cu_seqlens, method)
     return pool_normalized_reference(hidden, cu_seqlens, method)
+
+
+def maxsim(embeddings: torch.Tensor, cu_seqlens: torch.Tensor, query_index: torch.Tensor) -> torch.Tensor:
+    """fp32 ``[num_seqs]``: each sequence's late-interaction (ColBERT) score against sequence
+    ``query_index[i]``, the sum over the query's tokens of their best dot product with the sequence's."""
+    if _use_triton(embeddings):
+        return maxsim_triton(embeddings, cu_seqlens, query_index)
+    return maxsim_reference(embeddings, cu_seqlens, query_index)
 
 
 def score_head(x, weight, bias, activation, *, gather="rows", cu_seqlens=None, logit_mean=0.0, logit_sigma=1.0):

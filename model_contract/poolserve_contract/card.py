@@ -21,6 +21,7 @@ from poolserve_contract.checkpoints import checkpoint_config, max_model_len_for
 from poolserve_contract.conversions import load_conversion
 from poolserve_contract.embedding_meta import read_embedding_meta
 from poolserve_contract.families import FamilyDeclaration, architecture_of, read_config_dict
+from poolserve_contract.late_interaction import find_projection
 from poolserve_contract.parameters import ModelParameters, string_parameters
 from poolserve_contract.wire import MODEL_CARD
 
@@ -29,7 +30,7 @@ from poolserve_contract.wire import MODEL_CARD
 class ModelCard:
     served_name: str  # the name clients send in `model`
     family: str  # the runtime family's name; "" for a model folder that is not the runtime's
-    task: str  # "classify" or "embed"
+    task: str  # "classify", "embed" or "token_embed"
     architecture: str  # config.json's architecture (vLLM names it when a text-only model is sent an image)
     max_model_len: int  # the longest sequence, the max_model_len parameter or the checkpoint's (as vLLM)
     num_labels: int  # width of `scores` (0 for embedding models)
@@ -42,7 +43,7 @@ class ModelCard:
     image_token_id: int | None = None  # the token an image's features replace; None: a text-only model
     long_documents: str = "truncate"  # the long_documents parameter: the scoring routes' default
     # Task "embed" (poolserve_contract.embedding_meta); the defaults describe any other model.
-    embedding_size: int = 0  # width of `embeddings` and `pooled` (the hidden size)
+    embedding_size: int = 0  # width of `embeddings` and `pooled` (the hidden size); token_embed: of each token's vector
     normalizes: bool = False  # `embeddings` is L2-normalised (a Normalize module, or no sentence-transformers files)
     is_matryoshka: bool = False  # config.json is_matryoshka, or matryoshka_dimensions given
     matryoshka_dimensions: list[int] = field(default_factory=list)  # empty: any size in [1, embedding_size]
@@ -94,6 +95,8 @@ def model_card(parameters: ModelParameters, family: FamilyDeclaration | None, ch
         embedding = dict(embedding_size=int(config.hidden_size), normalizes=meta.normalizes,
                          is_matryoshka=bool(getattr(config, "is_matryoshka", False)) or bool(dimensions),
                          matryoshka_dimensions=dimensions, prompts=meta.prompts)
+    if task == "token_embed":  # ColBERT: the projection's width, normalised (vLLM's token_embed default)
+        embedding = dict(embedding_size=find_projection(checkpoint, local_files_only).dim, normalizes=True)
     return ModelCard(
         served_name=parameters.served_name(fallback_name),
         family=family.name if family is not None else "",

@@ -30,7 +30,7 @@ class UnsupportedArchitecture(ValueError):
 class FamilyDeclaration:
     name: str
     architectures: tuple[str, ...]  # config.json `architectures[0]` values this family serves
-    task: str = "classify"  # "classify" (logits + scores) or "embed" (embeddings)
+    task: str = "classify"  # "classify" (logits + scores), "embed" (embeddings) or "token_embed" (per-token vectors)
     pooling: str = "cls"  # a kernels.POOLING_METHODS entry (pooling_for may read it from the config)
     uses_token_types: bool = False
     fused_gather: bool = False  # pooling is a plain gather straight into the last linear layer
@@ -122,6 +122,16 @@ class EmbeddingDeclaration(FamilyDeclaration):
     def check_architecture(self, config) -> None:
         if architecture_of(config) not in self.causal_lm_architectures:
             super().check_architecture(config)
+
+
+@dataclass(frozen=True)
+class LateInteractionDeclaration(FamilyDeclaration):
+    """A ColBERT model: the base model's every token (CLS and SEP included, no query or document markers:
+    vLLM's ColBERTModel) through the checkpoint's bias-free projection, then L2-normalised
+    (:mod:`poolserve_contract.late_interaction`); /score and /rerank by MaxSim."""
+
+    task: str = "token_embed"
+    pooling: str = "all"  # no pooling: every token is an output
 
 
 @dataclass(frozen=True)
@@ -388,6 +398,10 @@ FAMILIES: tuple[FamilyDeclaration, ...] = (
                                 causal_lm_architectures=("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM",
                                                          "MistralForCausalLM"),
                                 example="Qwen/Qwen3-Embedding-0.6B", folder="decoder_embedder"),
+    # Late interaction: vLLM's HF_ColBERT (colbert-ai's name, answerai-colbert-small-v1's config.json) and
+    # ColBERTModel; a BertModel checkpoint with a projection is served with architecture=HF_ColBERT.
+    LateInteractionDeclaration(name="colbert", architectures=("HF_ColBERT", "ColBERTModel"), uses_token_types=True,
+                               example="answerdotai/answerai-colbert-small-v1", folder="colbert_embedder"),
     # Served by poolserve_runtime.native modules (remote code upstream).
     FamilyDeclaration(name="gte_new", architectures=("GteNewForSequenceClassification", "NewForSequenceClassification"),
                       uses_token_types=True, pooling="cls", bodies=("varlen",),

@@ -65,6 +65,13 @@ _OUTPUTS = {
     # activation off on a normalising model).
     "embed": ({"name": "embeddings", "data_type": "TYPE_FP32", "dims": [-1]},
               {"name": "pooled", "data_type": "TYPE_FP32", "dims": [-1]}),
+    # Late interaction (ColBERT), per request: every token's projected vector [batch, longest sequence of the
+    # request, dim], zeros past each sequence's length, L2-normalised (token_embeddings) and not
+    # (token_projected); and each sequence's MaxSim against the request's first sequence (the query)
+    # [batch, 1], from token_embeddings (the first row is the query against itself).
+    "token_embed": ({"name": "token_embeddings", "data_type": "TYPE_FP32", "dims": [-1, -1]},
+                    {"name": "token_projected", "data_type": "TYPE_FP32", "dims": [-1, -1]},
+                    {"name": "maxsim_scores", "data_type": "TYPE_FP32", "dims": [1]}),
 }
 
 # Group concurrent requests into one packed forward. Under load requests pile up while the instance

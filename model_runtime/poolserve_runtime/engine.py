@@ -5,7 +5,9 @@ of at most ``max_tokens_per_forward`` tokens, has the body it picked at load tur
 hidden states (:mod:`poolserve_runtime.bodies`), and pools and scores every sequence by
 ``cu_seqlens`` through ``kernels`` (Triton kernels on CUDA, the torch reference on CPU): for
 embedding models the pooling their sentence-transformers files name (cls, mean or last), then L2
-normalisation when they normalise (``pooled`` keeps the vectors before it); CLS pooling, the family's head features and the fused linear +
+normalisation when they normalise (``pooled`` keeps the vectors before it); for late-interaction
+(ColBERT) models every token through the projection, L2-normalised, and each sequence's MaxSim against
+its request's first sequence (the MaxSim kernel); CLS pooling, the family's head features and the fused linear +
 activation head for encoders; one fused last-token + linear + activation launch for decoders.
 
 The body runs one of two ways (the ``attention`` parameter; ``auto`` picks by device):
@@ -27,6 +29,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 import poolserve_kernels
 from poolserve_contract.checkpoints import max_model_len_for
@@ -42,6 +45,11 @@ if TYPE_CHECKING:
     from poolserve_runtime.vision import BatchImages
 
 logger = logging.getLogger(__name__)
+
+# The Triton outputs of each task (poolserve_contract.triton_config), and those with one row per token.
+OUTPUT_NAMES = {"classify": ("logits", "scores"), "embed": ("embeddings", "pooled"),
+                "token_embed": ("token_embeddings", "token_projected", "maxsim_scores")}
+TOKEN_OUTPUTS = {"token_embed": ("token_embeddings", "token_projected")}
 
 
 def body_for(family: Family, requested: str) -> str:
@@ -83,14 +91,16 @@ class PackedEngine:
             type_vocab_size=int(getattr(config, "type_vocab_size", 1) or 1) if family.uses_token_types else 1,
         )
         self.pad_token_id = int(getattr(text_config, "pad_token_id", None) or getattr(config, "pad_token_id", None) or 0)
-        self.output_names = ("embeddings", "pooled") if family.task == "embed" else ("logits", "scores")
+        self.output_names = OUTPUT_NAMES[family.task]
+        # Outputs with one row per token (the rest: one per sequence); split per request as padded matrices.
+        self.token_outputs = TOKEN_OUTPUTS.get(family.task, ())
 
         self.position_offset = family.position_offset(config)
         self.body = body_strategy(family, model, self.body_mode, self.position_offset, self.pad_token_id)
         self.is_generic = isinstance(self.body, bodies.GenericBody)
         # Documents of one request that share a prompt prefix compute it once (causal packed bodies).
         self.reuses_prefix = (settings.prefix_reuse == "auto" and self.body_mode == "varlen" and family.causal
-                              and not self.is_generic and family.task != "embed")  # reused rows are pooled as rows
+                              and not self.is_generic and family.task == "classify")  # reused rows: pooled as rows
         self.reused_body = bodies.ReusedPrefixBody(family, model, self.device) if self.reuses_prefix else None
         # Prefixes' keys/values kept across requests (prefix_cache_tokens > 0) for the reused streams.
         self.prefix_cache = PrefixCache.for_model(
@@ -192,7 +202,18 @@ class PackedEngine:
             outputs = [self.score_reused_chunk(chunk) for chunk in reused]
         else:
             outputs = [self.score_chunk(chunk) for chunk in self.chunks(batch, images)]
-        return {name: torch.cat([output[name] for output in outputs]).float().cpu() for name in self.output_names}
+        merged = {name: torch.cat([output[name] for output in outputs]) for name in outputs[0]}
+        if self.family.task == "token_embed":
+            merged["maxsim_scores"] = self.maxsim_scores(batch, merged["token_embeddings"])
+        return {name: merged[name].float().cpu() for name in self.output_names}
+
+    def maxsim_scores(self, batch: PackedBatch, token_embeddings: torch.Tensor) -> torch.Tensor:
+        """``[num_seqs, 1]``: each sequence's MaxSim against the first sequence of its request (the query)."""
+        counts = torch.tensor(batch.sequences_per_request)
+        first_of_request = torch.cumsum(counts, 0) - counts
+        query_index = torch.repeat_interleave(first_of_request, counts).to(torch.int32)
+        return poolserve_kernels.maxsim(token_embeddings, batch.cu_seqlens.to(self.device, non_blocking=True),
+                                        query_index.to(self.device, non_blocking=True)).unsqueeze(1)
 
     def chunks(self, batch: PackedBatch, images: BatchImages | None = None) -> Iterator[bodies.Chunk]:
         """The batch as forwards of at most ``max_tokens_per_forward`` tokens (a longer sequence alone),
@@ -249,6 +270,10 @@ class PackedEngine:
         """Outputs of the sequences whose hidden states ``[tokens, hidden]`` are ``hidden``: pooled by
         ``cu_seqlens`` (on the device), or, for a score head, at ``rows`` (on the host: each sequence's
         row, when a last-token rule or a reused-prefix stream places it), then the head."""
+        if self.family.task == "token_embed":
+            projected = self.family.token_head(self.model)(hidden)
+            normalized = F.normalize(projected.float(), p=2.0, dim=-1).to(projected.dtype)
+            return {"token_embeddings": normalized, "token_projected": projected}
         if self.family.task == "embed":
             if not self.normalizes:
                 pooled = poolserve_kernels.pool(hidden, cu_seqlens, self.pooling)

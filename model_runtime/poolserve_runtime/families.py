@@ -23,6 +23,7 @@ from poolserve_runtime.implementations import (
     EmbeddingFamily,
     Family,
     GenericFamily,
+    LateInteractionFamily,
     ModernBertFamily,
     RobertaFamily,
 )
@@ -35,6 +36,7 @@ _STOCK: tuple[tuple[str, type[Family]], ...] = (
     ("gemma2", DecoderFamily), ("phi3", DecoderFamily), ("gpt2", DecoderFamily), ("jamba", DecoderFamily),
     ("bert_embedding", EmbeddingFamily), ("roberta_embedding", EmbeddingFamily),
     ("modernbert_embedding", EmbeddingFamily), ("decoder_embedding", EmbeddingFamily),
+    ("colbert", LateInteractionFamily),
 )
 FAMILIES: tuple[Family, ...] = tuple(implementation(declarations.by_name(name)) for name, implementation in _STOCK)
 GENERIC = GenericFamily(declarations.GENERIC)
@@ -69,4 +71,4 @@ def family_for_config(config_dict: dict, override: str = "") -> Family:
 
 # Names the families were importable by before the table (model.py files, benchmarks, tests).
 BERT, XLM_ROBERTA, ERNIE, DISTILBERT, MODERNBERT, DEBERTA_V2, QWEN2, QWEN3, LLAMA, MISTRAL, GEMMA, GEMMA2, PHI3, GPT2, \
-    JAMBA, BERT_EMBEDDING, ROBERTA_EMBEDDING, MODERNBERT_EMBEDDING, DECODER_EMBEDDING = FAMILIES
+    JAMBA, BERT_EMBEDDING, ROBERTA_EMBEDDING, MODERNBERT_EMBEDDING, DECODER_EMBEDDING, COLBERT = FAMILIES

@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from poolserve_contract.families import FamilyDeclaration
+from poolserve_contract.families import FamilyDeclaration, UnsupportedArchitecture
+from poolserve_contract.late_interaction import find_projection
 from poolserve_runtime.activation import Activation, activation_for_config
 
 
@@ -48,7 +49,7 @@ class Family:
              trust_remote_code: bool = False) -> nn.Module:
         from transformers import AutoModel, AutoModelForSequenceClassification
 
-        auto = AutoModel if self.task == "embed" else AutoModelForSequenceClassification
+        auto = AutoModel if self.task in ("embed", "token_embed") else AutoModelForSequenceClassification
         extra = {"attn_implementation": attention} if attention else {}
         model = auto.from_pretrained(checkpoint, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
         return model.to(device).eval()
@@ -123,6 +124,33 @@ class DecoderFamily(Family):
 class EmbeddingFamily(Family):
     def head_linear(self, model):
         raise TypeError("embedding models have no score head")
+
+
+class LateInteractionFamily(Family):
+    """ColBERT: the base model (``AutoModel``: BertModel) and the checkpoint's token projection, which
+    transformers does not know and leaves unloaded; it is loaded here as ``model.colbert_linear``."""
+
+    def load(self, checkpoint, dtype, device, attention="sdpa", trust_remote_code=False):
+        from safetensors import safe_open
+
+        model = super().load(checkpoint, dtype, device, attention, trust_remote_code)
+        projection = find_projection(checkpoint)
+        if projection.hidden_size != model.config.hidden_size:
+            raise UnsupportedArchitecture(f"{checkpoint}: the ColBERT projection {projection.tensor} reads "
+                                          f"{projection.hidden_size} features, the body's hidden size is "
+                                          f"{model.config.hidden_size}")
+        with safe_open(projection.file, framework="pt") as weights:
+            weight = weights.get_tensor(projection.tensor)
+        model.colbert_linear = nn.Linear(projection.hidden_size, projection.dim, bias=False)
+        model.colbert_linear.weight.data.copy_(weight)
+        return model.to(device=device, dtype=dtype).eval()
+
+    def token_head(self, model: nn.Module) -> nn.Linear:
+        """The linear layer every token's last hidden state goes through."""
+        return model.colbert_linear
+
+    def head_linear(self, model):
+        raise TypeError("late-interaction models have no score head")
 
 
 class GenericFamily(Family):

@@ -196,10 +196,27 @@ class PackedBatch:
             sequences_per_request=[r.lengths.numel() for r in requests],
         )
 
-    def split(self, outputs: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        """Per-sequence outputs ``[num_seqs, ...]`` back to one dict per request."""
-        pieces = {name: torch.split(tensor, self.sequences_per_request) for name, tensor in outputs.items()}
+    def split(self, outputs: dict[str, torch.Tensor], per_token: tuple[str, ...] = ()) -> list[dict[str, torch.Tensor]]:
+        """Per-sequence outputs ``[num_seqs, ...]`` back to one dict per request. The outputs named in
+        ``per_token`` hold one row per token ``[total_tokens, ...]``: each request's become
+        ``[its sequences, its longest sequence, ...]``, zeros past each sequence's end."""
+        pieces = {name: torch.split(tensor, self.sequences_per_request) for name, tensor in outputs.items()
+                  if name not in per_token}
+        if per_token:
+            lengths = torch.split(self.lengths, self.sequences_per_request)
+            tokens = [int(request.sum()) for request in lengths]
+            for name in per_token:
+                pieces[name] = [padded_per_sequence(rows, request)
+                                for rows, request in zip(torch.split(outputs[name], tokens), lengths)]
         return [{name: pieces[name][i] for name in outputs} for i in range(len(self.sequences_per_request))]
+
+
+def padded_per_sequence(rows: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Packed ``[tokens, ...]`` of sequences of ``lengths`` → ``[sequences, longest, ...]``, zero-padded."""
+    keep = torch.arange(int(lengths.max()), device=rows.device).unsqueeze(0) < lengths.to(rows.device).unsqueeze(1)
+    padded = rows.new_zeros(*keep.shape, *rows.shape[1:])
+    padded[keep] = rows
+    return padded
 
 
 def token_budget_chunks(lengths: torch.Tensor, max_tokens: int) -> list[tuple[int, int]]:

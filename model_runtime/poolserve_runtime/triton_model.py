@@ -95,7 +95,7 @@ class PackedTritonModel:
                 for index, _ in accepted:
                     responses[index] = _error(f"model failed: {error}", pb_utils.TritonError.INTERNAL)
                 return responses
-            for (index, _), per_request in zip(accepted, batch.split(outputs)):
+            for (index, _), per_request in zip(accepted, batch.split(outputs, self.engine.token_outputs)):
                 wanted = requests[index].requested_output_names() or list(per_request)
                 responses[index] = pb_utils.InferenceResponse(
                     output_tensors=[

@@ -46,8 +46,9 @@ def test_every_repository_config_is_short_and_completes_to_the_shared_contract()
         names = [i["name"] for i in config["input"]]
         assert names[:2] == ["input_ids", "attention_mask"] and all(i["allow_ragged_batch"] for i in config["input"])
         assert ("token_type_ids" in names) == family.uses_token_types
-        assert [o["name"] for o in config["output"]] == (["embeddings", "pooled"] if family.task == "embed"
-                                                         else ["logits", "scores"])
+        assert [o["name"] for o in config["output"]] == {
+            "embed": ["embeddings", "pooled"], "token_embed": ["token_embeddings", "token_projected", "maxsim_scores"],
+        }.get(family.task, ["logits", "scores"])
         assert config["dynamic_batching"]["default_queue_policy"]["max_queue_size"] > 0
 
 

@@ -8,12 +8,17 @@ card says ``normalizes``) and ``pooled`` (never normalised). A request reads ``e
 turns normalisation off on a normalising model; normalising what the model does not is done here.
 vLLM's head truncates to ``dimensions`` first and normalises after, so a truncated vector is
 re-normalised (``EmbeddingPoolerHead.forward``).
+
+A late-interaction (token_embed) model answers ``token_embeddings`` (every token's vector, L2-normalised)
+and ``token_projected`` (not normalised), ``[n, longest, D]`` padded with zeros: :func:`token_rows` cuts
+each sequence's ``[tokens, D]`` out of it.
 """
 
 from __future__ import annotations
 
 import base64
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -108,25 +113,51 @@ def to_binary(rows: np.ndarray, embed_dtype: EmbedDType, endianness: Endianness)
     return cast.byteswap() if order != sys.byteorder else cast
 
 
-def base64_rows(rows: np.ndarray, embed_dtype: EmbedDType, endianness: Endianness) -> list[str]:
-    return [base64.b64encode(row.tobytes()).decode() for row in to_binary(rows, embed_dtype, endianness)]
+Items = np.ndarray | Sequence[np.ndarray]  # one row per item, or one array per item (a token matrix each)
 
 
-def bytes_response(rows: np.ndarray, fields: EncodingFields, *, response_id: str, created: int, model: str,
+def binary_items(items: Items, embed_dtype: EmbedDType, endianness: Endianness) -> list[np.ndarray]:
+    """Each item as :func:`to_binary` writes it (a matrix of rows converted in one go)."""
+    if isinstance(items, np.ndarray):
+        return list(to_binary(items, embed_dtype, endianness))
+    return [to_binary(item, embed_dtype, endianness) for item in items]
+
+
+def base64_rows(items: Items, embed_dtype: EmbedDType, endianness: Endianness) -> list[str]:
+    """Each item's raw bytes, base64-encoded (a token matrix flattened: vLLM sends no shape)."""
+    return [base64.b64encode(item.tobytes()).decode() for item in binary_items(items, embed_dtype, endianness)]
+
+
+def bytes_response(rows: Items, fields: EncodingFields, *, response_id: str, created: int, model: str,
                    prompt_tokens: int) -> Response:
-    """vLLM's ``bytes`` / ``bytes_only`` answer: every row's raw bytes in index order, one
-    ``application/octet-stream`` body; ``bytes`` adds the ``metadata`` header saying where each row is."""
-    binary = to_binary(rows, fields.embed_dtype, fields.endianness)
+    """vLLM's ``bytes`` / ``bytes_only`` answer: every item's raw bytes in index order, one
+    ``application/octet-stream`` body; ``bytes`` adds the ``metadata`` header saying where each item is and
+    its shape (``[D]`` for a vector, ``[n_tokens, D]`` for a token matrix)."""
+    binaries = binary_items(rows, fields.embed_dtype, fields.endianness)
     headers = None
     if fields.encoding_format == "bytes":
-        size = binary[0].nbytes  # every row has the same shape
+        ends = np.cumsum([binary.nbytes for binary in binaries]).tolist()
         items = [{"index": i, "embed_dtype": fields.embed_dtype, "endianness": fields.endianness,
-                  "start": i * size, "end": (i + 1) * size, "shape": list(rows.shape[1:])} for i in range(len(rows))]
+                  "start": end - binary.nbytes, "end": end, "shape": list(binary.shape)}
+                 for i, (binary, end) in enumerate(zip(binaries, ends))]
         # vLLM writes the header with json.dumps's separators; orjson's compact form parses the same.
         headers = {"metadata": orjson.dumps({"id": response_id, "created": created, "model": model, "data": items,
                                              "usage": {"prompt_tokens": prompt_tokens,
                                                        "total_tokens": prompt_tokens}}).decode()}
-    return Response(binary.tobytes(), media_type="application/octet-stream", headers=headers)
+    return Response(b"".join(binary.tobytes() for binary in binaries), media_type="application/octet-stream",
+                    headers=headers)
+
+
+def token_embedding_output(use_activation: bool | None) -> EmbeddingPlan:
+    """A late-interaction model's token vectors: L2-normalised unless ``use_activation`` is false (vLLM's
+    token_embed default is on), read as the model computed them."""
+    return EmbeddingPlan("token_projected" if use_activation is False else "token_embeddings")
+
+
+def token_rows(output: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
+    """A token-level Triton output ``[n, longest, D]`` (zeros past each sequence) as each sequence's own
+    ``[tokens, D]`` rows."""
+    return [np.ascontiguousarray(output[i, :length], dtype=np.float32) for i, length in enumerate(lengths.tolist())]
 
 
 def packed_bits(rows: np.ndarray, signed: bool) -> list[list[int]]:

@@ -4,7 +4,10 @@ and SGLang's rerank.
 Cross-encoders (classifiers with one label) read each (query, document) as one text pair, or as the
 prompt their score template renders (LLM rerankers), and return the activated logit. Bi-encoders
 (embedding models) embed both sides separately, the query once for 1:N, and return the cosine
-similarity, as vLLM's ``BiEncoderIOProcessor`` does. Vision-language rerankers join each pair into
+similarity, as vLLM's ``BiEncoderIOProcessor`` does. Late-interaction (ColBERT) models encode both sides
+apart too and return the MaxSim of their token vectors (vLLM's ``LateInteractionIOProcessor``): each
+distinct query goes to Triton once per request, as the first row before its documents, and the model's
+MaxSim kernel scores every row against it (``maxsim_scores``). Vision-language rerankers join each pair into
 one prompt with its images.
 
 A pair longer than the model's window is truncated (or refused) as vLLM does, or, when the request's
@@ -28,6 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from poolserve_adapter.base.embedding import token_rows
 from poolserve_adapter.base.protocol import ScoreItem, ScoringFields
 from poolserve_adapter.base.serving import ServeContext, Serving
 from poolserve_adapter.errors import BadRequestError, sanitize_message
@@ -84,6 +88,9 @@ class EncodedPairs:
     # Documents cut into chunks: the first row (of `joint`, or of `documents`) of each pair, whose rows run
     # to the next pair's first; None: one row per pair.
     pair_starts: np.ndarray | None = None
+    # Late interaction: the tokens vLLM counts between a query and a document in usage (1 when the tokenizer
+    # has a pad token, else 0); None: usage counts the tokens sent.
+    pair_padding: int | None = None
 
     @property
     def batches(self) -> tuple[Encoded, ...]:
@@ -92,6 +99,22 @@ class EncodedPairs:
     @property
     def num_tokens(self) -> int:
         return sum(batch.num_tokens for batch in self.batches)
+
+    @property
+    def usage_tokens(self) -> int:
+        """The response's prompt tokens: those sent, or for late interaction vLLM's count, each document row
+        with its query and the padding between (``query + pad + document`` per pair)."""
+        if self.pair_padding is None:
+            return self.num_tokens
+        return int((self.queries.lengths[self.query_of_document_rows()] + self.pair_padding).sum()
+                   + self.documents.num_tokens)
+
+    def query_of_document_rows(self) -> np.ndarray:
+        """Bi-encoder sides: the row of ``queries`` each row of ``documents`` is scored against."""
+        if self.queries.num_sequences == 1:
+            return np.zeros(self.documents.num_sequences, dtype=np.int64)
+        pairs = np.arange(self.queries.num_sequences)
+        return pairs if self.pair_starts is None else np.repeat(pairs, self.rows_per_pair())
 
     def tokens_per_pair(self) -> list[int]:
         """Each pair's tokens: every chunk's, and a bi-encoder's query once."""
@@ -170,13 +193,17 @@ async def encode_pairs(model: ServedModel, queries: list, documents: list, scori
     # `queries` holds one text for 1:N: the query is embedded once and broadcast.
     query_rows = await model.encoder.encode_async(queries, None, thread_above, scoring.options,
                                                   check_length=check_length)
+    padding = None
+    if model.late_interaction:
+        padding = 0 if model.encoder.tokenizer.pad_token_id is None else 1
     if chunks:  # each chunk of a document is embedded alone: its room is the window less the special tokens
         document_rows, starts = await encode_chunked(model, documents, scoring, settings, sequence=0)
-        return EncodedPairs(queries=query_rows, documents=document_rows, pair_starts=starts)
+        return EncodedPairs(queries=query_rows, documents=document_rows, pair_starts=starts, pair_padding=padding)
     return EncodedPairs(
         queries=query_rows,
         documents=await model.encoder.encode_async(documents, None, thread_above, scoring.options,
                                                    check_length=check_length),
+        pair_padding=padding,
     )
 
 
@@ -317,6 +344,8 @@ async def score_rows(gateway: TritonGateway, model: ServedModel, pairs: EncodedP
     if pairs.joint is not None:
         output = "logits" if scoring.use_activation is False else "scores"
         return (await gateway.infer(model.triton_model, pairs.joint, (output,)))[output][:, 0]
+    if model.late_interaction:
+        return await maxsim_rows(gateway, model, pairs, scoring)
     query_vectors = (await gateway.infer(model.triton_model, pairs.queries, ("embeddings",)))["embeddings"]
     document_vectors = (await gateway.infer(model.triton_model, pairs.documents, ("embeddings",)))["embeddings"]
     if len(query_vectors) == 1:
@@ -328,6 +357,55 @@ async def score_rows(gateway: TritonGateway, model: ServedModel, pairs: EncodedP
         return dots  # vLLM: no activation for a bi-encoder means no normalisation
     norms = np.linalg.norm(query_vectors, axis=1) * np.linalg.norm(document_vectors, axis=1)
     return dots / np.maximum(norms, 1e-12)
+
+
+async def maxsim_rows(gateway: TritonGateway, model: ServedModel, pairs: EncodedPairs,
+                      scoring: PairScoring) -> np.ndarray:
+    """Each document row's MaxSim against its query. Each distinct query (by its token ids) is sent once per
+    Triton request, first, before up to ``max_rows - 1`` of its documents, and the model's ``maxsim_scores``
+    answer. ``use_activation: false`` (MaxSim of the unnormalised vectors, as vLLM) reads the token vectors
+    of both sides instead and scores them here, as does a gateway that sends one row per Triton request."""
+    query_of = pairs.query_of_document_rows()
+    if scoring.use_activation is False or gateway.max_rows < 2:
+        output = "token_projected" if scoring.use_activation is False else "token_embeddings"
+        queries, documents = await asyncio.gather(gateway.infer(model.triton_model, pairs.queries, (output,)),
+                                                  gateway.infer(model.triton_model, pairs.documents, (output,)))
+        query_tokens = token_rows(queries[output], pairs.queries.lengths)
+        document_tokens = token_rows(documents[output], pairs.documents.lengths)
+        return np.array([(query_tokens[q] @ d.T).max(axis=1).sum() for q, d in zip(query_of, document_tokens)],
+                        dtype=np.float32)
+    groups: dict[bytes, tuple[int, list[int]]] = {}
+    for row, query in enumerate(query_of.tolist()):
+        key = pairs.queries.input_ids[query, :pairs.queries.lengths[query]].tobytes()
+        groups.setdefault(key, (query, []))[1].append(row)
+    per_request = gateway.max_rows - 1
+    requests = [(query, rows[start:start + per_request]) for query, rows in groups.values()
+                for start in range(0, len(rows), per_request)]
+    answers = await asyncio.gather(*(
+        gateway.infer(model.triton_model, query_first(pairs.queries, query, pairs.documents, rows), ("maxsim_scores",))
+        for query, rows in requests))
+    scores = np.empty(pairs.documents.num_sequences, dtype=np.float32)
+    for (_, rows), answer in zip(requests, answers):
+        scores[rows] = answer["maxsim_scores"][1:, 0]
+    return scores
+
+
+def query_first(queries: Encoded, query: int, documents: Encoded, rows: list[int]) -> Encoded:
+    """Row ``query`` of ``queries`` then ``rows`` of ``documents``, as one right-padded batch."""
+    lengths = np.concatenate([queries.lengths[query:query + 1], documents.lengths[rows]])
+    width = int(lengths.max())
+
+    def stacked(query_side: np.ndarray, document_side: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(lengths), width), dtype=np.int64)
+        out[0, :min(width, query_side.shape[1])] = query_side[query, :width]
+        out[1:, :min(width, document_side.shape[1])] = document_side[rows, :width]
+        return out
+
+    types = None
+    if queries.token_type_ids is not None or documents.token_type_ids is not None:
+        types = stacked(*(np.zeros_like(side.input_ids) if side.token_type_ids is None else side.token_type_ids
+                          for side in (queries, documents)))
+    return Encoded(stacked(queries.input_ids, documents.input_ids), lengths, types)
 
 
 async def encode_vision_pairs(model: ServedModel, queries: list, documents: list, scoring: PairScoring,

@@ -12,18 +12,18 @@ from poolserve_adapter.base.protocol import CompletionRequest, OpenAIBaseModel, 
 
 class PoolingRequest(EncodingFields, CompletionRequest):
     task: Literal["classify", "embed", "token_embed", "token_classify", "plugin"] | None = Field(
-        None, description="The pooling task; null: the model's own (classify or embed)."
+        None, description="The pooling task; null: the model's own (classify, embed or token_embed)."
     )
     dimensions: int | None = Field(None, description="Not supported (a 400 when set), as vLLM's /pooling.")
     use_activation: bool | None = Field(
         None, description="Classifiers: false returns raw logits. Embedding models: L2 normalisation; null: the "
-        "model's default.")
+        "model's default. Late-interaction (token_embed) models: each token vector's L2 normalisation (default on).")
 
 
 class PoolingData(OpenAIBaseModel):
     index: int
     object: str = "pooling"
-    data: list[float] | str
+    data: list[float] | list[list[float]] | str  # a vector, a token matrix (token_embed), or base64
 
 
 class PoolingResponse(OpenAIBaseModel):

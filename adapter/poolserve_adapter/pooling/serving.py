@@ -1,11 +1,20 @@
 """``/pooling``: the model's pooled output per prompt, as vLLM returns it (floats, base64 strings or raw
-bytes): class probabilities (or logits) of a classifier, the vector of an embedding model."""
+bytes): class probabilities (or logits) of a classifier, the vector of an embedding model, every token's
+vector of a late-interaction (ColBERT) model (``task: token_embed``: ``[n_tokens][D]`` floats; base64 holds
+the flattened bytes; ``bytes`` metadata gives the shape ``[n_tokens, D]``)."""
 
 from __future__ import annotations
 
 from fastapi.responses import Response
 
-from poolserve_adapter.base.embedding import EmbeddingPlan, base64_rows, bytes_response, plan_embeddings
+from poolserve_adapter.base.embedding import (
+    EmbeddingPlan,
+    base64_rows,
+    bytes_response,
+    plan_embeddings,
+    token_embedding_output,
+    token_rows,
+)
 from poolserve_adapter.base.encoding import encode_prompts
 from poolserve_adapter.base.protocol import UsageInfo, now
 from poolserve_adapter.base.serving import ServeContext, Serving
@@ -22,6 +31,8 @@ class ServingPooling(Serving[PoolingRequest]):
         """An embedding model's vectors; a classifier's scores, or its logits with ``use_activation: false``."""
         if ctx.model.task == "embed":
             return plan_embeddings(ctx.model, ctx.request.use_activation, None)
+        if ctx.model.task == "token_embed":
+            return token_embedding_output(ctx.request.use_activation)
         return EmbeddingPlan("logits" if ctx.request.use_activation is False else "scores")
 
     def validate(self, ctx: ServeContext[PoolingRequest]) -> None:
@@ -44,12 +55,15 @@ class ServingPooling(Serving[PoolingRequest]):
 
     def respond(self, ctx: ServeContext[PoolingRequest]) -> PoolingResponse | Response:
         request = ctx.request
-        rows = self.plan(ctx).finish(ctx.output)
+        if ctx.model.task == "token_embed":
+            rows = token_rows(ctx.output, ctx.encoded.lengths)
+        else:
+            rows = self.plan(ctx).finish(ctx.output)
         response_id, tokens = ctx.response_id("pooling"), ctx.encoded.num_tokens
         if request.encoding_format in ("bytes", "bytes_only"):
             return bytes_response(rows, request, response_id=response_id, created=now(), model=ctx.model.name,
                                   prompt_tokens=tokens)
-        values = (rows.tolist() if request.encoding_format == "float"
+        values = ([row.tolist() for row in rows] if request.encoding_format == "float"
                   else base64_rows(rows, request.embed_dtype, request.endianness))
         return PoolingResponse(id=response_id, model=ctx.model.name, usage=UsageInfo.of(tokens),
                                data=[PoolingData(index=i, data=value) for i, value in enumerate(values)])

@@ -28,7 +28,7 @@ class ServingRerank(ScoringServing):
         order = sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)  # sorted() is stable
         if 0 < ctx.request.top_n < len(order):
             order = order[: ctx.request.top_n]
-        tokens = ctx.encoded.num_tokens
+        tokens = ctx.encoded.usage_tokens
         return RerankResponse(
             id=ctx.response_id("score"),
             model=ctx.model.name,

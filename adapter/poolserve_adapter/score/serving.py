@@ -21,7 +21,7 @@ class ServingScores(ScoringServing):
             id=ctx.response_id("score"),
             model=ctx.model.name,
             data=[ScoreData(index=index, score=value) for index, value in enumerate(ctx.output.tolist())],
-            usage=UsageInfo.of(ctx.encoded.num_tokens),
+            usage=UsageInfo.of(ctx.encoded.usage_tokens),
         )
 
 
