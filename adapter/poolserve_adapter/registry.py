@@ -26,7 +26,7 @@ from poolserve_contract.score_templates import template_text
 class ServedModel:
     name: str  # the name clients send in `model`
     triton_model: str
-    task: str  # "classify", "embed" or "token_embed" (late interaction: ColBERT)
+    task: str  # "classify", "embed", "token_embed" (late interaction: ColBERT) or "token_classify"
     checkpoint: str  # resolved path or hub id (the `root` of /v1/models)
     encoder: TextEncoder
     id2label: dict[int, str]
@@ -52,6 +52,11 @@ class ServedModel:
     is_matryoshka: bool = False
     matryoshka_dimensions: tuple[int, ...] = ()
     prompts: dict[str, str] = field(default_factory=dict)
+    # Token classifiers (task "token_classify"), from the card: the activation of each token's logits
+    # (poolserve_contract.families.TOKEN_ACTIVATIONS) and STEP pooling's tag token and kept label columns.
+    token_activation: str = "classify"
+    step_tag_id: int | None = None
+    returned_token_ids: tuple[int, ...] = ()
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -102,7 +107,7 @@ class ServedModel:
 
 
 # A model config's output → the task of the model that answers it (a config without a card).
-TASK_BY_OUTPUT = {"embeddings": "embed", "token_embeddings": "token_embed"}
+TASK_BY_OUTPUT = {"embeddings": "embed", "token_embeddings": "token_embed", "token_logits": "token_classify"}
 
 
 def card_of(triton_model: str, config: dict, checkpoint: str, parameters: ModelParameters) -> ModelCard:
@@ -151,6 +156,9 @@ def build_served_model(triton_model: str, config: dict, repository: Path) -> Ser
         is_matryoshka=card.is_matryoshka,
         matryoshka_dimensions=tuple(card.matryoshka_dimensions),
         prompts=dict(card.prompts),
+        token_activation=card.token_activation or "classify",
+        step_tag_id=card.step_tag_id,
+        returned_token_ids=tuple(card.returned_token_ids),
     )
 
 

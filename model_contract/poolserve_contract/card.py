@@ -22,7 +22,7 @@ from poolserve_contract.conversions import load_conversion
 from poolserve_contract.embedding_meta import read_embedding_meta
 from poolserve_contract.families import FamilyDeclaration, architecture_of, read_config_dict
 from poolserve_contract.late_interaction import find_projection
-from poolserve_contract.parameters import ModelParameters, string_parameters
+from poolserve_contract.parameters import ModelParameters, check_step_pooling, string_parameters
 from poolserve_contract.wire import MODEL_CARD
 
 
@@ -30,10 +30,10 @@ from poolserve_contract.wire import MODEL_CARD
 class ModelCard:
     served_name: str  # the name clients send in `model`
     family: str  # the runtime family's name; "" for a model folder that is not the runtime's
-    task: str  # "classify", "embed" or "token_embed"
+    task: str  # "classify", "embed", "token_embed" or "token_classify"
     architecture: str  # config.json's architecture (vLLM names it when a text-only model is sent an image)
     max_model_len: int  # the longest sequence, the max_model_len parameter or the checkpoint's (as vLLM)
-    num_labels: int  # width of `scores` (0 for embedding models)
+    num_labels: int  # width of `scores` (token_classify: of each token's `token_logits`; 0 for embedding models)
     id2label: dict[int, str] = field(default_factory=dict)  # empty when the labels are the served head's own
     score_template: str = ""  # the score_template parameter (a shipped template's name or a file)
     # SGLang's cross-encoders apply only a sentence-transformers activation the config declares.
@@ -48,6 +48,11 @@ class ModelCard:
     is_matryoshka: bool = False  # config.json is_matryoshka, or matryoshka_dimensions given
     matryoshka_dimensions: list[int] = field(default_factory=list)  # empty: any size in [1, embedding_size]
     prompts: dict[str, str] = field(default_factory=dict)  # config_sentence_transformers.json prompts
+    # Task "token_classify": the activation of each token's logits (a families.TOKEN_ACTIVATIONS entry, the
+    # adapter's to apply), and STEP pooling's parameters (ModelParameters.step_tag_id / returned_token_ids).
+    token_activation: str = ""
+    step_tag_id: int | None = None
+    returned_token_ids: list[int] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -97,13 +102,18 @@ def model_card(parameters: ModelParameters, family: FamilyDeclaration | None, ch
                          matryoshka_dimensions=dimensions, prompts=meta.prompts)
     if task == "token_embed":  # ColBERT: the projection's width, normalised (vLLM's token_embed default)
         embedding = dict(embedding_size=find_projection(checkpoint, local_files_only).dim, normalizes=True)
+    check_step_pooling(parameters.step_tag_id, parameters.returned_token_ids, task, num_labels)
+    token_classes = {}
+    if task == "token_classify" and family is not None:
+        token_classes = dict(token_activation=family.token_activation(config), step_tag_id=parameters.step_tag_id,
+                             returned_token_ids=list(parameters.returned_token_ids))
     return ModelCard(
         served_name=parameters.served_name(fallback_name),
         family=family.name if family is not None else "",
         task=task,
         architecture=architecture_of(config),
         max_model_len=parameters.max_model_len or max_model_len_for(config, checkpoint),
-        num_labels=num_labels if task == "classify" else 0,
+        num_labels=num_labels if task in ("classify", "token_classify") else 0,
         id2label=id2label,
         score_template=parameters.score_template,
         declares_st_activation=bool(declared_activation),
@@ -112,6 +122,7 @@ def model_card(parameters: ModelParameters, family: FamilyDeclaration | None, ch
         image_token_id=int(config.image_token_id) if family is not None and family.vision else None,
         long_documents=parameters.long_documents,
         **embedding,
+        **token_classes,
     )
 
 

@@ -30,7 +30,9 @@ class UnsupportedArchitecture(ValueError):
 class FamilyDeclaration:
     name: str
     architectures: tuple[str, ...]  # config.json `architectures[0]` values this family serves
-    task: str = "classify"  # "classify" (logits + scores), "embed" (embeddings) or "token_embed" (per-token vectors)
+    # "classify" (logits + scores), "embed" (embeddings), "token_embed" (per-token vectors) or "token_classify"
+    # (per-token logits)
+    task: str = "classify"
     pooling: str = "cls"  # a kernels.POOLING_METHODS entry (pooling_for may read it from the config)
     uses_token_types: bool = False
     fused_gather: bool = False  # pooling is a plain gather straight into the last linear layer
@@ -132,6 +134,38 @@ class LateInteractionDeclaration(FamilyDeclaration):
 
     task: str = "token_embed"
     pooling: str = "all"  # no pooling: every token is an output
+
+
+# How vLLM activates a token classifier's logits (TokenClassifierPoolerHead, resolve_classifier_act_fn with
+# static_num_labels=False): "classify" is softmax over the labels a row keeps when it keeps two or more, else
+# sigmoid; the width is the row's own, so STEP pooling's returned_token_ids decide it when they keep columns.
+TOKEN_ACTIVATIONS = ("classify", "sigmoid", "identity")
+
+
+@dataclass(frozen=True)
+class TokenClassifierDeclaration(FamilyDeclaration):
+    """A ``*ForTokenClassification`` model: the classifier applied to every token's last hidden state (CLS and
+    SEP included), one row of logits per token (vLLM's ``token_classify`` task); the activation is the
+    adapter's, per token (:meth:`token_activation`)."""
+
+    task: str = "token_classify"
+    pooling: str = "all"  # no pooling: every token is an output
+
+    @staticmethod
+    def token_activation(config) -> str:
+        """A :data:`TOKEN_ACTIVATIONS` entry: ``problem_type`` decides as transformers' losses do (regression:
+        none; multi-label: sigmoid), otherwise vLLM's ``PoolerClassify`` rule."""
+        problem_type = getattr(config, "problem_type", None)
+        if problem_type == "regression":
+            return "identity"
+        if problem_type == "multi_label_classification":
+            return "sigmoid"
+        return "classify"
+
+
+@dataclass(frozen=True)
+class RobertaTokenClassifierDeclaration(TokenClassifierDeclaration, RobertaDeclaration):
+    """XLM-R / RoBERTa token classifiers: positions start after padding_idx."""
 
 
 @dataclass(frozen=True)
@@ -402,6 +436,27 @@ FAMILIES: tuple[FamilyDeclaration, ...] = (
     # ColBERTModel; a BertModel checkpoint with a projection is served with architecture=HF_ColBERT.
     LateInteractionDeclaration(name="colbert", architectures=("HF_ColBERT", "ColBERTModel"), uses_token_types=True,
                                example="answerdotai/answerai-colbert-small-v1", folder="colbert_embedder"),
+    # Token classifiers (NER, per-token rewards): every token's logits (vLLM's token_classify).
+    TokenClassifierDeclaration(name="bert_token_classifier", architectures=("BertForTokenClassification",),
+                               uses_token_types=True, example="dslim/bert-base-NER", folder="bert_token_classifier"),
+    RobertaTokenClassifierDeclaration(name="xlm_roberta_token_classifier",
+                                      architectures=("XLMRobertaForTokenClassification",
+                                                     "RobertaForTokenClassification"),
+                                      uses_token_types=True,
+                                      example="FacebookAI/xlm-roberta-large-finetuned-conll03-english",
+                                      folder="xlm_roberta_token_classifier"),
+    TokenClassifierDeclaration(name="distilbert_token_classifier",
+                               architectures=("DistilBertForTokenClassification",),
+                               example="elastic/distilbert-base-uncased-finetuned-conll03-english",
+                               folder="distilbert_token_classifier"),
+    TokenClassifierDeclaration(name="modernbert_token_classifier",
+                               architectures=("ModernBertForTokenClassification",),
+                               example="a ModernBERT token-classification fine-tune",
+                               folder="modernbert_token_classifier"),
+    TokenClassifierDeclaration(name="deberta_v2_token_classifier", architectures=("DebertaV2ForTokenClassification",),
+                               uses_token_types=True, bodies=("padded",), padded_reason=_PADDED_RELATIVE,
+                               padded_attention="eager", example="iiiorg/piiranha-v1-detect-personal-information",
+                               folder="deberta_v2_token_classifier"),
     # Served by poolserve_runtime.native modules (remote code upstream).
     FamilyDeclaration(name="gte_new", architectures=("GteNewForSequenceClassification", "NewForSequenceClassification"),
                       uses_token_types=True, pooling="cls", bodies=("varlen",),

@@ -83,6 +83,29 @@ def parse_instance_count(value: str) -> int | None:
     return int(count)
 
 
+def parse_step_tag_id(value: str) -> int | None:
+    """STEP pooling's tag token (None: every token is a row)."""
+    return parse_whole_number(value, "step_tag_id") if value.strip() else None
+
+
+def parse_token_ids(value: str, name: str) -> tuple[int, ...]:
+    """A comma-separated list of token ids (vLLM's JSON list, written as Triton's one string)."""
+    return tuple(parse_whole_number(part, name) for part in value.split(",")) if value.strip() else ()
+
+
+def check_step_pooling(step_tag_id: int | None, returned_token_ids: tuple[int, ...], task: str,
+                       num_labels: int) -> None:
+    """vLLM accepts the STEP fields on a token_classify pooler only, and its columns index the logits' row."""
+    if step_tag_id is None and not returned_token_ids:
+        return
+    if task != "token_classify":
+        raise ValueError(f"step_tag_id and returned_token_ids (STEP pooling) apply to token_classify models "
+                         f"(*ForTokenClassification) only, not to a {task} model")
+    outside = [index for index in returned_token_ids if index >= num_labels]
+    if outside:
+        raise ValueError(f"returned_token_ids {outside} are not columns of the model's {num_labels} labels")
+
+
 @dataclass(frozen=True)
 class ModelParameters:
     # Where the weights come from, as written: builtin:NAME, a folder (absolute or relative to the
@@ -127,6 +150,11 @@ class ModelParameters:
     # The default of the scoring routes' long_documents field: "truncate" (a pair longer than the window is
     # cut, or refused, as vLLM does), or "max" / "mean" of the scores of the document's overlapping chunks.
     long_documents: str = "truncate"
+    # STEP pooling of a token_classify model (process reward models, vLLM's --pooler-config step_tag_id and
+    # returned_token_ids): /pooling keeps the rows whose prompt token is step_tag_id and, of each, the
+    # returned_token_ids columns (written "648,387"); unset: every token, every label.
+    step_tag_id: int | None = None
+    returned_token_ids: tuple[int, ...] = ()
 
     @classmethod
     def from_mapping(cls, parameters: Mapping[str, str]) -> ModelParameters:
@@ -155,6 +183,8 @@ class ModelParameters:
             model_folder=text("model_folder"),
             instance_count=parse_instance_count(text(INSTANCE_COUNT)),
             long_documents=_choice(text("long_documents", "truncate"), "long_documents", LONG_DOCUMENT_MODES),
+            step_tag_id=parse_step_tag_id(text("step_tag_id")),
+            returned_token_ids=parse_token_ids(text("returned_token_ids"), "returned_token_ids"),
         )
 
     @classmethod

@@ -72,6 +72,10 @@ _OUTPUTS = {
     "token_embed": ({"name": "token_embeddings", "data_type": "TYPE_FP32", "dims": [-1, -1]},
                     {"name": "token_projected", "data_type": "TYPE_FP32", "dims": [-1, -1]},
                     {"name": "maxsim_scores", "data_type": "TYPE_FP32", "dims": [1]}),
+    # Token classifiers, per request: every token's classifier logits [batch, longest sequence of the request,
+    # num_labels], zeros past each sequence's length; the activation (and STEP pooling) is the adapter's,
+    # because STEP picks columns before it.
+    "token_classify": ({"name": "token_logits", "data_type": "TYPE_FP32", "dims": [-1, -1]},),
 }
 
 # Group concurrent requests into one packed forward. Under load requests pile up while the instance

@@ -7,7 +7,8 @@ hidden states (:mod:`poolserve_runtime.bodies`), and pools and scores every sequ
 embedding models the pooling their sentence-transformers files name (cls, mean or last), then L2
 normalisation when they normalise (``pooled`` keeps the vectors before it); for late-interaction
 (ColBERT) models every token through the projection, L2-normalised, and each sequence's MaxSim against
-its request's first sequence (the MaxSim kernel); CLS pooling, the family's head features and the fused linear +
+its request's first sequence (the MaxSim kernel); for token classifiers every token through the
+classifier; CLS pooling, the family's head features and the fused linear +
 activation head for encoders; one fused last-token + linear + activation launch for decoders.
 
 The body runs one of two ways (the ``attention`` parameter; ``auto`` picks by device):
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 import poolserve_kernels
 from poolserve_contract.checkpoints import max_model_len_for
 from poolserve_contract.embedding_meta import read_embedding_meta
+from poolserve_contract.parameters import check_step_pooling
 from poolserve_runtime import bodies, cuda_graphs, prefix_reuse
 from poolserve_runtime.activation import apply_activation
 from poolserve_runtime.families import Family, GenericFamily
@@ -48,8 +50,9 @@ logger = logging.getLogger(__name__)
 
 # The Triton outputs of each task (poolserve_contract.triton_config), and those with one row per token.
 OUTPUT_NAMES = {"classify": ("logits", "scores"), "embed": ("embeddings", "pooled"),
-                "token_embed": ("token_embeddings", "token_projected", "maxsim_scores")}
-TOKEN_OUTPUTS = {"token_embed": ("token_embeddings", "token_projected")}
+                "token_embed": ("token_embeddings", "token_projected", "maxsim_scores"),
+                "token_classify": ("token_logits",)}
+TOKEN_OUTPUTS = {"token_embed": ("token_embeddings", "token_projected"), "token_classify": ("token_logits",)}
 
 
 def body_for(family: Family, requested: str) -> str:
@@ -84,6 +87,8 @@ class PackedEngine:
             embedding = read_embedding_meta(settings.checkpoint, family.pooling)
             self.pooling, self.normalizes = embedding.pooling, embedding.normalizes
         self.activation = family.activation_for(config)
+        check_step_pooling(settings.step_tag_id, settings.returned_token_ids, family.task,
+                           family.output_labels(config))
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         self.limits = SequenceLimits(
             vocab_size=int(text_config.vocab_size),
@@ -274,6 +279,10 @@ class PackedEngine:
             projected = self.family.token_head(self.model)(hidden)
             normalized = F.normalize(projected.float(), p=2.0, dim=-1).to(projected.dtype)
             return {"token_embeddings": normalized, "token_projected": projected}
+        if self.family.task == "token_classify":
+            # Calibrated as vLLM's TokenClassifierPoolerHead does before its activation (the adapter's).
+            logits = self.family.token_head(self.model)(hidden).float()
+            return {"token_logits": (logits - self.settings.logit_mean) / self.settings.logit_sigma}
         if self.family.task == "embed":
             if not self.normalizes:
                 pooled = poolserve_kernels.pool(hidden, cu_seqlens, self.pooling)

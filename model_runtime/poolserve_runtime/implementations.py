@@ -153,5 +153,31 @@ class LateInteractionFamily(Family):
         raise TypeError("late-interaction models have no score head")
 
 
+class TokenClassifierFamily(Family):
+    """``*ForTokenClassification``: the stock model, whose ``classifier`` reads every token's last hidden state
+    (its dropout before it is off in eval, so the engine leaves it out)."""
+
+    def load(self, checkpoint, dtype, device, attention="sdpa", trust_remote_code=False):
+        from transformers import AutoModelForTokenClassification
+
+        extra = {"attn_implementation": attention} if attention else {}
+        model = AutoModelForTokenClassification.from_pretrained(checkpoint, dtype=dtype,
+                                                                trust_remote_code=trust_remote_code, **extra)
+        return model.to(device).eval()
+
+    def token_head(self, model: nn.Module) -> nn.Module:
+        """What turns every token's last hidden state into its logits."""
+        return model.classifier
+
+    def head_linear(self, model):
+        raise TypeError("token classifiers have no sequence score head")
+
+
+class ModernBertTokenClassifierFamily(TokenClassifierFamily):
+    def token_head(self, model):
+        # ModernBertForTokenClassification: ModernBertPredictionHead (dense + activation + LayerNorm), then classifier.
+        return nn.Sequential(model.head, model.classifier)
+
+
 class GenericFamily(Family):
     """Any other ``*ForSequenceClassification``: the model's own padded forward and head (the slow path)."""

@@ -50,6 +50,9 @@ class ModelSettings:
     # torch's intra-op threads in this stub (0: torch's default, one per core; see
     # ModelParameters.cpu_threads_on for auto)
     cpu_threads: int = 0
+    # STEP pooling (token_classify models): checked against the model at load, applied by the adapter.
+    step_tag_id: int | None = None
+    returned_token_ids: tuple[int, ...] = ()
 
     @classmethod
     def from_triton_args(cls, args: dict) -> ModelSettings:
@@ -90,4 +93,6 @@ class ModelSettings:
             prefix_reuse=parameters.prefix_reuse,
             prefix_cache_tokens=parameters.prefix_cache_tokens,
             cpu_threads=parameters.cpu_threads_on(device.type),
+            step_tag_id=parameters.step_tag_id,
+            returned_token_ids=parameters.returned_token_ids,
         )

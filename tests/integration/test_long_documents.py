@@ -39,13 +39,13 @@ def chunk_pairs(checkpoint, max_model_len: int, overlap: int | None) -> list[lis
     end = len(owners) - owners[::-1].index(1)
     room = max_model_len - (len(ids) - (end - start))
     overlap = room // 4 if overlap is None else overlap
-    pairs, first = [], 0
-    while True:
-        last = min(first + room, end - start)
-        pairs.append(ids[:start] + ids[start + first:start + last] + ids[end:])
-        if last == end - start:
-            return pairs
+    length, pairs, first = end - start, [], 0
+    while first + room < length:  # full windows, each ``room - overlap`` after the one before
+        pairs.append(ids[:start] + ids[start + first:start + first + room] + ids[end:])
         first += room - overlap
+    last_first = max(0, length - room)  # the last ends at the document's end, at full size
+    pairs.append(ids[:start] + ids[start + last_first:end] + ids[end:])
+    return pairs
 
 
 @pytest.mark.parametrize(("mode", "overlap"), [("max", None), ("mean", 9)])

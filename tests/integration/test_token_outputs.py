@@ -1,10 +1,13 @@
-"""A late-interaction (ColBERT) model on the real stack: tritonserver serving model_repository/colbert_embedder
-over a tiny random HF_ColBERT checkpoint, and the adapter in front of it (four sequences per Triton request, so
+"""Token-level models on the real stack: tritonserver serving model_repository/colbert_embedder over a tiny random
+HF_ColBERT checkpoint and model_repository/bert_token_classifier over a tiny BertForTokenClassification (twice: as
+it is, and with STEP pooling parameters), and the adapter in front of them (four sequences per Triton request, so
 a rerank of six documents takes several Triton requests, each with the query first).
 
 The token vectors of ``/pooling`` and ``/v1/embeddings`` must match the direct torch computation vLLM's own test
 checks (``F.normalize(F.linear(BertModel(x).last_hidden_state, W))``, fp32 CPU), and ``/score`` and ``/rerank``
-must give vLLM's MaxSim of those vectors (sum over the query's tokens of the best dot product)."""
+must give vLLM's MaxSim of those vectors (sum over the query's tokens of the best dot product). The token
+classifier's ``/pooling`` must be the softmax of transformers' ``BertForTokenClassification(...).logits`` per
+token, and its STEP twin only the step-tag rows of the returned columns."""
 
 from __future__ import annotations
 
@@ -12,8 +15,16 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.support.stack import running_adapter, tiny_triton_server
-from tests.support.token_models import COLBERT_DIM, colbert_checkpoint, colbert_reference
+from poolserve_contract.wire import SOURCE_FOLDER
+from poolserve_stack.triton_server import TritonServer
+from tests.support.stack import MODEL_REPOSITORY, running_adapter
+from tests.support.token_models import (
+    COLBERT_DIM,
+    colbert_checkpoint,
+    colbert_reference,
+    token_classifier_checkpoint,
+    token_classifier_reference,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -23,13 +34,30 @@ DOCUMENTS = ["paris is the capital of france", "a good movie", "cold winter snow
 TIMEOUT_S = 60
 
 
+STEP_COLUMNS = (4, 1)
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    checkpoint = colbert_checkpoint(tmp_path_factory.mktemp("checkpoints") / "colbert")
+    checkpoints = tmp_path_factory.mktemp("checkpoints")
+    checkpoint = colbert_checkpoint(checkpoints / "colbert")
+    tagger = token_classifier_checkpoint(checkpoints / "tagger", "bert")
+    step_tag = tagger_tokenizer(tagger).convert_tokens_to_ids("the")
+    models = {"colbert_embedder": {"checkpoint": str(checkpoint), "served_model_name": "colbert_embedder"},
+              "bert_token_classifier": {"checkpoint": str(tagger), "served_model_name": "bert_token_classifier"},
+              "token_prm": {SOURCE_FOLDER: "bert_token_classifier", "checkpoint": str(tagger),
+                            "served_model_name": "token_prm", "step_tag_id": str(step_tag),
+                            "returned_token_ids": ",".join(map(str, STEP_COLUMNS))}}
     log_dir = tmp_path_factory.mktemp("token_outputs")
-    with tiny_triton_server({"colbert_embedder": checkpoint}, log_dir / "triton.log") as server:
+    with TritonServer(MODEL_REPOSITORY, models, log_path=log_dir / "triton.log", ready_timeout_s=480) as server:
         with running_adapter(server, log_dir) as url:
-            yield url, checkpoint
+            yield url, checkpoint, tagger, step_tag
+
+
+def tagger_tokenizer(checkpoint):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(checkpoint))
 
 
 def post(url: str, path: str, body: dict) -> dict:
@@ -43,7 +71,7 @@ def maxsim(query: np.ndarray, document: np.ndarray) -> float:
 
 
 def test_token_vectors_match_the_direct_computation(stack):
-    url, checkpoint = stack
+    url, checkpoint, _, _ = stack
     texts = [QUERY, *DOCUMENTS]
     reference = [vectors.numpy() for vectors in colbert_reference(checkpoint, texts)]
     pooled = post(url, "/pooling", {"input": texts, "task": "token_embed"})["data"]
@@ -55,7 +83,7 @@ def test_token_vectors_match_the_direct_computation(stack):
 
 
 def test_score_and_rerank_are_maxsim(stack):
-    url, checkpoint = stack
+    url, checkpoint, _, _ = stack
     reference = [vectors.numpy() for vectors in colbert_reference(checkpoint, [QUERY, *DOCUMENTS])]
     expected = [maxsim(reference[0], document) for document in reference[1:]]
     scores = post(url, "/score", {"queries": QUERY, "documents": DOCUMENTS})["data"]
@@ -64,3 +92,36 @@ def test_score_and_rerank_are_maxsim(stack):
     assert [result["index"] for result in results] == sorted(range(len(expected)), key=lambda i: -expected[i])
     np.testing.assert_allclose([r["relevance_score"] for r in results], sorted(expected, reverse=True),
                                rtol=1e-5, atol=1e-5)
+
+
+def softmax(rows: np.ndarray) -> np.ndarray:
+    exp = np.exp(rows - rows.max(axis=-1, keepdims=True))
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def test_token_classify_is_the_softmax_of_every_tokens_logits(stack):
+    url, _, tagger, _ = stack
+    texts = [QUERY, *DOCUMENTS]
+    reference = [logits.double().numpy() for logits in token_classifier_reference(tagger, texts)]
+    probabilities = post(url, "/pooling", {"model": "bert_token_classifier", "input": texts})["data"]
+    logits = post(url, "/pooling", {"model": "bert_token_classifier", "input": texts, "task": "token_classify",
+                                    "use_activation": False})["data"]
+    for expected, item, raw in zip(reference, probabilities, logits):
+        np.testing.assert_allclose(np.array(raw["data"]), expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.array(item["data"]), softmax(expected), rtol=1e-5, atol=1e-6)
+    response = httpx.post(f"{url}/classify", json={"model": "bert_token_classifier", "input": QUERY}, timeout=TIMEOUT_S)
+    assert response.status_code == 404
+
+
+def test_step_pooling_keeps_the_step_tag_rows(stack):
+    url, _, tagger, step_tag = stack
+    texts = [QUERY, DOCUMENTS[0], DOCUMENTS[1]]  # "the" is a step tag in the first two only
+    reference = token_classifier_reference(tagger, texts)
+    tokenizer = tagger_tokenizer(tagger)
+    data = post(url, "/pooling", {"model": "token_prm", "input": texts})["data"]
+    for text, logits, item in zip(texts, reference, data):
+        tags = np.array(tokenizer(text)["input_ids"]) == step_tag
+        expected = softmax(logits.double().numpy()[:, list(STEP_COLUMNS)][tags])
+        assert np.array(item["data"]).reshape(-1, len(STEP_COLUMNS)).shape == expected.shape
+        np.testing.assert_allclose(np.array(item["data"]).reshape(expected.shape), expected, rtol=1e-5, atol=1e-6)
+    assert data[2]["data"] == []

@@ -1,6 +1,7 @@
 """Tiny random token-level checkpoints for tests: a ColBERT model laid out as colbert-ai's ``HF_ColBERT`` saves
 one (answerai-colbert-small-v1): a BERT body under ``bert.`` and the bias-free projection ``linear.weight``
-[dim, hidden] in one ``model.safetensors``, config.json ``architectures: ["HF_ColBERT"]``."""
+[dim, hidden] in one ``model.safetensors``, config.json ``architectures: ["HF_ColBERT"]``; and stock
+``*ForTokenClassification`` models of every token-classifier family, with their transformers reference."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from tests.support.tiny_models import wordpiece_tokenizer
+from tests.support.tiny_models import roberta_tokenizer, wordpiece_tokenizer
 
 ENCODER = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
                max_position_embeddings=128, initializer_range=0.3, hidden_dropout_prob=0.0,
@@ -54,3 +55,61 @@ def colbert_reference(directory: Path, texts: list[str]) -> list[torch.Tensor]:
             hidden = body(**tokenizer(text, return_tensors="pt")).last_hidden_state[0]
             vectors.append(torch.nn.functional.normalize(torch.nn.functional.linear(hidden, projection), dim=-1))
     return vectors
+
+
+# Token-classifier kind -> its family (poolserve_contract.families).
+TOKEN_CLASSIFIER_FAMILIES = {"bert": "bert_token_classifier", "xlm_roberta": "xlm_roberta_token_classifier",
+                             "distilbert": "distilbert_token_classifier", "modernbert": "modernbert_token_classifier",
+                             "deberta_v2": "deberta_v2_token_classifier"}
+TOKEN_LABELS = ("O", "B-PER", "I-PER", "B-LOC", "I-LOC")
+
+
+def token_classifier_checkpoint(directory: Path, kind: str = "bert", seed: int = 0, num_labels: int = len(TOKEN_LABELS),
+                                problem_type: str | None = None) -> Path:
+    """A tiny random ``*ForTokenClassification`` checkpoint of ``kind`` (a TOKEN_CLASSIFIER_FAMILIES key)."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = roberta_tokenizer(directory) if kind == "xlm_roberta" else wordpiece_tokenizer(directory)
+    labels = dict(num_labels=num_labels, problem_type=problem_type,
+                  id2label={i: (TOKEN_LABELS[i] if num_labels == len(TOKEN_LABELS) else f"LABEL_{i}")
+                            for i in range(num_labels)})
+    vocab = len(tokenizer)
+    if kind == "bert":
+        model = tf.BertForTokenClassification(tf.BertConfig(vocab_size=vocab, type_vocab_size=2, pad_token_id=0,
+                                                            **ENCODER, **labels))
+    elif kind == "xlm_roberta":
+        model = tf.XLMRobertaForTokenClassification(tf.XLMRobertaConfig(
+            vocab_size=vocab, type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+            **{**ENCODER, "max_position_embeddings": 130}, **labels))
+    elif kind == "distilbert":
+        model = tf.DistilBertForTokenClassification(tf.DistilBertConfig(
+            vocab_size=vocab, dim=48, n_layers=2, n_heads=4, hidden_dim=96, max_position_embeddings=128,
+            initializer_range=0.3, dropout=0.0, attention_dropout=0.0, pad_token_id=0, **labels))
+    elif kind == "modernbert":
+        # local_attention 8: the sliding window (4 tokens each side) is far shorter than the test sequences.
+        model = tf.ModernBertForTokenClassification(tf.ModernBertConfig(
+            vocab_size=vocab, hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+            max_position_embeddings=128, global_attn_every_n_layers=2, local_attention=8, initializer_range=0.3,
+            pad_token_id=0, bos_token_id=2, eos_token_id=3, cls_token_id=2, sep_token_id=3, **labels))
+    elif kind == "deberta_v2":  # DeBERTa-v3 shape: relative attention, no absolute positions, no token types
+        model = tf.DebertaV2ForTokenClassification(tf.DebertaV2Config(
+            vocab_size=vocab, type_vocab_size=0, relative_attention=True, pos_att_type=["p2c", "c2p"],
+            position_buckets=16, max_relative_positions=-1, position_biased_input=False, norm_rel_ebd="layer_norm",
+            share_att_key=True, pad_token_id=0, **ENCODER, **labels))
+    else:
+        raise ValueError(f"unknown token classifier kind {kind!r}")
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def token_classifier_reference(directory: Path, texts: list[str]) -> list[torch.Tensor]:
+    """``AutoModelForTokenClassification(...).logits`` of each text alone (fp32, CPU, eval): ``[tokens, labels]``."""
+    import transformers as tf
+
+    tokenizer = tf.AutoTokenizer.from_pretrained(str(directory))
+    model = tf.AutoModelForTokenClassification.from_pretrained(str(directory), attn_implementation="eager").eval()
+    with torch.inference_mode():
+        return [model(**tokenizer(text, return_tensors="pt")).logits[0] for text in texts]

@@ -1,7 +1,9 @@
 """``/pooling``: the model's pooled output per prompt, as vLLM returns it (floats, base64 strings or raw
 bytes): class probabilities (or logits) of a classifier, the vector of an embedding model, every token's
 vector of a late-interaction (ColBERT) model (``task: token_embed``: ``[n_tokens][D]`` floats; base64 holds
-the flattened bytes; ``bytes`` metadata gives the shape ``[n_tokens, D]``)."""
+the flattened bytes; ``bytes`` metadata gives the shape ``[n_tokens, D]``), every token's label probabilities
+of a token classifier (``task: token_classify``: ``[n_tokens][num_labels]``, or STEP pooling's
+``[n_steps][k]``, :mod:`poolserve_adapter.base.token_classes`)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from poolserve_adapter.base.embedding import (
 from poolserve_adapter.base.encoding import encode_prompts
 from poolserve_adapter.base.protocol import UsageInfo, now
 from poolserve_adapter.base.serving import ServeContext, Serving
+from poolserve_adapter.base.token_classes import token_class_rows
 from poolserve_adapter.errors import BadRequestError
 from poolserve_adapter.pooling.protocol import PoolingData, PoolingRequest, PoolingResponse
 from poolserve_adapter.tokenization import Encoded
@@ -33,6 +36,8 @@ class ServingPooling(Serving[PoolingRequest]):
             return plan_embeddings(ctx.model, ctx.request.use_activation, None)
         if ctx.model.task == "token_embed":
             return token_embedding_output(ctx.request.use_activation)
+        if ctx.model.task == "token_classify":  # logits always: the activation comes after STEP's columns
+            return EmbeddingPlan("token_logits")
         return EmbeddingPlan("logits" if ctx.request.use_activation is False else "scores")
 
     def validate(self, ctx: ServeContext[PoolingRequest]) -> None:
@@ -57,6 +62,9 @@ class ServingPooling(Serving[PoolingRequest]):
         request = ctx.request
         if ctx.model.task == "token_embed":
             rows = token_rows(ctx.output, ctx.encoded.lengths)
+        elif ctx.model.task == "token_classify":
+            rows = token_class_rows(ctx.model, ctx.output, ctx.encoded.input_ids, ctx.encoded.lengths,
+                                    request.use_activation)
         else:
             rows = self.plan(ctx).finish(ctx.output)
         response_id, tokens = ctx.response_id("pooling"), ctx.encoded.num_tokens

@@ -59,9 +59,9 @@ async def invocations(raw: Request, registry: RegistryDep,
     name = body.get("model") if isinstance(body.get("model"), str) else None  # a wrong type fails validation
     if kind in ("classify", "chat", "pooling"):
         model = registry.resolve(name, capability="can_classify_or_embed")
-        if kind == "classify" and model.task == "embed":
-            kind = "pooling"  # an embedding model has no classify: the body is served as pooling
-        if kind == "chat" and model.task == "embed":
+        if kind == "classify" and model.task != "classify":
+            kind = "pooling"  # an embedding or token-level model has no classify: the body is served as pooling
+        if kind == "chat" and model.task != "classify":
             raise BadRequestError("The chat form is served for classifiers only")
     else:
         model = registry.resolve(name, capability="can_score")
