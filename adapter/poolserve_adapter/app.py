@@ -36,6 +36,7 @@ from poolserve_adapter.sglang.api_router import router as sglang_router
 from poolserve_adapter.sglang.api_router import v1_rerank_router as sglang_v1_rerank_router
 from poolserve_adapter.shared_paths.classify import router as classify_router
 from poolserve_adapter.shared_paths.invocations import router as invocations_router
+from poolserve_adapter.tei.api_router import router as tei_router
 from poolserve_adapter.timing import install_timing_headers
 from poolserve_adapter.tokenize.api_router import router as tokenize_router
 from poolserve_adapter.triton_gateway import AdmissionLimits, TritonGateway, inference_headers
@@ -116,7 +117,8 @@ def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = N
     app.state.lifecycle = lifecycle
     app.state.sglang_paths = SGLANG_PATHS | ({"/v1/rerank"} if settings.rerank_v1_flavour == "sglang" else set())
     for router in (classify_router, score_router, rerank_router, v1_rerank, sglang_router, pooling_router,
-                   embeddings_router, cohere_router, tokenize_router, invocations_router, models_router, health_router):
+                   embeddings_router, cohere_router, tei_router, tokenize_router, invocations_router, models_router,
+                   health_router):
         app.include_router(router)
     # Outermost first to run: the API key, then the body size.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)

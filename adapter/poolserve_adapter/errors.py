@@ -11,7 +11,12 @@ SGLang's OpenAI-style routes (``/v1/classify``, its ``/v1/rerank``, ``/v1/tokeni
 the flat ``{"object": "error", "message", "type", "param", "code"}`` (validation errors too, as 400
 ``Bad Request``); its native ``/classify`` answers ``{"error": {"message"}}``. Which flavour a
 request gets: ``request.state.flavour`` when its serving set it (SGLang's native body on
-``/classify``), else the path (``app.state.sglang_paths``), else vLLM.
+``/classify``), else the path (``app.state.sglang_paths``, :data:`TEI_PATHS`), else vLLM.
+
+TEI's routes (``/embed_sparse``) answer ``{"error": message, "error_type": kind}``, ``kind`` one of TEI's
+``ErrorType`` names (PascalCase: ``Empty`` 400, ``Validation`` 422, ``Backend`` 424, ``Overloaded`` 429,
+``Unhealthy`` 503); an error the shared pipeline raises is given TEI's kind and status by its own status
+(:func:`tei_status_and_kind`).
 """
 
 from __future__ import annotations
@@ -40,6 +45,13 @@ class Flavour(str, Enum):
     VLLM = "vllm"
     SGLANG = "sglang"  # SGLang's OpenAI-style routes: flat error objects
     SGLANG_NATIVE = "sglang_native"  # SGLang's native /classify: {"error": {"message"}}
+    TEI = "tei"  # text-embeddings-inference's routes: {"error": message, "error_type": kind}
+
+
+# The routes that speak TEI (their request bodies are refused in TEI's shape before any serving code runs).
+TEI_PATHS = frozenset({"/embed_sparse"})
+# TEI's ErrorType names (router/src/http/types.rs; serde writes the variants as they are spelled).
+TEI_ERROR_KINDS = ("Unhealthy", "Backend", "Overloaded", "Validation", "Tokenizer", "Empty")
 
 
 # The tag of SGLang's native body in /classify's discriminated union (see poolserve_adapter.shared_paths.classify).
@@ -50,6 +62,8 @@ def flavour_of(request: Request) -> Flavour:
     explicit = getattr(request.state, "flavour", None)
     if explicit is not None:
         return explicit
+    if request.url.path in TEI_PATHS:
+        return Flavour.TEI
     sglang_paths = getattr(request.app.state, "sglang_paths", ())
     return Flavour.SGLANG if request.url.path in sglang_paths else Flavour.VLLM
 
@@ -109,6 +123,30 @@ class InvalidFieldError(BadRequestError):
                          param=f"body.{field}")
 
 
+class TeiError(AdapterError):
+    """An error of a TEI route in TEI's own words: its status and ``error_type`` kind (a :data:`TEI_ERROR_KINDS`
+    entry)."""
+
+    def __init__(self, message: str, *, status: HTTPStatus, kind: str):
+        super().__init__(message)
+        self.status, self.error_type = status, kind
+
+
+def tei_status_and_kind(status: HTTPStatus, error_type: str) -> tuple[HTTPStatus, str]:
+    """The status and TEI kind of an error on a TEI route: a :class:`TeiError`'s own; otherwise by status, as TEI's
+    router maps its kinds (a refused request is 422 Validation, a full queue 429 Overloaded, a server not ready
+    503 Unhealthy, anything else the kind of a backend failure under the error's own status)."""
+    if error_type in TEI_ERROR_KINDS:
+        return status, error_type
+    if status in (HTTPStatus.BAD_REQUEST, HTTPStatus.REQUEST_ENTITY_TOO_LARGE, HTTPStatus.UNPROCESSABLE_ENTITY):
+        return HTTPStatus.UNPROCESSABLE_ENTITY, "Validation"
+    if status == HTTPStatus.TOO_MANY_REQUESTS:
+        return status, "Overloaded"
+    if status == HTTPStatus.SERVICE_UNAVAILABLE:
+        return status, "Unhealthy"
+    return status, "Backend"
+
+
 class RouteNotOffered(Exception):
     """The model cannot do this task: vLLM would not have registered the route at all."""
 
@@ -144,7 +182,10 @@ def sanitize_message(message: str) -> str:
 
 def error_body(status: HTTPStatus, error_type: str, message: str, param: str | None,
                flavour: Flavour = Flavour.VLLM) -> Response:
-    if flavour is Flavour.SGLANG:
+    if flavour is Flavour.TEI:
+        status, kind = tei_status_and_kind(status, error_type)
+        content = {"error": message, "error_type": kind}
+    elif flavour is Flavour.SGLANG:
         content = {"object": "error", "message": message, "type": error_type, "param": param, "code": int(status)}
     elif flavour is Flavour.SGLANG_NATIVE:
         content = {"error": {"message": message}}

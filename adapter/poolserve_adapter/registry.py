@@ -52,6 +52,9 @@ class ServedModel:
     is_matryoshka: bool = False
     matryoshka_dimensions: tuple[int, ...] = ()
     prompts: dict[str, str] = field(default_factory=dict)
+    # A sparse embedder (SPLADE, from the card): its vectors are the `sparse` output (vocab_size wide, never
+    # normalised), and it serves TEI's /embed_sparse.
+    sparse: bool = False
     # Token classifiers (task "token_classify"), from the card: the activation of each token's logits
     # (poolserve_contract.families.TOKEN_ACTIVATIONS) and STEP pooling's tag token and kept label columns.
     token_activation: str = "classify"
@@ -70,6 +73,15 @@ class ServedModel:
     @property
     def can_embed(self) -> bool:
         return self.task == "embed"
+
+    @property
+    def can_embed_sparse(self) -> bool:
+        return self.task == "embed" and self.sparse
+
+    @property
+    def embedding_output(self) -> str:
+        """The Triton output of an embed model's vectors as the model computes them."""
+        return "sparse" if self.sparse else "embeddings"
 
     @property
     def can_embed_texts(self) -> bool:
@@ -107,7 +119,8 @@ class ServedModel:
 
 
 # A model config's output → the task of the model that answers it (a config without a card).
-TASK_BY_OUTPUT = {"embeddings": "embed", "token_embeddings": "token_embed", "token_logits": "token_classify"}
+TASK_BY_OUTPUT = {"embeddings": "embed", "sparse": "embed", "token_embeddings": "token_embed",
+                  "token_logits": "token_classify"}
 
 
 def card_of(triton_model: str, config: dict, checkpoint: str, parameters: ModelParameters) -> ModelCard:
@@ -156,6 +169,7 @@ def build_served_model(triton_model: str, config: dict, repository: Path) -> Ser
         is_matryoshka=card.is_matryoshka,
         matryoshka_dimensions=tuple(card.matryoshka_dimensions),
         prompts=dict(card.prompts),
+        sparse=card.sparse,
         token_activation=card.token_activation or "classify",
         step_tag_id=card.step_tag_id,
         returned_token_ids=tuple(card.returned_token_ids),

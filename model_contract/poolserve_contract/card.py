@@ -48,6 +48,9 @@ class ModelCard:
     is_matryoshka: bool = False  # config.json is_matryoshka, or matryoshka_dimensions given
     matryoshka_dimensions: list[int] = field(default_factory=list)  # empty: any size in [1, embedding_size]
     prompts: dict[str, str] = field(default_factory=dict)  # config_sentence_transformers.json prompts
+    # A sparse embedder (SPLADE): its vectors are the `sparse` output, vocab_size wide, never normalised; the
+    # adapter serves TEI's /embed_sparse for it.
+    sparse: bool = False
     # Task "token_classify": the activation of each token's logits (a families.TOKEN_ACTIVATIONS entry, the
     # adapter's to apply), and STEP pooling's parameters (ModelParameters.step_tag_id / returned_token_ids).
     token_activation: str = ""
@@ -94,7 +97,11 @@ def model_card(parameters: ModelParameters, family: FamilyDeclaration | None, ch
     declared_activation = getattr(config, "sbert_ce_default_activation_function", None) or (
         st_config.get("activation_fn") if isinstance(st_config, dict) else None)
     embedding = {}
-    if task == "embed" and family is not None:
+    if task == "embed" and family is not None and family.sparse:
+        # vLLM's SPLADESparsePooler returns the vector as it is, whatever use_activation says.
+        prompts = read_embedding_meta(checkpoint, family.pooling, local_files_only).prompts
+        embedding = dict(embedding_size=int(config.vocab_size), normalizes=False, prompts=prompts, sparse=True)
+    elif task == "embed" and family is not None:
         meta = read_embedding_meta(checkpoint, family.pooling, local_files_only)
         dimensions = [int(size) for size in getattr(config, "matryoshka_dimensions", None) or []]
         embedding = dict(embedding_size=int(config.hidden_size), normalizes=meta.normalizes,

@@ -52,12 +52,21 @@ class FamilyDeclaration:
     caches_kv: bool = False  # the body builds a KV cache unless called with use_cache=False
     causal: bool = False  # causal attention: documents sharing a prompt prefix may reuse it
     vision: bool = False  # reads pixel inputs besides token ids (a VisionDeclaration)
+    # Task "embed" with a vocabulary-wide sparse vector (SPLADE) as its one output (``sparse``) in place of
+    # ``embeddings`` / ``pooled``; the adapter also serves TEI's /embed_sparse for it.
+    sparse: bool = False
     example: str = ""  # a checkpoint of this architecture (docs/models.md table, error messages)
     folder: str = ""  # its model_repository folder
 
     @property
     def packed(self) -> bool:
         return "varlen" in self.bodies
+
+    @property
+    def output_kind(self) -> str:
+        """Which Triton outputs the family answers (a ``poolserve_contract.triton_config`` output set): its task's,
+        or ``sparse_embed`` for a sparse embedder."""
+        return "sparse_embed" if self.sparse else self.task
 
     def check_architecture(self, config) -> None:
         found = architecture_of(config)
@@ -134,6 +143,19 @@ class LateInteractionDeclaration(FamilyDeclaration):
 
     task: str = "token_embed"
     pooling: str = "all"  # no pooling: every token is an output
+
+
+@dataclass(frozen=True)
+class SpladeDeclaration(FamilyDeclaration):
+    """A SPLADE sparse embedder: a ``BertForMaskedLM`` checkpoint (naver/splade-*) whose MLM logits become one
+    vocabulary-wide vector per text, served only when the ``architecture`` parameter names
+    ``BertSpladeSparseEmbeddingModel``, as vLLM needs ``--hf-overrides '{"architectures":
+    ["BertSpladeSparseEmbeddingModel"]}'`` (the checkpoint's own architecture is a plain masked LM). The rule is
+    vLLM's ``SPLADESparsePooler`` (:mod:`poolserve_runtime.implementations`, ``SpladeFamily``)."""
+
+    task: str = "embed"
+    sparse: bool = True
+    pooling: str = "all"  # every token's logits, reduced by the family's own rule
 
 
 # How vLLM activates a token classifier's logits (TokenClassifierPoolerHead, resolve_classifier_act_fn with
@@ -436,6 +458,10 @@ FAMILIES: tuple[FamilyDeclaration, ...] = (
     # ColBERTModel; a BertModel checkpoint with a projection is served with architecture=HF_ColBERT.
     LateInteractionDeclaration(name="colbert", architectures=("HF_ColBERT", "ColBERTModel"), uses_token_types=True,
                                example="answerdotai/answerai-colbert-small-v1", folder="colbert_embedder"),
+    # SPLADE (vLLM's BertSpladeSparseEmbeddingModel): a BertForMaskedLM checkpoint served with
+    # architecture=BertSpladeSparseEmbeddingModel.
+    SpladeDeclaration(name="splade", architectures=("BertSpladeSparseEmbeddingModel",), uses_token_types=True,
+                      example="naver/splade-cocondenser-ensembledistil, naver/splade-v3", folder="splade_embedder"),
     # Token classifiers (NER, per-token rewards): every token's logits (vLLM's token_classify).
     TokenClassifierDeclaration(name="bert_token_classifier", architectures=("BertForTokenClassification",),
                                uses_token_types=True, example="dslim/bert-base-NER", folder="bert_token_classifier"),

@@ -72,6 +72,9 @@ _OUTPUTS = {
     "token_embed": ({"name": "token_embeddings", "data_type": "TYPE_FP32", "dims": [-1, -1]},
                     {"name": "token_projected", "data_type": "TYPE_FP32", "dims": [-1, -1]},
                     {"name": "maxsim_scores", "data_type": "TYPE_FP32", "dims": [1]}),
+    # A sparse embedder (SPLADE), per sequence: the vocabulary-wide vector [batch, vocab_size] (task embed;
+    # the adapter reads it for /v1/embeddings, /pooling and TEI's /embed_sparse).
+    "sparse_embed": ({"name": "sparse", "data_type": "TYPE_FP32", "dims": [-1]},),
     # Token classifiers, per request: every token's classifier logits [batch, longest sequence of the request,
     # num_labels], zeros past each sequence's length; the activation (and STEP pooling) is the adapter's,
     # because STEP picks columns before it.
@@ -97,7 +100,8 @@ _SCHEDULERS = ("dynamic_batching", "sequence_batching", "ensemble_scheduling")
 def complete_config(config: dict, task: str, uses_token_types: bool, vision: bool = False,
                     card: ModelCard | None = None) -> dict:
     """Fill ``config`` (Triton's JSON form, modified in place) with the shared fields it lacks, and the
-    model's ``card`` when there is one (:func:`poolserve_contract.card.card_for_config`)."""
+    model's ``card`` when there is one (:func:`poolserve_contract.card.card_for_config`). ``task`` names the
+    output set: a family's ``output_kind`` (its task, or ``sparse_embed``)."""
     if not config.get("max_batch_size"):
         config["max_batch_size"] = MAX_BATCH_SIZE
     inputs = list(_TOKEN_INPUTS) + ([_TOKEN_TYPE_INPUT] if uses_token_types else []) + (

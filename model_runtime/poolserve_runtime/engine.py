@@ -8,8 +8,8 @@ embedding models the pooling their sentence-transformers files name (cls, mean o
 normalisation when they normalise (``pooled`` keeps the vectors before it); for late-interaction
 (ColBERT) models every token through the projection, L2-normalised, and each sequence's MaxSim against
 its request's first sequence (the MaxSim kernel); for token classifiers every token through the
-classifier; CLS pooling, the family's head features and the fused linear +
-activation head for encoders; one fused last-token + linear + activation launch for decoders.
+classifier; for sparse (SPLADE) embedders each sequence's vocabulary-wide vector from its MLM logits;
+CLS pooling, the family's head features and the fused linear + activation head for encoders; one fused last-token + linear + activation launch for decoders.
 
 The body runs one of two ways (the ``attention`` parameter; ``auto`` picks by device):
 ``varlen`` (the GPU default) feeds the packed stream straight to the stock HF model with
@@ -48,8 +48,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# The Triton outputs of each task (poolserve_contract.triton_config), and those with one row per token.
-OUTPUT_NAMES = {"classify": ("logits", "scores"), "embed": ("embeddings", "pooled"),
+# The Triton outputs of each output set (a family's output_kind, poolserve_contract.triton_config), and those
+# with one row per token.
+OUTPUT_NAMES = {"classify": ("logits", "scores"), "embed": ("embeddings", "pooled"), "sparse_embed": ("sparse",),
                 "token_embed": ("token_embeddings", "token_projected", "maxsim_scores"),
                 "token_classify": ("token_logits",)}
 TOKEN_OUTPUTS = {"token_embed": ("token_embeddings", "token_projected"), "token_classify": ("token_logits",)}
@@ -83,7 +84,7 @@ class PackedEngine:
         self.config = config
         self.pooling = family.pooling_for(config)
         self.normalizes = False
-        if family.task == "embed":  # pooling and normalisation from the checkpoint's sentence-transformers files
+        if family.task == "embed" and not family.sparse:  # pooling and normalisation from the ST files
             embedding = read_embedding_meta(settings.checkpoint, family.pooling)
             self.pooling, self.normalizes = embedding.pooling, embedding.normalizes
         self.activation = family.activation_for(config)
@@ -96,7 +97,7 @@ class PackedEngine:
             type_vocab_size=int(getattr(config, "type_vocab_size", 1) or 1) if family.uses_token_types else 1,
         )
         self.pad_token_id = int(getattr(text_config, "pad_token_id", None) or getattr(config, "pad_token_id", None) or 0)
-        self.output_names = OUTPUT_NAMES[family.task]
+        self.output_names = OUTPUT_NAMES[family.output_kind]
         # Outputs with one row per token (the rest: one per sequence); split per request as padded matrices.
         self.token_outputs = TOKEN_OUTPUTS.get(family.task, ())
 
@@ -267,6 +268,8 @@ class PackedEngine:
         if self.is_generic:
             return self.score_logits(self.body.logits(chunk))
         hidden = self.body.hidden_states(chunk)
+        if self.family.sparse:  # the token ids decide which rows count (vLLM drops CLS and SEP)
+            return {"sparse": self.family.sparse_vectors(self.model, hidden, chunk.host_ids, chunk.host_cu)}
         rows = self._last_non_pad_rows(chunk.host_ids, chunk.host_cu) if self.family.skips_trailing_pad else None
         return self.pool_and_score(hidden, chunk.cu_seqlens, rows)
 

@@ -27,6 +27,7 @@ from poolserve_runtime.implementations import (
     ModernBertFamily,
     ModernBertTokenClassifierFamily,
     RobertaFamily,
+    SpladeFamily,
     TokenClassifierFamily,
 )
 
@@ -38,7 +39,7 @@ _STOCK: tuple[tuple[str, type[Family]], ...] = (
     ("gemma2", DecoderFamily), ("phi3", DecoderFamily), ("gpt2", DecoderFamily), ("jamba", DecoderFamily),
     ("bert_embedding", EmbeddingFamily), ("roberta_embedding", EmbeddingFamily),
     ("modernbert_embedding", EmbeddingFamily), ("decoder_embedding", EmbeddingFamily),
-    ("colbert", LateInteractionFamily), ("bert_token_classifier", TokenClassifierFamily),
+    ("colbert", LateInteractionFamily), ("splade", SpladeFamily), ("bert_token_classifier", TokenClassifierFamily),
     ("xlm_roberta_token_classifier", TokenClassifierFamily), ("distilbert_token_classifier", TokenClassifierFamily),
     ("modernbert_token_classifier", ModernBertTokenClassifierFamily),
     ("deberta_v2_token_classifier", TokenClassifierFamily),

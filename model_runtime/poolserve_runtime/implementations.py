@@ -179,5 +179,61 @@ class ModernBertTokenClassifierFamily(TokenClassifierFamily):
         return nn.Sequential(model.head, model.classifier)
 
 
+class SpladeFamily(Family):
+    """SPLADE (vLLM's ``BertSpladeSparseEmbeddingModel``): a ``BertForMaskedLM`` checkpoint whose MLM head
+    (``cls.predictions``: dense + activation + LayerNorm, then the decoder over the vocabulary) turns every kept
+    token into vocabulary logits, reduced to one vector per sequence by :meth:`sparse_vectors`."""
+
+    # Rows of MLM logits computed at once: [rows, vocab_size] float32 stays near 256 MiB for BERT's 30,522 ids.
+    LOGIT_ELEMENTS_PER_STEP = 1 << 26
+
+    def load(self, checkpoint, dtype, device, attention="sdpa", trust_remote_code=False):
+        from transformers import AutoModelForMaskedLM
+
+        extra = {"attn_implementation": attention} if attention else {}
+        model = AutoModelForMaskedLM.from_pretrained(checkpoint, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     **extra)
+        return model.to(device).eval()
+
+    def token_head(self, model: nn.Module) -> nn.Module:
+        """Every token's last hidden state to its vocabulary logits (vLLM's BertMLMHead loads these weights)."""
+        return model.cls
+
+    def head_linear(self, model):
+        raise TypeError("sparse embedders have no score head")
+
+    def sparse_vectors(self, model: nn.Module, hidden: torch.Tensor, host_ids: torch.Tensor,
+                       host_cu: torch.Tensor) -> torch.Tensor:
+        """``[num_seqs, vocab_size]`` float32 on ``hidden``'s device, for the packed sequences whose token ids are
+        ``host_ids`` (host) split by ``host_cu``.
+
+        vLLM's rule exactly (``vllm/model_executor/models/bert.py``: ``SPLADESparsePooler.forward`` with
+        ``pooling="max"``, ``remove_cls_sep=True``, and the ids ``BertSpladeSparseEmbeddingModel._build_pooler``
+        reads from the HF config with ``getattr(cfg, "cls_token_id" / "sep_token_id", None)``): a sequence's
+        first token is dropped when it is the CLS id and its last when it is the SEP id (an id the config lacks
+        drops nothing); the rest go through the MLM head, then ``log1p(relu(logits))``, then the max over those
+        tokens; nothing left gives a zero vector. Here the logits are taken to float32 before ``relu`` and
+        ``log1p`` (vLLM applies them in the model's dtype: the same numbers in float32), and the max is a
+        scatter-amax into zeros, which equals it because every value is >= 0. vLLM's head applies exact GELU
+        where transformers' applies ``config.hidden_act`` (``gelu``, the same, in BERT checkpoints)."""
+        config = model.config
+        cls_id, sep_id = getattr(config, "cls_token_id", None), getattr(config, "sep_token_id", None)
+        starts, ends = host_cu[:-1].long(), host_cu[1:].long()
+        first = starts + (host_ids[starts] == cls_id).long() if cls_id is not None else starts
+        last = ends - (host_ids[ends - 1] == sep_id).long() if sep_id is not None else ends
+        last = torch.maximum(first, last)
+        owner = torch.repeat_interleave(torch.arange(starts.numel()), ends - starts)
+        positions = torch.arange(host_ids.numel())
+        kept = (positions >= first[owner]) & (positions < last[owner])
+        rows, owners = positions[kept].to(hidden.device), owner[kept].to(hidden.device)
+        head = self.token_head(model)
+        vectors = torch.zeros(starts.numel(), int(config.vocab_size), device=hidden.device, dtype=torch.float32)
+        step = max(1, self.LOGIT_ELEMENTS_PER_STEP // int(config.vocab_size))
+        for begin in range(0, rows.numel(), step):
+            scores = torch.log1p(torch.relu(head(hidden.index_select(0, rows[begin:begin + step])).float()))
+            vectors.scatter_reduce_(0, owners[begin:begin + step, None].expand_as(scores), scores, "amax")
+        return vectors
+
+
 class GenericFamily(Family):
     """Any other ``*ForSequenceClassification``: the model's own padded forward and head (the slow path)."""

@@ -40,7 +40,7 @@ class PackedTritonModel:
         """Triton calls this at load: the shared inputs, outputs and batching (poolserve_contract.triton_config).
         Triton takes only those fields from it (no parameters), so the model card is the host's to write
         (poolserve_stack.triton_server.completed_config); without one the adapter computes it."""
-        complete_config(auto_complete_model_config.as_dict(), cls.family.task, cls.family.uses_token_types,
+        complete_config(auto_complete_model_config.as_dict(), cls.family.output_kind, cls.family.uses_token_types,
                         cls.family.vision)
         return auto_complete_model_config
 

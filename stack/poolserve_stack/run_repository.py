@@ -91,7 +91,7 @@ def completed_config(config, folder: str, model_dir: Path | None = None):
         return config
     as_dict = json_format.MessageToDict(config, preserving_proto_field_name=True)
     card = card_for_config(as_dict, family, model_dir)
-    complete_config(as_dict, family.task, family.uses_token_types, family.vision, card)
+    complete_config(as_dict, family.output_kind, family.uses_token_types, family.vision, card)
     return json_format.ParseDict(as_dict, model_config_pb2.ModelConfig())
 
 

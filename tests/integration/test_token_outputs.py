@@ -7,7 +7,9 @@ The token vectors of ``/pooling`` and ``/v1/embeddings`` must match the direct t
 checks (``F.normalize(F.linear(BertModel(x).last_hidden_state, W))``, fp32 CPU), and ``/score`` and ``/rerank``
 must give vLLM's MaxSim of those vectors (sum over the query's tokens of the best dot product). The token
 classifier's ``/pooling`` must be the softmax of transformers' ``BertForTokenClassification(...).logits`` per
-token, and its STEP twin only the step-tag rows of the returned columns."""
+token, and its STEP twin only the step-tag rows of the returned columns. model_repository/splade_embedder over a tiny
+random BertForMaskedLM must give vLLM's SPLADE vector of its MLM logits on ``/v1/embeddings`` and its non-zero
+entries on TEI's ``/embed_sparse``."""
 
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from tests.support.token_models import (
     COLBERT_DIM,
     colbert_checkpoint,
     colbert_reference,
+    splade_checkpoint,
+    splade_reference,
     token_classifier_checkpoint,
     token_classifier_reference,
 )
@@ -38,7 +42,12 @@ STEP_COLUMNS = (4, 1)
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def splade(tmp_path_factory):
+    return splade_checkpoint(tmp_path_factory.mktemp("splade") / "splade")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, splade):
     checkpoints = tmp_path_factory.mktemp("checkpoints")
     checkpoint = colbert_checkpoint(checkpoints / "colbert")
     tagger = token_classifier_checkpoint(checkpoints / "tagger", "bert")
@@ -47,7 +56,8 @@ def stack(tmp_path_factory):
               "bert_token_classifier": {"checkpoint": str(tagger), "served_model_name": "bert_token_classifier"},
               "token_prm": {SOURCE_FOLDER: "bert_token_classifier", "checkpoint": str(tagger),
                             "served_model_name": "token_prm", "step_tag_id": str(step_tag),
-                            "returned_token_ids": ",".join(map(str, STEP_COLUMNS))}}
+                            "returned_token_ids": ",".join(map(str, STEP_COLUMNS))},
+              "splade_embedder": {"checkpoint": str(splade), "served_model_name": "splade_embedder"}}
     log_dir = tmp_path_factory.mktemp("token_outputs")
     with TritonServer(MODEL_REPOSITORY, models, log_path=log_dir / "triton.log", ready_timeout_s=480) as server:
         with running_adapter(server, log_dir) as url:
@@ -125,3 +135,20 @@ def test_step_pooling_keeps_the_step_tag_rows(stack):
         assert np.array(item["data"]).reshape(-1, len(STEP_COLUMNS)).shape == expected.shape
         np.testing.assert_allclose(np.array(item["data"]).reshape(expected.shape), expected, rtol=1e-5, atol=1e-6)
     assert data[2]["data"] == []
+
+
+def test_splade_vectors_and_teis_sparse_entries(stack, splade):
+    url = stack[0]
+    texts = [QUERY, *DOCUMENTS]
+    reference = [vector.numpy() for vector in splade_reference(splade, texts)]
+    embedded = post(url, "/v1/embeddings", {"model": "splade_embedder", "input": texts})["data"]
+    response = httpx.post(f"{url}/embed_sparse", json={"inputs": texts}, timeout=TIMEOUT_S)
+    assert response.status_code == 200, response.text
+    for expected, item, entries in zip(reference, embedded, response.json()):
+        np.testing.assert_allclose(np.array(item["embedding"]), expected, rtol=1e-5, atol=1e-5)
+        indices = [entry["index"] for entry in entries]
+        assert indices == sorted(indices) and set(indices) == set(np.flatnonzero(np.array(item["embedding"])).tolist())
+        np.testing.assert_allclose([entry["value"] for entry in entries], expected[indices], rtol=1e-5, atol=1e-5)
+    refused = httpx.post(f"{url}/embed_sparse", json={"model": "colbert_embedder", "inputs": QUERY}, timeout=TIMEOUT_S)
+    assert refused.status_code == 424 and refused.json() == {
+        "error": "Backend error: Model is not an embedding model with SPLADE pooling", "error_type": "Backend"}

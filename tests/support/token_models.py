@@ -113,3 +113,43 @@ def token_classifier_reference(directory: Path, texts: list[str]) -> list[torch.
     model = tf.AutoModelForTokenClassification.from_pretrained(str(directory), attn_implementation="eager").eval()
     with torch.inference_mode():
         return [model(**tokenizer(text, return_tensors="pt")).logits[0] for text in texts]
+
+
+def splade_checkpoint(directory: Path, seed: int = 0, special_ids: bool = True) -> Path:
+    """A tiny random ``BertForMaskedLM`` (naver/splade-* layout: ``architectures: ["BertForMaskedLM"]``, decoder tied
+    to the word embeddings) with a WordPiece tokenizer; ``special_ids``: config.json names ``cls_token_id`` and
+    ``sep_token_id`` (vLLM drops those tokens only when it does)."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = wordpiece_tokenizer(directory)
+    ids = dict(cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id) if special_ids else {}
+    model = tf.BertForMaskedLM(tf.BertConfig(vocab_size=len(tokenizer), type_vocab_size=2, pad_token_id=0, **ENCODER,
+                                             **ids))
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def splade_reference(directory: Path, texts: list[str]) -> list[torch.Tensor]:
+    """vLLM's SPLADE vector of each text alone (fp32, CPU), from ``BertForMaskedLM(...).logits``: a first token equal
+    to the config's ``cls_token_id`` and a last equal to its ``sep_token_id`` dropped, then ``log1p(relu(.))`` and
+    the max over the remaining tokens (a zero vector when none remain)."""
+    import transformers as tf
+
+    tokenizer = tf.AutoTokenizer.from_pretrained(str(directory))
+    model = tf.BertForMaskedLM.from_pretrained(str(directory), attn_implementation="eager").eval()
+    cls_id, sep_id = getattr(model.config, "cls_token_id", None), getattr(model.config, "sep_token_id", None)
+    vectors = []
+    with torch.inference_mode():
+        for text in texts:
+            encoded = tokenizer(text, return_tensors="pt")
+            logits, ids = model(**encoded).logits[0], encoded["input_ids"][0].tolist()
+            start = 1 if cls_id is not None and ids[0] == cls_id else 0
+            end = max(start, len(ids) - 1) if sep_id is not None and ids[-1] == sep_id else len(ids)
+            if end <= start:
+                vectors.append(torch.zeros(model.config.vocab_size))
+            else:
+                vectors.append(torch.log1p(torch.relu(logits[start:end])).max(dim=0).values)
+    return vectors

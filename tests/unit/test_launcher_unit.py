@@ -42,14 +42,14 @@ def test_every_repository_config_is_short_and_completes_to_the_shared_contract()
         family_name = (folder / "1" / "model.py").read_text().split('by_name("')[1].split('"')[0]
         family = by_name(family_name)
         assert family.folder == folder.name
-        complete_config(config, family.task, family.uses_token_types)
+        complete_config(config, family.output_kind, family.uses_token_types)
         names = [i["name"] for i in config["input"]]
         assert names[:2] == ["input_ids", "attention_mask"] and all(i["allow_ragged_batch"] for i in config["input"])
         assert ("token_type_ids" in names) == family.uses_token_types
         assert [o["name"] for o in config["output"]] == {
             "embed": ["embeddings", "pooled"], "token_embed": ["token_embeddings", "token_projected", "maxsim_scores"],
-            "token_classify": ["token_logits"],
-        }.get(family.task, ["logits", "scores"])
+            "token_classify": ["token_logits"], "sparse_embed": ["sparse"],
+        }.get(family.output_kind, ["logits", "scores"])
         assert config["dynamic_batching"]["default_queue_policy"]["max_queue_size"] > 0
 
 

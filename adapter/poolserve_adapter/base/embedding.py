@@ -7,7 +7,8 @@ An embed model answers two Triton outputs: ``embeddings`` (pooled, then L2-norma
 card says ``normalizes``) and ``pooled`` (never normalised). A request reads ``embeddings`` unless it
 turns normalisation off on a normalising model; normalising what the model does not is done here.
 vLLM's head truncates to ``dimensions`` first and normalises after, so a truncated vector is
-re-normalised (``EmbeddingPoolerHead.forward``).
+re-normalised (``EmbeddingPoolerHead.forward``). A sparse (SPLADE) model answers ``sparse`` instead, read
+as it is: vLLM's ``SPLADESparsePooler`` applies no normalisation, whatever ``use_activation`` says.
 
 A late-interaction (token_embed) model answers ``token_embeddings`` (every token's vector, L2-normalised)
 and ``token_projected`` (not normalised), ``[n, longest, D]`` padded with zeros: :func:`token_rows` cuts
@@ -70,6 +71,8 @@ class EmbeddingPlan:
 def plan_embeddings(model: ServedModel, use_activation: bool | None, dimensions: int | None) -> EmbeddingPlan:
     """``use_activation`` (vLLM's name for normalisation on embed models): None is the model's default.
     A truncated vector is normalised again when normalisation is on."""
+    if model.sparse:
+        return EmbeddingPlan("sparse", dimensions)
     activation = model.normalizes if use_activation is None else use_activation
     if model.normalizes and not activation:
         return EmbeddingPlan("pooled", dimensions)

@@ -346,8 +346,9 @@ async def score_rows(gateway: TritonGateway, model: ServedModel, pairs: EncodedP
         return (await gateway.infer(model.triton_model, pairs.joint, (output,)))[output][:, 0]
     if model.late_interaction:
         return await maxsim_rows(gateway, model, pairs, scoring)
-    query_vectors = (await gateway.infer(model.triton_model, pairs.queries, ("embeddings",)))["embeddings"]
-    document_vectors = (await gateway.infer(model.triton_model, pairs.documents, ("embeddings",)))["embeddings"]
+    output = model.embedding_output
+    query_vectors = (await gateway.infer(model.triton_model, pairs.queries, (output,)))[output]
+    document_vectors = (await gateway.infer(model.triton_model, pairs.documents, (output,)))[output]
     if len(query_vectors) == 1:
         query_vectors = np.broadcast_to(query_vectors, document_vectors.shape)
     elif pairs.pair_starts is not None:  # N:N: each pair's query beside each of its chunks

@@ -239,7 +239,7 @@ class ServingNativeClassify(Serving[NativeEncodeRequest]):
         return await encode_texts(ctx.model, prompts, None, ctx.settings)
 
     def output_name(self, ctx: ServeContext[NativeEncodeRequest]) -> str:
-        return "embeddings" if ctx.model.task == "embed" else "logits"
+        return ctx.model.embedding_output if ctx.model.task == "embed" else "logits"
 
     def respond(self, ctx: ServeContext[NativeEncodeRequest]) -> Response:
         latency = time.perf_counter() - ctx.started

@@ -1,0 +1,1 @@
+"""Text-embeddings-inference (TEI) routes: ``/embed_sparse``."""

@@ -1,0 +1,141 @@
+"""``/embed_sparse`` (TEI): each text's SPLADE vector as its non-zero vocabulary entries, ``[{"index", "value"}]``
+in index order, from the model's ``sparse`` output; TEI's request checks, truncation and errors (``{"error",
+"error_type"}``, :class:`~poolserve_adapter.errors.TeiError`), in TEI's order: the batch (empty, too many
+inputs), the model (not a SPLADE model: 424 Backend), then each input (empty, ``prompt_name``, too long).
+
+Inputs are tokenized as TEI does (``core/src/tokenization.rs::encode_input``): the prompt's text prepended, special
+tokens added, and with ``truncate`` the tokenizer's own truncation to the model's maximum length on the side asked
+(special tokens kept); without it a longer input is refused."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from http import HTTPStatus
+
+import numpy as np
+import orjson
+from fastapi.responses import Response
+
+from poolserve_adapter.base.serving import ServeContext, Serving
+from poolserve_adapter.errors import Flavour, TeiError
+from poolserve_adapter.registry import ServedModel
+from poolserve_adapter.tei.protocol import EmbedSparseRequest
+from poolserve_adapter.tokenization import Encoded, TextEncoder, run_sized
+
+NOT_SPLADE = "Backend error: Model is not an embedding model with SPLADE pooling"
+VALIDATION = "Input validation error: "  # the prefix TEI's TextEmbeddingsError::Validation displays
+MAX_TRUNCATING_BACKENDS = 16  # tokenizer copies kept (one per model, maximum length and side)
+
+
+def validation_error(message: str) -> TeiError:
+    return TeiError(message, status=HTTPStatus.UNPROCESSABLE_ENTITY, kind="Validation")
+
+
+def prompt_text(model: ServedModel, prompt_name: str | None) -> str:
+    """The text ``prompt_name`` prepends, refused as TEI's ``prepare_pre_prompt`` does (its message names the
+    server's --default-prompt-name even for a request's prompt_name; the keys are listed as Rust's ``{:?}``)."""
+    if prompt_name is None:
+        return ""
+    if not model.prompts:
+        raise validation_error(f"{VALIDATION}`default-prompt-name` is set to `{prompt_name}` but no prompts were "
+                               "found in the Sentence Transformers configuration")
+    if prompt_name not in model.prompts:
+        names = ", ".join(json.dumps(name, ensure_ascii=False) for name in model.prompts)
+        raise validation_error(f"{VALIDATION}`default-prompt-name` is set to `{prompt_name}` but it was not found "
+                               f"in the Sentence Transformers prompts. Available prompts: [{names}]")
+    return model.prompts[prompt_name]
+
+
+class TruncatingBackends:
+    """Copies of a model's tokenizer backend that truncate to a length on one side (or not at all), built once
+    each: a backend's truncation is its own state, never reconfigured under concurrent requests."""
+
+    def __init__(self):
+        self._backends: OrderedDict[tuple[int, int | None, str], object] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, encoder: TextEncoder, max_length: int | None, direction: str):
+        from tokenizers import Tokenizer
+
+        key = (id(encoder), max_length, direction)
+        with self._lock:
+            backend = self._backends.get(key)
+            if backend is not None:
+                self._backends.move_to_end(key)
+                return backend
+            backend = Tokenizer.from_str(encoder.backend.to_str())
+            backend.no_padding()
+            if max_length is None:
+                backend.no_truncation()
+            else:
+                backend.enable_truncation(max_length=max_length, direction=direction)
+            if len(self._backends) >= MAX_TRUNCATING_BACKENDS:
+                self._backends.popitem(last=False)
+            self._backends[key] = backend
+            return backend
+
+
+TRUNCATING_BACKENDS = TruncatingBackends()
+
+
+def tokenized(model: ServedModel, texts: list[str], truncate: bool, direction: str) -> Encoded:
+    """The texts as TEI's ``encode_input`` makes them; an input longer than the model's maximum length (after
+    any truncation) is TEI's 422."""
+    encoder, limit = model.encoder, model.max_model_len
+    backend = TRUNCATING_BACKENDS.get(encoder, limit if truncate else None, direction)
+    encodings = backend.encode_batch(texts, add_special_tokens=True)
+    longest = max(len(encoding.ids) for encoding in encodings)
+    if longest > limit:
+        raise validation_error(f"{VALIDATION}`inputs` must have less than {limit} tokens. Given: {longest}")
+    types = [encoding.type_ids for encoding in encodings] if encoder.sends_token_types else None
+    return Encoded.from_lists([encoding.ids for encoding in encodings], types)
+
+
+def sparse_entries(row: np.ndarray) -> list[dict]:
+    """A vector's non-zero entries in index order (float32 values: orjson writes their shortest digits, as
+    serde does TEI's f32)."""
+    indices = np.flatnonzero(row)
+    return [{"index": int(index), "value": value} for index, value in zip(indices.tolist(), row[indices])]
+
+
+class ServingEmbedSparse(Serving[EmbedSparseRequest]):
+    capability = "can_embed_sparse"
+    # TEI serves one model: the one named when it is served, else the first sparse embedder, else any model
+    # (which then answers TEI's 424).
+    lenient = True
+    fallback = "can_tokenize"
+    flavour = Flavour.TEI
+
+    def validate(self, ctx: ServeContext[EmbedSparseRequest]) -> None:
+        texts, limit = ctx.request.texts(), ctx.settings.max_items_per_request
+        if not texts:
+            raise TeiError("`inputs` cannot be empty", status=HTTPStatus.BAD_REQUEST, kind="Empty")
+        if len(texts) > limit:
+            raise validation_error(f"batch size {len(texts)} > maximum allowed batch size {limit}")
+        if not ctx.model.can_embed_sparse:
+            raise TeiError(NOT_SPLADE, status=HTTPStatus.FAILED_DEPENDENCY, kind="Backend")
+        if any(not text for text in texts):
+            raise TeiError(f"{VALIDATION}`inputs` cannot be empty", status=HTTPStatus.BAD_REQUEST, kind="Empty")
+
+    def item_count(self, request: EmbedSparseRequest) -> int:
+        return len(request.texts())
+
+    async def encode(self, ctx: ServeContext[EmbedSparseRequest]) -> Encoded:
+        request = ctx.request
+        prompt = prompt_text(ctx.model, request.prompt_name)
+        texts = [prompt + text for text in request.texts()]
+        return await run_sized(sum(map(len, texts)), tokenized, ctx.model, texts, bool(request.truncate),
+                               request.truncation_direction.lower())
+
+    def output_name(self, ctx: ServeContext[EmbedSparseRequest]) -> str:
+        return "sparse"
+
+    def respond(self, ctx: ServeContext[EmbedSparseRequest]) -> Response:
+        rows = np.asarray(ctx.output, dtype=np.float32)
+        return Response(orjson.dumps([sparse_entries(row) for row in rows], option=orjson.OPT_SERIALIZE_NUMPY),
+                        media_type="application/json")
+
+
+serving_embed_sparse = ServingEmbedSparse()
