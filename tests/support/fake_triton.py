@@ -12,6 +12,17 @@ from poolserve_adapter.registry import ModelRegistry, ServedModel
 from poolserve_adapter.settings import Settings
 
 
+class HealthyGateway:
+    """What every fake gateway answers alike: Triton ready, every model available. A test's gateway
+    subclasses it and writes only its ``infer``."""
+
+    async def ready(self) -> bool:
+        return True
+
+    async def unavailable_models(self) -> dict[str, str]:
+        return {}
+
+
 @contextlib.contextmanager
 def app_over(monkeypatch, models: list[ServedModel], gateway, **settings):
     """A TestClient of the app over ``models`` (``settings``: Settings fields), with ``gateway`` put in place of

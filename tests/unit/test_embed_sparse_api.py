@@ -18,14 +18,14 @@ import pytest
 from poolserve_adapter.errors import ServiceUnavailableError, TooManyRequestsError
 from poolserve_adapter.registry import ServedModel
 from poolserve_adapter.tokenization import Encoded, TextEncoder
-from tests.support.fake_triton import app_over
+from tests.support.fake_triton import HealthyGateway, app_over
 
 MAX_MODEL_LEN = 32
 TEXTS = ["paris is the capital of france", "snow"]
 PROMPTS = {"query": "query: ", "document": ""}
 
 
-class SparseGateway:
+class SparseGateway(HealthyGateway):
     """Stands in for TritonGateway: each sequence's vector holds ``log1p(id % 5)`` at its token ids (so ids that are
     multiples of 5 stay zero); a dense model's ``embeddings`` are two numbers per sequence."""
 
@@ -50,12 +50,6 @@ class SparseGateway:
         assert outputs == ("sparse",)
         return {"sparse": np.stack([sparse_vector(ids[:length], self.vocab_size)
                                     for ids, length in zip(encoded.input_ids, encoded.lengths)])}
-
-    async def ready(self) -> bool:
-        return True
-
-    async def unavailable_models(self) -> dict[str, str]:
-        return {}
 
 
 def sparse_vector(ids: np.ndarray, vocab_size: int) -> np.ndarray:

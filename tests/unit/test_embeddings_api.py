@@ -22,7 +22,7 @@ import torch
 
 from poolserve_adapter.registry import ServedModel
 from poolserve_adapter.tokenization import Encoded, TextEncoder
-from tests.support.fake_triton import app_over
+from tests.support.fake_triton import HealthyGateway, app_over
 
 MAX_MODEL_LEN = 32
 WIDTH = 16
@@ -42,7 +42,7 @@ def normalised(rows: np.ndarray) -> np.ndarray:
     return rows / np.linalg.norm(rows, axis=-1, keepdims=True)
 
 
-class EmbeddingGateway:
+class EmbeddingGateway(HealthyGateway):
     """Stands in for TritonGateway: records each call; ``pooled`` is :func:`pooled_rows`, ``embeddings`` the
     same normalised when the model normalises; a classifier's ``scores`` / ``logits`` are three values."""
 
@@ -63,12 +63,6 @@ class EmbeddingGateway:
         arrays = {"pooled": pooled, "embeddings": normalised(pooled) if self.normalizing[triton_model] else pooled,
                   "logits": logits, "scores": 1 / (1 + np.exp(-logits))}
         return {name: arrays[name] for name in outputs}
-
-    async def ready(self) -> bool:
-        return True
-
-    async def unavailable_models(self) -> dict[str, str]:
-        return {}
 
 
 @pytest.fixture(scope="module")

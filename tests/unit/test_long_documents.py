@@ -19,7 +19,7 @@ from poolserve_adapter.registry import ServedModel
 from poolserve_adapter.tokenization import Encoded, TextEncoder
 from poolserve_contract.card import ModelCard
 from poolserve_contract.parameters import ModelParameters
-from tests.support.fake_triton import app_over
+from tests.support.fake_triton import HealthyGateway, app_over
 
 MAX_MODEL_LEN = 32
 MAX_ITEMS = 12
@@ -32,7 +32,7 @@ LONG = " ".join(WORDS[i % len(WORDS)] for i in range(70))
 SHORT = "paris france capital"
 
 
-class RecordingGateway:
+class RecordingGateway(HealthyGateway):
     """Records every call; a row's logit is ``(sum of its ids % 89) / 10``, so chunks score differently and
     every score can be recomputed from the recorded rows. Embeddings are ``[length, sum % 7, 1]``."""
 
@@ -50,12 +50,6 @@ class RecordingGateway:
         arrays = {"logits": logits, "scores": 1 / (1 + np.exp(-logits)),
                   "embeddings": np.stack([lengths, sums % 7, np.ones_like(lengths)], axis=1)}
         return {name: arrays[name] for name in outputs}
-
-    async def ready(self) -> bool:
-        return True
-
-    async def unavailable_models(self) -> dict[str, str]:
-        return {}
 
 
 def rows_of(encoded: Encoded) -> list[list[int]]:

@@ -18,7 +18,7 @@ import pytest
 
 from poolserve_adapter.registry import ServedModel
 from poolserve_adapter.tokenization import Encoded, TextEncoder
-from tests.support.fake_triton import app_over
+from tests.support.fake_triton import HealthyGateway, app_over
 
 MAX_MODEL_LEN = 32
 LABELS = 4
@@ -30,7 +30,7 @@ def logits_of(ids: np.ndarray, labels: int = LABELS) -> np.ndarray:
     return (np.cos(ids[..., None] * 0.37 + np.arange(labels)) * (1 + ids[..., None] % 4)).astype(np.float32)
 
 
-class TokenLogitsGateway:
+class TokenLogitsGateway(HealthyGateway):
     """Stands in for TritonGateway; each ``infer`` is one Triton request."""
 
     max_rows = 16
@@ -50,12 +50,6 @@ class TokenLogitsGateway:
         labels = 1 if triton_model.startswith("reward") else LABELS
         keep = (np.arange(encoded.input_ids.shape[1])[None, :] < encoded.lengths[:, None])[..., None]
         return {"token_logits": np.where(keep, logits_of(encoded.input_ids, labels), 0).astype(np.float32)}
-
-    async def ready(self) -> bool:
-        return True
-
-    async def unavailable_models(self) -> dict[str, str]:
-        return {}
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 
 from poolserve_adapter.registry import ServedModel
 from poolserve_adapter.tokenization import Encoded, TextEncoder
-from tests.support.fake_triton import app_over
+from tests.support.fake_triton import HealthyGateway, app_over
 
 MAX_MODEL_LEN = 32
 DIM = 8
@@ -40,7 +40,7 @@ def maxsim(query: np.ndarray, document: np.ndarray) -> float:
     return float((query.astype(np.float64) @ document.T.astype(np.float64)).max(axis=1).sum())
 
 
-class TokenGateway:
+class TokenGateway(HealthyGateway):
     """Stands in for TritonGateway: each ``infer`` is one Triton request (never more than ``max_rows`` rows)."""
 
     max_rows = MAX_ROWS
@@ -66,12 +66,6 @@ class TokenGateway:
             arrays["maxsim_scores"] = np.array(
                 [[maxsim(query, unit[i, :length])] for i, length in enumerate(encoded.lengths)], dtype=np.float32)
         return {name: arrays[name] for name in outputs}
-
-    async def ready(self) -> bool:
-        return True
-
-    async def unavailable_models(self) -> dict[str, str]:
-        return {}
 
 
 @pytest.fixture(scope="module")
