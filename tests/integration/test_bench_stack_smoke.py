@@ -24,3 +24,17 @@ def test_llm_reranker_benchmark_smoke(tmp_path):
     rows = bench_llm_rerankers.main(["--smoke", "--out", str(tmp_path), "--work", str(tmp_path / "work")])
     assert {r["system"] for r in rows} == {"http_reuse", "http_no_reuse", "baseline_http"}
     assert all(r["pairs_per_s"] > 0 and 0 < r["prefix_share"] < 1 for r in rows)
+
+
+def test_embeddings_benchmark_smoke(tmp_path):
+    """Serves a sentence-transformers embedder and an HF_ColBERT checkpoint, embeds over HTTP beside
+    sentence-transformers and padded HF in-process, and sets rerank against the token_embed forward."""
+    from poolserve_bench import bench_embeddings
+
+    rows = bench_embeddings.main(["--smoke", "--out", str(tmp_path), "--work", str(tmp_path / "work")])
+    assert {(r["model"], r["system"]) for r in rows} == {
+        ("tiny-bge-m3", "http"), ("tiny-bge-m3", "sentence_transformers"), ("tiny-bge-m3", "padded_hf"),
+        ("tiny-colbert", "http_token_embed"), ("tiny-colbert", "http_rerank")}
+    assert all(r.get("texts_per_s", r.get("documents_per_s")) > 0 and r["refused"] == 0 for r in rows)
+    assert all("maxsim_overhead_pct" in r for r in rows if r["system"] == "http_rerank")
+    assert (tmp_path / "embeddings.csv").exists()
