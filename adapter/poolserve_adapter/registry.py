@@ -60,6 +60,12 @@ class ServedModel:
     token_activation: str = "classify"
     step_tag_id: int | None = None
     returned_token_ids: tuple[int, ...] = ()
+    # BGE-M3 (from the card): the /pooling tasks answered besides `task` (token_embed, token_classify with
+    # token_activation relu) and the ids whose first / last rows they drop (vLLM's BOSEOSFilter); it serves TEI's
+    # /embed_sparse from its lexical weights.
+    extra_tasks: tuple[str, ...] = ()
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -76,7 +82,17 @@ class ServedModel:
 
     @property
     def can_embed_sparse(self) -> bool:
-        return self.task == "embed" and self.sparse
+        return self.task == "embed" and (self.sparse or self.lexical_weights)
+
+    @property
+    def lexical_weights(self) -> bool:
+        """BGE-M3: one weight per token (``token_logits`` before its relu), FlagEmbedding's lexical weights."""
+        return "token_classify" in self.extra_tasks
+
+    @property
+    def pooling_tasks(self) -> tuple[str, ...]:
+        """The tasks /pooling accepts: the model's own, then any it answers from per-token outputs."""
+        return (self.task, *self.extra_tasks)
 
     @property
     def embedding_output(self) -> str:
@@ -173,6 +189,9 @@ def build_served_model(triton_model: str, config: dict, repository: Path) -> Ser
         token_activation=card.token_activation or "classify",
         step_tag_id=card.step_tag_id,
         returned_token_ids=tuple(card.returned_token_ids),
+        extra_tasks=tuple(card.extra_tasks),
+        bos_token_id=card.bos_token_id,
+        eos_token_id=card.eos_token_id,
     )
 
 

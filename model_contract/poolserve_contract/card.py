@@ -56,6 +56,13 @@ class ModelCard:
     token_activation: str = ""
     step_tag_id: int | None = None
     returned_token_ids: list[int] = field(default_factory=list)
+    # BGE-M3: the /pooling tasks answered besides `task` (token_embed from `token_embeddings`, token_classify
+    # from `token_logits` with token_activation relu), whose rows drop a first token equal to bos_token_id
+    # (both) and a last equal to eos_token_id (token_classify) as vLLM's BOSEOSFilter does; the adapter serves
+    # TEI's /embed_sparse from the lexical weights.
+    extra_tasks: list[str] = field(default_factory=list)
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -114,6 +121,10 @@ def model_card(parameters: ModelParameters, family: FamilyDeclaration | None, ch
     if task == "token_classify" and family is not None:
         token_classes = dict(token_activation=family.token_activation(config), step_tag_id=parameters.step_tag_id,
                              returned_token_ids=list(parameters.returned_token_ids))
+    if family is not None and family.extra_tasks:
+        token_classes = dict(extra_tasks=list(family.extra_tasks), token_activation="relu",
+                             bos_token_id=getattr(config, "bos_token_id", None),
+                             eos_token_id=getattr(config, "eos_token_id", None))
     return ModelCard(
         served_name=parameters.served_name(fallback_name),
         family=family.name if family is not None else "",

@@ -55,6 +55,8 @@ class FamilyDeclaration:
     # Task "embed" with a vocabulary-wide sparse vector (SPLADE) as its one output (``sparse``) in place of
     # ``embeddings`` / ``pooled``; the adapter also serves TEI's /embed_sparse for it.
     sparse: bool = False
+    # /pooling tasks the model answers besides ``task``, from per-token outputs of the same forward (BGE-M3).
+    extra_tasks: tuple[str, ...] = ()
     example: str = ""  # a checkpoint of this architecture (docs/models.md table, error messages)
     folder: str = ""  # its model_repository folder
 
@@ -65,7 +67,7 @@ class FamilyDeclaration:
     @property
     def output_kind(self) -> str:
         """Which Triton outputs the family answers (a ``poolserve_contract.triton_config`` output set): its task's,
-        or ``sparse_embed`` for a sparse embedder."""
+        ``sparse_embed`` for a sparse embedder, ``bge_m3`` for BGE-M3's three."""
         return "sparse_embed" if self.sparse else self.task
 
     def check_architecture(self, config) -> None:
@@ -158,10 +160,29 @@ class SpladeDeclaration(FamilyDeclaration):
     pooling: str = "all"  # every token's logits, reduced by the family's own rule
 
 
+@dataclass(frozen=True)
+class BgeM3Declaration(RobertaDeclaration):
+    """BGE-M3 (vLLM's ``BgeM3EmbeddingModel``): an ``XLMRobertaModel`` checkpoint with FlagEmbedding's two heads
+    beside it, ``sparse_linear.pt`` (``Linear(hidden, 1)``) and ``colbert_linear.pt`` (``Linear(hidden, dim)``),
+    served only when the ``architecture`` parameter names ``BgeM3EmbeddingModel``, as vLLM needs ``--hf-overrides
+    '{"architectures": ["BgeM3EmbeddingModel"]}'`` (the checkpoint's own architecture is a plain XLM-R). One
+    forward gives the dense vector (task ``embed``: CLS, normalised per the sentence-transformers files),
+    every token's ColBERT vector (``token_embed``) and every token's lexical weight (``token_classify``,
+    activation ``relu``); the adapter drops the BOS / EOS rows as vLLM's ``BOSEOSFilter`` does."""
+
+    task: str = "embed"
+    pooling: str = "cls"
+    extra_tasks: tuple[str, ...] = ("token_embed", "token_classify")
+
+    @property
+    def output_kind(self) -> str:
+        return "bge_m3"
+
+
 # How vLLM activates a token classifier's logits (TokenClassifierPoolerHead, resolve_classifier_act_fn with
 # static_num_labels=False): "classify" is softmax over the labels a row keeps when it keeps two or more, else
 # sigmoid; the width is the row's own, so STEP pooling's returned_token_ids decide it when they keep columns.
-TOKEN_ACTIVATIONS = ("classify", "sigmoid", "identity")
+TOKEN_ACTIVATIONS = ("classify", "sigmoid", "identity", "relu")  # relu: BGE-M3's lexical weights
 
 
 @dataclass(frozen=True)
@@ -458,6 +479,10 @@ FAMILIES: tuple[FamilyDeclaration, ...] = (
     # ColBERTModel; a BertModel checkpoint with a projection is served with architecture=HF_ColBERT.
     LateInteractionDeclaration(name="colbert", architectures=("HF_ColBERT", "ColBERTModel"), uses_token_types=True,
                                example="answerdotai/answerai-colbert-small-v1", folder="colbert_embedder"),
+    # BGE-M3 (vLLM's BgeM3EmbeddingModel): an XLMRobertaModel checkpoint with sparse_linear.pt and
+    # colbert_linear.pt beside it, served with architecture=BgeM3EmbeddingModel.
+    BgeM3Declaration(name="bge_m3", architectures=("BgeM3EmbeddingModel",), uses_token_types=True,
+                     example="BAAI/bge-m3", folder="bge_m3_embedder"),
     # SPLADE (vLLM's BertSpladeSparseEmbeddingModel): a BertForMaskedLM checkpoint served with
     # architecture=BertSpladeSparseEmbeddingModel.
     SpladeDeclaration(name="splade", architectures=("BertSpladeSparseEmbeddingModel",), uses_token_types=True,

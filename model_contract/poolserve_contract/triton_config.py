@@ -79,6 +79,14 @@ _OUTPUTS = {
     # num_labels], zeros past each sequence's length; the activation (and STEP pooling) is the adapter's,
     # because STEP picks columns before it.
     "token_classify": ({"name": "token_logits", "data_type": "TYPE_FP32", "dims": [-1, -1]},),
+    # BGE-M3, from one forward: the dense vectors as "embed"'s, and per request every token's ColBERT vector
+    # (token_embeddings, L2-normalised; token_projected, not) and lexical weight before its relu (token_logits, [batch, longest, 1]),
+    # every token kept (the adapter drops BOS / EOS rows as vLLM does).
+    "bge_m3": ({"name": "embeddings", "data_type": "TYPE_FP32", "dims": [-1]},
+               {"name": "pooled", "data_type": "TYPE_FP32", "dims": [-1]},
+               {"name": "token_embeddings", "data_type": "TYPE_FP32", "dims": [-1, -1]},
+               {"name": "token_projected", "data_type": "TYPE_FP32", "dims": [-1, -1]},
+               {"name": "token_logits", "data_type": "TYPE_FP32", "dims": [-1, -1]}),
 }
 
 # Group concurrent requests into one packed forward. Under load requests pile up while the instance

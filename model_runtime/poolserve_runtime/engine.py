@@ -8,7 +8,8 @@ embedding models the pooling their sentence-transformers files name (cls, mean o
 normalisation when they normalise (``pooled`` keeps the vectors before it); for late-interaction
 (ColBERT) models every token through the projection, L2-normalised, and each sequence's MaxSim against
 its request's first sequence (the MaxSim kernel); for token classifiers every token through the
-classifier; for sparse (SPLADE) embedders each sequence's vocabulary-wide vector from its MLM logits;
+classifier; for BGE-M3 the dense vectors and every token's ColBERT vector and lexical weight, all from one
+forward (its per-token outputs only when a request asks for them); for sparse (SPLADE) embedders each sequence's vocabulary-wide vector from its MLM logits;
 CLS pooling, the family's head features and the fused linear + activation head for encoders; one fused last-token + linear + activation launch for decoders.
 
 The body runs one of two ways (the ``attention`` parameter; ``auto`` picks by device):
@@ -52,8 +53,10 @@ logger = logging.getLogger(__name__)
 # with one row per token.
 OUTPUT_NAMES = {"classify": ("logits", "scores"), "embed": ("embeddings", "pooled"), "sparse_embed": ("sparse",),
                 "token_embed": ("token_embeddings", "token_projected", "maxsim_scores"),
-                "token_classify": ("token_logits",)}
-TOKEN_OUTPUTS = {"token_embed": ("token_embeddings", "token_projected"), "token_classify": ("token_logits",)}
+                "token_classify": ("token_logits",),
+                "bge_m3": ("embeddings", "pooled", "token_embeddings", "token_projected", "token_logits")}
+TOKEN_OUTPUTS = {"token_embed": ("token_embeddings", "token_projected"), "token_classify": ("token_logits",),
+                 "bge_m3": ("token_embeddings", "token_projected", "token_logits")}
 
 
 def body_for(family: Family, requested: str) -> str:
@@ -99,7 +102,7 @@ class PackedEngine:
         self.pad_token_id = int(getattr(text_config, "pad_token_id", None) or getattr(config, "pad_token_id", None) or 0)
         self.output_names = OUTPUT_NAMES[family.output_kind]
         # Outputs with one row per token (the rest: one per sequence); split per request as padded matrices.
-        self.token_outputs = TOKEN_OUTPUTS.get(family.task, ())
+        self.token_outputs = TOKEN_OUTPUTS.get(family.output_kind, ())
 
         self.position_offset = family.position_offset(config)
         self.body = body_strategy(family, model, self.body_mode, self.position_offset, self.pad_token_id)
@@ -200,18 +203,21 @@ class PackedEngine:
         )
 
     @torch.inference_mode()
-    def run(self, batch: PackedBatch, images: BatchImages | None = None) -> dict[str, torch.Tensor]:
+    def run(self, batch: PackedBatch, images: BatchImages | None = None,
+            wanted: frozenset[str] | None = None) -> dict[str, torch.Tensor]:
         """Float32 CPU outputs, one row per sequence, in batch order (``images``: a vision family's
-        :class:`~poolserve_runtime.vision.BatchImages`)."""
+        :class:`~poolserve_runtime.vision.BatchImages`). ``wanted``: the outputs some request of the batch asks
+        for (None: all); BGE-M3 computes and returns only those of its per-token outputs (its dense ones always:
+        they cost nothing beside the body), every other family all of its outputs."""
         reused = self.reused_prefix_chunks(batch)
         if reused is not None:
             outputs = [self.score_reused_chunk(chunk) for chunk in reused]
         else:
-            outputs = [self.score_chunk(chunk) for chunk in self.chunks(batch, images)]
+            outputs = [self.score_chunk(chunk, wanted) for chunk in self.chunks(batch, images)]
         merged = {name: torch.cat([output[name] for output in outputs]) for name in outputs[0]}
         if self.family.task == "token_embed":
             merged["maxsim_scores"] = self.maxsim_scores(batch, merged["token_embeddings"])
-        return {name: merged[name].float().cpu() for name in self.output_names}
+        return {name: merged[name].float().cpu() for name in self.output_names if name in merged}
 
     def maxsim_scores(self, batch: PackedBatch, token_embeddings: torch.Tensor) -> torch.Tensor:
         """``[num_seqs, 1]``: each sequence's MaxSim against the first sequence of its request (the query)."""
@@ -263,7 +269,7 @@ class PackedEngine:
             self.prefix_cache.store(chunk.stores, captured)
         return self.pool_and_score(hidden, rows=chunk.pool_rows)
 
-    def score_chunk(self, chunk: bodies.Chunk) -> dict[str, torch.Tensor]:
+    def score_chunk(self, chunk: bodies.Chunk, wanted: frozenset[str] | None = None) -> dict[str, torch.Tensor]:
         """One chunk through the body, then pooled and scored (the generic body's logits: calibrated)."""
         if self.is_generic:
             return self.score_logits(self.body.logits(chunk))
@@ -271,10 +277,11 @@ class PackedEngine:
         if self.family.sparse:  # the token ids decide which rows count (vLLM drops CLS and SEP)
             return {"sparse": self.family.sparse_vectors(self.model, hidden, chunk.host_ids, chunk.host_cu)}
         rows = self._last_non_pad_rows(chunk.host_ids, chunk.host_cu) if self.family.skips_trailing_pad else None
-        return self.pool_and_score(hidden, chunk.cu_seqlens, rows)
+        return self.pool_and_score(hidden, chunk.cu_seqlens, rows, wanted)
 
     def pool_and_score(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
-                       rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                       rows: torch.Tensor | None = None, wanted: frozenset[str] | None = None,
+                       ) -> dict[str, torch.Tensor]:
         """Outputs of the sequences whose hidden states ``[tokens, hidden]`` are ``hidden``: pooled by
         ``cu_seqlens`` (on the device), or, for a score head, at ``rows`` (on the host: each sequence's
         row, when a last-token rule or a reused-prefix stream places it), then the head."""
@@ -286,12 +293,10 @@ class PackedEngine:
             # Calibrated as vLLM's TokenClassifierPoolerHead does before its activation (the adapter's).
             logits = self.family.token_head(self.model)(hidden).float()
             return {"token_logits": (logits - self.settings.logit_mean) / self.settings.logit_sigma}
+        if self.family.output_kind == "bge_m3":  # every output from the same hidden states
+            return {**self.embedded(hidden, cu_seqlens), **self.family.token_outputs(self.model, hidden, wanted)}
         if self.family.task == "embed":
-            if not self.normalizes:
-                pooled = poolserve_kernels.pool(hidden, cu_seqlens, self.pooling)
-                return {"embeddings": pooled, "pooled": pooled}
-            pooled, normalized = poolserve_kernels.pool_normalized(hidden, cu_seqlens, self.pooling)
-            return {"embeddings": normalized, "pooled": pooled}
+            return self.embedded(hidden, cu_seqlens)
         linear = self.family.head_linear(self.model)
         if rows is not None:
             # HF pools these rows (a sequence ending in pad ids: its last non-pad token), so gather them.
@@ -310,6 +315,14 @@ class PackedEngine:
             logit_mean=self.settings.logit_mean, logit_sigma=self.settings.logit_sigma,
         )
         return {"logits": logits, "scores": scores}
+
+    def embedded(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """An embedding model's ``embeddings`` and ``pooled`` (the same tensor when it does not normalise)."""
+        if not self.normalizes:
+            pooled = poolserve_kernels.pool(hidden, cu_seqlens, self.pooling)
+            return {"embeddings": pooled, "pooled": pooled}
+        pooled, normalized = poolserve_kernels.pool_normalized(hidden, cu_seqlens, self.pooling)
+        return {"embeddings": normalized, "pooled": pooled}
 
     def score_logits(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
         """The generic body's head logits, calibrated in fp32, then the activation."""

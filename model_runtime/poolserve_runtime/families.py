@@ -17,6 +17,7 @@ from poolserve_contract.families import BODIES, UnsupportedArchitecture, read_co
 from poolserve_runtime import native, vision_families
 from poolserve_runtime.implementations import (
     BertFamily,
+    BgeM3Family,
     DebertaV2Family,
     DecoderFamily,
     DistilBertFamily,
@@ -39,7 +40,7 @@ _STOCK: tuple[tuple[str, type[Family]], ...] = (
     ("gemma2", DecoderFamily), ("phi3", DecoderFamily), ("gpt2", DecoderFamily), ("jamba", DecoderFamily),
     ("bert_embedding", EmbeddingFamily), ("roberta_embedding", EmbeddingFamily),
     ("modernbert_embedding", EmbeddingFamily), ("decoder_embedding", EmbeddingFamily),
-    ("colbert", LateInteractionFamily), ("splade", SpladeFamily), ("bert_token_classifier", TokenClassifierFamily),
+    ("colbert", LateInteractionFamily), ("splade", SpladeFamily), ("bge_m3", BgeM3Family), ("bert_token_classifier", TokenClassifierFamily),
     ("xlm_roberta_token_classifier", TokenClassifierFamily), ("distilbert_token_classifier", TokenClassifierFamily),
     ("modernbert_token_classifier", ModernBertTokenClassifierFamily),
     ("deberta_v2_token_classifier", TokenClassifierFamily),

@@ -19,6 +19,7 @@ pairs every declaration with its implementation is :mod:`poolserve_runtime.famil
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from poolserve_contract.families import FamilyDeclaration, UnsupportedArchitecture
@@ -177,6 +178,59 @@ class ModernBertTokenClassifierFamily(TokenClassifierFamily):
     def token_head(self, model):
         # ModernBertForTokenClassification: ModernBertPredictionHead (dense + activation + LayerNorm), then classifier.
         return nn.Sequential(model.head, model.classifier)
+
+
+class BgeM3Family(EmbeddingFamily):
+    """BGE-M3 (vLLM's ``BgeM3EmbeddingModel``): the ``XLMRobertaModel`` body and FlagEmbedding's two heads, which
+    the checkpoint keeps beside it as ``torch.save(linear.state_dict())`` files: ``sparse_linear.pt``
+    (``Linear(hidden, 1)``, every token's lexical weight before its relu) and ``colbert_linear.pt``
+    (``Linear(hidden, dim)``, every token's ColBERT vector before its normalisation); loaded here as
+    ``model.sparse_linear`` and ``model.colbert_linear``."""
+
+    HEAD_FILES = ("sparse_linear", "colbert_linear")
+
+    def load(self, checkpoint, dtype, device, attention="sdpa", trust_remote_code=False):
+        model = super().load(checkpoint, dtype, device, attention, trust_remote_code)
+        for head in self.HEAD_FILES:
+            state = torch.load(bge_m3_head_file(checkpoint, head), map_location="cpu", weights_only=True)
+            out_features, in_features = state["weight"].shape
+            if in_features != model.config.hidden_size:
+                raise UnsupportedArchitecture(f"{checkpoint}: {head}.pt reads {in_features} features, the body's "
+                                              f"hidden size is {model.config.hidden_size}")
+            linear = nn.Linear(in_features, out_features, bias="bias" in state)
+            linear.load_state_dict(state)
+            setattr(model, head, linear)
+        return model.to(device=device, dtype=dtype).eval()
+
+    def token_outputs(self, model: nn.Module, hidden: torch.Tensor,
+                      wanted: frozenset[str] | None = None) -> dict[str, torch.Tensor]:
+        """Of every token, those of these ``wanted`` (None: all): its ColBERT vector L2-normalised in float32
+        (``token_embeddings``) and not (``token_projected``: ``use_activation`` false), and its lexical weight
+        before the relu, float32 ``[tokens, 1]`` (``token_logits``)."""
+        wanted = frozenset(("token_embeddings", "token_projected", "token_logits")) if wanted is None else wanted
+        outputs = {}
+        if wanted & {"token_embeddings", "token_projected"}:
+            projected = model.colbert_linear(hidden).float()
+            outputs["token_projected"] = projected
+            outputs["token_embeddings"] = F.normalize(projected, p=2.0, dim=-1)
+        if "token_logits" in wanted:
+            outputs["token_logits"] = model.sparse_linear(hidden).float()
+        return {name: tensor for name, tensor in outputs.items() if name in wanted}
+
+
+def bge_m3_head_file(checkpoint: str, head: str) -> str:
+    """The path of ``{head}.pt`` beside the checkpoint (a local folder, or a hub id: downloaded to the cache)."""
+    from pathlib import Path
+
+    local = Path(checkpoint)
+    if local.is_dir():
+        path = local / f"{head}.pt"
+        if not path.is_file():
+            raise UnsupportedArchitecture(f"{checkpoint}: BgeM3EmbeddingModel needs {head}.pt beside the checkpoint")
+        return str(path)
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(checkpoint, f"{head}.pt")
 
 
 class SpladeFamily(Family):

@@ -205,7 +205,7 @@ class PackedBatch:
         if per_token:
             lengths = torch.split(self.lengths, self.sequences_per_request)
             tokens = [int(request.sum()) for request in lengths]
-            for name in per_token:
+            for name in outputs.keys() & set(per_token):  # one not computed (not asked for) stays absent
                 pieces[name] = [padded_per_sequence(rows, request)
                                 for rows, request in zip(torch.split(outputs[name], tokens), lengths)]
         return [{name: pieces[name][i] for name in outputs} for i in range(len(self.sequences_per_request))]

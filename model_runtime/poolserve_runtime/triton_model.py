@@ -84,8 +84,11 @@ class PackedTritonModel:
 
         if accepted:
             batch = PackedBatch.pack([sequences for _, sequences in accepted])
+            # The outputs some request asks for (a request naming none gets all, so then all are computed).
+            requested = [requests[index].requested_output_names() for index, _ in accepted]
+            wanted = frozenset().union(*requested) if all(requested) else None
             try:
-                outputs = self.engine.run(batch, BatchImages.concat(images) if self.family.vision else None)
+                outputs = self.engine.run(batch, BatchImages.concat(images) if self.family.vision else None, wanted)
             except Exception as error:
                 # Once per batch, with the traceback: the clients only see the message.
                 pb_utils.Logger.log_error(

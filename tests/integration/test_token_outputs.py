@@ -9,7 +9,10 @@ must give vLLM's MaxSim of those vectors (sum over the query's tokens of the bes
 classifier's ``/pooling`` must be the softmax of transformers' ``BertForTokenClassification(...).logits`` per
 token, and its STEP twin only the step-tag rows of the returned columns. model_repository/splade_embedder over a tiny
 random BertForMaskedLM must give vLLM's SPLADE vector of its MLM logits on ``/v1/embeddings`` and its non-zero
-entries on TEI's ``/embed_sparse``."""
+entries on TEI's ``/embed_sparse``. model_repository/bge_m3_embedder over a tiny random XLM-R with FlagEmbedding's
+``sparse_linear.pt`` and ``colbert_linear.pt`` must give, from the one model, the dense CLS vector, the ColBERT vectors
+(BOS dropped) and the lexical weights (BOS and EOS dropped) of the direct torch computation, FlagEmbedding's lexical
+weights on ``/embed_sparse`` and the dense cosine on ``/score``."""
 
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ from poolserve_stack.triton_server import TritonServer
 from tests.support.stack import MODEL_REPOSITORY, running_adapter
 from tests.support.token_models import (
     COLBERT_DIM,
+    bge_m3_checkpoint,
+    bge_m3_reference,
     colbert_checkpoint,
     colbert_reference,
     splade_checkpoint,
@@ -47,7 +52,12 @@ def splade(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, splade):
+def bge_m3(tmp_path_factory):
+    return bge_m3_checkpoint(tmp_path_factory.mktemp("bge_m3") / "bge_m3")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, splade, bge_m3):
     checkpoints = tmp_path_factory.mktemp("checkpoints")
     checkpoint = colbert_checkpoint(checkpoints / "colbert")
     tagger = token_classifier_checkpoint(checkpoints / "tagger", "bert")
@@ -57,7 +67,8 @@ def stack(tmp_path_factory, splade):
               "token_prm": {SOURCE_FOLDER: "bert_token_classifier", "checkpoint": str(tagger),
                             "served_model_name": "token_prm", "step_tag_id": str(step_tag),
                             "returned_token_ids": ",".join(map(str, STEP_COLUMNS))},
-              "splade_embedder": {"checkpoint": str(splade), "served_model_name": "splade_embedder"}}
+              "splade_embedder": {"checkpoint": str(splade), "served_model_name": "splade_embedder"},
+              "bge_m3_embedder": {"checkpoint": str(bge_m3), "served_model_name": "bge_m3_embedder"}}
     log_dir = tmp_path_factory.mktemp("token_outputs")
     with TritonServer(MODEL_REPOSITORY, models, log_path=log_dir / "triton.log", ready_timeout_s=480) as server:
         with running_adapter(server, log_dir) as url:
@@ -142,7 +153,8 @@ def test_splade_vectors_and_teis_sparse_entries(stack, splade):
     texts = [QUERY, *DOCUMENTS]
     reference = [vector.numpy() for vector in splade_reference(splade, texts)]
     embedded = post(url, "/v1/embeddings", {"model": "splade_embedder", "input": texts})["data"]
-    response = httpx.post(f"{url}/embed_sparse", json={"inputs": texts}, timeout=TIMEOUT_S)
+    response = httpx.post(f"{url}/embed_sparse", json={"model": "splade_embedder", "inputs": texts},
+                          timeout=TIMEOUT_S)
     assert response.status_code == 200, response.text
     for expected, item, entries in zip(reference, embedded, response.json()):
         np.testing.assert_allclose(np.array(item["embedding"]), expected, rtol=1e-5, atol=1e-5)
@@ -152,3 +164,27 @@ def test_splade_vectors_and_teis_sparse_entries(stack, splade):
     refused = httpx.post(f"{url}/embed_sparse", json={"model": "colbert_embedder", "inputs": QUERY}, timeout=TIMEOUT_S)
     assert refused.status_code == 424 and refused.json() == {
         "error": "Backend error: Model is not an embedding model with SPLADE pooling", "error_type": "Backend"}
+
+
+def test_bge_m3_answers_dense_colbert_and_lexical_outputs_from_one_model(stack, bge_m3):
+    url = stack[0]
+    texts = [QUERY, *DOCUMENTS]
+    reference = bge_m3_reference(bge_m3, texts)
+    model = {"model": "bge_m3_embedder"}
+    dense = post(url, "/v1/embeddings", {**model, "input": texts})["data"]
+    colbert = post(url, "/pooling", {**model, "task": "token_embed", "input": texts})["data"]
+    weights = post(url, "/pooling", {**model, "task": "token_classify", "input": texts})["data"]
+    response = httpx.post(f"{url}/embed_sparse", json={**model, "inputs": texts}, timeout=TIMEOUT_S)
+    assert response.status_code == 200, response.text
+    for expected, vector, vectors, weight, entries in zip(reference, dense, colbert, weights, response.json()):
+        np.testing.assert_allclose(vector["embedding"], expected["dense"].numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(vectors["data"], expected["colbert"].numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(weight["data"], expected["weights"].numpy(), rtol=1e-5, atol=1e-5)
+        lexical = expected["lexical"]
+        assert [entry["index"] for entry in entries] == sorted(lexical)
+        np.testing.assert_allclose([entry["value"] for entry in entries], [lexical[i] for i in sorted(lexical)],
+                                   rtol=1e-5, atol=1e-5)
+    assert any(reference[index]["lexical"] for index in range(len(texts)))
+    scores = post(url, "/score", {**model, "text_1": QUERY, "text_2": DOCUMENTS})["data"]
+    cosine = [float(reference[0]["dense"] @ expected["dense"]) for expected in reference[1:]]
+    np.testing.assert_allclose([item["score"] for item in scores], cosine, rtol=1e-5, atol=1e-5)

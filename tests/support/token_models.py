@@ -153,3 +153,60 @@ def splade_reference(directory: Path, texts: list[str]) -> list[torch.Tensor]:
             else:
                 vectors.append(torch.log1p(torch.relu(logits[start:end])).max(dim=0).values)
     return vectors
+
+
+def bge_m3_checkpoint(directory: Path, seed: int = 0) -> Path:
+    """A tiny random BGE-M3 laid out as BAAI/bge-m3: an ``XLMRobertaModel`` checkpoint (``architectures:
+    ["XLMRobertaModel"]``, no sentence-transformers files) with FlagEmbedding's heads saved beside it as
+    ``torch.save(linear.state_dict())``: ``sparse_linear.pt`` (``Linear(hidden, 1)``) and ``colbert_linear.pt``
+    (``Linear(hidden, hidden)``)."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = roberta_tokenizer(directory)
+    config = tf.XLMRobertaConfig(vocab_size=len(tokenizer), type_vocab_size=1, pad_token_id=1, bos_token_id=0,
+                                 eos_token_id=2, **{**ENCODER, "max_position_embeddings": 130})
+    tf.XLMRobertaModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    for name, width in (("sparse_linear", 1), ("colbert_linear", config.hidden_size)):
+        linear = torch.nn.Linear(config.hidden_size, width)
+        torch.nn.init.normal_(linear.weight, std=0.3)
+        torch.nn.init.normal_(linear.bias, std=0.3)
+        if name == "sparse_linear":
+            linear.bias.data.fill_(-0.1)  # many tokens' weights negative: their relu is zero
+        torch.save(linear.state_dict(), directory / f"{name}.pt")
+    return directory
+
+
+def bge_m3_reference(directory: Path, texts: list[str]) -> list[dict]:
+    """BGE-M3's outputs of each text alone (fp32, CPU) from ``XLMRobertaModel(x).last_hidden_state`` ``h`` and the two
+    heads: ``dense`` normalize(h[0]); ``colbert`` normalize(colbert_linear(h[1:])) (vLLM drops only BOS, keeps
+    ``</s>``); ``weights`` relu(sparse_linear(h[1:-1]))[:, 0] (BOS and EOS dropped); ``ids`` the token ids
+    (every one); ``lexical`` FlagEmbedding's ``_process_token_weights``: {token id: max weight} over every token,
+    skipping the cls / eos / pad / unk ids and weights <= 0."""
+    import transformers as tf
+
+    tokenizer = tf.AutoTokenizer.from_pretrained(str(directory))
+    body = tf.XLMRobertaModel.from_pretrained(str(directory), attn_implementation="eager").eval()
+    heads = {}
+    for name in ("sparse_linear", "colbert_linear"):
+        state = torch.load(directory / f"{name}.pt", weights_only=True)
+        heads[name] = torch.nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
+        heads[name].load_state_dict(state)
+    skipped = {tokenizer.cls_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id}
+    outputs = []
+    with torch.inference_mode():
+        for text in texts:
+            encoded = tokenizer(text, return_tensors="pt")
+            hidden = body(**encoded).last_hidden_state[0]
+            weights = torch.relu(heads["sparse_linear"](hidden))[:, 0]
+            ids = encoded["input_ids"][0].tolist()
+            lexical: dict[int, float] = {}
+            for token, weight in zip(ids, weights.tolist()):
+                if token not in skipped and weight > 0:
+                    lexical[token] = max(weight, lexical.get(token, 0.0))
+            outputs.append({"dense": torch.nn.functional.normalize(hidden[0], dim=-1),
+                            "colbert": torch.nn.functional.normalize(heads["colbert_linear"](hidden[1:]), dim=-1),
+                            "weights": weights[1:-1], "ids": ids, "lexical": lexical})
+    return outputs

@@ -49,6 +49,7 @@ def test_every_repository_config_is_short_and_completes_to_the_shared_contract()
         assert [o["name"] for o in config["output"]] == {
             "embed": ["embeddings", "pooled"], "token_embed": ["token_embeddings", "token_projected", "maxsim_scores"],
             "token_classify": ["token_logits"], "sparse_embed": ["sparse"],
+            "bge_m3": ["embeddings", "pooled", "token_embeddings", "token_projected", "token_logits"],
         }.get(family.output_kind, ["logits", "scores"])
         assert config["dynamic_batching"]["default_queue_policy"]["max_queue_size"] > 0
 

@@ -73,7 +73,9 @@ def test_every_tokens_logits_match_transformers(checkpoints, kind, body):
     logits = engine.run(batch)["token_logits"]
     expected = torch.cat(token_classifier_reference(checkpoint, sentences))
     assert logits.shape == (int(batch.cu_seqlens[-1]), len(TOKEN_LABELS))
-    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    # fp32 on the CPU: the engine's padded chunks and the reference's padding are matmuls of other shapes, whose
+    # reduction order (and the threads that run it) moves logits of ~7 by up to a few 1e-5; a wrong row is off by 0.1+.
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-4)
 
 
 def test_each_request_gets_its_padded_logits_and_calibration_applies(checkpoints):

@@ -3,7 +3,9 @@ bytes): class probabilities (or logits) of a classifier, the vector of an embedd
 vector of a late-interaction (ColBERT) model (``task: token_embed``: ``[n_tokens][D]`` floats; base64 holds
 the flattened bytes; ``bytes`` metadata gives the shape ``[n_tokens, D]``), every token's label probabilities
 of a token classifier (``task: token_classify``: ``[n_tokens][num_labels]``, or STEP pooling's
-``[n_steps][k]``, :mod:`poolserve_adapter.base.token_classes`)."""
+``[n_steps][k]``, :mod:`poolserve_adapter.base.token_classes`). BGE-M3 answers all three of its tasks from one
+forward: ``embed`` its dense vector, ``token_embed`` its ColBERT vectors without the BOS row, ``token_classify``
+one lexical weight per token without the BOS and EOS rows (``[n_tokens]``, as vLLM's ``BgeM3EmbeddingModel``)."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from poolserve_adapter.base.embedding import (
 from poolserve_adapter.base.encoding import encode_prompts
 from poolserve_adapter.base.protocol import UsageInfo, now
 from poolserve_adapter.base.serving import ServeContext, Serving
-from poolserve_adapter.base.token_classes import token_class_rows
+from poolserve_adapter.base.token_classes import bos_eos_filtered, lexical_weight_rows, token_class_rows
 from poolserve_adapter.errors import BadRequestError
 from poolserve_adapter.pooling.protocol import PoolingData, PoolingRequest, PoolingResponse
 from poolserve_adapter.tokenization import Encoded
@@ -32,11 +34,12 @@ class ServingPooling(Serving[PoolingRequest]):
     @staticmethod
     def plan(ctx: ServeContext[PoolingRequest]) -> EmbeddingPlan:
         """An embedding model's vectors; a classifier's scores, or its logits with ``use_activation: false``."""
-        if ctx.model.task == "embed":
+        task = ctx.request.task or ctx.model.task
+        if task == "embed":
             return plan_embeddings(ctx.model, ctx.request.use_activation, None)
-        if ctx.model.task == "token_embed":
+        if task == "token_embed":
             return token_embedding_output(ctx.request.use_activation)
-        if ctx.model.task == "token_classify":  # logits always: the activation comes after STEP's columns
+        if task == "token_classify":  # logits always: the activation comes after STEP's columns
             return EmbeddingPlan("token_logits")
         return EmbeddingPlan("logits" if ctx.request.use_activation is False else "scores")
 
@@ -45,8 +48,8 @@ class ServingPooling(Serving[PoolingRequest]):
         if request.dimensions is not None:
             raise BadRequestError("dimensions is currently not supported", param="dimensions")
         task = request.task or model.task
-        if task != model.task:
-            raise BadRequestError(f"Unsupported task: {task!r} Supported tasks: ({model.task!r},)")
+        if task not in model.pooling_tasks:
+            raise BadRequestError(f"Unsupported task: {task!r} Supported tasks: {model.pooling_tasks!r}")
         ctx.options = request.prompt_options(model.max_model_len, request.add_special_tokens)
 
     def item_count(self, request: PoolingRequest) -> int:
@@ -59,10 +62,16 @@ class ServingPooling(Serving[PoolingRequest]):
         return self.plan(ctx).output
 
     def respond(self, ctx: ServeContext[PoolingRequest]) -> PoolingResponse | Response:
-        request = ctx.request
-        if ctx.model.task == "token_embed":
+        request, task = ctx.request, ctx.request.task or ctx.model.task
+        if task == "token_embed" and ctx.model.lexical_weights:  # BGE-M3: the BOS row dropped, </s> kept
+            rows = bos_eos_filtered(token_rows(ctx.output, ctx.encoded.lengths), ctx.encoded.input_ids,
+                                    ctx.model.bos_token_id, None)
+        elif task == "token_classify" and ctx.model.lexical_weights:
+            rows = lexical_weight_rows(ctx.model, ctx.output, ctx.encoded.input_ids, ctx.encoded.lengths,
+                                       request.use_activation)
+        elif task == "token_embed":
             rows = token_rows(ctx.output, ctx.encoded.lengths)
-        elif ctx.model.task == "token_classify":
+        elif task == "token_classify":
             rows = token_class_rows(ctx.model, ctx.output, ctx.encoded.input_ids, ctx.encoded.lengths,
                                     request.use_activation)
         else:

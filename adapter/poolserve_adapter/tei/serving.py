@@ -5,7 +5,11 @@ inputs), the model (not a SPLADE model: 424 Backend), then each input (empty, ``
 
 Inputs are tokenized as TEI does (``core/src/tokenization.rs::encode_input``): the prompt's text prepended, special
 tokens added, and with ``truncate`` the tokenizer's own truncation to the model's maximum length on the side asked
-(special tokens kept); without it a longer input is refused."""
+(special tokens kept); without it a longer input is refused.
+
+BGE-M3 (a model with lexical weights) answers it from its per-token weights, as FlagEmbedding's
+``_process_token_weights`` makes its ``lexical_weights``: each token id's largest relu'd weight, the ids of the
+tokenizer's cls, eos, pad and unk tokens skipped, and weights <= 0 left out; listed in index order."""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import numpy as np
 import orjson
 from fastapi.responses import Response
 
+from poolserve_adapter.base.embedding import token_rows
 from poolserve_adapter.base.serving import ServeContext, Serving
 from poolserve_adapter.errors import Flavour, TeiError
 from poolserve_adapter.registry import ServedModel
@@ -100,6 +105,23 @@ def sparse_entries(row: np.ndarray) -> list[dict]:
     return [{"index": int(index), "value": value} for index, value in zip(indices.tolist(), row[indices])]
 
 
+def lexical_entries(ids: np.ndarray, weights: np.ndarray, skipped: set[int]) -> list[dict]:
+    """One prompt's ``{"index": token id, "value": its largest weight}`` in index order (``ids`` and ``weights``
+    aligned, one per token): ids in ``skipped`` and weights <= 0 left out."""
+    largest: dict[int, np.float32] = {}
+    for token, weight in zip(ids.tolist(), weights):
+        if token not in skipped and weight > largest.get(token, 0):  # a weight <= 0 never enters
+            largest[token] = weight
+    return [{"index": token, "value": largest[token]} for token in sorted(largest)]
+
+
+def skipped_token_ids(model: ServedModel) -> set[int]:
+    """FlagEmbedding's unused tokens: the ids of the tokenizer's cls, eos, pad and unk tokens."""
+    tokenizer = model.encoder.tokenizer
+    ids = (tokenizer.cls_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id)
+    return {int(token) for token in ids if token is not None}
+
+
 class ServingEmbedSparse(Serving[EmbedSparseRequest]):
     capability = "can_embed_sparse"
     # TEI serves one model: the one named when it is served, else the first sparse embedder, else any model
@@ -130,12 +152,17 @@ class ServingEmbedSparse(Serving[EmbedSparseRequest]):
                                request.truncation_direction.lower())
 
     def output_name(self, ctx: ServeContext[EmbedSparseRequest]) -> str:
-        return "sparse"
+        return "token_logits" if ctx.model.lexical_weights else "sparse"
 
     def respond(self, ctx: ServeContext[EmbedSparseRequest]) -> Response:
-        rows = np.asarray(ctx.output, dtype=np.float32)
-        return Response(orjson.dumps([sparse_entries(row) for row in rows], option=orjson.OPT_SERIALIZE_NUMPY),
-                        media_type="application/json")
+        if ctx.model.lexical_weights:
+            encoded, skipped = ctx.encoded, skipped_token_ids(ctx.model)
+            weights = token_rows(np.asarray(ctx.output, dtype=np.float32), encoded.lengths)
+            entries = [lexical_entries(encoded.input_ids[index, :len(rows)], rows[:, 0], skipped)
+                       for index, rows in enumerate(weights)]
+        else:
+            entries = [sparse_entries(row) for row in np.asarray(ctx.output, dtype=np.float32)]
+        return Response(orjson.dumps(entries, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
 
 
 serving_embed_sparse = ServingEmbedSparse()
