@@ -60,6 +60,9 @@ SGLANG_PATH_PREFIX = "/sglang/"
 # Also SGLang-flavoured: any operation whose OpenAPI 400 answer is this component (e.g. /v1/rerank
 # when the adapter is switched to SGLang's rerank there).
 SGLANG_ERROR_COMPONENT = "#/components/schemas/SGLangErrorResponse"
+# TEI's routes and its ErrorType names as serde writes them (text-embeddings-inference router/src/http/types.rs).
+TEI_PATHS = {"/embed_sparse"}
+TEI_ERROR_TYPES = {"Unhealthy", "Backend", "Overloaded", "Validation", "Tokenizer", "Empty"}
 
 # Module-level tally of what actually went over the wire (asserted at the end of the test).
 SENT = collections.Counter()
@@ -86,6 +89,8 @@ def flavour_of(path: str, body: object, declared_sglang: frozenset[str] = frozen
         return "sglang"
     if path == "/encode":  # SGLang's native embedding route: native errors, flat validation errors
         return "sglang_native"
+    if path in TEI_PATHS:  # TEI's routes answer TEI's {error, error_type}
+        return "tei"
     if (
         path == "/classify"
         and isinstance(body, dict)
@@ -146,10 +151,20 @@ def sglang_native_problems(body: object, status: int) -> list[str]:
     return [f"neither SGLang native {{'error': {{'message': str}}}} nor the flat shape: {body!r:.300}"]
 
 
+def tei_problems(body: object, status: int) -> list[str]:
+    """TEI's error body: {"error": str, "error_type": one of its ErrorType names} (router/src/http/types.rs)."""
+    if not isinstance(body, dict) or set(body) != {"error", "error_type"} or not isinstance(body["error"], str):
+        return [f"not TEI's {{'error': str, 'error_type': str}} shape: {body!r:.300}"]
+    if body["error_type"] not in TEI_ERROR_TYPES:
+        return [f"error_type {body['error_type']!r} is not one of TEI's {sorted(TEI_ERROR_TYPES)}"]
+    return []
+
+
 ERROR_SHAPE_CHECKS = {
     "vllm": vllm_error_problems,
     "sglang": sglang_flat_problems,
     "sglang_native": sglang_native_problems,
+    "tei": tei_problems,
 }
 
 

@@ -60,7 +60,7 @@ def triton_model(monkeypatch):
 
 
 def failing_model(module):
-    def run(batch, images):
+    def run(batch, images, wanted):
         raise RuntimeError("CUDA out of memory (simulated)")
 
     model = module.PackedTritonModel()
