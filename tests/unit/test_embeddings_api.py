@@ -298,6 +298,17 @@ def test_bytes_body_with_metadata_and_bytes_only(api):
     np.testing.assert_array_equal(np.frombuffer(only.content, "=f4").reshape(3, WIDTH), expected)
 
 
+def test_bytes_metadata_header_carries_any_request_id(api):
+    """The id echoes the body's request_id, which may hold any Unicode; a header is latin-1, so the JSON in it
+    escapes what it cannot carry (the schema fuzz once got a 500 here)."""
+    client, _ = api
+    request_id = "\u00baA\U00075ccc\u0014\u00eb"
+    response = embed(client, input=TEXTS[0], encoding_format="bytes", request_id=request_id)
+    assert response.status_code == 200, response.text
+    assert response.headers["metadata"].isascii()
+    assert json.loads(response.headers["metadata"])["id"] == f"embd-{request_id}"
+
+
 @pytest.mark.parametrize("field, value", [
     ("encoding_format", "hex"), ("embed_dtype", "fp8_e4m3"), ("embed_dtype", "int8"), ("endianness", "middle"),
 ])

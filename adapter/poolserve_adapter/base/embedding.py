@@ -18,13 +18,13 @@ each sequence's ``[tokens, D]`` out of it.
 from __future__ import annotations
 
 import base64
+import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-import orjson
 from fastapi.responses import Response
 from pydantic import Field
 
@@ -143,10 +143,10 @@ def bytes_response(rows: Items, fields: EncodingFields, *, response_id: str, cre
         items = [{"index": i, "embed_dtype": fields.embed_dtype, "endianness": fields.endianness,
                   "start": end - binary.nbytes, "end": end, "shape": list(binary.shape)}
                  for i, (binary, end) in enumerate(zip(binaries, ends))]
-        # vLLM writes the header with json.dumps's separators; orjson's compact form parses the same.
-        headers = {"metadata": orjson.dumps({"id": response_id, "created": created, "model": model, "data": items,
-                                             "usage": {"prompt_tokens": prompt_tokens,
-                                                       "total_tokens": prompt_tokens}}).decode()}
+        # json.dumps as vLLM writes it: ensure_ascii escapes what a header cannot carry (HTTP headers are latin-1;
+        # a request_id of any Unicode, echoed in the id, would otherwise fail the response).
+        headers = {"metadata": json.dumps({"id": response_id, "created": created, "model": model, "data": items,
+                                           "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}})}
     return Response(b"".join(binary.tobytes() for binary in binaries), media_type="application/octet-stream",
                     headers=headers)
 
