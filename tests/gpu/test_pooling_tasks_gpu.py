@@ -20,7 +20,12 @@ from poolserve_runtime.engine import PackedEngine
 from poolserve_runtime.packing import PackedBatch, RequestSequences
 from poolserve_runtime.settings import ModelSettings
 from tests.support.tiny_models import random_text
-from tests.support.token_models import bge_m3_checkpoint, colbert_checkpoint, splade_checkpoint, token_classifier_checkpoint
+from tests.support.token_models import (
+    bge_m3_checkpoint,
+    colbert_checkpoint,
+    splade_checkpoint,
+    token_classifier_checkpoint,
+)
 from tests.unit.test_embedding_families import sentence_transformer_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -31,8 +36,12 @@ DENSE_OUTPUTS = ("embeddings", "pooled")
 TOKEN_CASES = {
     "colbert": (colbert_checkpoint, "colbert", "", ("token_embeddings", "token_projected", "maxsim_scores")),
     "splade": (splade_checkpoint, "splade", "BertSpladeSparseEmbeddingModel", ("sparse",)),
-    "bge_m3": (bge_m3_checkpoint, "bge_m3", "BgeM3EmbeddingModel",
-               ("embeddings", "pooled", "token_embeddings", "token_projected", "token_logits")),
+    "bge_m3": (
+        bge_m3_checkpoint,
+        "bge_m3",
+        "BgeM3EmbeddingModel",
+        ("embeddings", "pooled", "token_embeddings", "token_projected", "token_logits"),
+    ),
     "token_classifier": (token_classifier_checkpoint, "bert_token_classifier", "", ("token_logits",)),
 }
 
@@ -42,13 +51,25 @@ def texts() -> list[str]:
     return [random_text(rng, words) for words in (1, 17, 3, 30, 8, 2, 25, 12)]
 
 
-def load(checkpoint: Path, family, outputs: tuple[str, ...], device: str, dtype: torch.dtype,
-         architecture: str = "") -> PackedEngine:
+def load(
+    checkpoint: Path, family, outputs: tuple[str, ...], device: str, dtype: torch.dtype, architecture: str = ""
+) -> PackedEngine:
     on_gpu = device == "cuda"
-    settings = ModelSettings(model_name="pooling", checkpoint=str(checkpoint), device=torch.device(device),
-                             dtype=dtype, max_tokens_per_forward=64, max_model_len=0, logit_mean=0.0, logit_sigma=1.0,
-                             attention="varlen" if on_gpu else "padded", output_names=outputs, compile="none",
-                             cuda_graph_max_tokens=64 if on_gpu else 0, architecture=architecture)
+    settings = ModelSettings(
+        model_name="pooling",
+        checkpoint=str(checkpoint),
+        device=torch.device(device),
+        dtype=dtype,
+        max_tokens_per_forward=64,
+        max_model_len=0,
+        logit_mean=0.0,
+        logit_sigma=1.0,
+        attention="varlen" if on_gpu else "padded",
+        output_names=outputs,
+        compile="none",
+        cuda_graph_max_tokens=64 if on_gpu else 0,
+        architecture=architecture,
+    )
     return PackedEngine.load(family, settings)
 
 
@@ -69,8 +90,13 @@ def assert_gpu_equals_cpu(checkpoint: Path, family, outputs: tuple[str, ...], ar
     on_cpu = load(checkpoint, family, outputs, "cpu", torch.float32, architecture).run(batch)
     on_gpu = load(checkpoint, family, outputs, "cuda", torch.float32, architecture).run(batch)
     for name in outputs:
-        torch.testing.assert_close(on_gpu[name].cpu().float(), on_cpu[name].float(), rtol=1e-4, atol=1e-4,
-                                   msg=lambda message, name=name: f"{name}: {message}")
+        torch.testing.assert_close(
+            on_gpu[name].cpu().float(),
+            on_cpu[name].float(),
+            rtol=1e-4,
+            atol=1e-4,
+            msg=lambda message, name=name: f"{name}: {message}",
+        )
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +126,9 @@ def test_dense_embedders_bf16_within_the_references_bf16_noise(dense_checkpoints
     ours_error = 1 - torch.nn.functional.cosine_similarity(ours["embeddings"].double(), exact, dim=1)
     their_error = 1 - torch.nn.functional.cosine_similarity(theirs, exact, dim=1)
     bound = max(3 * float(their_error.max()), 1e-4)
-    print(f"{kind}: 1-cos ours {float(ours_error.max()):.2e}, sentence-transformers bf16 {float(their_error.max()):.2e}")
+    print(
+        f"{kind}: 1-cos ours {float(ours_error.max()):.2e}, sentence-transformers bf16 {float(their_error.max()):.2e}"
+    )
     assert float(ours_error.max()) <= bound
 
 
