@@ -1,9 +1,9 @@
 """The embedding routes against the real stack serving the built-in embedder (``poolserve serve --model
 builtin:all-MiniLM-L6-v2``: Triton and the adapter, as ``make serve`` runs them), read by unchanged clients.
 
-The OpenAI SDK's ``embeddings.create`` (its default asks for base64 and decodes it) must give exactly the
-float path's vectors, and both must match sentence-transformers' own encode of the same checkpoint on the
-CPU. The Cohere SDK requires ``input_type``, and MiniLM defines no prompts: the SDK must surface vLLM's
+The OpenAI SDK's ``embeddings.create`` (its default asks for base64 and decodes it) and LangChain's
+``OpenAIEmbeddings`` (over that SDK) must give exactly the float path's vectors, and all must match
+sentence-transformers' own encode of the same checkpoint on the CPU. The Cohere SDK requires ``input_type``, and MiniLM defines no prompts: the SDK must surface vLLM's
 400 as ``cohere.BadRequestError``; Cohere's body without ``input_type`` is served (plain HTTP). The SDK's
 success path over a model with prompts is in tests/unit/test_embeddings_api.py.
 """
@@ -11,6 +11,7 @@ success path over a model with prompts is in tests/unit/test_embeddings_api.py.
 from __future__ import annotations
 
 import json
+import socket
 
 import cohere
 import httpx
@@ -70,6 +71,35 @@ def test_openai_sdk_equals_the_float_path_and_sentence_transformers(stack_url, r
     assert result.model == MINILM and result.usage.prompt_tokens > len(TEXTS)
     with pytest.raises(openai.BadRequestError, match="does not support Matryoshka embeddings"):
         client.embeddings.create(model=MINILM, input=TEXTS, dimensions=128)
+
+
+def test_langchain_openai_embeddings_equal_the_float_path_and_sentence_transformers(stack_url, reference,
+                                                                                   monkeypatch):
+    """LangChain's ``OpenAIEmbeddings`` set up as vLLM's docs set it up: ``check_embedding_ctx_length=False``
+    sends the texts themselves (no tiktoken, which would download its encodings first) and leaves
+    ``encoding_format`` to the OpenAI SDK, which asks for base64. Nothing but our server may be reached."""
+    from langchain_openai import OpenAIEmbeddings
+
+    for tracing in ("LANGSMITH_TRACING", "LANGCHAIN_TRACING_V2", "LANGCHAIN_TRACING"):
+        monkeypatch.delenv(tracing, raising=False)
+    connect = socket.socket.connect
+
+    def connect_to_our_server_only(sock, address):
+        assert address[0] == "127.0.0.1", f"LangChain connected to {address}, not to our server"
+        return connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect_to_our_server_only)
+    sent: list[dict] = []
+    http_client = httpx.Client(event_hooks={"request": [lambda request: sent.append(json.loads(request.content))]})
+    embeddings = OpenAIEmbeddings(model=MINILM, base_url=f"{stack_url}/v1", api_key="unused",
+                                  check_embedding_ctx_length=False, timeout=TIMEOUT_S, http_client=http_client)
+    documents = np.array(embeddings.embed_documents(TEXTS), dtype=np.float32)
+    query = np.array(embeddings.embed_query(TEXTS[0]), dtype=np.float32)
+    assert sent == [{"input": TEXTS, "model": MINILM, "encoding_format": "base64"},
+                    {"input": [TEXTS[0]], "model": MINILM, "encoding_format": "base64"}]
+    np.testing.assert_array_equal(documents, float_path(stack_url))
+    assert cosines(documents, reference).min() >= 0.9999
+    assert cosines(query[None], reference[:1]).min() >= 0.9999
 
 
 def test_bytes_and_the_unnormalised_output(stack_url):

@@ -20,6 +20,7 @@ import openai
 import pytest
 import torch
 
+from poolserve_adapter.base.embedding import float8_bits
 from poolserve_adapter.registry import ServedModel
 from poolserve_adapter.tokenization import Encoded, TextEncoder
 from tests.support.fake_triton import HealthyGateway, app_over
@@ -277,6 +278,65 @@ def test_bfloat16_is_torchs_rounding(api):
         assert torch.equal(decoded, expected)
 
 
+FLOAT8 = [("fp8_e4m3", torch.float8_e4m3fn), ("fp8_e5m2", torch.float8_e5m2)]
+
+
+def torch_float8_bits(values: np.ndarray, torch_dtype: torch.dtype) -> np.ndarray:
+    """vLLM's cast (``tensor2binary``): torch's ``.to`` the float8 type, viewed as its bytes."""
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(torch_dtype).view(torch.uint8).numpy()
+
+
+def float8_edge_values(torch_dtype: torch.dtype) -> np.ndarray:
+    """Every finite float8 value (subnormals and ±max among them), every midpoint between neighbours (the ties
+    that round to even, the half of the smallest subnormal too), values beyond the largest up to float32's
+    largest, infinities and NaNs; each with the float32 just either side of it, and negated."""
+    finite = torch.arange(256, dtype=torch.uint8).view(torch_dtype).float().numpy()
+    finite = np.unique(finite[np.isfinite(finite)])
+    midpoints = (finite[:-1] + finite[1:]) / 2
+    beyond = finite[-1] * np.array([1.01, 1.0625, 1.125, 1.5, 2, 1e3, 1e30], dtype=np.float32)
+    special = np.array([np.inf, np.nan, np.finfo(np.float32).max, np.finfo(np.float32).smallest_subnormal],
+                       dtype=np.float32)
+    values = np.concatenate([finite, midpoints, beyond, special]).astype(np.float32)
+    with np.errstate(over="ignore"):  # float32's largest, stepped up, is infinity: meant
+        values = np.concatenate([values, np.nextafter(values, np.float32(np.inf)),
+                                 np.nextafter(values, np.float32(-np.inf))])
+    return np.concatenate([values, -values])
+
+
+@pytest.mark.parametrize("embed_dtype, torch_dtype", FLOAT8)
+def test_float8_cast_is_torchs_bit_for_bit(embed_dtype, torch_dtype):
+    """Round to nearest even, subnormals, e4m3fn saturating to ±448 (infinities too), e5m2 overflowing to ±inf,
+    NaN as 0x7F with its sign: on every edge, random values at many scales and random float32 bit patterns."""
+    rng = np.random.default_rng(25)
+    scales = np.float32(10.0) ** rng.integers(-8, 7, 200_000).astype(np.float32)
+    values = np.concatenate([float8_edge_values(torch_dtype), rng.standard_normal(200_000).astype(np.float32) * scales,
+                             rng.integers(0, 2 ** 32, 200_000, dtype=np.uint64).astype(np.uint32).view(np.float32)])
+    np.testing.assert_array_equal(float8_bits(values, embed_dtype), torch_float8_bits(values, torch_dtype))
+
+
+@pytest.mark.parametrize("embed_dtype, torch_dtype", FLOAT8)
+def test_float8_base64_and_bytes_are_one_byte_a_value_in_any_byte_order(api, embed_dtype, torch_dtype):
+    """vLLM views the cast as uint8, so its byte swap for a non-native order changes nothing."""
+    client, _ = api
+    expected = torch_float8_bits(float_vectors(client, input=TEXTS), torch_dtype)
+    assert np.count_nonzero(expected) > WIDTH  # the vectors are not all zeros in float8
+    for endianness in ("native", "little", "big"):
+        body = embed(client, input=TEXTS, encoding_format="base64", embed_dtype=embed_dtype,
+                     endianness=endianness).json()
+        np.testing.assert_array_equal([np.frombuffer(base64.b64decode(item["embedding"]), np.uint8)
+                                       for item in body["data"]], expected)
+    response = embed(client, input=TEXTS, encoding_format="bytes", embed_dtype=embed_dtype, endianness="big")
+    metadata = json.loads(response.headers["metadata"])
+    assert metadata["data"] == [{"index": i, "embed_dtype": embed_dtype, "endianness": "big", "start": i * WIDTH,
+                                 "end": (i + 1) * WIDTH, "shape": [WIDTH]} for i in range(3)]
+    assert response.content == expected.tobytes()
+    only = embed(client, input=TEXTS, encoding_format="bytes_only", embed_dtype=embed_dtype, endianness="little")
+    assert "metadata" not in only.headers and only.content == expected.tobytes()
+    pooling = client.post("/pooling", json={"model": "minilm", "input": TEXTS, "encoding_format": "base64",
+                                            "embed_dtype": embed_dtype}).json()
+    assert [base64.b64decode(item["data"]) for item in pooling["data"]] == [row.tobytes() for row in expected]
+
+
 def test_bytes_body_with_metadata_and_bytes_only(api):
     client, gateway = api
     expected = float_vectors(client, input=TEXTS)
@@ -310,7 +370,7 @@ def test_bytes_metadata_header_carries_any_request_id(api):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("encoding_format", "hex"), ("embed_dtype", "fp8_e4m3"), ("embed_dtype", "int8"), ("endianness", "middle"),
+    ("encoding_format", "hex"), ("embed_dtype", "fp8_e4m3fn"), ("embed_dtype", "int8"), ("endianness", "middle"),
 ])
 def test_out_of_range_formats_are_validation_errors(api, field, value):
     client, gateway = api

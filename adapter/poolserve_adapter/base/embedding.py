@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import ml_dtypes
 import numpy as np
 from fastapi.responses import Response
 from pydantic import Field
@@ -32,9 +33,12 @@ from poolserve_adapter.base.protocol import OpenAIBaseModel
 from poolserve_adapter.errors import BadRequestError
 from poolserve_adapter.registry import ServedModel
 
-EmbedDType = Literal["float32", "float16", "bfloat16"]
+EmbedDType = Literal["float32", "float16", "bfloat16", "fp8_e4m3", "fp8_e5m2"]
 Endianness = Literal["native", "big", "little"]
 NORM_EPSILON = 1e-12  # torch.nn.functional.normalize's floor on the norm, as vLLM's PoolerNormalize
+# vLLM's fp8 embed_dtypes are torch's float8_e4m3fn and float8_e5m2 (vllm/utils/serial_utils.py).
+FLOAT8_TYPES = {"fp8_e4m3": ml_dtypes.float8_e4m3fn, "fp8_e5m2": ml_dtypes.float8_e5m2}
+FLOAT8_E4M3_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448: e4m3fn has no infinity
 
 
 class EncodingFields(OpenAIBaseModel):
@@ -46,7 +50,8 @@ class EncodingFields(OpenAIBaseModel):
         "start, end, shape, embed_dtype and endianness); bytes_only: the body without the header.",
     )
     embed_dtype: EmbedDType = Field("float32", description="Element type of the base64 and bytes formats "
-                                    "(bfloat16: rounded to nearest even, sent as its 16 bits).")
+                                    "(bfloat16: rounded to nearest even, sent as its 16 bits; fp8_e4m3 / "
+                                    "fp8_e5m2: float8 e4m3fn / e5m2 rounded to nearest even, one byte each).")
     endianness: Endianness = Field("native", description="Byte order of the base64 and bytes formats "
                                    "(native: this server's, little-endian on x86 and arm64).")
 
@@ -108,10 +113,29 @@ def bfloat16_bits(values: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(values), np.uint16(0x7FC0), rounded)
 
 
+def float8_bits(values: np.ndarray, embed_dtype: Literal["fp8_e4m3", "fp8_e5m2"]) -> np.ndarray:
+    """float32 → float8 as torch's CPU ``Tensor.to(torch.float8_e4m3fn / float8_e5m2)`` (torch 2.13), as uint8
+    bits: rounded to nearest even; e4m3fn saturates to ±448 beyond its range, infinities included, where
+    ml_dtypes alone gives NaN; e5m2 overflows to ±inf as ml_dtypes does; a NaN is 0x7F with its sign bit in
+    both (ml_dtypes writes e5m2's as 0x7E)."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    in_range = np.clip(values, -FLOAT8_E4M3_MAX, FLOAT8_E4M3_MAX) if embed_dtype == "fp8_e4m3" else values
+    with np.errstate(over="ignore", invalid="ignore"):  # e5m2's overflow to inf and NaN are meant
+        bits = in_range.astype(FLOAT8_TYPES[embed_dtype]).view(np.uint8)
+    nan_bits = np.where(np.signbit(values), np.uint8(0xFF), np.uint8(0x7F))
+    return np.where(np.isnan(values), nan_bits, bits)
+
+
 def to_binary(rows: np.ndarray, embed_dtype: EmbedDType, endianness: Endianness) -> np.ndarray:
-    """The rows as vLLM's ``tensor2binary`` writes them: cast to ``embed_dtype`` (bfloat16 as its bits), byte
-    order swapped only when the requested order is not this machine's. An array: ``.tobytes()`` is the wire."""
-    cast = bfloat16_bits(rows) if embed_dtype == "bfloat16" else np.ascontiguousarray(rows, dtype=embed_dtype)
+    """The rows as vLLM's ``tensor2binary`` writes them: cast to ``embed_dtype`` (bfloat16 and float8 as their
+    bits), byte order swapped only when the requested order is not this machine's (a no-op on float8's single
+    bytes, as in vLLM). An array: ``.tobytes()`` is the wire."""
+    if embed_dtype == "bfloat16":
+        cast = bfloat16_bits(rows)
+    elif embed_dtype in FLOAT8_TYPES:
+        cast = float8_bits(rows, embed_dtype)
+    else:
+        cast = np.ascontiguousarray(rows, dtype=embed_dtype)
     order = sys.byteorder if endianness == "native" else endianness
     return cast.byteswap() if order != sys.byteorder else cast
 
