@@ -85,7 +85,8 @@ def model_card(parameters: ModelParameters, family: FamilyDeclaration | None, ch
     """The card of a model: ``checkpoint`` resolved, ``family`` None for a folder that is not the runtime's,
     ``token_type_input`` whether the model takes ``token_type_ids``. ``local_files_only``: a hub
     checkpoint is read from the local cache only (nothing is downloaded)."""
-    if family is not None and family.vision:
+    # Families whose config.json transformers cannot read as it is (vision, NomicBERT) read it themselves.
+    if family is not None and hasattr(family, "checkpoint_config"):
         config = family.checkpoint_config(checkpoint, local_files_only)
     else:
         config = checkpoint_config(checkpoint, parameters.trust_remote_code, local_files_only)

@@ -137,6 +137,66 @@ class EmbeddingDeclaration(FamilyDeclaration):
             super().check_architecture(config)
 
 
+# nomic-ai/nomic-bert-2048's NomicBertConfig defaults (a GPT2Config: its own defaults for the n_* keys), for keys a
+# config.json leaves out.
+NOMIC_BERT_DEFAULTS = {
+    "vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12, "n_inner": None,
+    "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "prenorm": False, "rotary_emb_fraction": 0.0,
+    "rotary_emb_base": 10_000, "rotary_emb_scale_base": None, "rotary_emb_interleaved": False,
+    "rotary_scaling_factor": None, "max_trained_positions": 2048, "qkv_proj_bias": True, "mlp_fc1_bias": True,
+    "mlp_fc2_bias": True, "type_vocab_size": 2, "pad_vocab_size_multiple": 1,
+}
+NOMIC_GATED_ACTIVATIONS = ("glu", "swiglu", "geglu")  # upstream's NomciBertGatedMLP (fc11, fc12, fc2)
+NOMIC_GATED_MULTIPLE = 256  # upstream rounds a gated MLP's width up to a multiple of this (its weights have that width)
+
+
+def nomic_bert_config(config_dict: dict):
+    """A transformers ``PretrainedConfig`` for a NomicBERT config.json dict (nomic-ai/nomic-bert-2048's remote
+    ``NomicBertConfig``, a ``GPT2Config``), with the standard names beside the file's own: ``hidden_size`` (n_embd),
+    ``num_attention_heads`` (n_head), ``num_hidden_layers`` (n_layer), ``layer_norm_eps`` (layer_norm_epsilon),
+    ``intermediate_size`` (the MLP width upstream builds from n_inner), ``vocab_size`` padded to
+    ``pad_vocab_size_multiple`` (the embedding's rows, as upstream pads it) and ``max_position_embeddings``.
+
+    transformers' own ``nomic_bert`` config (model_type ``nomic_bert``) reads none of the n_* keys, so the file is
+    read here. ``max_position_embeddings`` is ``n_positions`` capped at ``max_trained_positions``, vLLM's default
+    length (its ``NomicBertModelConfig`` disables context extension: nomic-embed-text-v1 / v1.5 say 8192 and are
+    served to 2048). Up to there upstream agrees: its dynamic NTK (``rotary_scaling_factor``) only starts past
+    ``max_trained_positions``.
+    """
+    from transformers import PretrainedConfig
+
+    fields = {**NOMIC_BERT_DEFAULTS, **config_dict}
+    config = PretrainedConfig.from_dict(fields)
+    hidden, positions = int(fields["n_embd"]), int(fields["n_positions"])
+    if positions <= 0 and float(fields["rotary_emb_fraction"]) > 0:
+        positions = 2048  # upstream's from_pretrained does the same
+    positions = min(positions, int(fields["max_trained_positions"]))
+    inner = fields["n_inner"]
+    if fields["activation_function"] in NOMIC_GATED_ACTIVATIONS:
+        inner = int(inner) if inner is not None else int(8 * hidden / 3)
+        inner = -(-inner // NOMIC_GATED_MULTIPLE) * NOMIC_GATED_MULTIPLE
+    else:
+        inner = int(inner) if inner is not None else 4 * hidden
+    multiple = int(fields["pad_vocab_size_multiple"] or 1)
+    config.hidden_size = hidden
+    config.num_attention_heads = int(fields["n_head"])
+    config.num_hidden_layers = int(fields["n_layer"])
+    config.intermediate_size = inner
+    config.layer_norm_eps = float(fields["layer_norm_epsilon"])
+    config.vocab_size = -(-int(fields["vocab_size"]) // multiple) * multiple
+    config.max_position_embeddings = positions
+    return config
+
+
+@dataclass(frozen=True)
+class NomicBertDeclaration(EmbeddingDeclaration):
+    """NomicBERT embedders (nomic-embed-text-v1 / v1.5: remote code upstream, :mod:`poolserve_runtime.native.nomic_bert`
+    here), whose config.json uses GPT-2's key names: the model card reads it through :meth:`checkpoint_config`."""
+
+    def checkpoint_config(self, checkpoint: str, local_files_only: bool = False):
+        return nomic_bert_config(read_config_dict(checkpoint, local_files_only))
+
+
 @dataclass(frozen=True)
 class LateInteractionDeclaration(FamilyDeclaration):
     """A ColBERT model: the base model's every token (CLS and SEP included, no query or document markers:
@@ -512,6 +572,15 @@ FAMILIES: tuple[FamilyDeclaration, ...] = (
     FamilyDeclaration(name="gte_new", architectures=("GteNewForSequenceClassification", "NewForSequenceClassification"),
                       uses_token_types=True, pooling="cls", bodies=("varlen",),
                       example="Alibaba-NLP/gte-multilingual-reranker-base", folder="gte_new_classifier"),
+    # Embedders with BERT-style bodies and rotary positions (vLLM's bert_with_rope.py), default pooling CLS as vLLM's.
+    # NewModel is GteNewModel's name in the checkpoints (vLLM needs --hf-overrides to call it GteNewModel).
+    EmbeddingDeclaration(name="gte_new_embedding", architectures=("GteNewModel", "NewModel"), uses_token_types=True,
+                         pooling="cls", bodies=("varlen",), example="Alibaba-NLP/gte-multilingual-base",
+                         folder="gte_new_embedder"),
+    NomicBertDeclaration(name="nomic_bert_embedding", architectures=("NomicBertModel",), uses_token_types=True,
+                         pooling="cls", bodies=("varlen",),
+                         example="nomic-ai/nomic-embed-text-v1.5, nomic-ai/nomic-embed-text-v1",
+                         folder="nomic_bert_embedder"),
     BidirectionalLlamaDeclaration(name="llama_bidirectional",
                                   architectures=("LlamaBidirectionalForSequenceClassification",),
                                   example="nvidia/llama-nemotron-rerank-1b-v2", folder="llama_bidirectional_classifier"),

@@ -45,3 +45,28 @@ def build_golden_checkpoint(golden: dict, directory: Path) -> Path:
     (directory / "config.json").write_text(json.dumps(golden["config"], indent=2))
     save_file({k: v.contiguous() for k, v in golden_state_dict(golden).items()}, str(directory / "model.safetensors"))
     return directory
+
+
+def write_sentence_transformers_files(directory: Path, width: int, pooling: str, normalize: bool,
+                                      prompts: dict[str, str] | None = None, max_seq_length: int | None = None) -> Path:
+    """The files sentence-transformers 2.x saves beside a golden checkpoint (as the released remote-code embedders
+    ship them): ``modules.json`` (Transformer, Pooling, and Normalize when ``normalize``), ``1_Pooling/config.json``
+    with the boolean mode keys set for ``pooling`` (``cls`` or ``mean``), ``config_sentence_transformers.json`` with
+    ``prompts`` and ``sentence_bert_config.json`` with ``max_seq_length``."""
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        (directory / "2_Normalize").mkdir(parents=True, exist_ok=True)
+    (directory / "modules.json").write_text(json.dumps(modules, indent=2))
+    (directory / "1_Pooling").mkdir(parents=True, exist_ok=True)
+    (directory / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": width, "pooling_mode_cls_token": pooling == "cls",
+        "pooling_mode_mean_tokens": pooling == "mean", "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
+        "pooling_mode_lasttoken": False, "include_prompt": True}, indent=2))
+    (directory / "config_sentence_transformers.json").write_text(json.dumps({"prompts": prompts or {},
+                                                                             "default_prompt_name": None}, indent=2))
+    (directory / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length,
+                                                                     "do_lower_case": False}, indent=2))
+    return directory

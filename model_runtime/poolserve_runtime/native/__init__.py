@@ -13,8 +13,9 @@ from poolserve_runtime.native import (
             llama_bidirectional,
             llama_nemotron_vl,
             llama_normal_weights,
+            nomic_bert,
             qwen2_reward,
 )
 
-FAMILIES: tuple = (gte_new.FAMILY, llama_bidirectional.FAMILY, llama_normal_weights.FAMILY, internlm2.FAMILY, qwen2_reward.FAMILY,
-            llama_nemotron_vl.FAMILY)
+FAMILIES: tuple = (gte_new.FAMILY, gte_new.EMBEDDING_FAMILY, nomic_bert.FAMILY, llama_bidirectional.FAMILY,
+            llama_normal_weights.FAMILY, internlm2.FAMILY, qwen2_reward.FAMILY, llama_nemotron_vl.FAMILY)

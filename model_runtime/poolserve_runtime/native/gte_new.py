@@ -21,6 +21,9 @@ The body only runs packed (``bodies=("varlen",)``): one ``[1, T]`` stream whose 
 apart by ``cu_seq_lens_q`` in :func:`poolserve_runtime.varlen.packed_attention` (FlashAttention varlen
 on CUDA, per-sequence SDPA on CPU). ``tests/goldens/gte_new.json`` pins it to logits recorded from
 the upstream code.
+
+The same body, without the pooler, serves the embedders (``NewModel``, vLLM's ``GteNewModel``:
+``Alibaba-NLP/gte-multilingual-base``): :class:`GteNewEmbeddingFamily`.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import torch
 from torch import nn
 
 from poolserve_contract.families import UnsupportedArchitecture, by_name, read_config_dict
-from poolserve_runtime.implementations import BertFamily
+from poolserve_runtime.implementations import BertFamily, EmbeddingFamily
 from poolserve_runtime.native.weights import checkpoint_folder, load_state
 from poolserve_runtime.varlen import packed_attention
 
@@ -233,14 +236,15 @@ class GteNewOutput:
 
 
 class GteNewModel(nn.Module):
-    """The packed body: ``input_ids [1, T]`` + ``cu_seq_lens_q`` → ``last_hidden_state [1, T, H]``."""
+    """The packed body: ``input_ids [1, T]`` + ``cu_seq_lens_q`` → ``last_hidden_state [1, T, H]``.
+    ``add_pooling_layer`` False: no ``pooler`` (an embedder's ``NewModel``, which upstream builds without one)."""
 
-    def __init__(self, config):
+    def __init__(self, config, add_pooling_layer: bool = True):
         super().__init__()
         self.config = config
         self.embeddings = GteNewEmbeddings(config)
         self.encoder = GteNewEncoder(config)
-        self.pooler = GteNewPooler(config)
+        self.pooler = GteNewPooler(config) if add_pooling_layer else None
         self._inv_freq: dict[torch.device, torch.Tensor] = {}  # float32 whatever the model dtype: not a buffer
 
     def inv_freq(self, device: torch.device) -> torch.Tensor:
@@ -329,6 +333,15 @@ def convert_state_dict(state: dict[str, torch.Tensor], config) -> dict[str, torc
     return state
 
 
+def embedder_state_dict(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """The body's weights of a ``NewModel`` checkpoint (bare names, or ``new.``-prefixed ones of a classifier),
+    named as :class:`GteNewModel` without a pooler; a pooler and a classifier are left out, as vLLM's
+    ``GteNewModel`` leaves them."""
+    prefix, skipped = "new.", ("new.pooler.", "classifier.")
+    return {name.removeprefix(prefix): tensor for name, tensor in convert_state_dict(state, config).items()
+            if not name.startswith(skipped)}
+
+
 class GteNewFamily(BertFamily):
     """``NewForSequenceClassification``: CLS pooling, NewPooler (dense + tanh), ``classifier``."""
 
@@ -353,3 +366,27 @@ class GteNewFamily(BertFamily):
 
 
 FAMILY = GteNewFamily(by_name("gte_new"))
+
+
+class GteNewEmbeddingFamily(EmbeddingFamily):
+    """``NewModel`` / ``GteNewModel`` (gte-multilingual-base): the packed body alone; the engine pools and normalises
+    it as the checkpoint's sentence-transformers files say (CLS and Normalize for gte-multilingual-base)."""
+
+    def read_config(self, checkpoint: str, trust_remote_code: bool = False):
+        return new_config(read_config_dict(checkpoint))
+
+    def load(self, checkpoint: str, dtype: torch.dtype, device: torch.device, attention: str = "varlen",
+             trust_remote_code: bool = False) -> nn.Module:
+        config = self.read_config(checkpoint)
+        check_config(config)
+        state = embedder_state_dict(load_state(checkpoint_folder(checkpoint)), config)
+        with torch.device("meta"):
+            model = GteNewModel(config, add_pooling_layer=False)
+        model.load_state_dict(state, strict=True, assign=True)
+        return model.to(device=device, dtype=dtype).eval()
+
+    def body(self, model: nn.Module) -> nn.Module:
+        return model
+
+
+EMBEDDING_FAMILY = GteNewEmbeddingFamily(by_name("gte_new_embedding"))
