@@ -25,5 +25,5 @@ if __name__ == "__main__":
         os.environ.pop(LAUNCHER_PID_ENV, None)
     # A factory, so each of `workers` processes builds its own app (and Triton client) from the env.
     uvicorn.run("poolserve_adapter.app:create_app", factory=True, host=settings.host, port=settings.port,
-                workers=workers, log_level="info", log_config=uvicorn_log_config(),
+                workers=workers, log_level="info", log_config=uvicorn_log_config(settings.log_format),
                 **server_options(settings))  # connection limits; the open-file limit raised for the workers too

@@ -1,6 +1,8 @@
 """The FastAPI application: the lifespan-owned Triton client and registry, the middleware, and the
 routers of every slice (``classify/``, ``scoring/``, ...: each ``protocol`` / ``serving`` /
-``api_router`` over ``base/``)."""
+``api_router`` over ``base/``). ``/docs`` (Swagger UI) and ``/redoc`` load their scripts and styles
+from the adapter itself (fastapi-offline's copies), not from a CDN: they work on a host with no
+internet access."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from contextlib import asynccontextmanager
 
 import tritonclient.grpc.aio as grpcaio
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from tritonclient.utils import InferenceServerException
 
 from poolserve_adapter import __version__
@@ -40,6 +43,7 @@ from poolserve_adapter.tei.api_router import router as tei_router
 from poolserve_adapter.timing import install_timing_headers
 from poolserve_adapter.tokenize.api_router import router as tokenize_router
 from poolserve_adapter.triton_gateway import AdmissionLimits, TritonGateway, inference_headers
+from poolserve_contract.wire import SERVE_ORDER
 
 logger = logging.getLogger("poolserve_adapter")
 
@@ -68,12 +72,19 @@ async def discover_models(client: grpcaio.InferenceServerClient, settings: Setti
         if time.monotonic() > deadline:
             raise RuntimeError(f"Triton at {settings.triton_grpc_url} has no ready model after {settings.startup_timeout_s}s")
         await asyncio.sleep(0.5)
+    configs = {name: (await client.get_model_config(name, as_json=True))["config"] for name in ready}
     models = []
-    for name in sorted(ready):
-        config = (await client.get_model_config(name, as_json=True))["config"]
-        models.append(await asyncio.to_thread(build_served_model, name, config, settings.model_repository))
+    for name in sorted(ready, key=lambda name: (serve_order(configs[name]), name)):
+        models.append(await asyncio.to_thread(build_served_model, name, configs[name], settings.model_repository))
         logger.info("serving %s as %r (%s)", name, models[-1].name, models[-1].task)
     return ModelRegistry(models)
+
+
+def serve_order(config: dict) -> float:
+    """The model's place among those the user named (the plan's SERVE_ORDER; the first is the default
+    model); a model the stack did not plan (a stock tritonserver) comes after them, by name."""
+    order = (config.get("parameters") or {}).get(SERVE_ORDER, {}).get("string_value", "")
+    return int(order) if order.isdigit() else float("inf")
 
 
 def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = None) -> FastAPI:
@@ -103,7 +114,7 @@ def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = N
             with contextlib.suppress(asyncio.TimeoutError):  # a stop must not wait on a stuck channel
                 await asyncio.wait_for(client.close(), timeout=2)
 
-    app = FastAPI(
+    app = FastAPIOffline(
         title="triton-pooling-serve",
         description="vLLM- and SGLang-compatible classify / score / rerank / embeddings APIs over Triton Inference "
         "Server.",

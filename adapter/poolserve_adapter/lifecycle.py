@@ -132,8 +132,11 @@ class SignalDrain:
             if self.lifecycle.inflight:
                 logger.warning("drain timeout (%g s): stopping with %d request(s) in flight",
                                self.drain_timeout_s, self.lifecycle.inflight)
-            self._pending = (sig, float("inf"))  # forwarded once
+            # Forwarded once: the watch ends. Forwarding SIGINT again would be uvicorn's "second Ctrl-C", a
+            # forced exit that skips the app's shutdown (and prints its cancelled lifespan as a traceback).
+            self._pending = None
             self._forward(sig)
+            return
 
 
 # Set by the launcher of several workers (``python -m poolserve_adapter``) to its pid, for them to read.

@@ -162,6 +162,9 @@ class Settings(BaseSettings):
     max_headers: int = Field(100, ge=1, description="Most header fields in one request; more is a 431.")
     max_header_bytes: int = Field(
         32768, ge=1024, description="Largest request line plus headers in bytes; larger is a 431.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="The console's format: text (uvicorn's `INFO:     ...` lines) or json (one JSON object "
+        "per line with time, level, logger and message), for the access log and every other line alike.")
     host: str = Field("127.0.0.1", description="Address the HTTP server binds.")
     port: int = Field(8080, description="Port the HTTP server binds.")
 

@@ -2,18 +2,21 @@
 
 Triton carries every parameter as a string; :class:`ModelParameters` holds each one typed, with its
 default and its check, for the host's plan and run repository, the model card, the Triton stub's
-settings and the adapter. Keys it does not know are left alone (other backends' models, and the
-``model_card`` :func:`poolserve_contract.triton_config.complete_config` writes).
+settings and the adapter. Keys it does not know are left alone there (other backends' models, and the
+``model_card`` :func:`poolserve_contract.triton_config.complete_config` writes); what a user sets is
+checked against :data:`PARAMETER_NAMES` first (:func:`check_parameter_names`), so a typo is refused
+instead of ignored.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+import difflib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from poolserve_contract.checkpoints import BUILTIN_PREFIX, resolve_checkpoint
-from poolserve_contract.wire import INSTANCE_COUNT
+from poolserve_contract.wire import INSTANCE_COUNT, SOURCE_FOLDER
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 ATTENTIONS = ("varlen", "padded")
@@ -39,10 +42,23 @@ def parse_bool(value: str, name: str) -> bool:
     raise ValueError(f"{name} parameter {value!r} is not true or false")
 
 
+def did_you_mean(given: str, known: Iterable[str]) -> str:
+    """`` (did you mean X?)`` for a close spelling of one of ``known``, else ``""``."""
+    close = difflib.get_close_matches(given, list(known), n=1, cutoff=0.7)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def _choice(value: str, name: str, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
-        raise ValueError(f"{name} parameter {value!r} is not one of {', '.join(allowed)}")
+        raise ValueError(f"{name} parameter {value!r} is not one of {', '.join(allowed)}{did_you_mean(value, allowed)}")
     return value
+
+
+def parse_number(value: str, name: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{name} parameter {value!r} is not a number") from None
 
 
 def parse_cpu_threads(value: str) -> int | None:
@@ -168,11 +184,11 @@ class ModelParameters:
             dtype=_choice(text("dtype", "auto"), "dtype", ("auto", *DTYPE_NAMES)),
             attention=_choice(text("attention", "auto"), "attention", ("auto", *ATTENTIONS)),
             compile=_choice(text("compile", "auto"), "compile", COMPILE_MODES),
-            max_tokens_per_forward=int(text("max_tokens_per_forward", "16384")),
-            max_model_len=int(text("max_model_len", "0") or 0),
+            max_tokens_per_forward=parse_whole_number(text("max_tokens_per_forward") or "16384", "max_tokens_per_forward"),
+            max_model_len=parse_whole_number(text("max_model_len") or "0", "max_model_len"),
             cuda_graph_max_tokens=parse_whole_number(text("cuda_graph_max_tokens") or str(DEFAULT_CUDA_GRAPH_MAX_TOKENS), "cuda_graph_max_tokens"),
-            logit_mean=float(text("logit_mean", "0") or 0),
-            logit_sigma=float(text("logit_sigma", "1") or 1),
+            logit_mean=parse_number(text("logit_mean") or "0", "logit_mean"),
+            logit_sigma=parse_number(text("logit_sigma") or "1", "logit_sigma"),
             trust_remote_code=parse_bool(text("trust_remote_code", "false"), "trust_remote_code"),
             architecture=text("architecture").strip(),
             hf_overrides=text("hf_overrides").strip(),
@@ -210,6 +226,20 @@ class ModelParameters:
         if self.cpu_threads is not None:
             return self.cpu_threads
         return GPU_STUB_CPU_THREADS if device_type == "cuda" else 0  # the CPU forward wants every core
+
+
+# What a user may set on a model (``--set NAME.key=value``, config.pbtxt): every parameter but the source
+# folder, which the host's plan writes.
+PARAMETER_NAMES = tuple(field.name for field in fields(ModelParameters) if field.name != SOURCE_FOLDER)
+
+
+def check_parameter_names(keys: Iterable[str]) -> None:
+    """Raise ValueError for the first key that is not a model parameter, naming a close spelling and the
+    parameters there are."""
+    for key in keys:
+        if key not in PARAMETER_NAMES:
+            raise ValueError(f"unknown parameter {key!r}{did_you_mean(key, PARAMETER_NAMES)}; the parameters are "
+                             f"{', '.join(PARAMETER_NAMES)}")
 
 
 def string_parameters(config: dict) -> dict[str, str]:

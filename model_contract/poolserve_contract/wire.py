@@ -29,3 +29,8 @@ INFERENCE_GRPC_HEADER = f"triton-grpc-protocol-{INFERENCE_HEADER}"
 # config when the host completes it for the run repository, read by the adapter through Triton's
 # model-config API.
 MODEL_CARD = "model_card"
+
+# Parameter the host's plan writes: the model's place among those the user named ("0" for the first). The
+# adapter lists its models in that order, so a request that names no model goes to the first one given that
+# can serve its route (vLLM serves the one model it is given).
+SERVE_ORDER = "serve_order"

@@ -9,7 +9,8 @@
   Serves ``/classify``.
 
 A stamp file records the inputs of each build (data hash, seed, recipe version), so a second
-start skips the work.
+start skips the work. Each step is reported as it begins (``report``: the progress lines of
+``poolserve serve``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import hashlib
 import importlib.util
 import json
 import shutil
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 
@@ -43,7 +45,11 @@ def minilm_package_dir() -> Path:
     return model_dir
 
 
-def prepare_minilm(cache: Path) -> Path:
+def _silent(_step: str) -> None:
+    """No one to tell (``poolserve prepare``, tests)."""
+
+
+def prepare_minilm(cache: Path, report: Callable[[str], None] = _silent) -> Path:
     """A copy of the package's model in the cache, not a link into site-packages: the cache is then
     whole on its own, for an adapter that shares it (a compose volume) without the package."""
     target = cache / MINILM
@@ -52,6 +58,7 @@ def prepare_minilm(cache: Path) -> Path:
     stamp_file = target / "build.json"
     if not target.is_symlink() and stamp_file.exists() and stamp_file.read_text() == stamp:
         return target
+    report(f"copying builtin:{MINILM} into {cache}")
     if target.is_symlink() or target.exists():
         target.unlink() if target.is_symlink() else shutil.rmtree(target)
     shutil.copytree(source, target)
@@ -70,14 +77,15 @@ def _stamp(seed: int) -> str:
     return json.dumps({"data": digest, "seed": seed, "recipe": RECIPE_VERSION, "base": MINILM})
 
 
-def prepare_sentiment(cache: Path, seed: int = 0, epochs: int = 300) -> Path:
+def prepare_sentiment(cache: Path, seed: int = 0, epochs: int = 300, report: Callable[[str], None] = _silent) -> Path:
     target = cache / SENTIMENT
     stamp_file = target / "build.json"
     if stamp_file.exists() and stamp_file.read_text() == _stamp(seed):
         return target
 
+    report(f"building builtin:{SENTIMENT}: importing torch and transformers")
     with _quiet_transformers():
-        return _train_sentiment(target, seed, epochs)
+        return _train_sentiment(target, seed, epochs, report)
 
 
 @contextlib.contextmanager
@@ -96,12 +104,13 @@ def _quiet_transformers():
         hf_logging.enable_progress_bar()
 
 
-def _train_sentiment(target: Path, seed: int, epochs: int) -> Path:
+def _train_sentiment(target: Path, seed: int, epochs: int, report: Callable[[str], None]) -> Path:
     import torch
     from transformers import AutoTokenizer, BertForSequenceClassification
 
     torch.manual_seed(seed)
-    base = prepare_minilm(target.parent)
+    base = prepare_minilm(target.parent, report)
+    report(f"building builtin:{SENTIMENT}: encoding its {DATA_FILE.name} sentences")
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = BertForSequenceClassification.from_pretrained(
         base,
@@ -117,6 +126,7 @@ def _train_sentiment(target: Path, seed: int, epochs: int) -> Path:
     with torch.no_grad():  # the encoder stays frozen: its CLS states are computed once
         cls_states = model.bert(**encoded).last_hidden_state[:, 0]
     target_labels = torch.tensor(labels)
+    report(f"building builtin:{SENTIMENT}: training its classifier head ({epochs} epochs, ~10 s on 2 cores)")
 
     trainable = list(model.bert.pooler.parameters()) + list(model.classifier.parameters())
     optimizer = torch.optim.AdamW(trainable, lr=3e-3, weight_decay=1e-2)
@@ -136,11 +146,13 @@ def _train_sentiment(target: Path, seed: int, epochs: int) -> Path:
     return target
 
 
-def prepare_all(cache: Path | None = None) -> dict[str, Path]:
+def prepare_all(cache: Path | None = None, report: Callable[[str], None] = _silent) -> dict[str, Path]:
     cache = cache or models_cache()
     cache.mkdir(parents=True, exist_ok=True)
     # Replicas sharing one cache (a compose volume) start together: one builds, the others wait
     # and then find the stamps.
     with open(cache / ".prepare.lock", "w") as lock:
+        report(f"waiting for another process preparing the built-in models in {cache}")
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return {MINILM: prepare_minilm(cache), SENTIMENT: prepare_sentiment(cache)}
+        report("checking the built-in models' cache")
+        return {MINILM: prepare_minilm(cache, report), SENTIMENT: prepare_sentiment(cache, report=report)}

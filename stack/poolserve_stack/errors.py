@@ -21,3 +21,8 @@ class StubDied(LauncherError):
 
 class ModelUnloaded(StubDied):
     """A model's stubs went because a holder of the control key unloaded it: not a crash."""
+
+
+class StartStopped(LauncherError):
+    """A stop (Ctrl-C, SIGTERM) came while the models were being prepared or loaded: what had started is
+    stopped, and the run ends as any asked-for stop does."""

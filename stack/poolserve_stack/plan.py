@@ -17,7 +17,12 @@ side, each with its own dynamic batcher. The Triton name is the folder name for 
 names should not hold (``/``, spaces, ...) turned into ``--``: ``BAAI/bge-reranker-v2-m3`` is
 served as ``BAAI/bge-reranker-v2-m3`` by the adapter and is the Triton model
 ``BAAI--bge-reranker-v2-m3`` for raw gRPC clients. Names are stable: the same entries give the
-same names on every start.
+same names on every start. The plan records each model's place among the entries
+(:data:`~poolserve_contract.wire.SERVE_ORDER`): the first entry is the adapter's default model.
+
+Parameters (``--set NAME.key=value``) are checked before anything is prepared or started
+(:func:`check_sets`): an unknown key is refused with the parameters there are, a value a parameter
+cannot take with the values it can.
 """
 
 from __future__ import annotations
@@ -36,8 +41,8 @@ from poolserve_contract.families import (
     family_for_config,
     read_config_dict,
 )
-from poolserve_contract.parameters import ModelParameters
-from poolserve_contract.wire import SOURCE_FOLDER
+from poolserve_contract.parameters import ModelParameters, check_parameter_names
+from poolserve_contract.wire import SERVE_ORDER, SOURCE_FOLDER
 
 _NOT_IN_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 # What `make serve` and `docker compose up` serve when no model is named: builtin:sentiment-minilm
@@ -68,9 +73,10 @@ def plan_models(entries: list[str], repository: Path, sets: dict[str, dict[str, 
     """Triton model name → its parameters (with ``model_folder``). ``sets`` maps an entry as written
     (or the Triton name it gets) to parameters to set on it."""
     sets = dict(sets or {})
+    check_sets(sets)
     plan: dict[str, dict[str, str]] = {}
     served: dict[str, str] = {}
-    for entry in entries:
+    for position, entry in enumerate(entries):
         folder, is_pair, checkpoint = entry.partition("=")
         if not is_pair and (repository / entry / "config.pbtxt").exists():
             folder, checkpoint = entry, ""
@@ -86,8 +92,9 @@ def plan_models(entries: list[str], repository: Path, sets: dict[str, dict[str, 
         name = folder if folder not in plan and (is_pair or not checkpoint) else triton_name_for(
             _typed(parameters, entry).served_name(folder))
         name = _unique(name, plan)
-        parameters = {**parameters, **sets.pop(name, {}), SOURCE_FOLDER: folder}
-        public = _typed(parameters, entry).served_name(name) if "checkpoint" in parameters else name
+        parameters = {**parameters, **sets.pop(name, {}), SOURCE_FOLDER: folder, SERVE_ORDER: str(position)}
+        typed = _typed(parameters, entry)  # every entry's values, a model folder named alone too
+        public = typed.served_name(name) if "checkpoint" in parameters else name
         if public in served:
             raise PlanError(f"{entry!r} and {served[public]!r} would both be served as {public!r}; "
                             "give one a served_model_name")
@@ -149,6 +156,36 @@ def _unique(name: str, taken: dict) -> str:
     while candidate in taken:
         candidate, number = f"{name}-{number}", number + 1
     return candidate
+
+
+def check_sets(sets: dict[str, dict[str, str]]) -> None:
+    """Refuse a key that is no model parameter, or a value its parameter cannot take, naming the target."""
+    for name, parameters in sets.items():
+        try:
+            check_parameter_names(parameters)
+            ModelParameters.from_mapping(parameters)
+        except ValueError as error:
+            raise PlanError(f"--set {name}: {error}") from None
+
+
+def with_served_names(entries: list[str], served_names: list[str], sets: dict[str, dict[str, str]],
+                      ) -> dict[str, dict[str, str]]:
+    """``sets`` with ``--served-model-name``'s names: one per entry, in order (vLLM serves one model, and
+    its several names are aliases of it; here each model has one name)."""
+    if not served_names:
+        return sets
+    if len(served_names) != len(entries):
+        raise PlanError(f"--served-model-name gives {len(served_names)} name{'s' if len(served_names) != 1 else ''} "
+                        f"for {len(entries)} model{'s' if len(entries) != 1 else ''} ({' '.join(entries) or 'none'}): "
+                        "give one name per model, in the order of the models")
+    named = {name: dict(parameters) for name, parameters in sets.items()}
+    for entry, served_name in zip(entries, served_names, strict=True):
+        earlier = named.get(entry, {}).get("served_model_name")
+        if earlier not in (None, served_name):
+            raise PlanError(f"{entry}: --served-model-name {served_name!r} and --set served_model_name={earlier!r} "
+                            "disagree; give one")
+        named.setdefault(entry, {})["served_model_name"] = served_name
+    return named
 
 
 def parse_sets(assignments: list[str]) -> dict[str, dict[str, str]]:

@@ -2,9 +2,11 @@
 
 1. starts ``tritonserver`` as every subcommand does (:mod:`poolserve_stack.startup`), loading the
    default model folders (``bert_classifier`` → builtin:sentiment-minilm, ``bert_embedder`` →
-   builtin:all-MiniLM-L6-v2) or the ones named with ``--model`` (see :mod:`poolserve_stack.plan`);
-2. runs the HTTP adapter on ``--host``/``--port`` and prints the URL and a sample request;
-3. watches Triton as ``poolserve triton`` does, and stops everything on Ctrl-C / SIGTERM.
+   builtin:all-MiniLM-L6-v2) or the models named (see :mod:`poolserve_stack.plan`);
+2. runs the HTTP adapter on ``--host``/``--port`` (with ``--api-key``, given to the adapter alone) and
+   prints the URL and a sample request;
+3. watches Triton as ``poolserve triton`` does, and stops everything on Ctrl-C / SIGTERM (during the
+   start too: a load under way is given up).
 """
 
 from __future__ import annotations
@@ -26,7 +28,15 @@ from poolserve_adapter.log_config import uvicorn_log_config
 from poolserve_adapter.settings import Settings
 from poolserve_contract.wire import CONTROL_KEY_ENV, INFERENCE_KEY_ENV
 from poolserve_stack.processes import spawn_tied_to_this_process
-from poolserve_stack.running import EXIT_FAILED, EXIT_STOPPED, StopRequests, model_entries, start_or_exit_code
+from poolserve_stack.running import (
+    EXIT_FAILED,
+    EXIT_STOPPED,
+    StopRequests,
+    logger,
+    model_entries,
+    say,
+    start_or_exit_code,
+)
 from poolserve_stack.startup import start_triton
 from poolserve_stack.supervision import CrashLoop, Recovery, check_and_recover
 from poolserve_stack.triton_server import TritonServer
@@ -52,8 +62,8 @@ async def watch(triton: TritonServer, web: uvicorn.Server, failures: list[str]) 
     while not web.should_exit:
         if web.started and not announced:
             base_url = f"http://{web.config.host}:{web.config.port}"
-            print(f"\nServing on {base_url}  (Triton gRPC {triton.grpc_url}, OpenAPI {base_url}/docs)", flush=True)
-            print("Try:\n" + sample_requests(base_url) + "\n", flush=True)
+            say(f"Serving on {base_url}  (Triton gRPC {triton.grpc_url}, OpenAPI {base_url}/docs)")
+            say("Try:\n" + sample_requests(base_url))
             announced = True
         try:
             await asyncio.to_thread(check_and_recover, triton, recovery)
@@ -65,9 +75,12 @@ async def watch(triton: TritonServer, web: uvicorn.Server, failures: list[str]) 
 
 
 def adapter_settings(triton: TritonServer, args: argparse.Namespace) -> Settings:
-    """The stack's own Triton and address; every other setting (ADAPTER_*) as the environment says."""
+    """The stack's own Triton and address, and the options given (--api-key, --log-format); every other
+    setting (ADAPTER_*, ADAPTER_API_KEY without --api-key) as the environment says."""
+    given = {"api_key": args.api_key} if args.api_key else {}
     settings = Settings(triton_grpc_url=triton.grpc_url, model_repository=args.model_repository,
-                        host=args.host, port=args.port, triton_inference_key=triton.inference_key)
+                        host=args.host, port=args.port, triton_inference_key=triton.inference_key,
+                        log_format=args.log_format, **given)
     if settings.triton_metrics_url is None:  # Triton's own metrics are appended to the adapter's /metrics
         settings = settings.model_copy(update={"triton_metrics_url": f"http://127.0.0.1:{triton.metrics_port}/metrics"})
     return settings
@@ -76,7 +89,8 @@ def adapter_settings(triton: TritonServer, args: argparse.Namespace) -> Settings
 async def serve(args: argparse.Namespace, stop: StopRequests) -> int:
     entries, sets = model_entries(args)
     triton = await asyncio.to_thread(start_or_exit_code, lambda: start_triton(
-        entries, sets, args.model_repository, log_path=args.triton_log, grpc_port=args.triton_grpc_port), "serve")
+        entries, sets, args.model_repository, log_path=args.triton_log, served_names=args.served_model_name,
+        say=say, stop_requested=stop.stop_requested, grpc_port=args.triton_grpc_port), "serve")
     if isinstance(triton, int):
         return triton
     failures: list[str] = []
@@ -87,7 +101,8 @@ async def serve(args: argparse.Namespace, stop: StopRequests) -> int:
         if settings.worker_count() > 1:
             return await serve_adapter_workers(triton, settings, stop)
         web = uvicorn.Server(uvicorn.Config(create_app(settings), host=args.host, port=args.port, log_level="info",
-                                            log_config=uvicorn_log_config(), **server_options(settings)))
+                                            log_config=uvicorn_log_config(settings.log_format),
+                                            **server_options(settings)))
 
         def stop_web() -> None:
             web.should_exit = True
@@ -100,18 +115,21 @@ async def serve(args: argparse.Namespace, stop: StopRequests) -> int:
         # The adapter has drained and cut what was left: Triton's work is nobody's any more.
         await asyncio.to_thread(triton.stop, STOP_GRACE_S)
     if failures:
-        print(f"serve: {failures[0]}", file=sys.stderr, flush=True)
+        logger.error("serve: %s", failures[0])
         return EXIT_FAILED
     return EXIT_STOPPED
 
 
 def adapter_environment(settings: Settings, environ: dict[str, str]) -> dict[str, str]:
     """The environment of ``python -m poolserve_adapter`` serving ``settings``: ``environ``'s ADAPTER_* values
-    with the stack's own Triton and address over them. Triton's control key stays out (the adapter never holds
-    it), and a value the stack has not set (no inference key) is removed, not inherited."""
+    with the stack's own Triton, address, API key and log format over them. Triton's control key stays out (the
+    adapter never holds it), and a value the stack has not set (no inference key) is removed, not inherited."""
     own = {"triton_grpc_url": settings.triton_grpc_url, "model_repository": str(settings.model_repository),
            "host": settings.host, "port": str(settings.port), "triton_metrics_url": settings.triton_metrics_url,
-           "triton_inference_key": settings.triton_inference_key, "workers": str(settings.worker_count())}
+           "triton_inference_key": settings.triton_inference_key, "workers": str(settings.worker_count()),
+           "log_format": settings.log_format}
+    if settings.api_key:  # --api-key; without it $ADAPTER_API_KEY passes through as it is
+        own["api_key"] = settings.api_key
     env = {key: value for key, value in environ.items() if key not in (CONTROL_KEY_ENV, INFERENCE_KEY_ENV)}
     for key, value in own.items():
         if value is None:
@@ -135,9 +153,9 @@ async def serve_adapter_workers(triton: TritonServer, settings: Settings, stop: 
     try:
         while adapter.poll() is None and failure is None:
             if not announced and await asyncio.to_thread(answers_health, f"{base_url}/health"):
-                print(f"\nServing on {base_url} with {settings.worker_count()} adapter workers  (Triton gRPC "
-                      f"{triton.grpc_url}, OpenAPI {base_url}/docs)", flush=True)
-                print("Try:\n" + sample_requests(base_url) + "\n", flush=True)
+                say(f"Serving on {base_url} with {settings.worker_count()} adapter workers  (Triton gRPC "
+                    f"{triton.grpc_url}, OpenAPI {base_url}/docs)")
+                say("Try:\n" + sample_requests(base_url))
                 announced = True
             if not stop.requested:  # stopping: no Triton restart to wait for
                 try:
@@ -150,7 +168,7 @@ async def serve_adapter_workers(triton: TritonServer, settings: Settings, stop: 
     if failure is None and not stop.requested:
         failure = f"the adapter stopped (exit code {adapter.returncode}); its log is above"
     if failure is not None:
-        print(f"serve: {failure}", file=sys.stderr, flush=True)
+        logger.error("serve: %s", failure)
         return EXIT_FAILED
     return EXIT_STOPPED
 

@@ -21,7 +21,7 @@ from poolserve_contract.wire import SOURCE_FOLDER
 from poolserve_stack.errors import LauncherError, ModelUnloaded, ServerDied, StubDied
 from poolserve_stack.triton_server import TritonServer
 
-logger = logging.getLogger("serve")
+logger = logging.getLogger("poolserve_stack")
 
 
 @dataclass

@@ -11,6 +11,9 @@ Python version; this module wires them together the way ../shared/NOTES.md verif
 * each served model gets its folder in a per-run repository (:mod:`poolserve_stack.run_repository`);
 * models load through the repository API (explicit model-control mode), optionally with
   ``parameters`` overridden, so the repository on disk stays the one the NGC image serves;
+* a start says what it waits for (:meth:`TritonServer.progress`, for the progress lines of
+  :mod:`poolserve_stack.progress`) and gives up as soon as ``stop_requested`` says so (Ctrl-C while a
+  model downloads);
 * that API runs any ``model.py`` a caller uploads, so it is closed: the model-repository,
   shared-memory, trace and logging protocols need a key only this launcher knows (generated per
   launcher, or ``$TRITON_CONTROL_KEY``), HTTP is off unless asked for, and inference is open or
@@ -31,11 +34,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tritonclient.utils import InferenceServerException
 
+from poolserve_contract.parameters import served_name
 from poolserve_contract.wire import (
     CONTROL_GRPC_HEADER,
     CONTROL_HEADER,
@@ -45,7 +50,7 @@ from poolserve_contract.wire import (
     INFERENCE_HEADER,
     INFERENCE_KEY_ENV,
 )
-from poolserve_stack.errors import LauncherError, ModelUnloaded, ServerDied, StubDied
+from poolserve_stack.errors import LauncherError, ModelUnloaded, ServerDied, StartStopped, StubDied
 from poolserve_stack.installation import TritonInstallation, library_path, preflight_stub, prepare_backends
 from poolserve_stack.processes import (
     OWNER_TAG,
@@ -62,6 +67,9 @@ from poolserve_stack.run_repository import all_completed, write_run_repository
 # The adapter's settings (its API key among them) and the keys above are no business of the model
 # code the stubs run: they are left out of the server's environment.
 WITHHELD_FROM_TRITON = ("ADAPTER_", CONTROL_KEY_ENV, INFERENCE_KEY_ENV)
+# A start stopped half-way (Ctrl-C during a load) gives tritonserver this long before it is killed: nothing
+# it holds is worth waiting for.
+CANCELLED_START_GRACE_S = 2.0
 
 
 def restriction_args(control_key: str, inference_key: str | None, http: bool) -> list[str]:
@@ -120,12 +128,15 @@ class TritonServer:
     inference_key: str | None = field(default_factory=lambda: os.environ.get(INFERENCE_KEY_ENV) or None, repr=False)
     load_seconds: dict[str, float] = field(default_factory=dict, init=False)
     extra_args: list[str] = field(default_factory=list)
+    # Asked between the polls of a start: True stops the start (StartStopped) with what it had started.
+    stop_requested: Callable[[], bool] | None = field(default=None, repr=False)
 
     process: subprocess.Popen | None = field(default=None, init=False)
     stub_pids: dict[int, str] = field(default_factory=dict, init=False)
     _run_dir: Path | None = field(default=None, init=False)
     _log_file: object = field(default=None, init=False)
     _client: object = field(default=None, init=False, repr=False)
+    _waiting_for: str = field(default="", init=False)
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -207,6 +218,15 @@ class TritonServer:
             raise
         self.stub_pids = self._current_stub_pids()
         return self
+
+    def progress(self) -> str:
+        """What a start waits for now: the server, or the models still loading (by the names clients send)."""
+        if self._waiting_for != "models":
+            return self._waiting_for or "starting tritonserver"
+        loading = [served_name(parameters, name) for name, parameters in self.models.items()
+                   if name not in self.load_seconds]
+        ready = len(self.models) - len(loading)
+        return f"Triton is loading {', '.join(loading)}" + (f" ({ready} of {len(self.models)} ready)" if ready else "")
 
     def check(self) -> None:
         """Raise :class:`LauncherError` if the server or any stub it started has died."""
@@ -329,8 +349,15 @@ class TritonServer:
         self.stub_pids = {pid: name for pid, name in self.stub_pids.items() if name != model}
         self.stub_pids.update(dict.fromkeys(pids, model))
 
+    def _stop_if_asked(self, what: str) -> None:
+        if self.stop_requested is not None and self.stop_requested():
+            self.stop(CANCELLED_START_GRACE_S)  # loads in flight fail with the server
+            raise StartStopped(f"stopped while {what}")
+
     def _poll_until(self, what: str, ok, deadline: float) -> None:
+        self._waiting_for = f"waiting for {what}"
         while time.monotonic() < deadline:
+            self._stop_if_asked(f"waiting for {what}")
             if self.process is None or self.process.poll() is not None:
                 code = None if self.process is None else self.process.returncode
                 raise LauncherError(
@@ -353,6 +380,7 @@ class TritonServer:
 
     def _load_models(self) -> None:
         deadline = time.monotonic() + self.ready_timeout_s
+        self._waiting_for = "models"
 
         def load(name: str, parameters: dict[str, str]) -> None:
             started = time.monotonic()
@@ -372,6 +400,7 @@ class TritonServer:
                 done, pending = concurrent.futures.wait(pending, timeout=0.5)
                 for future in done:
                     future.result()
+                self._stop_if_asked("loading models")
                 if self.process is None or self.process.poll() is not None:
                     raise LauncherError(
                         f"tritonserver exited while loading models.{self._log_tail()}"

@@ -149,7 +149,7 @@ def test_sigterm_with_requests_in_flight_leaves_nothing_after_the_drain_timeout(
     children = descendants(process.pid)
     assert any("tritonserver" in processes.process_cmdline(pid) for pid in children)
     assert any("triton_python_backend_stub" in processes.process_cmdline(pid) for pid in children)
-    stack = next(pid for pid in children if "poolserve_stack serve" in processes.process_cmdline(pid))
+    stack = next(pid for pid in children if "bin/poolserve serve" in processes.process_cmdline(pid))
     own_regions = f"{processes.SHM_PREFIX}{processes.OWNER_TAG}{stack}-*"  # the launcher names them after its pid
     assert list(processes.SHM_DIR.glob(own_regions))
     heavy = {"model": "sentiment-minilm", "input": ["a long sentence about nothing in particular " * 12] * 64}

@@ -131,7 +131,8 @@ SERVER_MODULES = frozenset({("poolserve_adapter", None), ("uvicorn", None), ("po
 
 def server_started_by(command) -> str | None:
     """The server a ``Popen`` command starts (tritonserver, docker, the adapter, ``poolserve_stack
-    serve``/``triton``, ``make serve``, the benchmarks' baseline server), by name; None for none."""
+    serve``/``triton`` as a module or the ``poolserve`` script, ``make serve``, the benchmarks' baseline
+    server), by name; None for none."""
     if isinstance(command, (str, bytes, os.PathLike)):
         command = shlex.split(os.fsdecode(command))
     argv = [os.fsdecode(part) for part in command]
@@ -139,6 +140,8 @@ def server_started_by(command) -> str | None:
         return min(programs)
     if argv and Path(argv[0]).name == "make" and "serve" in argv[1:]:
         return "make serve"
+    if argv and Path(argv[0]).name == "poolserve" and argv[1:2] in (["serve"], ["triton"]):
+        return f"poolserve {argv[1]}"  # the console script
     if "-m" in argv[:-1]:
         module, *rest = argv[argv.index("-m") + 1:]
         for served in ((module, None), (module, rest[0] if rest else None)):

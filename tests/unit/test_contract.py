@@ -52,8 +52,8 @@ def test_parameters_from_a_triton_config_ignore_other_keys():
     ("cpu_threads", "many", "cpu_threads parameter 'many' is not auto or a whole number"),
     ("trust_remote_code", "maybe", "trust_remote_code parameter 'maybe' is not true or false"),
     ("instance_count", "0", "instance_count must be a positive integer, got '0'"),
-    ("max_tokens_per_forward", "lots", "invalid literal for int"),
-    ("logit_sigma", "wide", "could not convert string to float"),
+    ("max_tokens_per_forward", "lots", "max_tokens_per_forward parameter 'lots' is not a whole number"),
+    ("logit_sigma", "wide", "logit_sigma parameter 'wide' is not a number"),
 ])
 def test_each_parameter_refuses_what_it_cannot_take(key, value, message):
     with pytest.raises(ValueError) as error:
