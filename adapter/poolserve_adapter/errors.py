@@ -4,8 +4,9 @@ vLLM (``vllm/entrypoints/serve/exception_handling``): ``{"error": {"message", "t
 "code"}}`` with ``code`` equal to the HTTP status. Request validation failures (pydantic, malformed
 JSON, a non-JSON content type) are 400 with ``type: "Bad Request"`` and the dotted location of the
 first error as ``param``; errors raised by the serving code use exception-class names as ``type``.
-A route a model does not offer answers FastAPI's plain 404 ``{"detail": "Not Found"}``, as vLLM
-does when it does not register that route for the model.
+A route a model does not offer answers a 400 saying why when the request names that model or it is
+the only one served (vLLM does not register the route: FastAPI's plain 404 ``{"detail": "Not Found"}``,
+which a mistyped URL still gets, as does a route no served model offers).
 
 SGLang's OpenAI-style routes (``/v1/classify``, its ``/v1/rerank``, ``/v1/tokenize``, ...) answer
 the flat ``{"object": "error", "message", "type", "param", "code"}`` (validation errors too, as 400
@@ -13,7 +14,8 @@ the flat ``{"object": "error", "message", "type", "param", "code"}`` (validation
 request gets: ``request.state.flavour`` when its serving set it (SGLang's native body on
 ``/classify``), else the path (``app.state.sglang_paths``, :data:`TEI_PATHS`), else vLLM.
 
-TEI's routes (``/embed_sparse``) answer ``{"error": message, "error_type": kind}``, ``kind`` one of TEI's
+TEI's routes (``/embed``, ``/embed_all``, ``/embed_sparse``, ``/predict``, ``/info``, ``POST /``, and ``/rerank``
+with TEI's body) answer ``{"error": message, "error_type": kind}``, ``kind`` one of TEI's
 ``ErrorType`` names (PascalCase: ``Empty`` 400, ``Validation`` 422, ``Backend`` 424, ``Overloaded`` 429,
 ``Unhealthy`` 503); an error the shared pipeline raises is given TEI's kind and status by its own status
 (:func:`tei_status_and_kind`).
@@ -49,13 +51,16 @@ class Flavour(str, Enum):
 
 
 # The routes that speak TEI (their request bodies are refused in TEI's shape before any serving code runs).
-TEI_PATHS = frozenset({"/embed_sparse"})
+TEI_PATHS = frozenset({"/embed", "/embed_all", "/embed_sparse", "/predict", "/info", "/"})
 # TEI's ErrorType names (router/src/http/types.rs; serde writes the variants as they are spelled).
 TEI_ERROR_KINDS = ("Unhealthy", "Backend", "Overloaded", "Validation", "Tokenizer", "Empty")
 
 
 # The tag of SGLang's native body in /classify's discriminated union (see poolserve_adapter.shared_paths.classify).
 SGLANG_NATIVE_TAG = "sglang-native"
+# The tags of vLLM's and TEI's bodies in /rerank's discriminated union (see poolserve_adapter.rerank.api_router):
+# a TEI body's validation errors take TEI's shape.
+VLLM_RERANK_TAG, TEI_RERANK_TAG = "vllm-rerank", "tei-rerank"
 
 
 def flavour_of(request: Request) -> Flavour:
@@ -148,7 +153,12 @@ def tei_status_and_kind(status: HTTPStatus, error_type: str) -> tuple[HTTPStatus
 
 
 class RouteNotOffered(Exception):
-    """The model cannot do this task: vLLM would not have registered the route at all."""
+    """The model cannot do this task: vLLM would not have registered the route at all. With a ``reason``
+    (the model was named, or is the only one served) a 400 saying it; without, FastAPI's bare 404."""
+
+    def __init__(self, reason: str | None = None):
+        super().__init__(reason)
+        self.reason = reason
 
 
 # Triton gRPC status → the adapter error it becomes. One table, used for every Triton call.
@@ -204,7 +214,7 @@ def _echo(value: object) -> object:
 
 _INTERNAL_LOC = re.compile(
     r"[\[\]{}()]|^(function-\w+|union|tagged-union|nullable|chain|str|int|list|dict|bool|float"
-    r"|completion|chat|sglang-native)$"  # the last three: /classify's union tags
+    r"|completion|chat|sglang-native|vllm-rerank|tei-rerank)$"  # the last five: /classify's and /rerank's union tags
 )
 
 
@@ -251,6 +261,8 @@ def install_exception_handlers(app: FastAPI) -> None:
             isinstance(e, dict) and SGLANG_NATIVE_TAG in map(str, e.get("loc", ())) for e in errors
         ):
             flavour = Flavour.SGLANG  # SGLang's validation errors are flat on its native routes too
+        if any(isinstance(e, dict) and TEI_RERANK_TAG in map(str, e.get("loc", ())) for e in errors):
+            flavour = Flavour.TEI
         if flavour is Flavour.SGLANG:
             param = None  # SGLang does not report the location
         count_error(request, HTTPStatus.BAD_REQUEST.phrase)
@@ -265,8 +277,11 @@ def install_exception_handlers(app: FastAPI) -> None:
         return error_body(status, status.phrase, str(exc.detail), None, flavour_of(request))
 
     @app.exception_handler(RouteNotOffered)
-    async def on_route_not_offered(_: Request, exc: RouteNotOffered) -> Response:
-        return Response(orjson.dumps({"detail": "Not Found"}), status_code=404, media_type="application/json")
+    async def on_route_not_offered(request: Request, exc: RouteNotOffered) -> Response:
+        if exc.reason is None:
+            return Response(orjson.dumps({"detail": "Not Found"}), status_code=404, media_type="application/json")
+        count_error(request, BadRequestError.error_type)
+        return error_body(HTTPStatus.BAD_REQUEST, BadRequestError.error_type, exc.reason, None, flavour_of(request))
 
     @app.exception_handler(AdapterError)
     async def on_adapter_error(request: Request, exc: AdapterError) -> Response:

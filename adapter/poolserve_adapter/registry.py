@@ -195,6 +195,35 @@ def build_served_model(triton_model: str, config: dict, repository: Path) -> Ser
     )
 
 
+# Each capability a route needs → the routes it opens, for telling a client what a model does serve.
+ROUTES_OF_CAPABILITY = {
+    "can_classify": "/classify",
+    "can_embed_texts": "/v1/embeddings",
+    "can_embed": "/v2/embed",
+    "can_score": "/score and /rerank",
+    "can_embed_sparse": "/embed_sparse",
+    "can_classify_or_embed": "/pooling",
+}
+MODEL_KINDS = {"embed": "an embedding model", "token_embed": "a late-interaction (token embedding) model",
+               "token_classify": "a token classifier"}
+
+
+def not_offered_reason(model: ServedModel, capability: str) -> str:
+    """Why ``model`` cannot serve a route that needs ``capability``, in vLLM's words where it has them (its
+    offline ``LLM`` methods), then what the model is and which routes it serves."""
+    if capability in ("can_score", "can_cross_encode"):
+        refusal = ("Scoring API is only enabled for num_labels == 1." if model.task == "classify"
+                   else "This model does not support the Scoring API.")
+    elif capability == "can_classify":
+        refusal = "Classification API is not supported by this model."
+    else:
+        refusal = "Embedding API is not supported by this model."
+    labels = f"{model.num_labels} label{'' if model.num_labels == 1 else 's'}"
+    kind = MODEL_KINDS.get(model.task, f"a classifier with {labels}")
+    routes = [route for needed, route in ROUTES_OF_CAPABILITY.items() if getattr(model, needed)]
+    return f"{refusal} Model `{model.name}` is {kind}; it serves {', '.join(routes)}."
+
+
 class ModelRegistry:
     def __init__(self, models: list[ServedModel]):
         self.models = {model.name: model for model in models}
@@ -205,19 +234,22 @@ class ModelRegistry:
     def resolve(self, name: str | None, *, capability: str) -> ServedModel:
         """The model a request names (or the first able to serve it when it names none).
 
-        An unknown name is vLLM's 404 ``The model `X` does not exist.``; a known model that cannot
-        serve the route answers as vLLM does for a route it never registered.
+        An unknown name is vLLM's 404 ``The model `X` does not exist.``. A model that cannot serve the
+        route, named or the only one served, is a 400 saying why (vLLM does not register the route at all,
+        a bare 404 like a mistyped URL's); with several served and none able, that bare 404.
         """
         if name:
             model = self.models.get(name)
             if model is None:
                 raise NotFoundError(f"The model `{name}` does not exist.")
             if not getattr(model, capability):
-                raise RouteNotOffered()
+                raise RouteNotOffered(not_offered_reason(model, capability))
             return model
         for model in self.models.values():
             if getattr(model, capability):
                 return model
+        if len(self.models) == 1:
+            raise RouteNotOffered(not_offered_reason(next(iter(self.models.values())), capability))
         raise RouteNotOffered()
 
     def resolve_lenient(self, name: str | None, *, capability: str, fallback: str | None = None) -> ServedModel:

@@ -286,13 +286,22 @@ def test_out_of_vocabulary_token_id_is_400(adapter_url):
     assert_vllm_error(response, 400, "BadRequestError", "out of vocabulary")
 
 
-def test_task_the_model_lacks_answers_like_vllm(adapter_url):
-    """A 3-label classifier has no score/rerank routes in vLLM; an embedder has no /classify."""
-    for path, body in (("/rerank", {"query": "q", "documents": ["d"]}), ("/score", {"queries": "q", "documents": ["d"]})):
+def test_task_the_model_lacks_is_a_400_in_vllms_words(adapter_url):
+    """A 3-label classifier has no score/rerank routes in vLLM, an embedder no /classify (vLLM does not register
+    them: a bare 404); here a 400 says why, with vLLM's offline words."""
+    scoring = ("Scoring API is only enabled for num_labels == 1. Model `bert_classifier` is a classifier with 3 "
+               "labels; it serves /classify, /pooling.")
+    for path, body in (("/rerank", {"query": "q", "documents": ["d"]}), ("/v1/rerank", {"query": "q", "documents": ["d"]}),
+                       ("/v2/rerank", {"query": "q", "documents": ["d"]}), ("/score", {"queries": "q", "documents": ["d"]})):
         response = post(adapter_url, path, {**body, "model": "bert_classifier"})
-        assert response.status_code == 404 and response.json() == {"detail": "Not Found"}
+        assert assert_vllm_error(response, 400, "BadRequestError", param=None)["error"]["message"] == scoring, path
     response = post(adapter_url, "/classify", {"model": "bert_embedder", "input": "x"})
-    assert response.status_code == 404 and response.json() == {"detail": "Not Found"}
+    assert_vllm_error(response, 400, "BadRequestError", "Classification API is not supported by this model. Model "
+                      "`bert_embedder` is an embedding model; it serves /v1/embeddings, /v2/embed, /score and /rerank, "
+                      "/pooling.")
+    response = post(adapter_url, "/v1/embeddings", {"model": "bert_classifier", "input": "x"})
+    assert_vllm_error(response, 400, "BadRequestError", "Embedding API is not supported by this model. Model "
+                      "`bert_classifier` is a classifier with 3 labels")
 
 
 def test_unknown_route_is_fastapi_404(adapter_url):

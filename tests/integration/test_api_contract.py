@@ -248,13 +248,30 @@ def test_vllm_rerank_max_tokens_per_doc_and_query(adapter_url):
     assert post(adapter_url, "/rerank", {**body, "instruction": "find the capital"}).status_code == 200
 
 
-def test_vllm_rerank_paths_agree_and_reject_cohere_objects(adapter_url):
+def test_vllm_rerank_paths_agree_and_take_cohere_objects(adapter_url):
     body = {"model": "xlm_roberta_classifier", "query": "capital", "documents": DOCS}
     results = [post(adapter_url, path, body).json()["results"] for path in ("/rerank", "/v1/rerank", "/v2/rerank",
                                                                               "/vllm/v1/rerank")]
     assert all(r == results[0] for r in results)
-    objects = post(adapter_url, "/rerank", {**body, "documents": [{"text": "a"}]})
-    assert_vllm_error(objects, 400, "Bad Request", param="body.documents")
+    objects = [{"text": text, "id": str(index)} for index, text in enumerate(DOCS)]
+    as_objects = post(adapter_url, "/v1/rerank", {**body, "documents": objects}).json()["results"]
+    assert [(r["index"], r["relevance_score"]) for r in as_objects] == [(r["index"], r["relevance_score"])
+                                                                         for r in results[0]]
+    assert all(r["document"]["text"] == DOCS[r["index"]] and r["document"]["id"] == str(r["index"])
+               for r in as_objects)
+    untexted = post(adapter_url, "/rerank", {**body, "documents": [{"title": "a"}]})
+    assert_vllm_error(untexted, 400, "Bad Request", param="body.documents")
+
+
+def test_a_rerank_route_the_model_lacks_is_a_400_on_every_vllm_path(adapter_url):
+    """vLLM's words and body on each of its rerank paths and on /invocations (SGLang's routes pick another
+    served model instead); a mistyped URL is still FastAPI's bare 404."""
+    body = {"model": "bert_classifier", "query": "q", "documents": ["d"]}
+    for path in ("/rerank", "/v1/rerank", "/v2/rerank", "/vllm/v1/rerank", "/invocations"):
+        assert_vllm_error(post(adapter_url, path, body), 400, "BadRequestError",
+                          "Scoring API is only enabled for num_labels == 1. Model `bert_classifier`", param=None)
+    response = post(adapter_url, "/rerankk", body)
+    assert response.status_code == 404 and response.json() == {"detail": "Not Found"}
 
 
 def test_sglang_rerank_bare_list_raw_scores(adapter_url):

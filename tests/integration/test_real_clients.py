@@ -1,13 +1,16 @@
 """Real, unmodified clients against the real stack (uvicorn adapter → gRPC → tritonserver).
 
-The Cohere and OpenAI SDKs are pointed at the adapter exactly as their users would point them at
-vLLM; the plain-HTTP cases send the bodies of the vLLM and SGLang documentation examples, with the
-served model names swapped in. Served models are the tiny checkpoints of ``tests/conftest.py``.
+The Cohere (v1 and v2 clients) and OpenAI SDKs and langchain-cohere's ``CohereRerank`` are pointed at
+the adapter exactly as their users would point them at vLLM or Cohere; the plain-HTTP cases send the
+bodies of the vLLM and SGLang documentation examples, with the served model names swapped in. Served
+models are the tiny checkpoints of ``tests/conftest.py``.
 """
 
 from __future__ import annotations
 
+import json
 import re
+import socket
 
 import cohere
 import httpx
@@ -96,6 +99,93 @@ def test_cohere_v2_client_rerank_bi_encoder_without_top_n(adapter_url):
     result = client.rerank(model="bert_embedder", query=COHERE_QUERY, documents=COHERE_DOCUMENTS)
     assert sorted(r.index for r in result.results) == list(range(len(COHERE_DOCUMENTS)))
     assert_sorted_descending([r.relevance_score for r in result.results])
+
+
+@pytest.fixture
+def sent_bodies(monkeypatch) -> list[tuple[str, dict]]:
+    """The path and JSON body of every request an httpx client sends; and no connection but to our server on
+    loopback (the SDKs and LangChain may not phone home)."""
+    for tracing in ("LANGSMITH_TRACING", "LANGCHAIN_TRACING_V2", "LANGCHAIN_TRACING"):
+        monkeypatch.delenv(tracing, raising=False)
+    connect = socket.socket.connect
+
+    def connect_to_our_server_only(sock, address):
+        assert not isinstance(address, tuple) or address[0] == "127.0.0.1", f"connected to {address}, not our server"
+        return connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect_to_our_server_only)
+    sent: list[tuple[str, dict]] = []
+    send = httpx.Client.send
+
+    def recording_send(client, request, **kwargs):
+        sent.append((request.url.path, json.loads(request.content)))
+        return send(client, request, **kwargs)
+
+    monkeypatch.setattr(httpx.Client, "send", recording_send)
+    return sent
+
+
+def direct_rerank(url: str, documents: list[str], **fields) -> list[tuple[int, float]]:
+    body = ok_json(post(url, "/rerank", {"model": "xlm_roberta_classifier", "query": COHERE_QUERY,
+                                         "documents": documents, **fields}))
+    return [(r["index"], r["relevance_score"]) for r in body["results"]]
+
+
+def test_cohere_v2_client_rerank_top_n_none_returns_every_document(adapter_url, sent_bodies):
+    client = cohere.ClientV2(api_key="unused", base_url=adapter_url, timeout=TIMEOUT_S)
+    result = client.rerank(model="xlm_roberta_classifier", query=COHERE_QUERY, documents=COHERE_DOCUMENTS,
+                           top_n=None, max_tokens_per_doc=None, priority=None)
+    [(path, body)] = sent_bodies
+    assert path == "/v2/rerank" and body["top_n"] is None and body["max_tokens_per_doc"] is None
+    assert body["priority"] is None  # the SDK sends the None it is given as null
+    expected = direct_rerank(adapter_url, COHERE_DOCUMENTS)
+    assert [r.index for r in result.results] == [index for index, _ in expected]
+    assert [r.relevance_score for r in result.results] == pytest.approx([score for _, score in expected], rel=1e-5)
+    assert sorted(r.index for r in result.results) == list(range(len(COHERE_DOCUMENTS)))
+
+
+def test_cohere_v1_client_rerank_object_documents_rank_fields_without_documents(adapter_url, sent_bodies):
+    """Cohere v1: object documents, scored by ``rank_fields`` in order (as ``field: value`` lines) and, with
+    ``return_documents`` left out, echoed with every field; ``return_documents=False`` leaves them out."""
+    client = cohere.Client(api_key="unused", base_url=adapter_url, timeout=TIMEOUT_S)
+    documents = [{"title": f"Document {index}", "text": text} for index, text in enumerate(COHERE_DOCUMENTS)]
+    bare = client.rerank(model="xlm_roberta_classifier", query=COHERE_QUERY, documents=documents,
+                         rank_fields=["title", "text"], return_documents=False)
+    assert [path for path, _ in sent_bodies] == ["/v1/rerank"]
+    assert sent_bodies[0][1]["documents"] == documents and sent_bodies[0][1]["return_documents"] is False
+    as_lines = [f"title: {document['title']}\ntext: {document['text']}" for document in documents]
+    expected = direct_rerank(adapter_url, as_lines)
+    assert [r.index for r in bare.results] == [index for index, _ in expected]
+    assert [r.relevance_score for r in bare.results] == pytest.approx([score for _, score in expected], rel=1e-5)
+    assert all(r.document is None for r in bare.results)
+
+    echoed = client.rerank(model="xlm_roberta_classifier", query=COHERE_QUERY, documents=documents, top_n=2)
+    by_text = direct_rerank(adapter_url, COHERE_DOCUMENTS, top_n=2)
+    assert [r.index for r in echoed.results] == [index for index, _ in by_text]
+    for result in echoed.results:
+        assert result.document.text == COHERE_DOCUMENTS[result.index]
+        assert result.document.dict()["title"] == f"Document {result.index}"  # every field, as sent
+
+
+def test_langchain_cohere_rerank(adapter_url, sent_bodies):
+    """langchain-cohere's ``CohereRerank`` set up as its users point it at a self-hosted server: it always sends
+    ``"max_tokens_per_doc": null`` (and ``"top_n": null`` when asked for every document)."""
+    from langchain_cohere import CohereRerank
+    from langchain_core.documents import Document
+
+    reranker = CohereRerank(base_url=adapter_url, cohere_api_key="unused", model="xlm_roberta_classifier", top_n=2)
+    documents = [Document(page_content=text, metadata={"source": index}) for index, text in enumerate(COHERE_DOCUMENTS)]
+    compressed = reranker.compress_documents(documents, COHERE_QUERY)
+    assert sent_bodies[0] == ("/v2/rerank", {"model": "xlm_roberta_classifier", "query": COHERE_QUERY,
+                                             "documents": COHERE_DOCUMENTS, "top_n": 2, "max_tokens_per_doc": None})
+    expected = direct_rerank(adapter_url, COHERE_DOCUMENTS, top_n=2)
+    assert [document.metadata["source"] for document in compressed] == [index for index, _ in expected]
+    assert [document.metadata["relevance_score"] for document in compressed] == pytest.approx(
+        [score for _, score in expected], rel=1e-5)
+
+    everything = reranker.rerank(COHERE_DOCUMENTS, COHERE_QUERY, top_n=None)
+    assert sent_bodies[-1][1]["top_n"] is None
+    assert [item["index"] for item in everything] == [index for index, _ in direct_rerank(adapter_url, COHERE_DOCUMENTS)]
 
 
 # --- OpenAI SDK -------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ SGLANG_PATH_PREFIX = "/sglang/"
 # when the adapter is switched to SGLang's rerank there).
 SGLANG_ERROR_COMPONENT = "#/components/schemas/SGLangErrorResponse"
 # TEI's routes and its ErrorType names as serde writes them (text-embeddings-inference router/src/http/types.rs).
-TEI_PATHS = {"/embed_sparse"}
+TEI_PATHS = {"/embed", "/embed_all", "/embed_sparse", "/predict", "/info", "/"}
 TEI_ERROR_TYPES = {"Unhealthy", "Backend", "Overloaded", "Validation", "Tokenizer", "Empty"}
 
 # Module-level tally of what actually went over the wire (asserted at the end of the test).
@@ -91,6 +91,8 @@ def flavour_of(path: str, body: object, declared_sglang: frozenset[str] = frozen
         return "sglang_native"
     if path in TEI_PATHS:  # TEI's routes answer TEI's {error, error_type}
         return "tei"
+    if path == "/rerank" and isinstance(body, dict) and "texts" in body and "documents" not in body:
+        return "tei"  # TEI's rerank body
     if (
         path == "/classify"
         and isinstance(body, dict)

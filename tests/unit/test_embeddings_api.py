@@ -179,10 +179,11 @@ def test_normalize_is_refused_as_vllm_removed_it(api):
     assert gateway.calls == []
 
 
-def test_a_model_that_does_not_embed_has_no_route_and_an_unknown_one_is_a_404(api):
+def test_a_model_that_does_not_embed_is_a_400_saying_so_and_an_unknown_one_is_a_404(api):
     client, gateway = api
-    response = embed(client, model="sentiment", input=TEXT)
-    assert (response.status_code, response.json()) == (404, {"detail": "Not Found"})
+    vllm_error(embed(client, model="sentiment", input=TEXT), 400, "BadRequestError",
+               "Embedding API is not supported by this model. Model `sentiment` is a classifier with 3 labels; it "
+               "serves /classify, /pooling.", param=None)
     vllm_error(embed(client, model="nope", input=TEXT), 404, "NotFoundError", "The model `nope` does not exist.")
     assert client.post("/v1/embeddings", json={"input": TEXT}).json()["model"] == "minilm"  # the first embedder
     assert [call[0] for call in gateway.calls] == ["minilm_triton"]
@@ -414,7 +415,7 @@ def test_openai_sdk_default_base64_equals_the_float_path(api):
     assert result.model == "minilm" and result.usage.prompt_tokens == result.usage.total_tokens > 0
     floats = sdk.embeddings.create(model="matryoshka", input="paris", dimensions=8, encoding_format="float")
     assert len(floats.data[0].embedding) == 8
-    with pytest.raises(openai.NotFoundError):
+    with pytest.raises(openai.BadRequestError, match="Embedding API is not supported by this model"):
         sdk.embeddings.create(model="sentiment", input="paris")
 
 
@@ -524,8 +525,8 @@ def test_cohere_output_dimension_and_binary_width(api):
     assert error["message"] == "Embedding dimension must be a multiple of 8 for binary embedding types, but got 5."
     vllm_error(cohere_embed(client, texts=TEXTS, output_dimension=8), 400, "BadRequestError",
                "Model 'raw' does not support Matryoshka embeddings")
-    response = client.post("/v2/embed", json={"model": "sentiment", "texts": TEXTS})
-    assert (response.status_code, response.json()) == (404, {"detail": "Not Found"})
+    vllm_error(client.post("/v2/embed", json={"model": "sentiment", "texts": TEXTS}), 400, "BadRequestError",
+               "Embedding API is not supported by this model. Model `sentiment` is a classifier")
 
 
 @pytest.mark.filterwarnings("ignore:You should not use the 'timeout' argument with the TestClient")

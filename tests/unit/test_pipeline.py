@@ -141,16 +141,48 @@ def sglang_error(response, status: int, fragment: str = "") -> dict:
 # --- resolve: which model a request gets ----------------------------------------------------------
 
 
-def test_an_unknown_model_is_vllms_404_and_a_route_the_model_lacks_is_a_plain_404(api):
+def test_an_unknown_model_is_vllms_404_and_a_route_the_model_lacks_is_a_400_saying_why(api):
     client, gateway = api
     vllm_error(client.post("/classify", json={"model": "nope", "input": TEXT}), 404, "NotFoundError",
                "The model `nope` does not exist.")
-    for path, body in (("/classify", {"model": "embedder", "input": TEXT}),
-                       ("/score", {"model": "sentiment", "queries": "q", "documents": ["d"]}),
-                       ("/rerank", {"model": "sentiment", "query": "q", "documents": ["d"]})):
-        response = client.post(path, json=body)
-        assert (response.status_code, response.json()) == (404, {"detail": "Not Found"}), path
+    scoring = ("Scoring API is only enabled for num_labels == 1. Model `sentiment` is a classifier with 3 labels; "
+               "it serves /classify, /pooling.")
+    for path, body, message in (
+        ("/classify", {"model": "embedder", "input": TEXT},
+         "Classification API is not supported by this model. Model `embedder` is an embedding model; it serves "
+         "/v1/embeddings, /v2/embed, /score and /rerank, /pooling."),
+        ("/v1/embeddings", {"model": "reranker", "input": TEXT},
+         "Embedding API is not supported by this model. Model `reranker` is a classifier with 1 label; it serves "
+         "/classify, /score and /rerank, /pooling."),
+        ("/score", {"model": "sentiment", "queries": "q", "documents": ["d"]}, scoring),
+        *((path, {"model": "sentiment", "query": "q", "documents": ["d"]}, scoring)
+          for path in ("/rerank", "/v1/rerank", "/v2/rerank")),
+        ("/invocations", {"model": "sentiment", "query": "q", "documents": ["d"]}, scoring),
+    ):
+        error = vllm_error(client.post(path, json=body), 400, "BadRequestError")
+        assert (error["message"], error["param"]) == (message, None), path
+    response = client.post("/v1/classify_nope", json={"model": "sentiment", "input": TEXT})
+    assert (response.status_code, response.json()) == (404, {"detail": "Not Found"})  # a mistyped URL
     assert gateway.calls == []
+
+
+def test_a_route_only_a_sole_served_model_lacks_names_it_and_none_able_among_several_is_a_plain_404(
+        monkeypatch, models):
+    sentiment, embedder, chat = models[0], models[2], models[3]
+    with running(monkeypatch, [sentiment]) as (client, _):
+        error = vllm_error(client.post("/rerank", json={"query": "q", "documents": ["d"]}), 400, "BadRequestError")
+        assert error["message"].startswith("Scoring API is only enabled for num_labels == 1. Model `sentiment`")
+        body = sglang_error(client.post("/sglang/v1/rerank", json={"query": "q", "documents": ["d"]}), 400,
+                            "Scoring API is only enabled for num_labels == 1.")
+        assert body["type"] == "BadRequestError"
+    with running(monkeypatch, [embedder]) as (client, _):
+        sglang_error(client.post("/v1/classify", json={"input": TEXT}), 400,
+                     "Classification API is not supported by this model. Model `embedder` is an embedding model")
+    with running(monkeypatch, [sentiment, chat]) as (client, gateway):
+        for path, body in (("/rerank", {"query": "q", "documents": ["d"]}), ("/v1/embeddings", {"input": TEXT})):
+            response = client.post(path, json=body)
+            assert (response.status_code, response.json()) == (404, {"detail": "Not Found"}), path
+        assert gateway.calls == []
 
 
 def test_without_a_name_the_first_model_able_to_serve_the_route_answers(api):

@@ -191,18 +191,19 @@ def test_pooling_refuses_a_task_the_model_does_not_serve(api, model, task, messa
     assert gateway.calls == []
 
 
-@pytest.mark.parametrize("path, body", [
-    ("/classify", {"input": "snow"}),
-    ("/score", {"queries": "snow", "documents": ["paris"]}),
-    ("/v1/score", {"queries": "snow", "documents": ["paris"]}),
-    ("/rerank", {"query": "snow", "documents": ["paris"]}),
-    ("/v1/embeddings", {"input": "snow"}),
-    ("/v2/embed", {"texts": ["snow"], "input_type": "query", "embedding_types": ["float"]}),
+@pytest.mark.parametrize("path, body, refusal", [
+    ("/classify", {"input": "snow"}, "Classification API is not supported by this model."),
+    ("/score", {"queries": "snow", "documents": ["paris"]}, "This model does not support the Scoring API."),
+    ("/v1/score", {"queries": "snow", "documents": ["paris"]}, "This model does not support the Scoring API."),
+    ("/rerank", {"query": "snow", "documents": ["paris"]}, "This model does not support the Scoring API."),
+    ("/v1/embeddings", {"input": "snow"}, "Embedding API is not supported by this model."),
+    ("/v2/embed", {"texts": ["snow"], "input_type": "query", "embedding_types": ["float"]},
+     "Embedding API is not supported by this model."),
 ])
-def test_a_token_classifier_has_no_sequence_routes(api, path, body):
+def test_a_token_classifier_has_no_sequence_routes(api, path, body, refusal):
     client, gateway = api
-    response = client.post(path, json={"model": "tagger", **body})
-    assert response.status_code == 404 and response.json() == {"detail": "Not Found"}
+    error = vllm_error(client.post(path, json={"model": "tagger", **body}), 400, refusal)
+    assert error["message"] == f"{refusal} Model `tagger` is a token classifier; it serves /pooling."
     assert gateway.calls == []
 
 

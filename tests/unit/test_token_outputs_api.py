@@ -190,7 +190,9 @@ def test_cohere_embed_is_not_a_route_of_a_token_model(api):
     client, _ = api
     response = client.post("/v2/embed", json={"model": "colbert", "texts": [QUERY], "input_type": "query",
                                               "embedding_types": ["float"]})
-    assert response.status_code == 404 and response.json() == {"detail": "Not Found"}
+    assert vllm_error(response, 400, "BadRequestError", "Embedding API is not supported by this model.")["message"] == (
+        "Embedding API is not supported by this model. Model `colbert` is a late-interaction (token embedding) "
+        "model; it serves /v1/embeddings, /score and /rerank, /pooling.")
 
 
 def pair_usage(tokenizer, queries: list[str], documents: list[str]) -> int:

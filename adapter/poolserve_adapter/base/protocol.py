@@ -4,6 +4,7 @@ completion (``input``) and chat (``messages``) prompt forms, the scoring fields 
 
 from __future__ import annotations
 
+import functools
 import secrets
 import time
 from typing import Any, Literal
@@ -29,6 +30,55 @@ class OpenAIBaseModel(BaseModel):
     """vLLM accepts and ignores unknown fields (``extra="allow"``)."""
 
     model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+
+# The keys of a property's JSON schema that describe it rather than constrain its value.
+SCHEMA_ANNOTATIONS = ("title", "description", "default", "examples", "deprecated")
+
+
+def nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    """A property's JSON schema that also admits null, written as pydantic writes ``X | None``."""
+    if any(option.get("type") == "null" for option in schema.get("anyOf", ())):
+        return schema
+    annotations = {key: value for key, value in schema.items() if key in SCHEMA_ANNOTATIONS}
+    value = {key: value for key, value in schema.items() if key not in SCHEMA_ANNOTATIONS}
+    options = value["anyOf"] if set(value) == {"anyOf"} else [value]
+    return {"anyOf": [*options, {"type": "null"}], **annotations}
+
+
+class NullMeansDefault(BaseModel):
+    """An explicit ``null`` for a field that has a default is that default, as if the field were absent.
+
+    Cohere's SDK and the frameworks over it send every optional argument they were given, ``None`` as
+    ``null`` (langchain-cohere's ``CohereRerank`` always sends ``"max_tokens_per_doc": null``, ``top_n``
+    may be null); Jina's clients likewise. vLLM refuses these with a 400 (its fields are not nullable):
+    accepting them is knowingly beyond vLLM. OpenAPI shows these fields nullable."""
+
+    @classmethod
+    @functools.cache
+    def defaulted_fields(cls) -> frozenset[str]:
+        """The names (and aliases) of the fields whose default is not null."""
+        names = set()
+        for name, field in cls.model_fields.items():
+            if field.default_factory is not None or (not field.is_required() and field.default is not None):
+                names.update(filter(None, (name, field.alias)))
+        return frozenset(names)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        defaulted = cls.defaulted_fields()
+        return {key: value for key, value in data.items() if value is not None or key not in defaulted}
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema, handler):
+        schema = handler.resolve_ref_schema(handler(core_schema))
+        properties = schema.get("properties", {})
+        for name in cls.defaulted_fields() & set(properties):
+            properties[name] = nullable(properties[name])
+        return schema
 
 
 class PoolingRequestBase(OpenAIBaseModel):
@@ -139,8 +189,9 @@ class MultiModalItem(OpenAIBaseModel):
 ScoreItem = str | MultiModalItem
 
 
-class ScoringFields(PoolingRequestBase):
-    """vLLM's ``ScoringRequestMixin``: shared by /score and /rerank."""
+class ScoringFields(PoolingRequestBase, NullMeansDefault):
+    """vLLM's ``ScoringRequestMixin``: shared by /score and /rerank; ``null`` is a field's default
+    (:class:`NullMeansDefault`)."""
 
     max_tokens_per_query: int = Field(0, description="Cut the query to this many tokens first; 0: no limit.")
     max_tokens_per_doc: int = Field(0, description="Cut each document to this many tokens first; 0: no limit.")
@@ -225,8 +276,10 @@ SGLANG_NATIVE_ERROR_RESPONSES = {
 }
 
 ERROR_RESPONSES = {
-    400: {"model": ErrorResponse, "description": "Invalid request (validation, empty input, over-long input)"},
-    404: {"model": ErrorResponse, "description": "Unknown model, or a route the model does not offer"},
+    400: {"model": ErrorResponse, "description": "Invalid request (validation, empty input, over-long input), or "
+          "a route the model (named, or the only one served) does not offer"},
+    404: {"model": ErrorResponse, "description": 'Unknown model; a route no served model offers: {"detail": '
+          '"Not Found"}'},
     500: {"model": ErrorResponse, "description": "Internal error"},
     503: {"model": ErrorResponse, "description": "Triton is unavailable or its queue is full"},
     **UNAUTHORIZED, **TOO_LARGE,

@@ -1,11 +1,15 @@
 """Cohere's ``POST /v2/embed`` as vLLM serves it (``CohereEmbedRequest`` of
-``vllm/entrypoints/pooling/embed/protocol.py``): a plain pydantic model, so unknown keys are ignored."""
+``vllm/entrypoints/pooling/embed/protocol.py``): a plain pydantic model, so unknown keys are ignored. An
+explicit ``null`` is a field's default, as the Cohere SDK sends the ``None`` it is given (beyond vLLM, which
+refuses it)."""
 
 from __future__ import annotations
 
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from poolserve_adapter.base.protocol import NullMeansDefault
 
 EmbeddingType = Literal["float", "binary", "ubinary", "base64"]
 
@@ -36,7 +40,7 @@ class CohereEmbedInput(CohereModel):
     content: list[CohereEmbedContent]
 
 
-class CohereEmbedRequest(CohereModel):
+class CohereEmbedRequest(CohereModel, NullMeansDefault):
     model: str | None = Field(None, description="Served model name; null: the first embedding model.")
     input_type: str | None = Field(
         None, description="A name of the model's sentence-transformers prompts (config_sentence_transformers.json "

@@ -3,9 +3,12 @@ in index order, from the model's ``sparse`` output; TEI's request checks, trunca
 "error_type"}``, :class:`~poolserve_adapter.errors.TeiError`), in TEI's order: the batch (empty, too many
 inputs), the model (not a SPLADE model: 424 Backend), then each input (empty, ``prompt_name``, too long).
 
+The TEI steps every TEI route shares live here too: the checks of a list of inputs, TEI's error kinds, the
+prompt, and the tokenizing.
+
 Inputs are tokenized as TEI does (``core/src/tokenization.rs::encode_input``): the prompt's text prepended, special
 tokens added, and with ``truncate`` the tokenizer's own truncation to the model's maximum length on the side asked
-(special tokens kept); without it a longer input is refused.
+(special tokens kept; a pair loses tokens from its longer side first); without it a longer input is refused.
 
 BGE-M3 (a model with lexical weights) answers it from its per-token weights, as FlagEmbedding's
 ``_process_token_weights`` makes its ``lexical_weights``: each token id's largest relu'd weight, the ids of the
@@ -26,10 +29,9 @@ from poolserve_adapter.base.embedding import token_rows
 from poolserve_adapter.base.serving import ServeContext, Serving
 from poolserve_adapter.errors import Flavour, TeiError
 from poolserve_adapter.registry import ServedModel
-from poolserve_adapter.tei.protocol import EmbedSparseRequest
+from poolserve_adapter.tei.protocol import EmbedSparseRequest, TextsRequest
 from poolserve_adapter.tokenization import Encoded, TextEncoder, run_sized
 
-NOT_SPLADE = "Backend error: Model is not an embedding model with SPLADE pooling"
 VALIDATION = "Input validation error: "  # the prefix TEI's TextEmbeddingsError::Validation displays
 MAX_TRUNCATING_BACKENDS = 16  # tokenizer copies kept (one per model, maximum length and side)
 
@@ -85,17 +87,44 @@ class TruncatingBackends:
 TRUNCATING_BACKENDS = TruncatingBackends()
 
 
-def tokenized(model: ServedModel, texts: list[str], truncate: bool, direction: str) -> Encoded:
-    """The texts as TEI's ``encode_input`` makes them; an input longer than the model's maximum length (after
-    any truncation) is TEI's 422."""
+def tokenized(model: ServedModel, inputs: list[str | tuple[str, str]], truncate: bool, direction: str) -> Encoded:
+    """The inputs (texts, or pairs of texts) as TEI's ``encode_input`` makes them; an input longer than the model's
+    maximum length (after any truncation: the longest side of a pair first) is TEI's 422, the first in order."""
     encoder, limit = model.encoder, model.max_model_len
     backend = TRUNCATING_BACKENDS.get(encoder, limit if truncate else None, direction)
-    encodings = backend.encode_batch(texts, add_special_tokens=True)
-    longest = max(len(encoding.ids) for encoding in encodings)
-    if longest > limit:
-        raise validation_error(f"{VALIDATION}`inputs` must have less than {limit} tokens. Given: {longest}")
+    encodings = backend.encode_batch(inputs, add_special_tokens=True)
+    over = next((len(encoding.ids) for encoding in encodings if len(encoding.ids) > limit), None)
+    if over is not None:
+        raise validation_error(f"{VALIDATION}`inputs` must have less than {limit} tokens. Given: {over}")
     types = [encoding.type_ids for encoding in encodings] if encoder.sends_token_types else None
     return Encoded.from_lists([encoding.ids for encoding in encodings], types)
+
+
+def check_batch(count: int, limit: int) -> None:
+    """TEI's checks of a list of inputs before the model's: none (400 Empty), more than the client batch size
+    (422 Validation)."""
+    if not count:
+        raise TeiError("`inputs` cannot be empty", status=HTTPStatus.BAD_REQUEST, kind="Empty")
+    if count > limit:
+        raise validation_error(f"batch size {count} > maximum allowed batch size {limit}")
+
+
+def backend_error(message: str) -> TeiError:
+    """TEI's ``TextEmbeddingsError::Backend``: a 424 whose message says ``Backend error: ...``."""
+    return TeiError(f"Backend error: {message}", status=HTTPStatus.FAILED_DEPENDENCY, kind="Backend")
+
+
+def refuse_empty(texts: list[str]) -> None:
+    """TEI's tokenizer refuses an empty input (400 Empty)."""
+    if any(not text for text in texts):
+        raise TeiError(f"{VALIDATION}`inputs` cannot be empty", status=HTTPStatus.BAD_REQUEST, kind="Empty")
+
+
+async def tokenized_texts(model: ServedModel, request: TextsRequest) -> Encoded:
+    """A texts body tokenized as TEI does: the prompt's text prepended, truncated when asked."""
+    prompt = prompt_text(model, request.prompt_name)
+    texts = [prompt + text for text in request.texts()]
+    return await run_sized(sum(map(len, texts)), tokenized, model, texts, bool(request.truncate), request.direction)
 
 
 def sparse_entries(row: np.ndarray) -> list[dict]:
@@ -131,25 +160,17 @@ class ServingEmbedSparse(Serving[EmbedSparseRequest]):
     flavour = Flavour.TEI
 
     def validate(self, ctx: ServeContext[EmbedSparseRequest]) -> None:
-        texts, limit = ctx.request.texts(), ctx.settings.max_items_per_request
-        if not texts:
-            raise TeiError("`inputs` cannot be empty", status=HTTPStatus.BAD_REQUEST, kind="Empty")
-        if len(texts) > limit:
-            raise validation_error(f"batch size {len(texts)} > maximum allowed batch size {limit}")
+        texts = ctx.request.texts()
+        check_batch(len(texts), ctx.settings.max_items_per_request)
         if not ctx.model.can_embed_sparse:
-            raise TeiError(NOT_SPLADE, status=HTTPStatus.FAILED_DEPENDENCY, kind="Backend")
-        if any(not text for text in texts):
-            raise TeiError(f"{VALIDATION}`inputs` cannot be empty", status=HTTPStatus.BAD_REQUEST, kind="Empty")
+            raise backend_error("Model is not an embedding model with SPLADE pooling")
+        refuse_empty(texts)
 
     def item_count(self, request: EmbedSparseRequest) -> int:
         return len(request.texts())
 
     async def encode(self, ctx: ServeContext[EmbedSparseRequest]) -> Encoded:
-        request = ctx.request
-        prompt = prompt_text(ctx.model, request.prompt_name)
-        texts = [prompt + text for text in request.texts()]
-        return await run_sized(sum(map(len, texts)), tokenized, ctx.model, texts, bool(request.truncate),
-                               request.truncation_direction.lower())
+        return await tokenized_texts(ctx.model, ctx.request)
 
     def output_name(self, ctx: ServeContext[EmbedSparseRequest]) -> str:
         return "token_logits" if ctx.model.lexical_weights else "sparse"
