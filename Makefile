@@ -1,12 +1,14 @@
 # Two commands for a fresh machine (Python 3.10+, no GPU, no Docker, no hub access needed):
-#   make serve   prepare the default models and serve them (Triton + the HTTP adapter)
+#   make serve   prepare the default models and serve them (Triton + the HTTP adapter): `poolserve serve`
 #   make test    run the test suite
-# Both install what is missing into .venv first.
+# Both install what is missing into .venv first: `serve` the runtime alone, `test` the test tools too.
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
+# What `make serve` needs (RUNTIME_LOCK: the runtime at the full lock's versions, no test or bench tools).
+RUNTIME_INSTALLED := $(VENV)/.installed-runtime
 PYTEST_ARGS ?=
 HOST ?= 127.0.0.1
 PORT ?= 8080
@@ -16,6 +18,8 @@ MODELS ?=
 # Model parameters: SET="BAAI/bge-reranker-v2-m3.served_model_name=reranker /data/x.dtype=float16"
 SET ?=
 LOCK ?= requirements/lock.txt
+# The GPU image's runtime-only counterpart of lock-gpu-image.txt: RUNTIME_LOCK=requirements/image-gpu.txt.
+RUNTIME_LOCK ?= requirements/image.txt
 # torch 2.13.0+cpu: from this machine's disk where it lies there, else from PyTorch's CPU index.
 TORCH_SOURCE ?= $(if $(wildcard /opt/wheels/torch-2.13.0+cpu-*),,--extra-index-url https://download.pytorch.org/whl/cpu)
 UV_VERSION := 0.13.9
@@ -29,7 +33,7 @@ NO_TORCH := --no-emit-package torch --no-emit-package triton
 LOCK_FLAGS := --python-version 3.11 --python-platform x86_64-manylinux_2_35 --generate-hashes \
 	--override requirements/torch-cpu.in --find-links /opt/wheels --annotation-style line --quiet
 
-.PHONY: install lock check-latest lint serve test test-unit test-integration bench clean
+.PHONY: install lock check-latest lint serve test test-unit test-integration bench images clean
 
 install: $(INSTALLED)
 
@@ -45,6 +49,14 @@ $(INSTALLED): $(LOCK) requirements/tritonserver.txt pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps --require-hashes -r requirements/tritonserver.txt
 	# The project itself, editable: the Triton stub imports it from this venv like any installed
 	# package (its poolserve_* packages live in the card folders; see pyproject.toml).
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@ $(RUNTIME_INSTALLED)  # the full lock holds the runtime's, at the same versions
+
+# The runtime alone, from RUNTIME_LOCK (a subset of the full lock at its versions): what `make serve` needs.
+$(RUNTIME_INSTALLED): $(RUNTIME_LOCK) requirements/tritonserver.txt pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --require-hashes -r $(RUNTIME_LOCK) $(TORCH_SOURCE)
+	$(PY) -m pip install -q --no-deps --require-hashes -r requirements/tritonserver.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
@@ -74,8 +86,9 @@ check-latest:
 	.cache/latest/bin/python -m pytest -q -p no:cacheprovider tests/unit tests/kernels \
 		tests/integration/test_adapter_api.py $(PYTEST_ARGS)
 
-serve: $(INSTALLED)
-	$(PY) -m poolserve_stack serve --stop-with-parent --host $(HOST) --port $(PORT) $(foreach m,$(MODELS),--model '$(m)') $(foreach s,$(SET),--set '$(s)')
+# `poolserve serve` (the console script of `pip install .`) with MODELS as its models and SET as --set.
+serve: $(RUNTIME_INSTALLED)
+	$(VENV)/bin/poolserve serve --stop-with-parent --host $(HOST) --port $(PORT) $(foreach m,$(MODELS),'$(m)') $(foreach s,$(SET),--set '$(s)')
 
 # ruff's rules and scope: pyproject.toml [tool.ruff]. A second or two; it runs before every `make test`.
 lint: $(INSTALLED)
@@ -107,6 +120,12 @@ bench: $(INSTALLED)
 		$(PY) -m poolserve_bench.bench_llm_rerankers --smoke --out .cache/bench-smoke && \
 		$(PY) -m poolserve_bench.bench_reliability --smoke --out .cache/bench-smoke; \
 	fi
+
+# Docker on a host that reaches no image registry: the compose images built on a local Debian base
+# (debootstrap, root) from a wheelhouse of the locks' wheels; then `TRITON_SERVER=pytriton docker
+# compose up`. BASE_IMAGE=python:3.11-slim uses that base instead (deploy/offline-images.sh).
+images:
+	PYTHON='$(PYTHON)' TORCH_SOURCE='$(TORCH_SOURCE)' deploy/offline-images.sh
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

@@ -1,11 +1,12 @@
 """The compose stack, built and run for real (`docker compose`), whenever a Docker daemon answers.
 
-Images are built on ``$COMPOSE_TEST_BASE_IMAGE`` (default ``python:3.11-slim``; CI's docker service
-makes a local Debian one, as no registry is reachable there) with the nvidia-pytriton server, from
-a wheelhouse of the lock's wheels prepared here on the host, so the build needs no index.
-Published ports are free ones, reached at ``$COMPOSE_TEST_ADDRESS`` (127.0.0.1, or the address of
-the network namespace CI's daemon runs in). Every project is brought down with its volumes; the
-tests check that nothing of it is left.
+The images are built as a host without any image registry builds them, the path the README
+documents for it: `make images` (deploy/offline-images.sh: a wheelhouse of the locks' wheels, a
+base image made with debootstrap unless present, `docker compose build`), which needs root and
+debootstrap here. ``$COMPOSE_TEST_BASE_IMAGE`` names another base instead (python:3.11-slim where
+Docker Hub is reachable). Published ports are free ones, reached at ``$COMPOSE_TEST_ADDRESS``
+(127.0.0.1, or the address of the network namespace CI's daemon runs in). Every project is brought
+down with its volumes; the tests check that nothing of it is left.
 """
 
 from __future__ import annotations
@@ -26,9 +27,8 @@ import pytest
 from poolserve_stack.processes import free_port
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-WHEELHOUSE = PROJECT_ROOT / "docker" / "wheelhouse"
 ADDRESS = os.environ.get("COMPOSE_TEST_ADDRESS", "127.0.0.1")
-BASE_IMAGE = os.environ.get("COMPOSE_TEST_BASE_IMAGE", "python:3.11-slim")
+BASE_IMAGE = os.environ.get("COMPOSE_TEST_BASE_IMAGE")
 
 
 def docker_missing() -> str | None:
@@ -51,18 +51,13 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def wheelhouse() -> Path:
-    """Every wheel the images install: their locks', hashes checked (pip's own config here finds them)."""
-    WHEELHOUSE.mkdir(exist_ok=True)
-    pip = [sys.executable, "-m", "pip", "download", "-q", "-d", str(WHEELHOUSE), "--only-binary=:all:",
-           "--require-hashes"]
-    requirements = PROJECT_ROOT / "requirements"
-    for command in ([*pip, "-r", str(requirements / "image.txt")],
-                    [*pip, "-r", str(requirements / "image-adapter.txt")],
-                    [*pip, "--no-deps", "-r", str(requirements / "tritonserver.txt")]):
-        result = subprocess.run(command, capture_output=True, text=True)
-        assert result.returncode == 0, f"{' '.join(command)}:\n{result.stderr[-3000:]}"
-    return WHEELHOUSE
+def images() -> None:
+    """The images both compose files run (TRITON_SERVER=pytriton), built by `make images`."""
+    command = ["make", "images", f"PYTHON={sys.executable}", *([f"BASE_IMAGE={BASE_IMAGE}"] if BASE_IMAGE else [])]
+    began = time.monotonic()
+    result = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=1500)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    print(f"make images: {time.monotonic() - began:.1f} s")
 
 
 def http(method: str, url: str, body: dict | None = None, timeout: float = 30.0) -> tuple[int, bytes]:
@@ -137,10 +132,8 @@ def new_project(prefix: str, files: list[Path], **env: str) -> ComposeProject:
         env={
             **ports,
             "PUBLISH_ADDRESS": "127.0.0.1" if ADDRESS == "127.0.0.1" else "0.0.0.0",
-            "TRITON_BASE_IMAGE": BASE_IMAGE,
+            # The images `make images` built: compose finds them and neither pulls nor builds.
             "TRITON_SERVER": "pytriton",
-            "ADAPTER_BASE_IMAGE": BASE_IMAGE,
-            "LB_BASE_IMAGE": BASE_IMAGE,
             "MODELS": "",
             **env,
         },

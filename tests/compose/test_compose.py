@@ -16,10 +16,9 @@ pytestmark = [pytest.mark.compose, pytest.mark.timeout(1800)]
 
 
 @pytest.fixture(scope="module")
-def stack(wheelhouse):
+def stack(images):
     project = new_project("tps-compose", [PROJECT_ROOT / "docker-compose.yml"])
     try:
-        project.timed("build", "build")
         project.timed("up", "up", "-d", "--wait", "--wait-timeout", "900")
         yield project
     finally:

@@ -18,12 +18,11 @@ CLIENTS = 6
 
 
 @pytest.fixture(scope="module")
-def replicas(wheelhouse):
+def replicas(images):
     # One model per replica keeps two replicas within a 2-core CI machine.
     project = new_project("tps-replicas", [PROJECT_ROOT / "deploy" / "compose" / "replicas.yml"],
                           REPLICAS=str(REPLICAS), MODELS="bert_classifier")
     try:
-        project.timed("build", "build")
         project.timed("up", "up", "-d", "--wait", "--wait-timeout", "900")
         yield project
     finally:
