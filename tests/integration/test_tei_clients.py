@@ -1,8 +1,9 @@
 """TEI's API against the real stack (``poolserve serve``: Triton and the adapter) serving the built-in embedder and a
 tiny cross-encoder re-ranker (one label), read with TEI's own request examples (``router/src/http/types.rs``) and
 with unchanged TEI clients: LlamaIndex's ``TextEmbeddingInference`` reranker (``POST /rerank`` with ``{"query",
-"texts"}``) and ``huggingface_hub.InferenceClient(<url>).feature_extraction`` (``POST /``, what LangChain's
-Hugging Face embeddings delegate to).
+"texts"}``), ``huggingface_hub.InferenceClient(<url>).feature_extraction`` (``POST /``, what LangChain's
+Hugging Face endpoint embeddings delegate to) and langchain-community's ``HuggingFaceInferenceAPIEmbeddings``
+(``POST /embed``).
 
 Scores must equal sentence-transformers' ``CrossEncoder`` over the same checkpoint (its sigmoid of the one logit,
 TEI's rerank score) and vectors its ``SentenceTransformer`` encode of the built-in embedder; nothing but our
@@ -145,3 +146,20 @@ def test_huggingface_hub_feature_extraction_posts_to_the_root(stack, reference_v
     np.testing.assert_allclose(vectors, [item["embedding"] for item in floats], rtol=1e-5, atol=1e-6)
     one = client.feature_extraction(TEXTS[0], normalize=False, truncate=True, truncation_direction="right")
     assert one.shape == (1, reference_vectors.shape[1]) and abs(float(np.linalg.norm(one)) - 1) > 1e-3
+
+
+def test_langchain_hugging_face_embeddings_post_to_embed(stack, reference_vectors, loopback_only):
+    """LangChain's TEI embeddings as langchain-community ships them (``HuggingFaceInferenceAPIEmbeddings`` with
+    ``api_url``: ``{"inputs", "options"}`` to that URL; langchain-huggingface 1.2 refuses a URL as its model)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # langchain-community announces its own sunset
+        from langchain_community.embeddings import HuggingFaceInferenceAPIEmbeddings
+
+    url, _ = stack
+    embeddings = HuggingFaceInferenceAPIEmbeddings(api_key="unused", api_url=f"{url}/embed")
+    documents = np.array(embeddings.embed_documents(TEXTS), dtype=np.float32)
+    query = np.array(embeddings.embed_query(TEXTS[0]), dtype=np.float32)
+    assert cosines(documents, reference_vectors).min() >= 0.9999
+    np.testing.assert_allclose(query, documents[0], rtol=1e-5, atol=1e-6)
