@@ -216,6 +216,8 @@ def not_offered_reason(model: ServedModel, capability: str) -> str:
                    else "This model does not support the Scoring API.")
     elif capability == "can_classify":
         refusal = "Classification API is not supported by this model."
+    elif capability == "can_classify_or_embed":
+        refusal = "Pooling API is not supported by this model."
     else:
         refusal = "Embedding API is not supported by this model."
     labels = f"{model.num_labels} label{'' if model.num_labels == 1 else 's'}"
@@ -227,6 +229,11 @@ def not_offered_reason(model: ServedModel, capability: str) -> str:
 class ModelRegistry:
     def __init__(self, models: list[ServedModel]):
         self.models = {model.name: model for model in models}
+        if len(self.models) != len(models):
+            names = [model.name for model in models]
+            twice = sorted({name for name in names if names.count(name) > 1})
+            raise ValueError(f"several Triton models are served as {', '.join(twice)}: give each its own "
+                             "served_model_name")
 
     def __iter__(self):
         return iter(self.models.values())

@@ -11,6 +11,7 @@ instead of ignored.
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -55,10 +56,21 @@ def _choice(value: str, name: str, allowed: tuple[str, ...]) -> str:
 
 
 def parse_number(value: str, name: str) -> float:
+    """A finite number (nan and inf would reach the scores as they are)."""
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
         raise ValueError(f"{name} parameter {value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{name} parameter {value!r} is not a finite number")
+    return number
+
+
+def parse_positive_number(value: str, name: str) -> float:
+    number = parse_number(value, name)
+    if number <= 0:
+        raise ValueError(f"{name} parameter {value!r} must be greater than 0")
+    return number
 
 
 def parse_cpu_threads(value: str) -> int | None:
@@ -83,9 +95,11 @@ def parse_prefix_cache_tokens(value: str) -> int:
     return tokens
 
 
-def parse_whole_number(value: str, name: str) -> int:
+def parse_whole_number(value: str, name: str, least: int = 0) -> int:
     if not value.strip().isdigit():
         raise ValueError(f"{name} parameter {value!r} is not a whole number")
+    if int(value) < least:
+        raise ValueError(f"{name} parameter {value!r} must be at least {least}")
     return int(value)
 
 
@@ -184,11 +198,12 @@ class ModelParameters:
             dtype=_choice(text("dtype", "auto"), "dtype", ("auto", *DTYPE_NAMES)),
             attention=_choice(text("attention", "auto"), "attention", ("auto", *ATTENTIONS)),
             compile=_choice(text("compile", "auto"), "compile", COMPILE_MODES),
-            max_tokens_per_forward=parse_whole_number(text("max_tokens_per_forward") or "16384", "max_tokens_per_forward"),
+            max_tokens_per_forward=parse_whole_number(text("max_tokens_per_forward") or "16384", "max_tokens_per_forward",
+                                                      least=1),
             max_model_len=parse_whole_number(text("max_model_len") or "0", "max_model_len"),
             cuda_graph_max_tokens=parse_whole_number(text("cuda_graph_max_tokens") or str(DEFAULT_CUDA_GRAPH_MAX_TOKENS), "cuda_graph_max_tokens"),
             logit_mean=parse_number(text("logit_mean") or "0", "logit_mean"),
-            logit_sigma=parse_number(text("logit_sigma") or "1", "logit_sigma"),
+            logit_sigma=parse_positive_number(text("logit_sigma") or "1", "logit_sigma"),  # scores divide by it
             trust_remote_code=parse_bool(text("trust_remote_code", "false"), "trust_remote_code"),
             architecture=text("architecture").strip(),
             hf_overrides=text("hf_overrides").strip(),

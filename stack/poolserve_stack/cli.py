@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=None,
                        help="require `Authorization: Bearer KEY` on every route but /health, /ping and /metrics "
                        "(as vLLM's --api-key). Default: $ADAPTER_API_KEY; it reaches the adapter only, never "
-                       "Triton or its models")
+                       "Triton or its models. $ADAPTER_API_KEY is the safer form: any local user can read a command line")
     serve.add_argument("--triton-grpc-port", type=int, default=0, help="0 picks a free port")
 
     triton = commands.add_parser("triton", help="Triton alone, supervised (the triton container)")

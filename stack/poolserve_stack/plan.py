@@ -94,7 +94,8 @@ def plan_models(entries: list[str], repository: Path, sets: dict[str, dict[str, 
         name = _unique(name, plan)
         parameters = {**parameters, **sets.pop(name, {}), SOURCE_FOLDER: folder, SERVE_ORDER: str(position)}
         typed = _typed(parameters, entry)  # every entry's values, a model folder named alone too
-        public = typed.served_name(name) if "checkpoint" in parameters else name
+        # A model folder named alone is served under its folder name unless served_model_name says otherwise.
+        public = typed.served_name(name) if "checkpoint" in parameters or typed.served_model_name else name
         if public in served:
             raise PlanError(f"{entry!r} and {served[public]!r} would both be served as {public!r}; "
                             "give one a served_model_name")

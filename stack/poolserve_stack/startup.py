@@ -19,7 +19,15 @@ from pathlib import Path
 
 from poolserve_contract.checkpoints import models_cache
 from poolserve_stack.errors import StartStopped
-from poolserve_stack.plan import DEFAULT_MODELS, check_sets, parse_sets, plan_models, uses_builtins, with_served_names
+from poolserve_stack.plan import (
+    DEFAULT_MODELS,
+    PlanError,
+    check_sets,
+    parse_sets,
+    plan_models,
+    uses_builtins,
+    with_served_names,
+)
 from poolserve_stack.progress import CurrentStep, reporting
 from poolserve_stack.supervision import describe_models
 from poolserve_stack.triton_server import TritonServer
@@ -36,6 +44,10 @@ def start_triton(entries: list[str], sets: list[str], repository: Path, *, log_p
     """Check, prepare, plan and start; raises :class:`PlanError`, :class:`LauncherError` or
     :class:`StartStopped` with the reason. ``say`` prints the progress lines a newcomer reads instead
     of Triton's own log."""
+    if served_names and not entries:
+        # argparse's nargs="+" takes a model written after --served-model-name as one more name.
+        raise PlanError(f"--served-model-name {' '.join(served_names)} was given with no model: name the models "
+                        "first (poolserve serve MODEL ... --served-model-name NAME ...)")
     entries = list(entries or DEFAULT_MODELS)
     named_sets = with_served_names(entries, list(served_names), parse_sets(sets))
     check_sets(named_sets)

@@ -114,6 +114,12 @@ def make_model(name, task, num_labels):
                        id2label={0: "only"}, num_labels=num_labels)
 
 
+def test_two_triton_models_under_one_served_name_are_refused():
+    """A registry keyed by name would keep only the last of them, the default model perhaps."""
+    with pytest.raises(ValueError, match="several Triton models are served as m:"):
+        ModelRegistry([make_model("m", "classify", 1), make_model("m", "embed", 1), make_model("x", "classify", 1)])
+
+
 @pytest.fixture
 def app_with_fake_triton(monkeypatch):
     registry = ModelRegistry([make_model("ce", "classify", 1), make_model("multi", "classify", 3)])

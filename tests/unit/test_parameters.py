@@ -37,6 +37,10 @@ def test_an_unknown_key_is_refused_naming_a_close_spelling_and_every_parameter()
     ("max_tokens_per_forward", "lots", "max_tokens_per_forward parameter 'lots' is not a whole number"),
     ("max_model_len", "-1", "max_model_len parameter '-1' is not a whole number"),
     ("logit_sigma", "wide", "logit_sigma parameter 'wide' is not a number"),
+    ("logit_sigma", "0", "logit_sigma parameter '0' must be greater than 0"),  # the scores divide by it
+    ("logit_mean", "nan", "logit_mean parameter 'nan' is not a finite number"),
+    ("logit_sigma", "inf", "logit_sigma parameter 'inf' is not a finite number"),
+    ("max_tokens_per_forward", "0", "max_tokens_per_forward parameter '0' must be at least 1"),
 ])
 def test_a_bad_value_names_its_parameter_and_what_it_may_be(key, value, message):
     with pytest.raises(ValueError) as refused:
@@ -75,6 +79,19 @@ def test_served_model_names_go_one_per_model_in_order():
         with_served_names(["a"], ["x"], {"a": {"served_model_name": "z"}})
     plan = plan_models(["bert_classifier"], MODEL_REPOSITORY, with_served_names(["bert_classifier"], ["mood"], {}))
     assert plan["bert_classifier"]["served_model_name"] == "mood"
+
+
+def test_names_given_with_no_model_are_refused_not_put_on_the_built_in_models():
+    """``--served-model-name reranker BAAI/x`` reads the model as a second name (argparse's nargs="+"); with no
+    model left, the two names must not land on the two built-in models."""
+    with pytest.raises(PlanError, match="was given with no model: name the models first"):
+        start_triton([], [], MODEL_REPOSITORY, log_path=None, served_names=["reranker", "BAAI/x"])
+
+
+def test_two_model_folders_may_not_share_a_served_name():
+    with pytest.raises(PlanError, match="would both be served as 'm'"):
+        plan_models(["bert_classifier", "bert_embedder"], MODEL_REPOSITORY,
+                    with_served_names(["bert_classifier", "bert_embedder"], ["m", "m"], {}))
 
 
 def test_a_checkpoint_given_as_a_path_is_served_under_that_path_unless_named():
