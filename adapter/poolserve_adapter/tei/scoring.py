@@ -30,7 +30,12 @@ from poolserve_adapter.base.serving import ServeContext, Serving
 from poolserve_adapter.errors import Flavour, TeiError
 from poolserve_adapter.registry import ServedModel
 from poolserve_adapter.tei.protocol import PredictRequest, RerankRequest
-from poolserve_adapter.tei.serving import VALIDATION, backend_error, tokenized, validation_error
+from poolserve_adapter.tei.serving import (
+    backend_error,
+    refuse_empty,
+    refuse_oversized_batch,
+    tokenized,
+)
 from poolserve_adapter.tokenization import Encoded, run_sized
 
 TeiInput = str | tuple[str, str]
@@ -66,12 +71,6 @@ def refuse_vision(model: ServedModel) -> None:
                             "with `documents`, or /score)")
 
 
-def refuse_empty_inputs(inputs: list[TeiInput]) -> None:
-    """TEI's tokenizer refuses an empty text, and a pair whose two texts are empty."""
-    if any(not item if isinstance(item, str) else not any(item) for item in inputs):
-        raise TeiError(f"{VALIDATION}`inputs` cannot be empty", status=HTTPStatus.BAD_REQUEST, kind="Empty")
-
-
 async def encode_inputs(ctx: ServeContext, inputs: list[TeiInput]) -> Encoded:
     """Texts and pairs tokenized as TEI does; an LLM reranker's pairs rendered by its score template first."""
     model, request = ctx.model, ctx.request
@@ -97,12 +96,12 @@ class ServingPredict(Serving[PredictRequest]):
     def validate(self, ctx: ServeContext[PredictRequest]) -> None:
         request, limit = ctx.request, ctx.settings.max_items_per_request
         count = len(request.sequences())
-        if request.is_batch and count > limit:
-            raise validation_error(f"batch size {count} > maximum allowed batch size {limit}")
+        if request.is_batch:
+            refuse_oversized_batch(count, limit)
         if not ctx.model.can_classify:
             raise backend_error("Model is not a classifier model")
         refuse_vision(ctx.model)
-        refuse_empty_inputs(request.sequences())
+        refuse_empty(request.sequences())
 
     def item_count(self, request: PredictRequest) -> int:
         return len(request.sequences())
@@ -136,10 +135,9 @@ class ServingRerank(Serving[RerankRequest]):
             raise TeiError("`texts` cannot be empty", status=HTTPStatus.BAD_REQUEST, kind="Empty")
         if not ctx.model.can_cross_encode:
             raise backend_error("model is not a re-ranker model")
-        if len(texts) > limit:
-            raise validation_error(f"batch size {len(texts)} > maximum allowed batch size {limit}")
+        refuse_oversized_batch(len(texts), limit)
         refuse_vision(ctx.model)
-        refuse_empty_inputs(self.pairs(ctx.request))
+        refuse_empty(self.pairs(ctx.request))
 
     @staticmethod
     def pairs(request: RerankRequest) -> list[TeiInput]:

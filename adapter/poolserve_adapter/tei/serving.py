@@ -105,6 +105,11 @@ def check_batch(count: int, limit: int) -> None:
     (422 Validation)."""
     if not count:
         raise TeiError("`inputs` cannot be empty", status=HTTPStatus.BAD_REQUEST, kind="Empty")
+    refuse_oversized_batch(count, limit)
+
+
+def refuse_oversized_batch(count: int, limit: int) -> None:
+    """More inputs than the client batch size: TEI's 422 Validation."""
     if count > limit:
         raise validation_error(f"batch size {count} > maximum allowed batch size {limit}")
 
@@ -114,9 +119,9 @@ def backend_error(message: str) -> TeiError:
     return TeiError(f"Backend error: {message}", status=HTTPStatus.FAILED_DEPENDENCY, kind="Backend")
 
 
-def refuse_empty(texts: list[str]) -> None:
-    """TEI's tokenizer refuses an empty input (400 Empty)."""
-    if any(not text for text in texts):
+def refuse_empty(inputs: list[str | tuple[str, ...] | list[str]]) -> None:
+    """TEI's tokenizer refuses an empty input (400 Empty): an empty text, or a pair whose texts are all empty."""
+    if any(not item if isinstance(item, str) else not any(item) for item in inputs):
         raise TeiError(f"{VALIDATION}`inputs` cannot be empty", status=HTTPStatus.BAD_REQUEST, kind="Empty")
 
 
