@@ -10,10 +10,12 @@ adapter loads only the tokenizer the model uses (and a vision model's image proc
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from poolserve_adapter.errors import NotFoundError, RouteNotOffered
+import numpy as np
+
+from poolserve_adapter.errors import BadRequestError, NotFoundError, RouteNotOffered
 from poolserve_adapter.multimodal import VisionPrompter
 from poolserve_adapter.tokenization import TextEncoder
 from poolserve_contract import families
@@ -66,7 +68,36 @@ class ServedModel:
     extra_tasks: tuple[str, ...] = ()
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    # Multi-LoRA (the card's lora_modules and lora_paths): the Triton model's adapters as (name, folder) in
+    # order, each served as its own model name, as vLLM does. An adapter's entry is the base's with the
+    # adapter's name, its lora id (i for the i-th adapter; 0 the base model) and the base's name as parent.
+    lora_modules: tuple[tuple[str, str], ...] = ()
+    lora_id: int = 0
+    parent: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
+
+    def lora_ids(self, num_sequences: int) -> np.ndarray | None:
+        """The ``lora_ids`` input of ``num_sequences`` sequences run on this model (its adapter, or 0 the base),
+        or None when the Triton model serves no adapter (it takes no such input). A model with adapters is
+        always sent it: Triton's dynamic batcher batches only requests sending the same inputs, so base and
+        adapter requests share one forward."""
+        return np.full(num_sequences, self.lora_id, np.int32) if self.lora_modules else None
+
+    def adapters(self) -> list[ServedModel]:
+        """The served entry of each of this model's LoRA adapters (vLLM lists each as a model, ``root`` its
+        folder, ``parent`` the base)."""
+        return [replace(self, name=name, checkpoint=folder, lora_id=index, parent=self.name)
+                for index, (name, folder) in enumerate(self.lora_modules, start=1)]
+
+    def adapter_ids(self, names: list[str | None]) -> np.ndarray:
+        """SGLang's ``lora_path``, one adapter name per sequence (None: the base model), as lora ids. A name
+        the model does not serve is SGLang's 400."""
+        ids = {name: index for index, (name, _) in enumerate(self.lora_modules, start=1)}
+        for name in names:
+            if name is not None and name not in ids:
+                raise BadRequestError(f"The following requested LoRA adapters are not loaded: {name}\n"
+                                      f"Loaded adapters: {list(ids)}.")
+        return np.array([0 if name is None else ids[name] for name in names], np.int32)
 
     @property
     def max_model_len(self) -> int:
@@ -192,6 +223,8 @@ def build_served_model(triton_model: str, config: dict, repository: Path) -> Ser
         extra_tasks=tuple(card.extra_tasks),
         bos_token_id=card.bos_token_id,
         eos_token_id=card.eos_token_id,
+        # The folders as the host named them (the adapter reports them, as vLLM's `root`; it reads none).
+        lora_modules=tuple(zip(card.lora_modules, card.lora_paths or card.lora_modules, strict=True)),
     )
 
 
@@ -234,9 +267,24 @@ class ModelRegistry:
             twice = sorted({name for name in names if names.count(name) > 1})
             raise ValueError(f"several Triton models are served as {', '.join(twice)}: give each its own "
                              "served_model_name")
+        # Each LoRA adapter by its name: a name is one model or one adapter, never both (vLLM's clients
+        # pick either by `model` alone).
+        self.adapters: dict[str, ServedModel] = {}
+        for adapter in (adapter for model in models for adapter in model.adapters()):
+            taken = self.models.get(adapter.name) or self.adapters.get(adapter.name)
+            if taken is not None:
+                what = f"model {taken.name}" if taken.parent is None else f"an adapter of {taken.parent}"
+                raise ValueError(f"the LoRA adapter {adapter.name} of {adapter.parent} is named as {what}: "
+                                 "give each adapter a name no model or other adapter is served as (lora_modules)")
+            self.adapters[adapter.name] = adapter
 
     def __iter__(self):
+        """The base models (the LoRA adapters are in :attr:`adapters`)."""
         return iter(self.models.values())
+
+    def named(self, name: str) -> ServedModel | None:
+        """The model or LoRA adapter served as ``name``, or None."""
+        return self.models.get(name) or self.adapters.get(name)
 
     def resolve(self, name: str | None, *, capability: str) -> ServedModel:
         """The model a request names (or the first able to serve it when it names none).
@@ -246,7 +294,7 @@ class ModelRegistry:
         a bare 404 like a mistyped URL's); with several served and none able, that bare 404.
         """
         if name:
-            model = self.models.get(name)
+            model = self.named(name)
             if model is None:
                 raise NotFoundError(f"The model `{name}` does not exist.")
             if not getattr(model, capability):
@@ -262,7 +310,7 @@ class ModelRegistry:
     def resolve_lenient(self, name: str | None, *, capability: str, fallback: str | None = None) -> ServedModel:
         """SGLang's routes do not check ``model``: the named model when it is served and able, else the
         first model with ``capability``, else the first with ``fallback``."""
-        model = self.models.get(name) if name else None
+        model = self.named(name) if name else None
         if model is not None and getattr(model, fallback or capability):
             return model
         try:

@@ -2,7 +2,8 @@
 
 Sequences go to Triton as right-padded ``[n, T]`` requests with an ``attention_mask`` of at most
 ``max_sequences_per_triton_request`` rows, sent concurrently; the model's dynamic batcher packs
-them (and other clients' requests) into one forward again.
+them (and other clients' requests) into one forward again. A model serving LoRA adapters gets each
+sequence's adapter as ``lora_ids`` (``[n, 1]``, 0 the base model) beside them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import tritonclient.grpc.aio as grpcaio
-from tritonclient.utils import InferenceServerException
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from poolserve_adapter.admission import Admission
 from poolserve_adapter.admission_board import AdmissionBoard
@@ -20,13 +21,18 @@ from poolserve_adapter.errors import from_triton
 from poolserve_adapter.settings import Settings
 from poolserve_adapter.timing import timed
 from poolserve_adapter.tokenization import Encoded
-from poolserve_contract.wire import INFERENCE_GRPC_HEADER
+from poolserve_contract.wire import INFERENCE_GRPC_HEADER, LORA_IDS_INPUT
 
 
 def _tensor(name: str, array: np.ndarray) -> grpcaio.InferInput:
-    tensor = grpcaio.InferInput(name, list(array.shape), "FP32" if array.dtype == np.float32 else "INT64")
+    tensor = grpcaio.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
     tensor.set_data_from_numpy(array)
     return tensor
+
+
+def lora_input(lora_ids: np.ndarray | None, rows) -> list[grpcaio.InferInput]:
+    """The ``lora_ids`` input of the sequences ``rows`` selects (one per row), or none for a model without adapters."""
+    return [] if lora_ids is None else [_tensor(LORA_IDS_INPUT, np.ascontiguousarray(lora_ids[rows, None]))]
 
 
 @dataclass(frozen=True)
@@ -84,20 +90,23 @@ class TritonGateway:
         """429 before any tokenizing when the model's admission queue is full (the serving pipeline's guard)."""
         self.admission(triton_model).refuse_if_full()
 
-    async def infer(self, triton_model: str, encoded: Encoded, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
-        """One row per sequence for each requested output, in input order. The per-request limits (no empty
-        prompt, ADAPTER_MAX_TOKENS_PER_REQUEST) are the serving pipeline's, checked before it calls here."""
+    async def infer(self, triton_model: str, encoded: Encoded, outputs: tuple[str, ...],
+                    lora_ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """One row per sequence for each requested output, in input order. ``lora_ids``: each sequence's
+        adapter (:meth:`ServedModel.lora_ids <poolserve_adapter.registry.ServedModel.lora_ids>`), None for a
+        model without adapters. The per-request limits (no empty prompt, ADAPTER_MAX_TOKENS_PER_REQUEST) are
+        the serving pipeline's, checked before it calls here."""
         if encoded.vision is not None:
-            return await self._infer_vision(triton_model, encoded, outputs)
+            return await self._infer_vision(triton_model, encoded, outputs, lora_ids)
         count = encoded.num_sequences
         chunks = [(start, min(start + self.max_rows, count)) for start in range(0, count, self.max_rows)]
         async with self.admission(triton_model).admit(encoded.num_tokens):
             with timed("inference"):
                 results = await asyncio.gather(
-                    *(self._infer_rows(triton_model, encoded, a, b, outputs) for a, b in chunks))
+                    *(self._infer_rows(triton_model, encoded, a, b, outputs, lora_ids) for a, b in chunks))
         return {name: concatenated([result[name] for result in results]) for name in outputs}
 
-    async def _infer_vision(self, triton_model: str, encoded: Encoded, outputs) -> dict[str, np.ndarray]:
+    async def _infer_vision(self, triton_model: str, encoded: Encoded, outputs, lora_ids) -> dict[str, np.ndarray]:
         """Rows with images and rows without go in separate Triton requests (pixel_values is padded per
         request to its largest row, so a text row beside an image row would carry an image of zeros)."""
         has_images = encoded.vision.images_per_row > 0
@@ -105,7 +114,7 @@ class TritonGateway:
         chunks = [rows[start:start + self.max_rows] for rows in groups for start in range(0, len(rows), self.max_rows)]
         async with self.admission(triton_model).admit(encoded.num_tokens):
             with timed("inference"):
-                results = await asyncio.gather(*(self._infer_selected(triton_model, encoded, rows, outputs)
+                results = await asyncio.gather(*(self._infer_selected(triton_model, encoded, rows, outputs, lora_ids)
                                                  for rows in chunks))
         order = np.concatenate(chunks)
         merged = {}
@@ -115,7 +124,7 @@ class TritonGateway:
             merged[name][order] = values
         return merged
 
-    async def _infer_selected(self, triton_model: str, encoded: Encoded, rows: np.ndarray, outputs):
+    async def _infer_selected(self, triton_model: str, encoded: Encoded, rows: np.ndarray, outputs, lora_ids):
         lengths = encoded.lengths[rows]
         width = int(lengths.max())
         mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
@@ -124,9 +133,9 @@ class TritonGateway:
         if encoded.vision.images_per_row[rows].any():
             pixels, grids = encoded.vision.rows(rows)
             inputs += [_tensor("pixel_values", pixels), _tensor("image_grid_thw", grids)]
-        return await self._call(triton_model, inputs, outputs)
+        return await self._call(triton_model, inputs + lora_input(lora_ids, rows), outputs)
 
-    async def _infer_rows(self, triton_model, encoded: Encoded, start: int, end: int, outputs):
+    async def _infer_rows(self, triton_model, encoded: Encoded, start: int, end: int, outputs, lora_ids):
         lengths = encoded.lengths[start:end]
         width = int(lengths.max())  # each request is padded only to its own longest row
         mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
@@ -136,7 +145,7 @@ class TritonGateway:
         ]
         if encoded.token_type_ids is not None:
             inputs.append(_tensor("token_type_ids", np.ascontiguousarray(encoded.token_type_ids[start:end, :width])))
-        return await self._call(triton_model, inputs, outputs)
+        return await self._call(triton_model, inputs + lora_input(lora_ids, slice(start, end)), outputs)
 
     async def _call(self, triton_model: str, inputs: list, outputs) -> dict[str, np.ndarray]:
         try:

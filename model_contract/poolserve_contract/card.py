@@ -63,6 +63,10 @@ class ModelCard:
     extra_tasks: list[str] = field(default_factory=list)
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    # The lora_modules parameter: the adapters' names as clients send them in `model` (lora id i + 1 is
+    # lora_modules[i]) and their folders, in order; empty when the model serves none.
+    lora_modules: tuple[str, ...] = ()
+    lora_paths: tuple[str, ...] = ()
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -71,6 +75,8 @@ class ModelCard:
     def from_json(cls, text: str) -> ModelCard:
         values = json.loads(text)
         values["id2label"] = {int(index): label for index, label in values.get("id2label", {}).items()}
+        for name in ("lora_modules", "lora_paths"):  # JSON lists; absent in cards written before LoRA
+            values[name] = tuple(values.get(name, ()))
         return cls(**values)
 
     @classmethod
@@ -140,6 +146,8 @@ def model_card(parameters: ModelParameters, family: FamilyDeclaration | None, ch
         vocab_size=int(getattr(config, "vocab_size", 0) or 0) or None,
         image_token_id=int(config.image_token_id) if family is not None and family.vision else None,
         long_documents=parameters.long_documents,
+        lora_modules=tuple(name for name, _ in parameters.lora_modules),
+        lora_paths=tuple(path for _, path in parameters.lora_modules),
         **embedding,
         **token_classes,
     )

@@ -123,6 +123,34 @@ def parse_token_ids(value: str, name: str) -> tuple[int, ...]:
     return tuple(parse_whole_number(part, name) for part in value.split(",")) if value.strip() else ()
 
 
+def parse_lora_modules(value: str) -> tuple[tuple[str, str], ...]:
+    """``name=path,name2=path2`` (vLLM's --lora-modules) → ``((name, path), ...)`` in order; the names are what
+    clients send as ``model`` (lora id ``i`` is the ``i``-th entry, 0 the base model)."""
+    modules: list[tuple[str, str]] = []
+    for entry in (part.strip() for part in value.split(",")) if value.strip() else ():
+        name, is_pair, path = entry.partition("=")
+        name, path = name.strip(), path.strip()
+        if not is_pair or not name or not path or "=" in path:
+            raise ValueError(f"lora_modules parameter entry {entry!r} is not name=path (entries are separated by ',')")
+        if name in (known for known, _ in modules):
+            raise ValueError(f"lora_modules parameter names {name!r} twice")
+        modules.append((name, path))
+    return tuple(modules)
+
+
+# The files of a PEFT adapter folder the runtime reads (poolserve_runtime.lora).
+LORA_CONFIG_FILE = "adapter_config.json"
+
+
+def check_lora_folders(modules: tuple[tuple[str, str], ...]) -> None:
+    """Raise ValueError for the first adapter whose path is not a PEFT adapter folder (checked where the
+    host plans the models, so a typo fails before Triton starts)."""
+    for name, path in modules:
+        if not (Path(path) / LORA_CONFIG_FILE).is_file():
+            raise ValueError(f"lora_modules: adapter {name!r} at {path!r} is not a PEFT adapter folder "
+                             f"(no {LORA_CONFIG_FILE} there)")
+
+
 def check_step_pooling(step_tag_id: int | None, returned_token_ids: tuple[int, ...], task: str,
                        num_labels: int) -> None:
     """vLLM accepts the STEP fields on a token_classify pooler only, and its columns index the logits' row."""
@@ -185,6 +213,10 @@ class ModelParameters:
     # returned_token_ids columns (written "648,387"); unset: every token, every label.
     step_tag_id: int | None = None
     returned_token_ids: tuple[int, ...] = ()
+    # LoRA adapters in PEFT's format served beside the base model (vLLM's --lora-modules), written
+    # "name=path,name2=path2": ((name, path), ...) in order; a request picks one per sequence by its
+    # lora id (wire.LORA_IDS_INPUT: 0 the base model, i the i-th adapter).
+    lora_modules: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_mapping(cls, parameters: Mapping[str, str]) -> ModelParameters:
@@ -216,6 +248,7 @@ class ModelParameters:
             long_documents=_choice(text("long_documents", "truncate"), "long_documents", LONG_DOCUMENT_MODES),
             step_tag_id=parse_step_tag_id(text("step_tag_id")),
             returned_token_ids=parse_token_ids(text("returned_token_ids"), "returned_token_ids"),
+            lora_modules=parse_lora_modules(text("lora_modules")),
         )
 
     @classmethod

@@ -34,3 +34,8 @@ MODEL_CARD = "model_card"
 # adapter lists its models in that order, so a request that names no model goes to the first one given that
 # can serve its route (vLLM serves the one model it is given).
 SERVE_ORDER = "serve_order"
+
+# Optional input of every packed text model: each sequence's LoRA adapter, INT32, one per sequence (padded
+# form [batch, 1], flat form [1, sequences]); 0 the base model, i >= 1 the i-th of the model's lora_modules
+# (the card's lora_modules[i - 1]). Absent: every sequence on the base model.
+LORA_IDS_INPUT = "lora_ids"

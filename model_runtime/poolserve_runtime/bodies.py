@@ -53,6 +53,7 @@ class Chunk:
     token_type_ids: torch.Tensor | None = None  # [tokens] int64, on the device
     pixel_values: torch.Tensor | None = None  # vision: the chunk's image patches, on the device, model dtype
     image_grid_thw: torch.Tensor | None = None  # vision: their (t, h, w) grids, on the device
+    lora_ids: torch.Tensor | None = None  # [n] int32 on the host: each sequence's LoRA id (None: all base)
 
 
 class Body(Protocol):

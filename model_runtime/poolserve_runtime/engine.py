@@ -21,7 +21,8 @@ forward; the generic fallback runs the checkpoint's own forward and head, whose 
 only calibrates. A causal varlen engine runs a batch whose documents share a prompt prefix as
 reused-prefix streams (:mod:`poolserve_runtime.prefix_reuse`). On CUDA, a varlen chunk of up to
 ``cuda_graph_max_tokens`` tokens replays a CUDA graph of the body captured at load
-(:mod:`poolserve_runtime.cuda_graphs`).
+(:mod:`poolserve_runtime.cuda_graphs`). With ``lora_modules``, a chunk whose sequences use LoRA adapters
+runs the eager body with each sequence's adapter and head (:mod:`poolserve_runtime.lora`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from poolserve_contract.parameters import check_step_pooling
 from poolserve_runtime import bodies, cuda_graphs, prefix_reuse
 from poolserve_runtime.activation import apply_activation
 from poolserve_runtime.families import Family, GenericFamily
+from poolserve_runtime.implementations import DebertaV2Family
+from poolserve_runtime.lora import LoraError, LoraModel
 from poolserve_runtime.packing import PackedBatch, RequestSequences, SequenceLimits, token_budget_chunks
 from poolserve_runtime.prefix_cache import PrefixCache
 from poolserve_runtime.settings import ModelSettings
@@ -107,6 +110,10 @@ class PackedEngine:
         self.position_offset = family.position_offset(config)
         self.body = body_strategy(family, model, self.body_mode, self.position_offset, self.pad_token_id)
         self.is_generic = isinstance(self.body, bodies.GenericBody)
+        # LoRA adapters mixed per sequence into the packed bodies (poolserve_runtime.lora); a chunk that uses
+        # one runs eagerly (no CUDA graph, no reused prefix), and layers are not compiled.
+        self.lora = self.attach_lora() if settings.lora_modules else None
+        self.eager_body = self.body
         # Documents of one request that share a prompt prefix compute it once (causal packed bodies).
         self.reuses_prefix = (settings.prefix_reuse == "auto" and self.body_mode == "varlen" and family.causal
                               and not self.is_generic and family.task == "classify")  # reused rows: pooled as rows
@@ -115,7 +122,7 @@ class PackedEngine:
         self.prefix_cache = PrefixCache.for_model(
             text_config, settings.prefix_cache_tokens, settings.dtype, self.device,
         ) if self.reuses_prefix and settings.prefix_cache_tokens > 0 else None
-        self.compiled = not self.is_generic and (settings.compile == "layers" or (
+        self.compiled = not self.is_generic and self.lora is None and (settings.compile == "layers" or (
             settings.compile == "auto" and self.body_mode == "varlen" and family.compile_by_default))
         if self.compiled:
             compile_layers(family.body(model))
@@ -126,6 +133,20 @@ class PackedEngine:
         if self.graph_buckets:
             self.body, self.graph_buckets = cuda_graphs.graphed_or_eager(
                 self.body, self.graph_buckets, self.pad_token_id, self.device, self.limits.vocab_size)
+
+    def attach_lora(self) -> LoraModel:
+        """The lora_modules adapters on this engine's model; refused where the body is not a packed HF body."""
+        # DeBERTa-v2 projects its relative position embeddings through the attention's linear layers, rows
+        # shared by every sequence of the batch: one forward cannot give each sequence its adapter's there.
+        if self.family.vision or self.is_generic or isinstance(self.family, DebertaV2Family):
+            kind = ("vision-language" if self.family.vision else "generic (the checkpoint's own forward)"
+                    if self.is_generic else "relative positions through the adapted layers")
+            raise LoraError(f"lora_modules: the {self.family.name} family ({kind}) does not serve LoRA adapters")
+        try:
+            head = self.family.head_linear(self.model) if self.family.task == "classify" else None
+        except NotImplementedError:
+            head = None
+        return LoraModel.attach(self.model, self.settings.lora_modules, self.family.body(self.model), head)
 
     def warm_up(self) -> None:
         """Run batches of a few shapes so compilation happens at load, not on the first requests."""
@@ -197,6 +218,7 @@ class PackedEngine:
             f"body={self.body_mode} compiled_layers={self.compiled} prefix_reuse={self.reuses_prefix} "
             f"cuda_graphs={','.join(map(str, self.graph_buckets)) or 'none'} "
             f"prefix_cache_tokens={self.prefix_cache.budget_tokens if self.prefix_cache else 0} "
+            f"lora_adapters={self.lora.count if self.lora is not None else 0} "
             f"pooling_and_head={poolserve_kernels.implementation(self.device)}"
             + (f" (slow path: {self.family.padded_reason})" if self.body_mode != self.settings.attention
                or self.is_generic else "")
@@ -209,7 +231,7 @@ class PackedEngine:
         :class:`~poolserve_runtime.vision.BatchImages`). ``wanted``: the outputs some request of the batch asks
         for (None: all); BGE-M3 computes and returns only those of its per-token outputs (its dense ones always:
         they cost nothing beside the body), every other family all of its outputs."""
-        reused = self.reused_prefix_chunks(batch)
+        reused = self.reused_prefix_chunks(batch) if batch.lora_ids is None else None
         if reused is not None:
             outputs = [self.score_reused_chunk(chunk) for chunk in reused]
         else:
@@ -248,6 +270,7 @@ class PackedEngine:
                 token_type_ids=None if token_types is None else token_types[begin:end],
                 pixel_values=None if pixels is None else pixels.to(self.device, self.settings.dtype),
                 image_grid_thw=None if grids is None else grids.to(self.device),
+                lora_ids=None if batch.lora_ids is None else batch.lora_ids[first:last],
             )
 
     def reused_prefix_chunks(self, batch: PackedBatch) -> list[prefix_reuse.ReusedChunk] | None:
@@ -273,11 +296,28 @@ class PackedEngine:
         """One chunk through the body, then pooled and scored (the generic body's logits: calibrated)."""
         if self.is_generic:
             return self.score_logits(self.body.logits(chunk))
+        if self.lora is not None and chunk.lora_ids is not None:
+            return self.score_lora_chunk(chunk, wanted)
         hidden = self.body.hidden_states(chunk)
         if self.family.sparse:  # the token ids decide which rows count (vLLM drops CLS and SEP)
             return {"sparse": self.family.sparse_vectors(self.model, hidden, chunk.host_ids, chunk.host_cu)}
         rows = self._last_non_pad_rows(chunk.host_ids, chunk.host_cu) if self.family.skips_trailing_pad else None
         return self.pool_and_score(hidden, chunk.cu_seqlens, rows, wanted)
+
+    def score_lora_chunk(self, chunk: bodies.Chunk, wanted: frozenset[str] | None) -> dict[str, torch.Tensor]:
+        """A chunk whose sequences use LoRA adapters: the eager body, pooling and heads with each sequence's
+        adapter (its modules_to_save heads too)."""
+        lengths = chunk.host_cu[1:] - chunk.host_cu[:-1]
+        # The rows the body's linear layers see: the packed stream, or the padded body's [n, longest] rows.
+        token_bounds = chunk.host_cu if self.body_mode == "varlen" else torch.arange(lengths.numel() + 1) * chunk.max_length
+        with self.lora.forward(chunk.lora_ids, token_bounds, self.device):
+            hidden = self.eager_body.hidden_states(chunk)
+            if self.family.sparse:
+                return self.lora.score_by_head(chunk.lora_ids, lengths, lambda: {"sparse": self.family.sparse_vectors(
+                    self.model, hidden, chunk.host_ids, chunk.host_cu)})
+            rows = self._last_non_pad_rows(chunk.host_ids, chunk.host_cu) if self.family.skips_trailing_pad else None
+            return self.lora.score_by_head(chunk.lora_ids, lengths,
+                                           lambda: self.pool_and_score(hidden, chunk.cu_seqlens, rows, wanted))
 
     def pool_and_score(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
                        rows: torch.Tensor | None = None, wanted: frozenset[str] | None = None,

@@ -35,6 +35,28 @@ class RequestSequences:
     input_ids: torch.Tensor  # [tokens] int64
     lengths: torch.Tensor  # [n] int64
     token_type_ids: torch.Tensor | None  # [tokens] int64
+    # [n] int32: each sequence's LoRA id (0 the base model, i the i-th adapter); None: all on the base model
+    lora_ids: torch.Tensor | None = None
+
+
+def read_lora_ids(lora_ids: torch.Tensor | None, sequences: RequestSequences, adapters: int) -> RequestSequences:
+    """``sequences`` with the request's ``lora_ids`` (one per sequence: ``[n, 1]`` padded, ``[1, n]`` flat)
+    checked against the model's ``adapters`` count. Raises :class:`InvalidRequest`."""
+    if lora_ids is None:
+        return sequences
+    if lora_ids.dtype != torch.int32:
+        raise InvalidRequest(f"lora_ids must be INT32, got {lora_ids.dtype}")
+    count = sequences.lengths.numel()
+    if lora_ids.numel() != count or (lora_ids.dim() == 2 and 1 not in lora_ids.shape) or lora_ids.dim() > 2:
+        raise InvalidRequest(f"lora_ids must hold one id per sequence ({count}), got shape {list(lora_ids.shape)}")
+    ids = lora_ids.reshape(-1)
+    outside = ((ids < 0) | (ids > adapters)).nonzero().flatten()
+    if outside.numel():
+        bad = int(ids[outside[0]])
+        served = f"1 to {adapters} the model's LoRA adapters" if adapters else "the model serves no LoRA adapter"
+        raise InvalidRequest(f"lora id {bad} is not served (0 is the base model, {served})")
+    return RequestSequences(sequences.input_ids, sequences.lengths, sequences.token_type_ids,
+                            ids.contiguous() if bool(ids.any()) else None)
 
 
 def _as_rows(name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -170,6 +192,7 @@ class PackedBatch:
     cu_seqlens: torch.Tensor  # [num_seqs + 1] int32, starts at 0
     token_type_ids: torch.Tensor | None  # [total_tokens] int64, None if no request sent any
     sequences_per_request: list[int]
+    lora_ids: torch.Tensor | None = None  # [num_seqs] int32 (0: the base model), None if all on the base model
 
     @property
     def num_seqs(self) -> int:
@@ -189,11 +212,16 @@ class PackedBatch:
             token_types = torch.cat(
                 [r.token_type_ids if r.token_type_ids is not None else torch.zeros_like(r.input_ids) for r in requests]
             )
+        lora_ids = None
+        if any(r.lora_ids is not None for r in requests):
+            lora_ids = torch.cat([r.lora_ids if r.lora_ids is not None else torch.zeros(r.lengths.numel(), dtype=torch.int32)
+                                  for r in requests])
         return cls(
             input_ids=torch.cat([r.input_ids for r in requests]),
             cu_seqlens=cu_seqlens,
             token_type_ids=token_types,
             sequences_per_request=[r.lengths.numel() for r in requests],
+            lora_ids=lora_ids,
         )
 
     def split(self, outputs: dict[str, torch.Tensor], per_token: tuple[str, ...] = ()) -> list[dict[str, torch.Tensor]]:

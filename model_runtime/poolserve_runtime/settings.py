@@ -53,6 +53,9 @@ class ModelSettings:
     # STEP pooling (token_classify models): checked against the model at load, applied by the adapter.
     step_tag_id: int | None = None
     returned_token_ids: tuple[int, ...] = ()
+    # PEFT LoRA adapters served beside the base model, ((name, folder), ...): lora id i is the i-th
+    # (model_runtime/poolserve_runtime/lora.py).
+    lora_modules: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_triton_args(cls, args: dict) -> ModelSettings:
@@ -95,4 +98,5 @@ class ModelSettings:
             cpu_threads=parameters.cpu_threads_on(device.type),
             step_tag_id=parameters.step_tag_id,
             returned_token_ids=parameters.returned_token_ids,
+            lora_modules=parameters.lora_modules,
         )

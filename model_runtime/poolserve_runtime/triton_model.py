@@ -1,7 +1,8 @@
 """The Triton Python-backend model every ``model_repository/*/1/model.py`` subclasses.
 
 ``execute`` maps requests to responses explicitly: read each request's tensors through DLPack and
-validate them, padded or flat (:func:`~poolserve_runtime.packing.read_sequences`; a bad request gets
+validate them, padded or flat (:func:`~poolserve_runtime.packing.read_sequences`, and each sequence's LoRA
+id, :func:`~poolserve_runtime.packing.read_lora_ids`; a bad request gets
 its own ``TritonError`` and nothing else fails), pack all valid sequences into one stream, run the
 engine once, split the outputs back per request, and answer every request exactly once, in order.
 """
@@ -14,9 +15,10 @@ import torch
 import triton_python_backend_utils as pb_utils  # only attributes used inside methods: see pitfalls
 
 from poolserve_contract.triton_config import complete_config
+from poolserve_contract.wire import LORA_IDS_INPUT
 from poolserve_runtime.engine import PackedEngine
 from poolserve_runtime.families import Family
-from poolserve_runtime.packing import InvalidRequest, PackedBatch, RequestSequences, read_sequences
+from poolserve_runtime.packing import InvalidRequest, PackedBatch, RequestSequences, read_lora_ids, read_sequences
 from poolserve_runtime.settings import ModelSettings
 from poolserve_runtime.vision import BatchImages, check_image_tokens, read_images
 
@@ -72,6 +74,8 @@ class PackedTritonModel:
                     self.engine.limits,
                     _input(request, "sequence_lengths"),
                 )
+                sequences = read_lora_ids(_input(request, LORA_IDS_INPUT), sequences,
+                                          self.engine.lora.count if self.engine.lora is not None else 0)
                 if self.family.vision:
                     request_images = read_images(_input(request, "pixel_values"), _input(request, "image_grid_thw"),
                                                  sequences.lengths.numel())

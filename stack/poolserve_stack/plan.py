@@ -41,7 +41,7 @@ from poolserve_contract.families import (
     family_for_config,
     read_config_dict,
 )
-from poolserve_contract.parameters import ModelParameters, check_parameter_names
+from poolserve_contract.parameters import ModelParameters, check_lora_folders, check_parameter_names
 from poolserve_contract.wire import SERVE_ORDER, SOURCE_FOLDER
 
 _NOT_IN_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -108,7 +108,9 @@ def plan_models(entries: list[str], repository: Path, sets: dict[str, dict[str, 
 
 def _typed(parameters: dict[str, str], entry: str) -> ModelParameters:
     try:
-        return ModelParameters.from_mapping(parameters)
+        typed = ModelParameters.from_mapping(parameters)
+        check_lora_folders(typed.lora_modules)
+        return typed
     except ValueError as error:
         raise PlanError(f"{entry}: {error}") from None
 

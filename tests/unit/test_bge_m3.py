@@ -166,7 +166,7 @@ class BgeM3Gateway(HealthyGateway):
     def leave_admission_board(self) -> None:
         pass
 
-    async def infer(self, triton_model: str, encoded, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+    async def infer(self, triton_model: str, encoded, outputs: tuple[str, ...], lora_ids=None) -> dict[str, np.ndarray]:
         self.calls.append(outputs)
         ids, lengths = encoded.input_ids.astype(np.float32), encoded.lengths
         inside = np.arange(ids.shape[1])[None, :] < lengths[:, None]

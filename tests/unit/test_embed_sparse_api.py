@@ -43,7 +43,7 @@ class SparseGateway(HealthyGateway):
     def leave_admission_board(self) -> None:
         pass
 
-    async def infer(self, triton_model: str, encoded: Encoded, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+    async def infer(self, triton_model: str, encoded: Encoded, outputs: tuple[str, ...], lora_ids=None) -> dict[str, np.ndarray]:
         self.calls.append((triton_model, outputs, encoded))
         if outputs == ("embeddings",):
             return {"embeddings": np.stack([encoded.lengths, encoded.lengths + 1], axis=1).astype(np.float32)}

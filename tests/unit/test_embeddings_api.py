@@ -57,7 +57,7 @@ class EmbeddingGateway(HealthyGateway):
     def leave_admission_board(self) -> None:
         pass
 
-    async def infer(self, triton_model: str, encoded: Encoded, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+    async def infer(self, triton_model: str, encoded: Encoded, outputs: tuple[str, ...], lora_ids=None) -> dict[str, np.ndarray]:
         self.calls.append((triton_model, encoded, outputs))
         pooled = pooled_rows(encoded)
         logits = np.tile(encoded.lengths.astype(np.float32)[:, None] / 10, (1, 3))

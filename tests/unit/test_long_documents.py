@@ -42,7 +42,7 @@ class RecordingGateway(HealthyGateway):
     def refuse_if_busy(self, triton_model: str) -> None:
         pass
 
-    async def infer(self, triton_model: str, encoded: Encoded, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+    async def infer(self, triton_model: str, encoded: Encoded, outputs: tuple[str, ...], lora_ids=None) -> dict[str, np.ndarray]:
         self.calls.append((encoded, outputs))
         sums = (encoded.input_ids.sum(axis=1) % 89).astype(np.float32)
         logits = (sums / 10)[:, None]

@@ -133,7 +133,7 @@ def test_the_first_model_given_is_the_adapter_s_default(monkeypatch):
     from poolserve_adapter.settings import Settings
 
     monkeypatch.setattr(app, "build_served_model", lambda name, config, repository: SimpleNamespace(
-        name=name, task="classify", can_score=True))
+        name=name, task="classify", can_score=True, adapters=lambda: []))
     orders = {"BAAI--bge-reranker-v2-m3": "1", "data--x": "0", "zz_stock_model": None, "aa_stock_model": None}
     registry = asyncio.run(app.discover_models(TritonWithModels(orders), Settings()))
     assert [model.name for model in registry] == ["data--x", "BAAI--bge-reranker-v2-m3", "aa_stock_model",

@@ -45,7 +45,7 @@ class FakeGateway:
     def leave_admission_board(self) -> None:
         pass  # no board: one worker
 
-    async def infer(self, triton_model: str, encoded: Encoded, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+    async def infer(self, triton_model: str, encoded: Encoded, outputs: tuple[str, ...], lora_ids=None) -> dict[str, np.ndarray]:
         self.calls.append((triton_model, encoded, outputs))
         lengths = encoded.lengths.astype(np.float32)
         logits = (lengths[:, None] + np.arange(self.labels[triton_model], dtype=np.float32)) / 10

@@ -38,7 +38,7 @@ class ScoringGateway(HealthyGateway):
     def leave_admission_board(self) -> None:
         pass
 
-    async def infer(self, triton_model: str, encoded: Encoded, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+    async def infer(self, triton_model: str, encoded: Encoded, outputs: tuple[str, ...], lora_ids=None) -> dict[str, np.ndarray]:
         self.calls.append((triton_model, encoded, outputs))
         sums = (encoded.input_ids * np.arange(1, encoded.input_ids.shape[1] + 1)).sum(axis=1).astype(np.float32)
         logits = (sums % 97 / 10 - 5)[:, None]

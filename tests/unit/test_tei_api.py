@@ -69,7 +69,7 @@ class TeiGateway(HealthyGateway):
     def leave_admission_board(self) -> None:
         pass
 
-    async def infer(self, triton_model: str, encoded: Encoded, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+    async def infer(self, triton_model: str, encoded: Encoded, outputs: tuple[str, ...], lora_ids=None) -> dict[str, np.ndarray]:
         self.calls.append((triton_model, outputs, encoded))
         sequences = [ids[:length] for ids, length in zip(encoded.input_ids, encoded.lengths)]
         (output,) = outputs

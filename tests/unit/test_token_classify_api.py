@@ -44,7 +44,7 @@ class TokenLogitsGateway(HealthyGateway):
     def leave_admission_board(self) -> None:
         pass
 
-    async def infer(self, triton_model: str, encoded: Encoded, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+    async def infer(self, triton_model: str, encoded: Encoded, outputs: tuple[str, ...], lora_ids=None) -> dict[str, np.ndarray]:
         self.calls.append((triton_model, outputs))
         assert outputs == ("token_logits",)
         labels = 1 if triton_model.startswith("reward") else LABELS

@@ -54,7 +54,7 @@ class TokenGateway(HealthyGateway):
     def leave_admission_board(self) -> None:
         pass
 
-    async def infer(self, triton_model: str, encoded: Encoded, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+    async def infer(self, triton_model: str, encoded: Encoded, outputs: tuple[str, ...], lora_ids=None) -> dict[str, np.ndarray]:
         self.calls.append((encoded, outputs))
         keep = (np.arange(encoded.input_ids.shape[1])[None, :] < encoded.lengths[:, None])[..., None]
         raw = np.where(keep, projected(encoded.input_ids), 0).astype(np.float32)

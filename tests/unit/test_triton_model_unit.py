@@ -66,7 +66,7 @@ def failing_model(module):
     model = module.PackedTritonModel()
     model.family = types.SimpleNamespace(name="bert", vision=False)
     model.engine = types.SimpleNamespace(limits=SequenceLimits(vocab_size=100, max_model_len=16, type_vocab_size=1),
-                                         run=run)
+                                         run=run, lora=None)
     return model
 
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from poolserve_adapter.base.embedding import token_rows
 from poolserve_adapter.base.protocol import ScoreItem, ScoringFields
-from poolserve_adapter.base.serving import ServeContext, Serving
+from poolserve_adapter.base.serving import ServeContext, Serving, infer_on
 from poolserve_adapter.errors import BadRequestError, sanitize_message
 from poolserve_adapter.media import MediaLoader
 from poolserve_adapter.multimodal import check_image_count, is_multimodal, load_images, parse_item
@@ -343,12 +343,12 @@ async def score_rows(gateway: TritonGateway, model: ServedModel, pairs: EncodedP
     """One score per row sent: per pair, or per chunk."""
     if pairs.joint is not None:
         output = "logits" if scoring.use_activation is False else "scores"
-        return (await gateway.infer(model.triton_model, pairs.joint, (output,)))[output][:, 0]
+        return (await infer_on(gateway, model, pairs.joint, (output,)))[output][:, 0]
     if model.late_interaction:
         return await maxsim_rows(gateway, model, pairs, scoring)
     output = model.embedding_output
-    query_vectors = (await gateway.infer(model.triton_model, pairs.queries, (output,)))[output]
-    document_vectors = (await gateway.infer(model.triton_model, pairs.documents, (output,)))[output]
+    query_vectors = (await infer_on(gateway, model, pairs.queries, (output,)))[output]
+    document_vectors = (await infer_on(gateway, model, pairs.documents, (output,)))[output]
     if len(query_vectors) == 1:
         query_vectors = np.broadcast_to(query_vectors, document_vectors.shape)
     elif pairs.pair_starts is not None:  # N:N: each pair's query beside each of its chunks
@@ -369,8 +369,8 @@ async def maxsim_rows(gateway: TritonGateway, model: ServedModel, pairs: Encoded
     query_of = pairs.query_of_document_rows()
     if scoring.use_activation is False or gateway.max_rows < 2:
         output = "token_projected" if scoring.use_activation is False else "token_embeddings"
-        queries, documents = await asyncio.gather(gateway.infer(model.triton_model, pairs.queries, (output,)),
-                                                  gateway.infer(model.triton_model, pairs.documents, (output,)))
+        queries, documents = await asyncio.gather(infer_on(gateway, model, pairs.queries, (output,)),
+                                                  infer_on(gateway, model, pairs.documents, (output,)))
         query_tokens = token_rows(queries[output], pairs.queries.lengths)
         document_tokens = token_rows(documents[output], pairs.documents.lengths)
         return np.array([(query_tokens[q] @ d.T).max(axis=1).sum() for q, d in zip(query_of, document_tokens)],
@@ -383,7 +383,7 @@ async def maxsim_rows(gateway: TritonGateway, model: ServedModel, pairs: Encoded
     requests = [(query, rows[start:start + per_request]) for query, rows in groups.values()
                 for start in range(0, len(rows), per_request)]
     answers = await asyncio.gather(*(
-        gateway.infer(model.triton_model, query_first(pairs.queries, query, pairs.documents, rows), ("maxsim_scores",))
+        infer_on(gateway, model, query_first(pairs.queries, query, pairs.documents, rows), ("maxsim_scores",))
         for query, rows in requests))
     scores = np.empty(pairs.documents.num_sequences, dtype=np.float32)
     for (_, rows), answer in zip(requests, answers):

@@ -81,6 +81,16 @@ def check_context_length(model: ServedModel, encoded: Encoded) -> None:
         )
 
 
+async def infer_on(gateway: TritonGateway, model: ServedModel, encoded: Encoded, outputs: tuple[str, ...],
+                   lora_ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Every Triton call of the endpoints: ``encoded`` run on ``model``'s Triton model, with the ``lora_ids``
+    of the adapter the request named (``lora_ids``: one per sequence where a request names several, as
+    SGLang's ``lora_path`` list does)."""
+    if lora_ids is None:
+        lora_ids = model.lora_ids(encoded.num_sequences)
+    return await gateway.infer(model.triton_model, encoded, outputs, lora_ids)
+
+
 class Serving(ABC, Generic[RequestT]):
     """resolve → validate → guards → encode → guards → infer → respond; subclasses fill in the steps."""
 
@@ -146,7 +156,7 @@ class Serving(ABC, Generic[RequestT]):
 
     async def infer(self, ctx: ServeContext) -> np.ndarray:
         name = self.output_name(ctx)
-        return (await ctx.gateway.infer(ctx.model.triton_model, ctx.encoded, (name,)))[name]
+        return (await infer_on(ctx.gateway, ctx.model, ctx.encoded, (name,)))[name]
 
     @abstractmethod
     def respond(self, ctx: ServeContext):

@@ -27,6 +27,9 @@ class ClassifyRequest(SGLangModel):
     user: str | None = None
     rid: str | list[str] | None = Field(None, description="Request id(s); not used in the response id.")
     priority: int | None = None
+    lora_path: str | list[str | None] | None = Field(
+        None, description="The LoRA adapter (by its lora_modules name) for every input, or one per input (null: "
+        "the base model); null: the model `model` names.")
 
 
 class ClassifyData(SGLangModel):
@@ -103,7 +106,9 @@ class NativeEncodeRequest(SGLangModel):
     input_ids: list[int] | list[list[int]] | None = Field(None, description="One or several token-id prompts.")
     rid: str | list[str] | None = None
     priority: int | None = None
-    lora_path: str | list[str] | None = None
+    lora_path: str | list[str | None] | None = Field(
+        None, description="The LoRA adapter (by its lora_modules name) for every input, or one per input (null: "
+        "the base model); null: the model `model` names.")
     dimensions: int | None = None
     sampling_params: dict[str, Any] | None = Field(None, description="Ignored (no generation).")
 

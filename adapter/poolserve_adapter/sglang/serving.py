@@ -5,7 +5,7 @@ Differences from vLLM that are SGLang's own and kept (``serving_classify.py``, `
 (a one-label model gives ``[1.0]``) and names unlabelled classes ``LABEL_i``; rerank returns raw
 logits unless the checkpoint declares a sentence-transformers activation; the native ``/classify``
 returns the raw head output; an input of N >= context-length tokens is rejected (vLLM allows N ==
-max_model_len).
+max_model_len). ``lora_path`` picks a LoRA adapter by its name, for every input or one per input.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from poolserve_adapter.base.scoring import (
     long_documents,
     score_encoded,
 )
-from poolserve_adapter.base.serving import ServeContext, Serving, check_item_count
+from poolserve_adapter.base.serving import ServeContext, Serving, check_item_count, infer_on
 from poolserve_adapter.errors import BadRequestError, Flavour
 from poolserve_adapter.registry import ServedModel
 from poolserve_adapter.settings import Settings
@@ -77,6 +77,24 @@ def check_matryoshka(model: ServedModel, dimensions: int | None) -> None:
         raise BadRequestError(f"Provided dimensions are greater than max embedding dimension: {model.embedding_size}")
 
 
+def lora_path_ids(model: ServedModel, lora_path: str | list[str | None] | None, count: int) -> np.ndarray | None:
+    """SGLang's ``lora_path`` over ``count`` inputs as their lora ids: one adapter name for all, or one per
+    input (None: the base model); None when the request names none (the model's own then)."""
+    if lora_path is None:
+        return None
+    names = [lora_path] * count if isinstance(lora_path, str) else list(lora_path)
+    if len(names) != count:
+        raise BadRequestError(f"lora_path names {len(names)} adapters for {count} inputs: give one name, or one "
+                              "per input")
+    return model.adapter_ids(names)
+
+
+async def infer_with_lora_path(ctx: ServeContext, lora_path, output: str) -> np.ndarray:
+    """The endpoint's output, each input run on the adapter ``lora_path`` gives it (else the resolved model)."""
+    lora_ids = lora_path_ids(ctx.model, lora_path, ctx.encoded.num_sequences)
+    return (await infer_on(ctx.gateway, ctx.model, ctx.encoded, (output,), lora_ids))[output]
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     return shifted / shifted.sum(axis=1, keepdims=True)
@@ -97,14 +115,15 @@ class ServingClassifyV1(Serving[ClassifyRequest]):
                 raise BadRequestError("Input cannot be empty")
             if not value.strip():
                 raise BadRequestError("Input cannot be empty or whitespace only")
-            return
-        if not value:
-            raise BadRequestError("Input cannot be empty")
-        for index, item in enumerate(value):
-            if isinstance(item, str) and not item.strip():
-                raise BadRequestError(f"Input at index {index} cannot be empty or whitespace only")
-            if isinstance(item, int) and item < 0:
-                raise BadRequestError(f"Token ID at index {index} must be non-negative")
+        else:
+            if not value:
+                raise BadRequestError("Input cannot be empty")
+            for index, item in enumerate(value):
+                if isinstance(item, str) and not item.strip():
+                    raise BadRequestError(f"Input at index {index} cannot be empty or whitespace only")
+                if isinstance(item, int) and item < 0:
+                    raise BadRequestError(f"Token ID at index {index} must be non-negative")
+        lora_path_ids(ctx.model, ctx.request.lora_path, self.item_count(ctx.request))
 
     def item_count(self, request: ClassifyRequest) -> int:
         value = request.input
@@ -120,6 +139,9 @@ class ServingClassifyV1(Serving[ClassifyRequest]):
 
     def output_name(self, ctx: ServeContext[ClassifyRequest]) -> str:
         return "logits"
+
+    async def infer(self, ctx: ServeContext[ClassifyRequest]) -> np.ndarray:
+        return await infer_with_lora_path(ctx, ctx.request.lora_path, self.output_name(ctx))
 
     def respond(self, ctx: ServeContext[ClassifyRequest]) -> ClassifyResponse:
         probs = softmax(ctx.output.astype(np.float64))
@@ -226,6 +248,7 @@ class ServingNativeClassify(Serving[NativeEncodeRequest]):
         elif not prompts or any(not ids for ids in prompts):
             raise BadRequestError("input_ids cannot be empty")
         check_matryoshka(ctx.model, request.dimensions)
+        lora_path_ids(ctx.model, request.lora_path, len(prompts))
 
     def item_count(self, request: NativeEncodeRequest) -> int:
         return len(self.prompts(request))
@@ -240,6 +263,9 @@ class ServingNativeClassify(Serving[NativeEncodeRequest]):
 
     def output_name(self, ctx: ServeContext[NativeEncodeRequest]) -> str:
         return ctx.model.embedding_output if ctx.model.task == "embed" else "logits"
+
+    async def infer(self, ctx: ServeContext[NativeEncodeRequest]) -> np.ndarray:
+        return await infer_with_lora_path(ctx, ctx.request.lora_path, self.output_name(ctx))
 
     def respond(self, ctx: ServeContext[NativeEncodeRequest]) -> Response:
         latency = time.perf_counter() - ctx.started

@@ -92,7 +92,7 @@ async def info(registry: RegistryDep, settings: SettingsDep, gateway: GatewayDep
 async def root(raw: Request, registry: RegistryDep,
                body: dict = Body(..., description="The body of the route the model's kind takes.")) -> Response:
     named = body.get("model")
-    model = registry.models.get(named) if isinstance(named, str) else None
+    model = registry.named(named) if isinstance(named, str) else None
     model = model or next(iter(registry))
     adapter, serving = ROUTES[tei_route(model)]
     try:

@@ -96,7 +96,7 @@ class ServingEmbedAll(Serving[EmbedAllRequest]):
     def resolve(self, registry: ModelRegistry, request: EmbedAllRequest) -> ServedModel:
         """The model named when it is served, else the first with per-token vectors, else the first served (which
         then answers TEI's 424)."""
-        named = registry.models.get(request.model) if request.model else None
+        named = registry.named(request.model) if request.model else None
         if named is not None:
             return named
         return next((model for model in registry if has_token_vectors(model)), next(iter(registry)))
