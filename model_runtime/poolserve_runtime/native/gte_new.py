@@ -36,6 +36,12 @@ from torch import nn
 
 from poolserve_contract.families import UnsupportedArchitecture, by_name, read_config_dict
 from poolserve_runtime.implementations import BertFamily, EmbeddingFamily
+from poolserve_runtime.native.packed_rotary import (
+    RotaryFrequencies,
+    packed_stream,
+    rotary_cos_sin,
+    rotate_half,
+)
 from poolserve_runtime.native.weights import checkpoint_folder, load_state
 from poolserve_runtime.varlen import packed_attention
 
@@ -118,11 +124,6 @@ def rope_inv_freq(config, device: torch.device | None = None) -> torch.Tensor:
     a = torch.tensor(factor).log() / (dim / 2) ** mixed_b
     lambdas = (a * torch.arange(1, dim // 2 + 1, device=device).float() ** mixed_b).exp()
     return 1.0 / (base ** exponents) / lambdas
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
 
 
 class RMSNorm(nn.Module):
@@ -245,37 +246,17 @@ class GteNewModel(nn.Module):
         self.embeddings = GteNewEmbeddings(config)
         self.encoder = GteNewEncoder(config)
         self.pooler = GteNewPooler(config) if add_pooling_layer else None
-        self._inv_freq: dict[torch.device, torch.Tensor] = {}  # float32 whatever the model dtype: not a buffer
-
-    def inv_freq(self, device: torch.device) -> torch.Tensor:
-        if device not in self._inv_freq:
-            self._inv_freq[device] = rope_inv_freq(self.config).to(device)
-        return self._inv_freq[device]
+        self.inv_freq = RotaryFrequencies(config, rope_inv_freq)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 cu_seq_lens_q: torch.Tensor | None = None, cu_seq_lens_k: torch.Tensor | None = None,
                 max_length_q: int | None = None, max_length_k: int | None = None,
                 token_type_ids: torch.Tensor | None = None, use_cache: bool | None = None, **_) -> GteNewOutput:
-        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-            raise ValueError(f"the GTE-new body runs packed: input_ids must be [1, T], got {list(input_ids.shape)}")
-        tokens = input_ids.shape[1]
-        device = input_ids.device
-        if cu_seq_lens_q is None:  # one sequence
-            cu_seq_lens_q = torch.tensor([0, tokens], dtype=torch.int32, device=device)
-            max_length_q = tokens
-        if position_ids is None:
-            from poolserve_runtime.varlen import packed_positions
-
-            position_ids = packed_positions(cu_seq_lens_q, tokens)
+        cu_seq_lens_q, max_length, position_ids = packed_stream(input_ids, cu_seq_lens_q, max_length_q,
+                                                                position_ids, "GTE-new")
         hidden = self.embeddings(input_ids, token_type_ids)
-
-        # Rotary tables in float32 (upstream's cache), cast to the activations' dtype as upstream does.
-        freqs = position_ids[0].float().unsqueeze(-1) * self.inv_freq(device)  # [T, D/2]
-        angles = torch.cat((freqs, freqs), dim=-1)[None, :, None, :]  # [1, T, 1, D]
-        cos, sin = angles.cos().to(hidden.dtype), angles.sin().to(hidden.dtype)
-        query_scale = self._logn_scale(cu_seq_lens_q, tokens, hidden.dtype)
-
-        max_length = int(max_length_q if max_length_q is not None else tokens)
+        cos, sin = rotary_cos_sin(position_ids, self.inv_freq.on(input_ids.device), hidden.dtype)
+        query_scale = self._logn_scale(cu_seq_lens_q, input_ids.shape[1], hidden.dtype)
         for layer in self.encoder.layer:
             hidden = layer(hidden, cos, sin, query_scale, cu_seq_lens_q, max_length)
         return GteNewOutput(last_hidden_state=hidden)

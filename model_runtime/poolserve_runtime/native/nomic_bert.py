@@ -18,7 +18,8 @@ that architecture, written against the upstream code's semantics and parameter n
 The config is read by :func:`poolserve_contract.families.nomic_bert_config` (GPT-2 key names).
 Options upstream has and vLLM does not serve are refused at load, naming the option
 (:func:`check_config`). The body only runs packed (``bodies=("varlen",)``), as the GTE-new body
-does (:mod:`poolserve_runtime.native.gte_new`, whose ``rotate_half`` it shares).
+does (:mod:`poolserve_runtime.native.gte_new`, with which it shares
+:mod:`poolserve_runtime.native.packed_rotary`).
 ``tests/goldens/nomic_bert.json`` pins it to hidden states recorded from the upstream code.
 """
 
@@ -31,9 +32,9 @@ from torch import nn
 
 from poolserve_contract.families import UnsupportedArchitecture, by_name
 from poolserve_runtime.implementations import EmbeddingFamily
-from poolserve_runtime.native.gte_new import rotate_half
+from poolserve_runtime.native.packed_rotary import RotaryFrequencies, packed_stream, rotary_cos_sin, rotate_half
 from poolserve_runtime.native.weights import checkpoint_folder, load_state
-from poolserve_runtime.varlen import packed_attention, packed_positions
+from poolserve_runtime.varlen import packed_attention
 
 SERVED_ACTIVATIONS = ("swiglu", "gelu")  # vLLM's NomicBertModelConfig asserts these two
 GATED_ACTIVATION = "swiglu"
@@ -192,34 +193,16 @@ class NomicBertModel(nn.Module):
         self.embeddings = NomicBertEmbeddings(config)
         self.emb_ln = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.encoder = NomicBertEncoder(config)
-        self._inv_freq: dict[torch.device, torch.Tensor] = {}  # float32 whatever the model dtype: not a buffer
-
-    def inv_freq(self, device: torch.device) -> torch.Tensor:
-        if device not in self._inv_freq:
-            self._inv_freq[device] = rope_inv_freq(self.config).to(device)
-        return self._inv_freq[device]
+        self.inv_freq = RotaryFrequencies(config, rope_inv_freq)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 cu_seq_lens_q: torch.Tensor | None = None, cu_seq_lens_k: torch.Tensor | None = None,
                 max_length_q: int | None = None, max_length_k: int | None = None,
                 token_type_ids: torch.Tensor | None = None, use_cache: bool | None = None, **_) -> NomicBertOutput:
-        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-            raise ValueError(f"the NomicBERT body runs packed: input_ids must be [1, T], got {list(input_ids.shape)}")
-        tokens = input_ids.shape[1]
-        device = input_ids.device
-        if cu_seq_lens_q is None:  # one sequence
-            cu_seq_lens_q = torch.tensor([0, tokens], dtype=torch.int32, device=device)
-            max_length_q = tokens
-        if position_ids is None:
-            position_ids = packed_positions(cu_seq_lens_q, tokens)
+        cu_seq_lens_q, max_length, position_ids = packed_stream(input_ids, cu_seq_lens_q, max_length_q,
+                                                                position_ids, "NomicBERT")
         hidden = self.emb_ln(self.embeddings(input_ids, token_type_ids))
-
-        # Rotary tables in float32 (upstream's cos/sin cache), cast to the activations' dtype as upstream does.
-        freqs = position_ids[0].float().unsqueeze(-1) * self.inv_freq(device)  # [T, rotary_dim / 2]
-        angles = torch.cat((freqs, freqs), dim=-1)[None, :, None, :]  # [1, T, 1, rotary_dim]
-        cos, sin = angles.cos().to(hidden.dtype), angles.sin().to(hidden.dtype)
-
-        max_length = int(max_length_q if max_length_q is not None else tokens)
+        cos, sin = rotary_cos_sin(position_ids, self.inv_freq.on(input_ids.device), hidden.dtype)
         for layer in self.encoder.layers:
             hidden = layer(hidden, cos, sin, cu_seq_lens_q, max_length)
         return NomicBertOutput(last_hidden_state=hidden)
