@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -323,6 +324,18 @@ def embedder_state_dict(state: dict[str, torch.Tensor], config) -> dict[str, tor
             if not name.startswith(skipped)}
 
 
+def load_checked(checkpoint: str, dtype: torch.dtype, device: torch.device, build, rename) -> nn.Module:
+    """The checkpoint's config checked, ``build(config)`` made on the meta device and given the weights
+    ``rename(state, config)`` names as it does (every one of them: strict)."""
+    config = new_config(read_config_dict(checkpoint))
+    check_config(config)
+    state = rename(load_state(checkpoint_folder(checkpoint)), config)
+    with torch.device("meta"):
+        model = build(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.to(device=device, dtype=dtype).eval()
+
+
 class GteNewFamily(BertFamily):
     """``NewForSequenceClassification``: CLS pooling, NewPooler (dense + tanh), ``classifier``."""
 
@@ -331,13 +344,7 @@ class GteNewFamily(BertFamily):
 
     def load(self, checkpoint: str, dtype: torch.dtype, device: torch.device, attention: str = "varlen",
              trust_remote_code: bool = False) -> nn.Module:
-        config = self.read_config(checkpoint)
-        check_config(config)
-        state = convert_state_dict(load_state(checkpoint_folder(checkpoint)), config)
-        with torch.device("meta"):
-            model = GteNewForSequenceClassification(config)
-        model.load_state_dict(state, strict=True, assign=True)
-        return model.to(device=device, dtype=dtype).eval()
+        return load_checked(checkpoint, dtype, device, GteNewForSequenceClassification, convert_state_dict)
 
     def body(self, model: nn.Module) -> nn.Module:
         return model.new
@@ -358,13 +365,8 @@ class GteNewEmbeddingFamily(EmbeddingFamily):
 
     def load(self, checkpoint: str, dtype: torch.dtype, device: torch.device, attention: str = "varlen",
              trust_remote_code: bool = False) -> nn.Module:
-        config = self.read_config(checkpoint)
-        check_config(config)
-        state = embedder_state_dict(load_state(checkpoint_folder(checkpoint)), config)
-        with torch.device("meta"):
-            model = GteNewModel(config, add_pooling_layer=False)
-        model.load_state_dict(state, strict=True, assign=True)
-        return model.to(device=device, dtype=dtype).eval()
+        return load_checked(checkpoint, dtype, device, partial(GteNewModel, add_pooling_layer=False),
+                            embedder_state_dict)
 
     def body(self, model: nn.Module) -> nn.Module:
         return model
