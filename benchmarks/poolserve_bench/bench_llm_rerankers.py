@@ -114,9 +114,11 @@ def save_checkpoint(name: str, config: dict, template: str, directory: Path, dev
     return directory
 
 
-async def closed_loop(url: str, make_body, concurrency: int, seconds: float, max_requests: int):
+async def closed_loop(url: str, make_body, concurrency: int, seconds: float, max_requests: int,
+                      count=lambda body: len(body["documents"])):
     """Closed-loop clients; every request body is new (``make_body`` draws one per call). Returns
-    (pairs answered, seconds, latencies of the answered requests, requests refused with 429/503)."""
+    (pairs answered, seconds, latencies of the answered requests, requests refused with 429/503); ``count``:
+    the pairs a body holds (its documents)."""
     latencies: list[float] = []
     pairs = refused = 0
     connector = aiohttp.TCPConnector(limit=concurrency + 4)
@@ -130,7 +132,7 @@ async def closed_loop(url: str, make_body, concurrency: int, seconds: float, max
                 if r.status in (429, 503):  # admission refused it: counted apart, no latency
                     return None, 0
                 r.raise_for_status()
-            return time.perf_counter() - started, len(body["documents"])
+            return time.perf_counter() - started, count(body)
 
         await asyncio.gather(*(send() for _ in range(concurrency)))  # warm-up: connections, allocator
         begin = time.perf_counter()

@@ -13,6 +13,7 @@ import os
 
 import torch
 
+from poolserve_kernels.fp8_quant import per_token_quant_reference, per_token_quant_triton
 from poolserve_kernels.maxsim import maxsim_reference, maxsim_triton
 from poolserve_kernels.pooling import (
     EMBEDDING_POOLING,
@@ -24,8 +25,8 @@ from poolserve_kernels.pooling import (
 )
 from poolserve_kernels.score_head import MAX_LABELS, score_head_reference, score_head_triton
 
-__all__ = ["EMBEDDING_POOLING", "POOLING_METHODS", "MAX_LABELS", "implementation", "maxsim", "pool", "pool_normalized",
-           "score_head"]
+__all__ = ["EMBEDDING_POOLING", "POOLING_METHODS", "MAX_LABELS", "implementation", "maxsim", "per_token_quant", "pool",
+           "pool_normalized", "score_head"]
 
 
 def _use_triton(tensor: torch.Tensor) -> bool:
@@ -50,6 +51,14 @@ def pool_normalized(hidden: torch.Tensor, cu_seqlens: torch.Tensor, method: str)
     if _use_triton(hidden):
         return pool_normalized_triton(hidden, cu_seqlens, method)
     return pool_normalized_reference(hidden, cu_seqlens, method)
+
+
+def per_token_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [tokens, features]`` as float8_e4m3fn rows with one fp32 scale each (``[tokens, 1]``, ``amax / 448``):
+    the dynamic activation scales of an FP8 matmul."""
+    if _use_triton(x):
+        return per_token_quant_triton(x)
+    return per_token_quant_reference(x)
 
 
 def maxsim(embeddings: torch.Tensor, cu_seqlens: torch.Tensor, query_index: torch.Tensor) -> torch.Tensor:

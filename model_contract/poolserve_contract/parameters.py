@@ -25,6 +25,8 @@ COMPILE_MODES = ("auto", "layers", "none")
 PREFIX_REUSE_MODES = ("auto", "off")
 # How a (query, document) pair longer than the model's window is scored (the adapter's long_documents).
 LONG_DOCUMENT_MODES = ("truncate", "max", "mean")
+QUANTIZATIONS = ("none", "fp8")  # ModelParameters.quantization
+LOAD_FORMATS = ("auto", "dummy")  # ModelParameters.load_format
 # cpu_threads=auto on a GPU instance: measured best under load (benchmarks/README.md). On a GPU the
 # stub's CPU work is small tensor ops (reading and unpadding inputs) that one core's worth of threads
 # does best: with a thread per core they contend with the adapter and the other stubs, and unpadding
@@ -217,6 +219,14 @@ class ModelParameters:
     # "name=path,name2=path2": ((name, path), ...) in order; a request picks one per sequence by its
     # lora id (wire.LORA_IDS_INPUT: 0 the base model, i the i-th adapter).
     lora_modules: tuple[tuple[str, str], ...] = ()
+    # "fp8": the Linear layers of the body run FP8 (e4m3) matmuls, weights quantised per output channel at
+    # load and activations per token (vLLM's --quantization fp8); norms, attention, pooling and heads keep the
+    # model's dtype. A checkpoint that is already FP8 (llm-compressor's compressed-tensors format) is read as
+    # such whatever this says. "none": the checkpoint's own weights. (poolserve_runtime.fp8, .weights)
+    quantization: str = "none"
+    # "dummy": random weights of the checkpoint's config.json, seeded per tensor name (vLLM's --load-format
+    # dummy: measure a model's speed and memory without its weights); "auto": the checkpoint's weights.
+    load_format: str = "auto"
 
     @classmethod
     def from_mapping(cls, parameters: Mapping[str, str]) -> ModelParameters:
@@ -224,7 +234,7 @@ class ModelParameters:
         def text(key: str, default: str = "") -> str:
             return parameters.get(key, default)
 
-        return cls(
+        typed = cls(
             checkpoint=text("checkpoint").strip(),
             served_model_name=text("served_model_name").strip(),
             dtype=_choice(text("dtype", "auto"), "dtype", ("auto", *DTYPE_NAMES)),
@@ -249,7 +259,15 @@ class ModelParameters:
             step_tag_id=parse_step_tag_id(text("step_tag_id")),
             returned_token_ids=parse_token_ids(text("returned_token_ids"), "returned_token_ids"),
             lora_modules=parse_lora_modules(text("lora_modules")),
+            quantization=_choice(text("quantization", "none"), "quantization", QUANTIZATIONS),
+            load_format=_choice(text("load_format", "auto"), "load_format", LOAD_FORMATS),
         )
+        if typed.lora_modules and typed.quantization != "none":
+            # The adapters wrap the body's nn.Linear layers (poolserve_runtime.lora); FP8 replaces those layers,
+            # and adapters over an FP8 base are not built.
+            raise ValueError(f"lora_modules cannot be combined with quantization={typed.quantization}: LoRA adapters "
+                             "are served on the model's own dtype weights")
+        return typed
 
     @classmethod
     def from_config(cls, config: dict) -> ModelParameters:

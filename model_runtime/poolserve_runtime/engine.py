@@ -41,11 +41,13 @@ from poolserve_contract.parameters import check_step_pooling
 from poolserve_runtime import bodies, cuda_graphs, prefix_reuse
 from poolserve_runtime.activation import apply_activation
 from poolserve_runtime.families import Family, GenericFamily
+from poolserve_runtime.fp8 import Fp8Linear, quantize_linears
 from poolserve_runtime.implementations import DebertaV2Family
 from poolserve_runtime.lora import LoraError, LoraModel
 from poolserve_runtime.packing import PackedBatch, RequestSequences, SequenceLimits, token_budget_chunks
 from poolserve_runtime.prefix_cache import PrefixCache
 from poolserve_runtime.settings import ModelSettings
+from poolserve_runtime.weights import WeightLoadError, weight_plan
 
 if TYPE_CHECKING:
     from poolserve_runtime.vision import BatchImages
@@ -138,10 +140,14 @@ class PackedEngine:
         """The lora_modules adapters on this engine's model; refused where the body is not a packed HF body."""
         # DeBERTa-v2 projects its relative position embeddings through the attention's linear layers, rows
         # shared by every sequence of the batch: one forward cannot give each sequence its adapter's there.
-        if self.family.vision or self.is_generic or isinstance(self.family, DebertaV2Family):
+        relative_positions = isinstance(self.family, DebertaV2Family) or self.config.model_type == "deberta-v2"
+        if self.family.vision or self.is_generic or relative_positions:
             kind = ("vision-language" if self.family.vision else "generic (the checkpoint's own forward)"
                     if self.is_generic else "relative positions through the adapted layers")
             raise LoraError(f"lora_modules: the {self.family.name} family ({kind}) does not serve LoRA adapters")
+        if any(isinstance(module, Fp8Linear) for module in self.model.modules()):
+            raise LoraError("lora_modules: the model's Linear layers are FP8 (an FP8 checkpoint); LoRA adapters are "
+                            "served on the model's own dtype weights")
         try:
             head = self.family.head_linear(self.model) if self.family.task == "classify" else None
         except NotImplementedError:
@@ -162,6 +168,11 @@ class PackedEngine:
         from poolserve_runtime import llm_rerankers
         from poolserve_runtime.families import read_config_dict
 
+        plan = weight_plan(read_config_dict(settings.checkpoint), settings.quantization, settings.load_format)
+        if (plan.fp8 or plan.dummy) and (family.vision or isinstance(family, GenericFamily)):
+            kind = "vision-language" if family.vision else "generic (the checkpoint's own forward)"
+            raise WeightLoadError(f"the {family.name} family ({kind}) is served in its checkpoint's own weights: "
+                                  "quantization=fp8, FP8 checkpoints and load_format=dummy are not served for it")
         if family.vision:
             return cls._load_vision(family, settings)
         body = body_for(family, settings.attention)
@@ -180,13 +191,24 @@ class PackedEngine:
                 raise llm_rerankers.UnsupportedArchitecture(
                     f"{settings.checkpoint} converts to {conversion.architecture}, which the {family.name} family "
                     f"does not serve; {llm_rerankers.supported_hint(conversion.architecture)}")
+            if plan.streamed:
+                raise WeightLoadError(f"{settings.checkpoint}: a causal LM converted to a reranker loads its own "
+                                      "weights; FP8 checkpoints and load_format=dummy are not served for it "
+                                      "(quantization=fp8 is)")
             model = llm_rerankers.load_converted(conversion, settings.checkpoint, settings.dtype, settings.device,
                                                  attention)
-            return cls(family, model, settings)
-        config = family.read_config(settings.checkpoint, settings.trust_remote_code)
-        if settings.architecture not in family.architectures:
-            family.check_architecture(config)
-        model = family.load(settings.checkpoint, settings.dtype, settings.device, attention, settings.trust_remote_code)
+        else:
+            config = family.read_config(settings.checkpoint, settings.trust_remote_code)
+            if settings.architecture not in family.architectures:
+                family.check_architecture(config)
+            if plan.streamed:
+                model = family.load_streamed(settings.checkpoint, config, plan, settings.dtype, settings.device,
+                                             attention)
+            else:
+                model = family.load(settings.checkpoint, settings.dtype, settings.device, attention,
+                                    settings.trust_remote_code)
+        if plan.quantize and not plan.streamed:
+            quantize_linears(model)  # quantised in place: the model was whole in its dtype until now
         return cls(family, model, settings)
 
     @classmethod
@@ -219,6 +241,8 @@ class PackedEngine:
             f"cuda_graphs={','.join(map(str, self.graph_buckets)) or 'none'} "
             f"prefix_cache_tokens={self.prefix_cache.budget_tokens if self.prefix_cache else 0} "
             f"lora_adapters={self.lora.count if self.lora is not None else 0} "
+            f"load_format={self.settings.load_format} "
+            f"fp8_linears={sum(isinstance(module, Fp8Linear) for module in self.model.modules())} "
             f"pooling_and_head={poolserve_kernels.implementation(self.device)}"
             + (f" (slow path: {self.family.padded_reason})" if self.body_mode != self.settings.attention
                or self.is_generic else "")

@@ -37,13 +37,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import poolserve_kernels
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448.0
 # A row or weight of zeros gets this scale instead of 0, so that dividing by it stays finite.
 MIN_SCALE = 1e-12
-# Modules whose Linears stay in the model's dtype whatever the config targets: classifier and
-# reward heads, and BERT's pooler that feeds them (the issue: pooling and heads stay bf16/fp32).
-HIGH_PRECISION_MODULES = ("score", "classifier", "lm_head", "pooler")
+# Modules whose Linears stay in the model's dtype whatever the config targets: classifier and reward heads
+# and what feeds them (BERT's pooler, DistilBERT's pre_classifier, ModernBERT's head), the MLM head SPLADE
+# pools (cls), and the token projections of ColBERT and BGE-M3: pooling and heads stay bf16/fp32.
+HIGH_PRECISION_MODULES = ("score", "classifier", "lm_head", "pooler", "pre_classifier", "head", "cls",
+                          "colbert_linear", "sparse_linear")
 # torch._scaled_mm needs both feature sizes to be multiples of 16.
 SCALED_MM_ALIGNMENT = 16
 
@@ -177,10 +181,8 @@ def parse_quantization_config(quantization_config: Mapping) -> Fp8Config:
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of ``x [tokens, features]`` as e4m3 with one fp32 scale each (``amax / 448``, ``[tokens, 1]``):
-    ``x ≈ q.float() * scale``."""
-    x = x.float()
-    scale = (x.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=MIN_SCALE)
-    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+    ``x ≈ q.float() * scale``; one Triton kernel on CUDA (:mod:`poolserve_kernels.fp8_quant`)."""
+    return poolserve_kernels.per_token_quant(x)
 
 
 def quantize_weight(weight: torch.Tensor, strategy: WeightStrategy | str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,7 +210,7 @@ class Fp8Linear(nn.Module):
     through ``module.to(dtype)`` (see :meth:`_apply`); the bias follows the model's dtype.
     """
 
-    QUANTISED_BUFFERS = ("weight", "weight_scale", "input_scale")
+    QUANTISED_BUFFERS = ("weight", "weight_scale", "input_scale", "weight_scale_row")
 
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
                  input_scale: torch.Tensor | None = None):
@@ -220,6 +222,10 @@ class Fp8Linear(nn.Module):
         shape = (self.out_features, 1) if self.weight_strategy is WeightStrategy.CHANNEL else (1,)
         self.register_buffer("weight", weight)
         self.register_buffer("weight_scale", weight_scale.detach().float().reshape(shape).to(weight.device))
+        # torch._scaled_mm's row-wise scale_b, [1, out] (a per-tensor scale broadcast to every column), made once
+        # here rather than on every forward.
+        self.register_buffer("weight_scale_row", self.weight_scale.expand(self.out_features, 1)
+                             .reshape(1, self.out_features).contiguous(), persistent=False)
         if input_scale is not None:
             if input_scale.numel() != 1:
                 raise ValueError(f"a static input_scale is one number, got shape {tuple(input_scale.shape)}")
@@ -238,8 +244,8 @@ class Fp8Linear(nn.Module):
         device = fn(torch.empty(0, device=self.weight.device)).device
         kept = {name: self._buffers.pop(name) for name in self.QUANTISED_BUFFERS}
         super()._apply(fn, recurse)
-        for name, tensor in kept.items():
-            self.register_buffer(name, None if tensor is None else tensor.to(device))
+        for name, tensor in kept.items():  # back in place: a non-persistent buffer stays so
+            self._buffers[name] = None if tensor is None else tensor.to(device)
         return self
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -260,10 +266,8 @@ class Fp8Linear(nn.Module):
             x_scale = self.input_scale.expand(rows.shape[0], 1).contiguous()
         # Row-wise scaling (scale_a [M, 1], scale_b [1, N], bf16 out) covers every combination: a
         # per-tensor weight scale is broadcast to all columns. weight.t() is column-major, as required.
-        w_scale = self.weight_scale.expand(self.out_features, 1).reshape(1, self.out_features).contiguous()
-        out = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=torch.bfloat16)
-        if self.bias is not None:
-            out = out + self.bias.to(out.dtype)
+        out = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale_row,
+                               bias=None if self.bias is None else self.bias.to(torch.bfloat16), out_dtype=torch.bfloat16)
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
@@ -336,12 +340,12 @@ def replace_linears(model: nn.Module, config: Fp8Config, state_dict: Mapping[str
             input_scale = _checkpoint_tensor(state_dict, f"{name}.input_scale")
         fp8 = Fp8Linear(weight, weight_scale, bias=bias, input_scale=input_scale)
         if in_high_precision(name, keep):
-            with torch.no_grad():
-                module.weight.copy_(fp8.dequantized_weight(module.weight.dtype))
-                if bias is not None:
-                    module.bias.copy_(bias)
+            # New parameters rather than copies into the old: a model built on the meta device has no storage.
+            module.weight = nn.Parameter(fp8.dequantized_weight(module.weight.dtype), requires_grad=False)
+            if bias is not None:
+                module.bias = nn.Parameter(bias.detach().to(module.bias.dtype), requires_grad=False)
             continue
-        _set_submodule(model, name, fp8.to(module.weight.device))
+        _set_submodule(model, name, fp8)  # on the device of the checkpoint's tensor
         swapped.append(name)
     return swapped
 

@@ -25,6 +25,7 @@ from torch import nn
 from poolserve_contract.families import FamilyDeclaration, UnsupportedArchitecture
 from poolserve_contract.late_interaction import find_projection
 from poolserve_runtime.activation import Activation, activation_for_config
+from poolserve_runtime.weights import WeightLoadError, WeightPlan, build_streamed
 
 
 class Family:
@@ -46,14 +47,38 @@ class Family:
 
         return AutoConfig.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
 
-    def load(self, checkpoint: str, dtype: torch.dtype, device: torch.device, attention: str = "sdpa",
-             trust_remote_code: bool = False) -> nn.Module:
+    def auto_class(self):
+        """The transformers auto class the stock families load their checkpoints with."""
         from transformers import AutoModel, AutoModelForSequenceClassification
 
-        auto = AutoModel if self.task in ("embed", "token_embed") else AutoModelForSequenceClassification
+        return AutoModel if self.task in ("embed", "token_embed") else AutoModelForSequenceClassification
+
+    def load(self, checkpoint: str, dtype: torch.dtype, device: torch.device, attention: str = "sdpa",
+             trust_remote_code: bool = False) -> nn.Module:
         extra = {"attn_implementation": attention} if attention else {}
-        model = auto.from_pretrained(checkpoint, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
+        model = self.auto_class().from_pretrained(checkpoint, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
         return model.to(device).eval()
+
+    def build_empty(self, config, dtype: torch.dtype, attention: str = "sdpa") -> nn.Module:
+        """The model of ``config`` as :meth:`load` builds it, called under
+        :func:`~poolserve_runtime.weights.parameters_on_meta` by :meth:`load_streamed`. A family that loads its
+        checkpoint its own way overrides this, or serves neither FP8 checkpoints nor dummy weights."""
+        if type(self).load is not Family.load:
+            raise WeightLoadError(
+                f"the {self.name} family loads its checkpoint its own way; FP8 checkpoints and load_format=dummy are "
+                "served by the families that load through transformers' auto classes and by the Qwen2 reward "
+                "models (quantization=fp8 on a checkpoint of bf16 or fp32 weights works here)")
+        extra = {"attn_implementation": attention} if attention else {}
+        return self.auto_class().from_config(config, dtype=dtype, **extra)
+
+    def load_streamed(self, checkpoint: str, config, plan: WeightPlan, dtype: torch.dtype, device: torch.device,
+                      attention: str = "sdpa") -> nn.Module:
+        """The model of ``config`` filled tensor by tensor as ``plan`` says (an FP8 checkpoint, dummy weights:
+        :func:`poolserve_runtime.weights.build_streamed`)."""
+        if getattr(config, "quantization_config", None) is not None:
+            del config.quantization_config  # the FP8 layers are built here, not by a transformers quantizer
+        return build_streamed(lambda: self.build_empty(config, dtype, attention), config, plan, checkpoint, dtype,
+                              device)
 
     def activation_for(self, config) -> Activation:
         return activation_for_config(config) if self.task == "classify" else Activation.IDENTITY

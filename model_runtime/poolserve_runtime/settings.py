@@ -56,6 +56,10 @@ class ModelSettings:
     # PEFT LoRA adapters served beside the base model, ((name, folder), ...): lora id i is the i-th
     # (model_runtime/poolserve_runtime/lora.py).
     lora_modules: tuple[tuple[str, str], ...] = ()
+    # "fp8": the body's Linear layers run FP8 matmuls; "dummy": random weights of the config
+    # (ModelParameters.quantization / load_format; poolserve_runtime.weights).
+    quantization: str = "none"
+    load_format: str = "auto"
 
     @classmethod
     def from_triton_args(cls, args: dict) -> ModelSettings:
@@ -99,4 +103,6 @@ class ModelSettings:
             step_tag_id=parameters.step_tag_id,
             returned_token_ids=parameters.returned_token_ids,
             lora_modules=parameters.lora_modules,
+            quantization=parameters.quantization,
+            load_format=parameters.load_format,
         )

@@ -79,7 +79,7 @@ class VisionClassifier(nn.Module):
              conversion=None) -> VisionClassifier:
         import transformers
 
-        from poolserve_runtime.native.weights import checkpoint_folder
+        from poolserve_runtime.weights import checkpoint_folder
 
         body_class = getattr(transformers, family.backbone)
         body = body_class.from_pretrained(checkpoint, dtype=dtype, attn_implementation="sdpa")

@@ -81,3 +81,40 @@ def test_bert_classifier_scores_stay_close_to_bf16():
     assert not torch.equal(fp8_scores, bf16_scores)
     ranks = [scores.argsort().argsort().float() for scores in (fp8_scores, bf16_scores)]
     assert torch.corrcoef(torch.stack(ranks))[0, 1] > 0.95  # 0.999 in an fp32 emulation on the CPU
+
+
+@pytest.mark.parametrize("compile_mode", ["none", "auto"])
+def test_engine_in_fp8_on_the_gpu(tmp_path, compile_mode):
+    """A Qwen3 classifier served with quantization=fp8 as Triton serves it (varlen body, CUDA graphs for short
+    chunks, layers compiled by default): FP8 GEMMs run, the per-token quantisation is the Triton kernel, and the
+    scores stay close to bf16; load_format=dummy draws the same weights for both."""
+    import dataclasses
+
+    from poolserve_runtime import families
+    from poolserve_runtime.engine import PackedEngine
+    from poolserve_runtime.packing import PackedBatch, RequestSequences
+    from poolserve_runtime.settings import ModelSettings
+    from tests.support.tiny_models import build_checkpoint
+
+    checkpoint = build_checkpoint("qwen3", tmp_path / "qwen3")
+    family = families.family_for_config(families.read_config_dict(str(checkpoint)))
+    settings = ModelSettings(model_name="fp8", checkpoint=str(checkpoint), device=torch.device("cuda"),
+                             dtype=torch.bfloat16, max_tokens_per_forward=4096, max_model_len=0, logit_mean=0.0,
+                             logit_sigma=1.0, attention="varlen", output_names=("logits", "scores"),
+                             compile=compile_mode, cuda_graph_max_tokens=512)
+    engines = {name: PackedEngine.load(family, dataclasses.replace(settings, **overrides)) for name, overrides in (
+        ("bf16", {}), ("fp8", {"quantization": "fp8"}), ("dummy_bf16", {"load_format": "dummy"}),
+        ("dummy_fp8", {"load_format": "dummy", "quantization": "fp8"}))}
+    layers = [module for module in engines["fp8"].model.modules() if isinstance(module, Fp8Linear)]
+    assert layers
+    generator = torch.Generator().manual_seed(0)
+    for lengths in ([5, 40, 17], [300, 700, 120, 900]):  # a graphed chunk, then an eager one
+        lengths = torch.tensor(lengths)
+        ids = torch.randint(4, engines["bf16"].limits.vocab_size, (int(lengths.sum()),), generator=generator)
+        batch = PackedBatch.pack([RequestSequences(ids, lengths, None)])
+        scores = {name: engine.run(batch)["logits"].float() for name, engine in engines.items()}
+        for reference, fp8 in (("bf16", "fp8"), ("dummy_bf16", "dummy_fp8")):
+            spread = scores[reference].std().item() + 1e-3
+            assert (scores[fp8] - scores[reference]).abs().max().item() <= 0.1 * spread + 0.02, (reference, scores)
+    x = torch.randn(7, layers[0].in_features, device="cuda", dtype=torch.bfloat16)
+    assert layers[0].uses_scaled_mm(x)

@@ -168,3 +168,25 @@ def test_docs_model_table_lists_every_family_and_folder():
             for architecture in family.architectures:
                 assert f"`{architecture}`" in rows[family.folder], (family.folder, architecture)
         assert ("padded" in rows[family.folder]) == (not family.packed), family.folder
+
+
+def test_docs_model_table_marks_lora_and_fp8_where_the_code_refuses_them():
+    """Folders the engine refuses LoRA adapters for say `no` in the LoRA column; vision and the generic
+    fallback say `no` for FP8 too; every mark is one the legend above the table defines."""
+    from pathlib import Path
+
+    from poolserve_runtime.implementations import DebertaV2Family
+
+    models_doc = (Path(__file__).resolve().parents[2] / "docs" / "models.md").read_text()
+    table = models_doc.split("<!-- model-table:start -->")[1].split("<!-- model-table:end -->")[0]
+    header, _, *lines = [line for line in table.splitlines() if line.startswith("|")]
+    columns = [cell.strip() for cell in header.split("|")]
+    lora_column, fp8_column = columns.index("LoRA"), columns.index("FP8")
+    rows = {cells[2].strip().strip("`"): cells for cells in (line.split("|") for line in lines)}
+    for family in (*families.all_families(), families.GENERIC):
+        lora, fp8 = rows[family.folder][lora_column].strip(), rows[family.folder][fp8_column].strip()
+        assert lora in ("yes", "yes (untested)", "no") and fp8 in ("load + ckpt", "load", "no"), family.folder
+        if family.vision or family is families.GENERIC or isinstance(family, DebertaV2Family):
+            assert lora == "no", family.folder
+        if family.vision or family is families.GENERIC:
+            assert fp8 == "no", family.folder

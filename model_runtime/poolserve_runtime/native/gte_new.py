@@ -43,8 +43,9 @@ from poolserve_runtime.native.packed_rotary import (
     rotary_cos_sin,
     rotate_half,
 )
-from poolserve_runtime.native.weights import checkpoint_folder, load_state
+from poolserve_runtime.native.weights import load_state
 from poolserve_runtime.varlen import packed_attention
+from poolserve_runtime.weights import checkpoint_folder
 
 # NewConfig's defaults (Alibaba-NLP/new-impl configuration.py), for keys a config.json leaves out.
 NEW_CONFIG_DEFAULTS = {

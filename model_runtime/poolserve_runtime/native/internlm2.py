@@ -45,7 +45,8 @@ from poolserve_contract.families import (
 )
 from poolserve_runtime.activation import Activation
 from poolserve_runtime.implementations import DecoderFamily
-from poolserve_runtime.native.weights import assign_weights, checkpoint_folder, load_state, parameters_on_meta
+from poolserve_runtime.native.weights import assign_weights, load_state
+from poolserve_runtime.weights import checkpoint_folder, parameters_on_meta
 
 ARCHITECTURE = INTERNLM2_REWARD_ARCHITECTURE
 

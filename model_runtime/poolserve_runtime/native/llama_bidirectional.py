@@ -32,7 +32,8 @@ from torch import nn
 
 from poolserve_contract.families import by_name, llama_config_from_dict, read_config_dict
 from poolserve_runtime.implementations import DecoderFamily
-from poolserve_runtime.native.weights import checkpoint_folder, load_state
+from poolserve_runtime.native.weights import load_state
+from poolserve_runtime.weights import checkpoint_folder
 
 
 class NativeLlamaFamily(DecoderFamily):

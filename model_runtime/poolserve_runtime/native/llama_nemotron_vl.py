@@ -32,8 +32,9 @@ from poolserve_contract.families import (
     read_config_dict,
 )
 from poolserve_contract.tiling import TilingImageProcessor, tiles_processor_for
-from poolserve_runtime.native.weights import checkpoint_folder, load_state
+from poolserve_runtime.native.weights import load_state
 from poolserve_runtime.vision_families import VisionFamily
+from poolserve_runtime.weights import checkpoint_folder
 
 
 class TorchTilingImageProcessor(TilingImageProcessor):

@@ -33,8 +33,9 @@ from torch import nn
 from poolserve_contract.families import UnsupportedArchitecture, by_name
 from poolserve_runtime.implementations import EmbeddingFamily
 from poolserve_runtime.native.packed_rotary import RotaryFrequencies, packed_stream, rotary_cos_sin, rotate_half
-from poolserve_runtime.native.weights import checkpoint_folder, load_state
+from poolserve_runtime.native.weights import load_state
 from poolserve_runtime.varlen import packed_attention
+from poolserve_runtime.weights import checkpoint_folder
 
 SERVED_ACTIVATIONS = ("swiglu", "gelu")  # vLLM's NomicBertModelConfig asserts these two
 GATED_ACTIVATION = "swiglu"

@@ -23,7 +23,8 @@ from poolserve_contract.families import QWEN2_REWARD_ARCHITECTURE, UnsupportedAr
 from poolserve_runtime.activation import Activation
 from poolserve_runtime.implementations import DecoderFamily
 from poolserve_runtime.native.internlm2 import num_labels_of
-from poolserve_runtime.native.weights import assign_weights, checkpoint_folder, load_state, parameters_on_meta
+from poolserve_runtime.native.weights import assign_weights, load_state
+from poolserve_runtime.weights import checkpoint_folder, parameters_on_meta
 
 ARCHITECTURE = QWEN2_REWARD_ARCHITECTURE
 
@@ -91,6 +92,10 @@ class Qwen2RewardFamily(DecoderFamily):
     def load(self, checkpoint: str, dtype: torch.dtype, device: torch.device, attention: str = "sdpa",
              trust_remote_code: bool = False) -> nn.Module:
         return load_qwen2_reward(checkpoint, dtype, device, attention)
+
+    def build_empty(self, config, dtype: torch.dtype, attention: str = "sdpa") -> nn.Module:
+        config._attn_implementation = attention if attention in ("sdpa", "eager") else "sdpa"
+        return Qwen2RewardModel(config)  # parameters cast to dtype as they are filled; rotary tables stay fp32
 
     def activation_for(self, config) -> Activation:
         return Activation.IDENTITY  # vLLM Qwen2ForRewardModelConfig: use_activation = False

@@ -1,24 +1,15 @@
-"""Reading a native architecture's weights: the checkpoint folder, its tensors, meta-device building.
+"""Reading a native architecture's weights: its tensors, whole or by prefix, and assigning them to a model built
+on the meta device (:func:`poolserve_runtime.weights.parameters_on_meta`, :func:`~poolserve_runtime.weights.checkpoint_folder`).
 
 Shared by every module in :mod:`poolserve_runtime.native`; nothing here imports a checkpoint's code.
 """
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
 from torch import nn
-
-
-def checkpoint_folder(checkpoint: str) -> Path:
-    """A local folder as is; a hub id downloaded (configs and weights only, never code)."""
-    if Path(checkpoint).is_dir():
-        return Path(checkpoint)
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(checkpoint, allow_patterns=["*.json", "*.safetensors", "pytorch_model*.bin"]))
 
 
 def load_state(folder: Path) -> dict[str, torch.Tensor]:
@@ -38,24 +29,6 @@ def load_state(folder: Path) -> dict[str, torch.Tensor]:
     for file in bins:
         state.update(torch.load(file, map_location="cpu", weights_only=True))
     return state
-
-
-@contextlib.contextmanager
-def parameters_on_meta():
-    """Build modules with their parameters on the meta device (no init cost, no memory); buffers
-    (rotary inverse frequencies) stay real. The weights then come from ``load_state_dict(assign=True)``."""
-    register = nn.Module.register_parameter
-
-    def register_on_meta(module, name, param):
-        register(module, name, param)
-        if param is not None:
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
-
-    nn.Module.register_parameter = register_on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
 
 
 def assign_weights(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype,
