@@ -302,7 +302,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--requests", type=int, default=48, help="request bound of one concurrency level")
     parser.add_argument("--warmup", type=int, default=6, help="requests per system, one at a time, before the levels")
-    parser.add_argument("--parity-layers", type=int, default=40)
+    parser.add_argument("--parity-layers", type=int, default=0,
+                        help="layers of the 72B parity pair (0: 40 where the GPU holds 100 GiB or more, else 16)")
     parser.add_argument("--adapter-workers", type=int, default=0)
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-lora-fp8"))
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, not speed")
@@ -313,6 +314,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.concurrency, args.seconds, args.requests, args.adapter_workers, args.warmup = [2], 1.0, 2, 1, 1
     args.work.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.is_available() and not args.smoke
+    if not args.parity_layers:  # bf16 and FP8 side by side: 1.76 + 0.88 GB a layer
+        memory = torch.cuda.get_device_properties(0).total_memory if gpu else 0
+        args.parity_layers = 40 if memory >= 100 * 2 ** 30 else 16
     meta = dict(device=torch.cuda.get_device_name() if gpu else "cpu", torch=torch.__version__,
                 python=platform.python_version(), commit=args.commit)
     rows: list[dict] = []
