@@ -25,6 +25,8 @@ from poolserve_adapter.embeddings.api_router import router as embeddings_router
 from poolserve_adapter.errors import install_exception_handlers
 from poolserve_adapter.health.api_router import router as health_router
 from poolserve_adapter.lifecycle import DrainMiddleware, Lifecycle, SignalDrain, stop_with_launcher
+from poolserve_adapter.lora.api_router import router as lora_router
+from poolserve_adapter.lora.serving import LoraUpdates
 from poolserve_adapter.metrics import install_metrics
 from poolserve_adapter.models.api_router import router as models_router
 from poolserve_adapter.pooling.api_router import router as pooling_router
@@ -131,6 +133,11 @@ def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = N
                    embeddings_router, cohere_router, tei_router, tokenize_router, invocations_router, models_router,
                    health_router):
         app.include_router(router)
+    # Runtime LoRA updates: routes only when allowed (vLLM registers none otherwise); each request then first adopts
+    # another worker's update (poolserve_adapter.lora.serving).
+    app.state.lora_updates = LoraUpdates(app.state, settings) if settings.allow_runtime_lora_updating else None
+    if app.state.lora_updates is not None:
+        app.include_router(lora_router)
     # Outermost first to run: the API key, then the body size.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(CancelOnDisconnectMiddleware)

@@ -24,6 +24,16 @@ from poolserve_contract.parameters import ModelParameters
 from poolserve_contract.score_templates import template_text
 
 
+def encode_lora_names(names: list[str]) -> np.ndarray:
+    """The ``lora_names`` input of sequences on these adapters ("" the base model): one row of UTF-8 bytes per
+    sequence, zero-padded to the longest (wire.LORA_NAMES_INPUT)."""
+    encoded = [name.encode() for name in names]
+    rows = np.zeros((len(encoded), max([1, *map(len, encoded)])), np.uint8)
+    for row, name in zip(rows, encoded, strict=True):
+        row[:len(name)] = np.frombuffer(name, np.uint8)
+    return rows
+
+
 @dataclass(frozen=True)
 class ServedModel:
     name: str  # the name clients send in `model`
@@ -70,34 +80,34 @@ class ServedModel:
     eos_token_id: int | None = None
     # Multi-LoRA (the card's lora_modules and lora_paths): the Triton model's adapters as (name, folder) in
     # order, each served as its own model name, as vLLM does. An adapter's entry is the base's with the
-    # adapter's name, its lora id (i for the i-th adapter; 0 the base model) and the base's name as parent.
+    # adapter's name and the base's name as parent; Triton is sent the adapter's name (wire.LORA_NAMES_INPUT).
     lora_modules: tuple[tuple[str, str], ...] = ()
-    lora_id: int = 0
     parent: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
-    def lora_ids(self, num_sequences: int) -> np.ndarray | None:
-        """The ``lora_ids`` input of ``num_sequences`` sequences run on this model (its adapter, or 0 the base),
-        or None when the Triton model serves no adapter (it takes no such input). A model with adapters is
-        always sent it: Triton's dynamic batcher batches only requests sending the same inputs, so base and
-        adapter requests share one forward."""
-        return np.full(num_sequences, self.lora_id, np.int32) if self.lora_modules else None
+    def lora_names(self, num_sequences: int) -> np.ndarray | None:
+        """The ``lora_names`` input of ``num_sequences`` sequences run on this model (its adapter's name, or the
+        base's zeros), or None when the Triton model serves no adapter. A model with adapters is always sent it:
+        Triton's dynamic batcher batches only requests sending the same inputs, so base and adapter requests
+        share one forward."""
+        if not self.lora_modules:
+            return None
+        return encode_lora_names([self.name if self.parent is not None else ""] * num_sequences)
 
     def adapters(self) -> list[ServedModel]:
         """The served entry of each of this model's LoRA adapters (vLLM lists each as a model, ``root`` its
         folder, ``parent`` the base)."""
-        return [replace(self, name=name, checkpoint=folder, lora_id=index, parent=self.name)
-                for index, (name, folder) in enumerate(self.lora_modules, start=1)]
+        return [replace(self, name=name, checkpoint=folder, parent=self.name) for name, folder in self.lora_modules]
 
-    def adapter_ids(self, names: list[str | None]) -> np.ndarray:
-        """SGLang's ``lora_path``, one adapter name per sequence (None: the base model), as lora ids. A name
-        the model does not serve is SGLang's 400."""
-        ids = {name: index for index, (name, _) in enumerate(self.lora_modules, start=1)}
+    def adapter_names(self, names: list[str | None]) -> np.ndarray:
+        """SGLang's ``lora_path``, one adapter name per sequence (None: the base model), as the ``lora_names``
+        input. A name the model does not serve is SGLang's 400."""
+        served = [name for name, _ in self.lora_modules]
         for name in names:
-            if name is not None and name not in ids:
+            if name is not None and name not in served:
                 raise BadRequestError(f"The following requested LoRA adapters are not loaded: {name}\n"
-                                      f"Loaded adapters: {list(ids)}.")
-        return np.array([0 if name is None else ids[name] for name in names], np.int32)
+                                      f"Loaded adapters: {served}.")
+        return encode_lora_names(["" if name is None else name for name in names])
 
     @property
     def max_model_len(self) -> int:
@@ -223,9 +233,14 @@ def build_served_model(triton_model: str, config: dict, repository: Path) -> Ser
         extra_tasks=tuple(card.extra_tasks),
         bos_token_id=card.bos_token_id,
         eos_token_id=card.eos_token_id,
-        # The folders as the host named them (the adapter reports them, as vLLM's `root`; it reads none).
-        lora_modules=tuple(zip(card.lora_modules, card.lora_paths or card.lora_modules, strict=True)),
+        lora_modules=adapters_of(card),
     )
+
+
+def adapters_of(card: ModelCard) -> tuple[tuple[str, str], ...]:
+    """The card's LoRA adapters as (name, folder): the folders as the host named them, or as a runtime load gave
+    them (the adapter reports them, as vLLM's `root`; it reads none)."""
+    return tuple(zip(card.lora_modules, card.lora_paths or card.lora_modules, strict=True))
 
 
 # Each capability a route needs → the routes it opens, for telling a client what a model does serve.
@@ -281,6 +296,12 @@ class ModelRegistry:
     def __iter__(self):
         """The base models (the LoRA adapters are in :attr:`adapters`)."""
         return iter(self.models.values())
+
+    def with_adapters(self, lora_modules: dict[str, tuple[tuple[str, str], ...]]) -> ModelRegistry:
+        """This registry with the base models of the Triton models in ``lora_modules`` serving those adapters
+        (runtime LoRA updates: :mod:`poolserve_adapter.lora`); raises ValueError as the constructor does."""
+        return ModelRegistry([replace(model, lora_modules=lora_modules.get(model.triton_model, model.lora_modules))
+                              for model in self.models.values()])
 
     def named(self, name: str) -> ServedModel | None:
         """The model or LoRA adapter served as ``name``, or None."""

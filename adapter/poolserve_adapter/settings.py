@@ -29,8 +29,26 @@ class Settings(BaseSettings):
     triton_inference_key: str | None = Field(
         None,
         description="The key of Triton's inference protocol, when Triton was started with one (TRITON_INFERENCE_KEY "
-        "there; `make serve` passes its own). Triton's control protocols need another key, which the adapter never "
-        "holds.",
+        "there; `make serve` passes its own). Triton's control protocols need another key (triton_control_key), "
+        "which the adapter holds only to update LoRA adapters at run time.",
+    )
+    allow_runtime_lora_updating: bool = Field(
+        default_factory=lambda: vllm_allows_runtime_lora_updating(os.environ),
+        description="Serve vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter (behind the API key like "
+        "every route): each reloads the adapter's base model in Triton with the new set of adapters. Off (the "
+        "default), the routes do not exist (404), as in vLLM; VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 or true turns it "
+        "on as it does in vLLM, when this setting is not given.",
+    )
+    triton_control_key: str | None = Field(
+        None,
+        description="The key of Triton's control protocols (TRITON_CONTROL_KEY there), which runtime LoRA updates "
+        "need to reload a model. `make serve` passes its own only when allow_runtime_lora_updating is on: whoever "
+        "holds it may load models into the server.",
+    )
+    lora_update_timeout_s: float = Field(
+        600.0, gt=0,
+        description="Longest wait for the reload of a base model by a runtime LoRA update (the whole model loads "
+        "again); longer is a 500, and the model keeps serving the adapters it had.",
     )
     model_repository: Path = Field(
         PROJECT_ROOT / "model_repository",
@@ -199,6 +217,11 @@ def cgroup_cpu_quota(root: Path) -> float | None:
     except ValueError:  # "max": no limit
         return None
     return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+
+
+def vllm_allows_runtime_lora_updating(environ) -> bool:
+    """vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING: on for 1 or true (any case, surrounding blanks ignored)."""
+    return environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "0").strip().lower() in ("1", "true")
 
 
 @lru_cache

@@ -3,12 +3,17 @@
 Sequences go to Triton as right-padded ``[n, T]`` requests with an ``attention_mask`` of at most
 ``max_sequences_per_triton_request`` rows, sent concurrently; the model's dynamic batcher packs
 them (and other clients' requests) into one forward again. A model serving LoRA adapters gets each
-sequence's adapter as ``lora_ids`` (``[n, 1]``, 0 the base model) beside them.
+sequence's adapter by name as ``lora_names`` (UTF-8, zero-padded: UINT8 ``[n, width]``, zeros the base model)
+beside them; a name the model no longer holds (unloaded through another adapter worker) is vLLM's 404 for that
+name. Runtime LoRA updates read a model's config and reload it with another (:meth:`TritonGateway.model_config`,
+:meth:`TritonGateway.reload_model`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,11 +22,11 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from poolserve_adapter.admission import Admission
 from poolserve_adapter.admission_board import AdmissionBoard
-from poolserve_adapter.errors import from_triton
+from poolserve_adapter.errors import AdapterError, NotFoundError, from_triton
 from poolserve_adapter.settings import Settings
 from poolserve_adapter.timing import timed
 from poolserve_adapter.tokenization import Encoded
-from poolserve_contract.wire import INFERENCE_GRPC_HEADER, LORA_IDS_INPUT
+from poolserve_contract.wire import INFERENCE_GRPC_HEADER, LORA_NAMES_INPUT, LORA_NOT_LOADED
 
 
 def _tensor(name: str, array: np.ndarray) -> grpcaio.InferInput:
@@ -30,9 +35,24 @@ def _tensor(name: str, array: np.ndarray) -> grpcaio.InferInput:
     return tensor
 
 
-def lora_input(lora_ids: np.ndarray | None, rows) -> list[grpcaio.InferInput]:
-    """The ``lora_ids`` input of the sequences ``rows`` selects (one per row), or none for a model without adapters."""
-    return [] if lora_ids is None else [_tensor(LORA_IDS_INPUT, np.ascontiguousarray(lora_ids[rows, None]))]
+def lora_input(lora_names: np.ndarray | None, rows) -> list[grpcaio.InferInput]:
+    """The ``lora_names`` input of the sequences ``rows`` selects (one per row), or none for a model without
+    adapters."""
+    return [] if lora_names is None else [_tensor(LORA_NAMES_INPUT, np.ascontiguousarray(lora_names[rows]))]
+
+
+# The runtime's message for an adapter name its model does not hold (wire.LORA_NOT_LOADED).
+NOT_LOADED = re.compile(re.escape(LORA_NOT_LOADED).replace(re.escape("{name}"), "(?P<name>.*)").replace(
+    re.escape("{model}"), ".*"))
+
+
+def inference_error(error: InferenceServerException) -> AdapterError:
+    """A failed inference as the adapter answers it: an adapter the model does not hold (any more) is vLLM's 404
+    for a model that does not exist, anything else as the shared table says."""
+    not_loaded = NOT_LOADED.search(error.message() or "")
+    if not_loaded is not None:
+        return NotFoundError(f"The model `{not_loaded['name']}` does not exist.")
+    return from_triton(error)
 
 
 @dataclass(frozen=True)
@@ -91,22 +111,22 @@ class TritonGateway:
         self.admission(triton_model).refuse_if_full()
 
     async def infer(self, triton_model: str, encoded: Encoded, outputs: tuple[str, ...],
-                    lora_ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """One row per sequence for each requested output, in input order. ``lora_ids``: each sequence's
-        adapter (:meth:`ServedModel.lora_ids <poolserve_adapter.registry.ServedModel.lora_ids>`), None for a
+                    lora_names: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """One row per sequence for each requested output, in input order. ``lora_names``: each sequence's
+        adapter (:meth:`ServedModel.lora_names <poolserve_adapter.registry.ServedModel.lora_names>`), None for a
         model without adapters. The per-request limits (no empty prompt, ADAPTER_MAX_TOKENS_PER_REQUEST) are
         the serving pipeline's, checked before it calls here."""
         if encoded.vision is not None:
-            return await self._infer_vision(triton_model, encoded, outputs, lora_ids)
+            return await self._infer_vision(triton_model, encoded, outputs, lora_names)
         count = encoded.num_sequences
         chunks = [(start, min(start + self.max_rows, count)) for start in range(0, count, self.max_rows)]
         async with self.admission(triton_model).admit(encoded.num_tokens):
             with timed("inference"):
                 results = await asyncio.gather(
-                    *(self._infer_rows(triton_model, encoded, a, b, outputs, lora_ids) for a, b in chunks))
+                    *(self._infer_rows(triton_model, encoded, a, b, outputs, lora_names) for a, b in chunks))
         return {name: concatenated([result[name] for result in results]) for name in outputs}
 
-    async def _infer_vision(self, triton_model: str, encoded: Encoded, outputs, lora_ids) -> dict[str, np.ndarray]:
+    async def _infer_vision(self, triton_model: str, encoded: Encoded, outputs, lora_names) -> dict[str, np.ndarray]:
         """Rows with images and rows without go in separate Triton requests (pixel_values is padded per
         request to its largest row, so a text row beside an image row would carry an image of zeros)."""
         has_images = encoded.vision.images_per_row > 0
@@ -114,7 +134,7 @@ class TritonGateway:
         chunks = [rows[start:start + self.max_rows] for rows in groups for start in range(0, len(rows), self.max_rows)]
         async with self.admission(triton_model).admit(encoded.num_tokens):
             with timed("inference"):
-                results = await asyncio.gather(*(self._infer_selected(triton_model, encoded, rows, outputs, lora_ids)
+                results = await asyncio.gather(*(self._infer_selected(triton_model, encoded, rows, outputs, lora_names)
                                                  for rows in chunks))
         order = np.concatenate(chunks)
         merged = {}
@@ -124,7 +144,7 @@ class TritonGateway:
             merged[name][order] = values
         return merged
 
-    async def _infer_selected(self, triton_model: str, encoded: Encoded, rows: np.ndarray, outputs, lora_ids):
+    async def _infer_selected(self, triton_model: str, encoded: Encoded, rows: np.ndarray, outputs, lora_names):
         lengths = encoded.lengths[rows]
         width = int(lengths.max())
         mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
@@ -133,9 +153,9 @@ class TritonGateway:
         if encoded.vision.images_per_row[rows].any():
             pixels, grids = encoded.vision.rows(rows)
             inputs += [_tensor("pixel_values", pixels), _tensor("image_grid_thw", grids)]
-        return await self._call(triton_model, inputs + lora_input(lora_ids, rows), outputs)
+        return await self._call(triton_model, inputs + lora_input(lora_names, rows), outputs)
 
-    async def _infer_rows(self, triton_model, encoded: Encoded, start: int, end: int, outputs, lora_ids):
+    async def _infer_rows(self, triton_model, encoded: Encoded, start: int, end: int, outputs, lora_names):
         lengths = encoded.lengths[start:end]
         width = int(lengths.max())  # each request is padded only to its own longest row
         mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
@@ -145,7 +165,7 @@ class TritonGateway:
         ]
         if encoded.token_type_ids is not None:
             inputs.append(_tensor("token_type_ids", np.ascontiguousarray(encoded.token_type_ids[start:end, :width])))
-        return await self._call(triton_model, inputs + lora_input(lora_ids, slice(start, end)), outputs)
+        return await self._call(triton_model, inputs + lora_input(lora_names, slice(start, end)), outputs)
 
     async def _call(self, triton_model: str, inputs: list, outputs) -> dict[str, np.ndarray]:
         try:
@@ -160,8 +180,22 @@ class TritonGateway:
                 timeout=int(self.timeout_s * 1_000_000),
             )
         except InferenceServerException as error:
-            raise from_triton(error) from None
+            raise inference_error(error) from None
         return {name: result.as_numpy(name) for name in outputs}
+
+    async def model_config(self, triton_model: str) -> dict:
+        """The model's config as Triton holds it now (JSON form; open to every client)."""
+        try:
+            return (await self.client.get_model_config(triton_model, as_json=True, client_timeout=5))["config"]
+        except InferenceServerException as error:
+            raise from_triton(error) from None
+
+    async def reload_model(self, triton_model: str, config: dict, *, control_headers: dict[str, str],
+                           timeout_s: float) -> None:
+        """Load ``triton_model`` again with ``config`` in place of its own. Triton keeps the loaded version serving
+        until the new one is ready, and keeps it when the new one fails to load (the error is raised as it is)."""
+        await self.client.load_model(triton_model, config=json.dumps(config), headers=control_headers,
+                                     client_timeout=timeout_s)
 
     async def ready(self) -> bool:
         """Triton and every served model are ready. The server alone is not enough: a restarted Triton

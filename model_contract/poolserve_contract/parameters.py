@@ -127,7 +127,7 @@ def parse_token_ids(value: str, name: str) -> tuple[int, ...]:
 
 def parse_lora_modules(value: str) -> tuple[tuple[str, str], ...]:
     """``name=path,name2=path2`` (vLLM's --lora-modules) → ``((name, path), ...)`` in order; the names are what
-    clients send as ``model`` (lora id ``i`` is the ``i``-th entry, 0 the base model)."""
+    clients send as ``model`` and Triton is sent (wire.LORA_NAMES_INPUT)."""
     modules: list[tuple[str, str]] = []
     for entry in (part.strip() for part in value.split(",")) if value.strip() else ():
         name, is_pair, path = entry.partition("=")
@@ -217,7 +217,7 @@ class ModelParameters:
     returned_token_ids: tuple[int, ...] = ()
     # LoRA adapters in PEFT's format served beside the base model (vLLM's --lora-modules), written
     # "name=path,name2=path2": ((name, path), ...) in order; a request picks one per sequence by its
-    # lora id (wire.LORA_IDS_INPUT: 0 the base model, i the i-th adapter).
+    # name (wire.LORA_NAMES_INPUT; none: the base model). POST /v1/load_lora_adapter rewrites it at run time.
     lora_modules: tuple[tuple[str, str], ...] = ()
     # "fp8": the Linear layers of the body run FP8 (e4m3) matmuls, weights quantised per output channel at
     # load and activations per token (vLLM's --quantization fp8); norms, attention, pooling and heads keep the

@@ -15,7 +15,7 @@ no ``instance_group`` Triton places one instance on each GPU, or one on the CPU 
 from __future__ import annotations
 
 from poolserve_contract.card import ModelCard
-from poolserve_contract.wire import LORA_IDS_INPUT, MODEL_CARD
+from poolserve_contract.wire import LORA_NAMES_INPUT, MODEL_CARD
 
 # Largest sum of batch dimensions of the requests grouped into one execute(). A padded request's
 # batch dimension is its sequence count; a flat request's is 1 whatever it holds, so an execute() of
@@ -40,8 +40,10 @@ _TOKEN_INPUTS = (
     # The flat form's token count of each sequence, all positive, summing to input_ids' length.
     {"name": "sequence_lengths", "data_type": "TYPE_INT64", "dims": [-1], "allow_ragged_batch": True,
      "optional": True},
-    # Each sequence's LoRA adapter (wire.LORA_IDS_INPUT): [batch, 1] padded, [1, sequences] flat.
-    {"name": LORA_IDS_INPUT, "data_type": "TYPE_INT32", "dims": [-1], "allow_ragged_batch": True, "optional": True},
+    # Each sequence's LoRA adapter by name (wire.LORA_NAMES_INPUT: UTF-8 bytes, zero-padded; zeros the base):
+    # [batch, width] padded, [1, sequences * width] flat.
+    {"name": LORA_NAMES_INPUT, "data_type": "TYPE_UINT8", "dims": [-1], "allow_ragged_batch": True,
+     "optional": True},
 )
 # Segment ids for text pairs (0s then 1s), same shape as input_ids, below the checkpoint's
 # type_vocab_size. Absent: all zeros.

@@ -35,7 +35,13 @@ MODEL_CARD = "model_card"
 # can serve its route (vLLM serves the one model it is given).
 SERVE_ORDER = "serve_order"
 
-# Optional input of every packed text model: each sequence's LoRA adapter, INT32, one per sequence (padded
-# form [batch, 1], flat form [1, sequences]); 0 the base model, i >= 1 the i-th of the model's lora_modules
-# (the card's lora_modules[i - 1]). Absent: every sequence on the base model.
-LORA_IDS_INPUT = "lora_ids"
+# Optional input of every packed text model: each sequence's LoRA adapter by name, UINT8: one row per sequence
+# holding the name's UTF-8 bytes, zero-padded to the request's longest name (padded form [batch, width], flat
+# form [1, sequences * width]); a row of zeros is the base model. Absent: every sequence on the base model.
+# Names, not positions: the adapter's workers and a model reloaded with another set of adapters
+# (POST /v1/load_lora_adapter) may disagree on positions, never on what a name means. Bytes, not BYTES: a BYTES
+# input crashes the Python backend's stub under numpy 2 (shared/NOTES.md), and a declared BYTES input would let
+# any gRPC client do that. A name the model does not hold fails its request alone, with status NOT_FOUND and
+# LORA_NOT_LOADED's message (the adapter answers it as vLLM's 404 for an unknown model).
+LORA_NAMES_INPUT = "lora_names"
+LORA_NOT_LOADED = "LoRA adapter '{name}' is not loaded on model '{model}'"

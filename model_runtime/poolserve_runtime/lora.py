@@ -165,11 +165,13 @@ class LoraLinear(nn.Module):
 
 
 class LoraModel:
-    """The adapters attached to one loaded base model (lora id ``i`` is ``adapters[i - 1]``)."""
+    """The adapters attached to one loaded base model (lora id ``i`` is ``adapters[i - 1]``; ids are the runtime's
+    own: requests name their adapters, :attr:`ids_by_name` maps the names)."""
 
     def __init__(self, model: nn.Module, adapters: list[LoraAdapter], head_modules: dict[str, list[nn.Module | None]]):
         self.model = model
         self.adapters = adapters
+        self.ids_by_name = {adapter.name: slot + 1 for slot, adapter in enumerate(adapters)}
         # modules_to_save module → per adapter slot its copy (None: that adapter uses the base's).
         self.head_modules = head_modules
 

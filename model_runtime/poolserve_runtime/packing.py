@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from poolserve_contract.wire import LORA_NOT_LOADED
+
 
 class InvalidRequest(ValueError):
     """A request the model cannot serve; it fails alone, the rest of the batch is answered."""
@@ -35,28 +37,43 @@ class RequestSequences:
     input_ids: torch.Tensor  # [tokens] int64
     lengths: torch.Tensor  # [n] int64
     token_type_ids: torch.Tensor | None  # [tokens] int64
-    # [n] int32: each sequence's LoRA id (0 the base model, i the i-th adapter); None: all on the base model
+    # [n] int32: each sequence's LoRA id, internal to the runtime (0 the base model, i the i-th adapter, read from
+    # the request's adapter names by read_lora_names); None: all on the base model
     lora_ids: torch.Tensor | None = None
 
 
-def read_lora_ids(lora_ids: torch.Tensor | None, sequences: RequestSequences, adapters: int) -> RequestSequences:
-    """``sequences`` with the request's ``lora_ids`` (one per sequence: ``[n, 1]`` padded, ``[1, n]`` flat)
-    checked against the model's ``adapters`` count. Raises :class:`InvalidRequest`."""
-    if lora_ids is None:
+class LoraNotLoaded(InvalidRequest):
+    """A request naming a LoRA adapter its model does not hold (never loaded, or unloaded since)."""
+
+
+def read_lora_names(names: torch.Tensor | None, sequences: RequestSequences, adapter_ids: dict[str, int],
+                    model: str) -> RequestSequences:
+    """``sequences`` with each one's LoRA id, from the request's ``lora_names`` (wire.LORA_NAMES_INPUT: UINT8, each
+    sequence's name in UTF-8 zero-padded to one width, ``[n, width]`` padded or ``[1, n * width]`` flat; zeros the
+    base model) through ``adapter_ids`` (the ``model``'s adapters by name: id ``i`` the ``i``-th). Raises
+    :class:`InvalidRequest`, and :class:`LoraNotLoaded` for a name the model does not hold."""
+    if names is None:
         return sequences
-    if lora_ids.dtype != torch.int32:
-        raise InvalidRequest(f"lora_ids must be INT32, got {lora_ids.dtype}")
+    if names.dtype != torch.uint8:
+        raise InvalidRequest(f"lora_names must be UINT8, got {names.dtype}")
     count = sequences.lengths.numel()
-    if lora_ids.numel() != count or (lora_ids.dim() == 2 and 1 not in lora_ids.shape) or lora_ids.dim() > 2:
-        raise InvalidRequest(f"lora_ids must hold one id per sequence ({count}), got shape {list(lora_ids.shape)}")
-    ids = lora_ids.reshape(-1)
-    outside = ((ids < 0) | (ids > adapters)).nonzero().flatten()
-    if outside.numel():
-        bad = int(ids[outside[0]])
-        served = f"1 to {adapters} the model's LoRA adapters" if adapters else "the model serves no LoRA adapter"
-        raise InvalidRequest(f"lora id {bad} is not served (0 is the base model, {served})")
+    if names.dim() != 2 or (names.shape[0] != count and names.shape[0] != 1) or not names.numel() or names.numel() % count:
+        raise InvalidRequest(f"lora_names must hold one zero-padded name per sequence ({count}): [{count}, width] or "
+                             f"[1, {count} * width], got shape {list(names.shape)}")
+    rows = names.reshape(count, -1)
+    distinct, positions = torch.unique(rows, dim=0, return_inverse=True)  # a request names few adapters
+    ids = []
+    for row in distinct:
+        try:
+            name = bytes(row.tolist()).rstrip(b"\0").decode()
+        except UnicodeDecodeError:
+            raise InvalidRequest("lora_names must be UTF-8") from None
+        if name and name not in adapter_ids:
+            raise LoraNotLoaded(LORA_NOT_LOADED.format(name=name, model=model))
+        ids.append(adapter_ids.get(name, 0))
+    lora_ids = torch.tensor(ids, dtype=torch.int32)[positions]
     return RequestSequences(sequences.input_ids, sequences.lengths, sequences.token_type_ids,
-                            ids.contiguous() if bool(ids.any()) else None)
+                            lora_ids if bool(lora_ids.any()) else None)
 
 
 def _as_rows(name: str, tensor: torch.Tensor) -> torch.Tensor:

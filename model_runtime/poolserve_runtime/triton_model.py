@@ -2,8 +2,8 @@
 
 ``execute`` maps requests to responses explicitly: read each request's tensors through DLPack and
 validate them, padded or flat (:func:`~poolserve_runtime.packing.read_sequences`, and each sequence's LoRA
-id, :func:`~poolserve_runtime.packing.read_lora_ids`; a bad request gets
-its own ``TritonError`` and nothing else fails), pack all valid sequences into one stream, run the
+adapter by name, :func:`~poolserve_runtime.packing.read_lora_names`; a bad request gets its own ``TritonError``,
+NOT_FOUND for an adapter the model does not hold, and nothing else fails), pack all valid sequences into one stream, run the
 engine once, split the outputs back per request, and answer every request exactly once, in order.
 """
 
@@ -15,10 +15,17 @@ import torch
 import triton_python_backend_utils as pb_utils  # only attributes used inside methods: see pitfalls
 
 from poolserve_contract.triton_config import complete_config
-from poolserve_contract.wire import LORA_IDS_INPUT
+from poolserve_contract.wire import LORA_NAMES_INPUT
 from poolserve_runtime.engine import PackedEngine
 from poolserve_runtime.families import Family
-from poolserve_runtime.packing import InvalidRequest, PackedBatch, RequestSequences, read_lora_ids, read_sequences
+from poolserve_runtime.packing import (
+    InvalidRequest,
+    LoraNotLoaded,
+    PackedBatch,
+    RequestSequences,
+    read_lora_names,
+    read_sequences,
+)
 from poolserve_runtime.settings import ModelSettings
 from poolserve_runtime.vision import BatchImages, check_image_tokens, read_images
 
@@ -74,13 +81,19 @@ class PackedTritonModel:
                     self.engine.limits,
                     _input(request, "sequence_lengths"),
                 )
-                sequences = read_lora_ids(_input(request, LORA_IDS_INPUT), sequences,
-                                          self.engine.lora.count if self.engine.lora is not None else 0)
+                names = _input(request, LORA_NAMES_INPUT)
+                if names is not None:
+                    lora = self.engine.lora
+                    sequences = read_lora_names(names, sequences, lora.ids_by_name if lora is not None else {},
+                                                self.engine.settings.model_name)
                 if self.family.vision:
                     request_images = read_images(_input(request, "pixel_values"), _input(request, "image_grid_thw"),
                                                  sequences.lengths.numel())
                     check_image_tokens(self.engine.model, sequences, request_images)
                     images.append(request_images)
+            except LoraNotLoaded as error:
+                responses[index] = _error(str(error), pb_utils.TritonError.NOT_FOUND)
+                continue
             except InvalidRequest as error:
                 responses[index] = _error(str(error), pb_utils.TritonError.INVALID_ARG)
                 continue

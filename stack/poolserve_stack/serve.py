@@ -3,8 +3,9 @@
 1. starts ``tritonserver`` as every subcommand does (:mod:`poolserve_stack.startup`), loading the
    default model folders (``bert_classifier`` → builtin:sentiment-minilm, ``bert_embedder`` →
    builtin:all-MiniLM-L6-v2) or the models named (see :mod:`poolserve_stack.plan`);
-2. runs the HTTP adapter on ``--host``/``--port`` (with ``--api-key``, given to the adapter alone) and
-   prints the URL and a sample request;
+2. runs the HTTP adapter on ``--host``/``--port`` (with ``--api-key``, given to the adapter alone; and Triton's
+   control key only when runtime LoRA updates are allowed, which reload models) and prints the URL and a sample
+   request;
 3. watches Triton as ``poolserve triton`` does, and stops everything on Ctrl-C / SIGTERM (during the
    start too: a load under way is given up).
 """
@@ -76,11 +77,14 @@ async def watch(triton: TritonServer, web: uvicorn.Server, failures: list[str]) 
 
 def adapter_settings(triton: TritonServer, args: argparse.Namespace) -> Settings:
     """The stack's own Triton and address, and the options given (--api-key, --log-format); every other
-    setting (ADAPTER_*, ADAPTER_API_KEY without --api-key) as the environment says."""
+    setting (ADAPTER_*, ADAPTER_API_KEY without --api-key) as the environment says. Triton's control key goes
+    to the adapter only when it may update LoRA adapters at run time (the one thing it needs the key for)."""
     given = {"api_key": args.api_key} if args.api_key else {}
     settings = Settings(triton_grpc_url=triton.grpc_url, model_repository=args.model_repository,
                         host=args.host, port=args.port, triton_inference_key=triton.inference_key,
                         log_format=args.log_format, **given)
+    control_key = triton.control_key if settings.allow_runtime_lora_updating else None
+    settings = settings.model_copy(update={"triton_control_key": control_key})
     if settings.triton_metrics_url is None:  # Triton's own metrics are appended to the adapter's /metrics
         settings = settings.model_copy(update={"triton_metrics_url": f"http://127.0.0.1:{triton.metrics_port}/metrics"})
     return settings
@@ -122,12 +126,14 @@ async def serve(args: argparse.Namespace, stop: StopRequests) -> int:
 
 def adapter_environment(settings: Settings, environ: dict[str, str]) -> dict[str, str]:
     """The environment of ``python -m poolserve_adapter`` serving ``settings``: ``environ``'s ADAPTER_* values
-    with the stack's own Triton, address, API key and log format over them. Triton's control key stays out (the
-    adapter never holds it), and a value the stack has not set (no inference key) is removed, not inherited."""
+    with the stack's own Triton, address, API key and log format over them. Triton's control key reaches the
+    adapter only as the setting (when runtime LoRA updates are allowed), never as TRITON_CONTROL_KEY, and a
+    value the stack has not set (no inference or control key) is removed, not inherited."""
     own = {"triton_grpc_url": settings.triton_grpc_url, "model_repository": str(settings.model_repository),
            "host": settings.host, "port": str(settings.port), "triton_metrics_url": settings.triton_metrics_url,
            "triton_inference_key": settings.triton_inference_key, "workers": str(settings.worker_count()),
-           "log_format": settings.log_format}
+           "log_format": settings.log_format, "triton_control_key": settings.triton_control_key,
+           "allow_runtime_lora_updating": str(settings.allow_runtime_lora_updating).lower()}
     if settings.api_key:  # --api-key; without it $ADAPTER_API_KEY passes through as it is
         own["api_key"] = settings.api_key
     env = {key: value for key, value in environ.items() if key not in (CONTROL_KEY_ENV, INFERENCE_KEY_ENV)}

@@ -99,6 +99,17 @@ def triton_environment(environ: dict[str, str], ld_library_path: str) -> dict[st
 # The server
 
 
+def started_first(pids: set[int], count: int) -> set[int]:
+    """The ``count`` of ``pids`` that started first (all of them when ``count`` is 0)."""
+    def start_ticks(pid: int) -> float:
+        try:  # /proc/<pid>/stat: field 22 (starttime) is the 20th after the parenthesised command
+            return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19])
+        except (OSError, IndexError, ValueError):
+            return float("inf")
+
+    return set(sorted(pids, key=start_ticks)[:count or len(pids)])
+
+
 @dataclass
 class TritonServer:
     """A supervised ``tritonserver`` process.
@@ -241,7 +252,9 @@ class TritonServer:
                 continue  # ours all alive (or the model is unloaded and stays so)
             if not tracked & running:
                 if running:  # new stubs only: a holder of the control key loaded the model (again)
-                    self._track(model, running)
+                    # Another load may be under way beside the version now serving (a runtime LoRA update right after
+                    # one), and may yet fail: keep as many stubs as were tracked, those that started first.
+                    self._track(model, started_first(running, len(tracked)))
                     continue
             state = self._state(model)
             if state[0] in ("LOADING", "UNLOADING"):

@@ -175,7 +175,7 @@ def test_docs_model_table_marks_lora_and_fp8_where_the_code_refuses_them():
     fallback say `no` for FP8 too; every mark is one the legend above the table defines."""
     from pathlib import Path
 
-    from poolserve_runtime.implementations import DebertaV2Family
+    from poolserve_runtime.implementations import DebertaV2Family, Family
 
     models_doc = (Path(__file__).resolve().parents[2] / "docs" / "models.md").read_text()
     table = models_doc.split("<!-- model-table:start -->")[1].split("<!-- model-table:end -->")[0]
@@ -186,7 +186,11 @@ def test_docs_model_table_marks_lora_and_fp8_where_the_code_refuses_them():
     for family in (*families.all_families(), families.GENERIC):
         lora, fp8 = rows[family.folder][lora_column].strip(), rows[family.folder][fp8_column].strip()
         assert lora in ("yes", "yes (untested)", "no") and fp8 in ("load + ckpt", "load", "no"), family.folder
-        if family.vision or family is families.GENERIC or isinstance(family, DebertaV2Family):
+        if family.vision or family is families.GENERIC or isinstance(family, DebertaV2Family) or \
+                family.name.startswith("deberta_v2"):
             assert lora == "no", family.folder
-        if family.vision or family is families.GENERIC:
-            assert fp8 == "no", family.folder
+        # FP8 checkpoints (and dummy weights) need the family's model built empty: the auto-class loader, or a
+        # build_empty of the family's own (PackedEngine.load refuses vision and generic before anything).
+        streamed = type(family).load is Family.load or type(family).build_empty is not Family.build_empty
+        expected = "no" if family.vision or family is families.GENERIC else "load + ckpt" if streamed else "load"
+        assert fp8 == expected, family.folder

@@ -60,7 +60,7 @@ def test_declared_fields_win_over_the_completed_ones():
     complete_config(config, "classify", False)
     assert config["max_batch_size"] == 8 and "dynamic_batching" not in config
     assert config["input"][0] == {"name": "input_ids", "data_type": "TYPE_INT64", "dims": [-1]}
-    assert [i["name"] for i in config["input"]] == ["input_ids", "attention_mask", "sequence_lengths", "lora_ids"]
+    assert [i["name"] for i in config["input"]] == ["input_ids", "attention_mask", "sequence_lengths", "lora_names"]
 
 
 def test_run_repository_links_the_source_folder(tmp_path):

@@ -1,6 +1,7 @@
 """Multi-LoRA on the adapter's side: each adapter served as its own model name (vLLM), listed in /v1/models with
-its base as parent, chosen by ``model`` or SGLang's ``lora_path``, and sent to Triton as ``lora_ids`` (one
-INT32 per sequence, ``[n, 1]``) beside the base model's Triton name.
+its base as parent, chosen by ``model`` or SGLang's ``lora_path``, and sent to Triton by name as ``lora_names``
+(one UTF-8 name per sequence, zero-padded: UINT8 ``[n, width]``, zeros the base model) beside the base model's Triton name; an adapter
+the Triton model no longer holds is vLLM's 404 for that name.
 
 The app is the real one over the real :class:`TritonGateway`; only the gRPC client under it is faked, so what
 these tests read is exactly the inputs the gateway builds for Triton.
@@ -12,16 +13,27 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from tritonclient.utils import InferenceServerException
 
 from poolserve_adapter.registry import ModelRegistry, ServedModel
 from poolserve_adapter.tokenization import TextEncoder
 from poolserve_adapter.triton_gateway import TritonGateway
-from poolserve_contract.wire import LORA_IDS_INPUT
+from poolserve_contract.wire import LORA_NAMES_INPUT, LORA_NOT_LOADED
 from tests.support.fake_triton import app_over
 
 TEXT = "paris is the capital of france"
 ADAPTERS = (("alpha", "/adapters/alpha"), ("beta", "/adapters/beta"))
-TRITON_TYPES = {"INT32": np.int32, "INT64": np.int64, "FP32": np.float32}
+TRITON_TYPES = {"UINT8": np.uint8, "INT32": np.int32, "INT64": np.int64, "FP32": np.float32}
+
+
+def as_array(tensor) -> np.ndarray:
+    """An InferInput's data as the array it was made from."""
+    return np.frombuffer(tensor._raw_content, TRITON_TYPES[tensor.datatype()]).reshape(tensor.shape())
+
+
+def decoded_names(rows: np.ndarray) -> list[str]:
+    """A lora_names input's rows as the names they spell ("" the base model)."""
+    return [bytes(row).rstrip(b"\0").decode() for row in rows]
 
 
 class RecordingTritonClient:
@@ -30,10 +42,14 @@ class RecordingTritonClient:
 
     def __init__(self):
         self.calls: list[dict] = []
+        self.held: dict[str, set[str]] | None = None  # Triton model -> the adapters it holds (None: any name)
 
     async def infer(self, model_name, inputs, outputs=None, client_timeout=None, timeout=None, headers=None):
-        arrays = {tensor.name(): np.frombuffer(tensor._raw_content, TRITON_TYPES[tensor.datatype()]).reshape(
-            tensor.shape()) for tensor in inputs}
+        arrays = {tensor.name(): as_array(tensor) for tensor in inputs}
+        for name in decoded_names(arrays.get(LORA_NAMES_INPUT, np.zeros((0, 1), np.uint8))):
+            if name and self.held is not None and name not in self.held.get(model_name, set()):
+                raise InferenceServerException(LORA_NOT_LOADED.format(name=name, model=model_name),
+                                               status="StatusCode.NOT_FOUND")
         self.calls.append({"model": model_name, "inputs": arrays,
                            "types": {tensor.name(): tensor.datatype() for tensor in inputs}})
         rows = arrays["input_ids"].shape[0]
@@ -50,9 +66,9 @@ class RecordingTritonClient:
     async def close(self) -> None:
         pass
 
-    def lora_ids(self) -> list[list[int] | None]:
-        """Each call's lora_ids as a flat list, None where the call sent none."""
-        return [call["inputs"][LORA_IDS_INPUT][:, 0].tolist() if LORA_IDS_INPUT in call["inputs"] else None
+    def lora_names(self) -> list[list[str] | None]:
+        """Each call's lora_names as a flat list, None where the call sent none."""
+        return [decoded_names(call["inputs"][LORA_NAMES_INPUT]) if LORA_NAMES_INPUT in call["inputs"] else None
                 for call in self.calls]
 
 
@@ -89,37 +105,37 @@ def test_models_lists_each_adapter_with_its_base_as_parent(api):
     assert (one["id"], one["parent"], one["root"]) == ("alpha", "reranker", "/adapters/alpha")
 
 
-def test_a_request_naming_an_adapter_runs_the_base_triton_model_with_its_id(api):
+def test_a_request_naming_an_adapter_runs_the_base_triton_model_with_its_name(api):
     http, client = api
     response = http.post("/classify", json={"model": "beta", "input": [TEXT, "a", "b"]})
     assert response.status_code == 200 and response.json()["model"] == "beta"
     assert {call["model"] for call in client.calls} == {"reranker_triton"}
-    assert client.lora_ids() == [[2, 2], [2]]  # max_rows 2: each Triton request carries its rows' ids
-    assert all(call["types"][LORA_IDS_INPUT] == "INT32" and call["inputs"][LORA_IDS_INPUT].ndim == 2
+    assert client.lora_names() == [["beta", "beta"], ["beta"]]  # max_rows 2: each Triton request its rows' names
+    assert all(call["types"][LORA_NAMES_INPUT] == "UINT8" and call["inputs"][LORA_NAMES_INPUT].shape[1] == len("beta")
                for call in client.calls)
 
 
-def test_the_base_model_of_adapters_is_sent_zeros(api):
+def test_the_base_model_of_adapters_is_sent_empty_names(api):
     http, client = api
     assert http.post("/classify", json={"model": "reranker", "input": TEXT}).status_code == 200
-    assert [call["model"] for call in client.calls] == ["reranker_triton"] and client.lora_ids() == [[0]]
+    assert [call["model"] for call in client.calls] == ["reranker_triton"] and client.lora_names() == [[""]]
 
 
-def test_a_model_without_adapters_is_sent_no_lora_ids(api):
+def test_a_model_without_adapters_is_sent_no_lora_names(api):
     http, client = api
     assert http.post("/classify", json={"model": "plain", "input": [TEXT, "a", "b"]}).status_code == 200
-    assert client.lora_ids() == [None, None]
+    assert client.lora_names() == [None, None]
 
 
 def test_pair_scoring_and_embeddings_carry_the_adapter(api):
     http, client = api
     response = http.post("/rerank", json={"model": "alpha", "query": "q", "documents": ["d1", "d2", "d3"]})
     assert response.status_code == 200 and response.json()["model"] == "alpha"
-    assert client.lora_ids() == [[1, 1], [1]]
+    assert client.lora_names() == [["alpha", "alpha"], ["alpha"]]
     client.calls.clear()
     response = http.post("/v1/embeddings", json={"model": "gamma", "input": ["a", "b"]})
     assert response.status_code == 200, response.json()
-    assert [call["model"] for call in client.calls] == ["embedder_triton"] and client.lora_ids() == [[1, 1]]
+    assert [call["model"] for call in client.calls] == ["embedder_triton"] and client.lora_names() == [["gamma", "gamma"]]
 
 
 def test_unknown_model_name_is_vllms_404(api):
@@ -133,13 +149,13 @@ def test_unknown_model_name_is_vllms_404(api):
 def test_sglang_lora_path_picks_the_adapter_per_request_or_per_input(api):
     http, client = api
     native = http.post("/classify", json={"model": "reranker", "text": TEXT, "lora_path": "beta"})
-    assert native.status_code == 200 and client.lora_ids() == [[2]]
+    assert native.status_code == 200 and client.lora_names() == [["beta"]]
     client.calls.clear()
     batch = http.post("/classify", json={"model": "reranker", "text": ["a", "b", "c"], "lora_path": ["alpha", None, "beta"]})
-    assert batch.status_code == 200 and client.lora_ids() == [[1, 0], [2]]
+    assert batch.status_code == 200 and client.lora_names() == [["alpha", ""], ["beta"]]
     client.calls.clear()
     v1 = http.post("/v1/classify", json={"model": "reranker", "input": ["a", "b"], "lora_path": "alpha"})
-    assert v1.status_code == 200 and client.lora_ids() == [[1, 1]]
+    assert v1.status_code == 200 and client.lora_names() == [["alpha", "alpha"]]
 
 
 def test_sglang_unknown_lora_path_is_its_400_before_any_triton_call(api):
@@ -177,13 +193,27 @@ def test_the_served_model_learns_its_adapters_from_the_card(tmp_path):
     config = {"name": "tagger", "parameters": {"checkpoint": {"string_value": str(checkpoint)},
                                                MODEL_CARD: {"string_value": ModelCard.from_json(card.to_json()).to_json()}}}
     model = build_served_model("tagger", config, tmp_path)
-    assert model.lora_modules == ADAPTERS and model.lora_id == 0 and model.lora_ids(2).tolist() == [0, 0]
-    assert [(adapter.name, adapter.triton_model, adapter.lora_id, adapter.parent) for adapter in model.adapters()] == [
-        ("alpha", "tagger", 1, "tagger"), ("beta", "tagger", 2, "tagger")]
+    assert model.lora_modules == ADAPTERS and model.lora_names(2).tolist() == [[0], [0]]
+    assert [(adapter.name, adapter.triton_model, adapter.parent, decoded_names(adapter.lora_names(1)))
+            for adapter in model.adapters()] == [("alpha", "tagger", "tagger", ["alpha"]),
+                                                 ("beta", "tagger", "tagger", ["beta"])]
 
 
 def test_teis_routes_take_an_adapters_name_in_model(api):
     http, client = api
     response = http.post("/", json={"model": "beta", "query": "q", "texts": ["a", "b"]})
     assert response.status_code == 200, response.json()
-    assert [call["model"] for call in client.calls] == ["reranker_triton"] and client.lora_ids() == [[2, 2]]
+    assert [call["model"] for call in client.calls] == ["reranker_triton"] and client.lora_names() == [["beta", "beta"]]
+
+
+def test_an_adapter_the_triton_model_no_longer_holds_is_vllms_404(api):
+    """Unloaded through another adapter worker, which this one has not learned yet: the runtime's NOT_FOUND for the
+    name becomes vLLM's 404 for a model that does not exist; the base and the other adapters still serve."""
+    http, client = api
+    client.held = {"reranker_triton": {"alpha"}}
+    response = http.post("/classify", json={"model": "beta", "input": TEXT})
+    assert response.status_code == 404
+    assert response.json()["error"] == {"message": "The model `beta` does not exist.", "type": "NotFoundError",
+                                        "param": None, "code": 404}
+    assert http.post("/classify", json={"model": "alpha", "input": TEXT}).status_code == 200
+    assert http.post("/classify", json={"model": "reranker", "input": TEXT}).status_code == 200

@@ -1,7 +1,8 @@
 """Multi-LoRA in the packed engine (fp32, CPU): one batch mixing the base model and three PEFT adapters
 of ranks 4, 8 and 16 (one with its own classifier/score head) scores each sequence as the PEFT-merged
-model of its adapter does; adapters that do not fit are refused by name; lora_ids are checked per request;
-the lora_modules parameter is parsed and checked."""
+model of its adapter does; adapters that do not fit are refused by name; the adapter names each request sends
+(lora_names) are checked per request, a name the model does not hold failing its request alone; the
+lora_modules parameter is parsed and checked."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from poolserve_contract.parameters import ModelParameters, check_lora_folders
 from poolserve_runtime import families
 from poolserve_runtime.engine import PackedEngine
 from poolserve_runtime.lora import LoraError
-from poolserve_runtime.packing import InvalidRequest, PackedBatch, RequestSequences, read_lora_ids
+from poolserve_runtime.packing import InvalidRequest, LoraNotLoaded, PackedBatch, RequestSequences, read_lora_names
 from poolserve_runtime.settings import ModelSettings
 from tests.support.tiny_models import build_checkpoint
 
@@ -73,6 +74,21 @@ def engine(kind, checkpoint, adapters, attention="padded"):
     return PackedEngine.load(family, settings)
 
 
+def names_input(names: list[str], flat: bool = False) -> torch.Tensor:
+    """The lora_names input of sequences on adapters ``names`` ("" the base): UTF-8 rows zero-padded to one width,
+    ``[n, width]`` (``flat``: ``[1, n * width]``)."""
+    width = max([1, *(len(name.encode()) for name in names)])
+    rows = torch.zeros(len(names), width, dtype=torch.uint8)
+    for row, name in zip(rows, names):
+        row[:len(name.encode())] = torch.tensor(list(name.encode()), dtype=torch.uint8)
+    return rows.reshape(1, -1) if flat else rows
+
+
+def lora_names(ids) -> torch.Tensor:
+    """The lora_names input of sequences on adapters ``ids`` (0: the base; i: adapter{i}, as engine() names them)."""
+    return names_input([f"adapter{i}" if i else "" for i in ids])
+
+
 def merged_logits(checkpoint, adapter, rows):
     """Each row's logits from HF's forward of the base, or of the PEFT-merged model of ``adapter``."""
     model = load_base(checkpoint)
@@ -91,8 +107,8 @@ def test_mixed_batch_matches_the_merged_models(served, attention):
     ids = [0, 1, 2, 3, 2, 0, 3, 1, 1]  # interleaved: base, every adapter, neighbours of one adapter
     rows = [torch.randint(5, lora.limits.vocab_size, (length,), generator=generator) for length in lengths]
     split = 4  # two requests: the adapters cross the request boundary
-    requests = [read_lora_ids(torch.tensor([ids[part]], dtype=torch.int32).T,
-                              RequestSequences(torch.cat(rows[part]), torch.tensor(lengths[part]), None), len(adapters))
+    requests = [read_lora_names(lora_names(ids[part]), RequestSequences(torch.cat(rows[part]), torch.tensor(lengths[part]),
+                                                                       None), lora.lora.ids_by_name, kind)
                 for part in (slice(0, split), slice(split, None))]
     got = lora.run(PackedBatch.pack(requests))["logits"]
     for adapter_id in range(len(adapters) + 1):
@@ -153,24 +169,26 @@ def sequences(count):
     return RequestSequences(torch.arange(1, count + 1), torch.ones(count, dtype=torch.int64), None)
 
 
-def test_lora_ids_are_checked_per_request():
-    padded = read_lora_ids(torch.tensor([[0], [2], [1]], dtype=torch.int32), sequences(3), adapters=2)
+def test_lora_names_are_checked_per_request():
+    held = {"alpha": 1, "beta": 2}
+    padded = read_lora_names(names_input(["", "beta", "alpha"]), sequences(3), held, "m")
     assert padded.lora_ids.tolist() == [0, 2, 1]
-    flat = read_lora_ids(torch.tensor([[1, 0]], dtype=torch.int32), sequences(2), adapters=1)
+    flat = read_lora_names(names_input(["alpha", ""], flat=True), sequences(2), {"alpha": 1}, "m")
     assert flat.lora_ids.tolist() == [1, 0]
-    assert read_lora_ids(torch.zeros(1, 2, dtype=torch.int32), sequences(2), adapters=1).lora_ids is None
-    assert read_lora_ids(None, sequences(2), adapters=1).lora_ids is None
-    with pytest.raises(InvalidRequest, match=r"lora id 3 is not served \(0 is the base model, 1 to 2"):
-        read_lora_ids(torch.tensor([[0], [3]], dtype=torch.int32), sequences(2), adapters=2)
-    with pytest.raises(InvalidRequest, match="the model serves no LoRA adapter"):
-        read_lora_ids(torch.tensor([[1]], dtype=torch.int32), sequences(1), adapters=0)
-    with pytest.raises(InvalidRequest, match="lora id -1"):
-        read_lora_ids(torch.tensor([[-1]], dtype=torch.int32), sequences(1), adapters=2)
-    with pytest.raises(InvalidRequest, match=r"one id per sequence \(3\)"):
-        read_lora_ids(torch.tensor([[0, 1]], dtype=torch.int32), sequences(3), adapters=2)
-    with pytest.raises(InvalidRequest, match="INT32"):
-        read_lora_ids(torch.tensor([[0]]), sequences(1), adapters=2)
-    # Requests without ids pack as the base model beside those with them.
+    assert read_lora_names(names_input(["", ""]), sequences(2), held, "m").lora_ids is None
+    assert read_lora_names(None, sequences(2), held, "m").lora_ids is None
+    with pytest.raises(LoraNotLoaded, match=r"^LoRA adapter 'gamma' is not loaded on model 'm'$"):
+        read_lora_names(names_input(["", "gamma"]), sequences(2), held, "m")
+    with pytest.raises(LoraNotLoaded, match="'alpha' is not loaded on model 'plain'"):
+        read_lora_names(names_input(["alpha"]), sequences(1), {}, "plain")
+    for shape in ([2, 5], [1, 7], [3], [3, 0]):  # rows for another count; a flat row that does not divide; not 2-D
+        with pytest.raises(InvalidRequest, match=r"one zero-padded name per sequence \(3\)"):
+            read_lora_names(torch.zeros(shape, dtype=torch.uint8), sequences(3), held, "m")
+    with pytest.raises(InvalidRequest, match="UINT8"):
+        read_lora_names(torch.zeros(1, 1, dtype=torch.int32), sequences(1), held, "m")
+    with pytest.raises(InvalidRequest, match="UTF-8"):
+        read_lora_names(torch.tensor([[0xFF]], dtype=torch.uint8), sequences(1), held, "m")
+    # Requests without names pack as the base model beside those with them.
     batch = PackedBatch.pack([sequences(2), flat])
     assert batch.lora_ids.tolist() == [0, 0, 1, 0]
     assert PackedBatch.pack([sequences(2)]).lora_ids is None
@@ -200,12 +218,13 @@ def test_the_card_names_the_adapters_and_old_cards_parse():
     assert ModelCard.from_json(json.dumps(old)).lora_modules == ()
 
 
-def test_an_unserved_lora_id_fails_its_request_alone(served, monkeypatch):
-    """PackedTritonModel.execute (the stub's module faked): the request naming an adapter the model does
-    not serve gets INVALID_ARG; the others are scored with their adapters."""
+def test_an_adapter_the_model_does_not_hold_fails_its_request_alone(served, monkeypatch):
+    """PackedTritonModel.execute (the stub's module faked): the request naming an adapter the model does not hold
+    gets NOT_FOUND with the runtime's message (the adapter answers it as a 404); the others are scored with their
+    adapters."""
     kind, checkpoint, adapters = served
     utils = types.ModuleType("triton_python_backend_utils")
-    utils.TritonError = type("TritonError", (), {"INVALID_ARG": "INVALID_ARG", "INTERNAL": "INTERNAL",
+    utils.TritonError = type("TritonError", (), {"INVALID_ARG": "INVALID_ARG", "INTERNAL": "INTERNAL", "NOT_FOUND": "NOT_FOUND",
                                                  "__init__": lambda self, message, code: setattr(self, "args", (message, code))})
     utils.InferenceResponse = lambda output_tensors=None, error=None: types.SimpleNamespace(outputs=output_tensors,
                                                                                            error=error)
@@ -218,17 +237,16 @@ def test_an_unserved_lora_id_fails_its_request_alone(served, monkeypatch):
     model.family = MODELS[kind][0]
     model.engine = engine(kind, checkpoint, adapters)
 
-    def request(ids, lora_ids):
-        tensors = {"input_ids": torch.tensor(ids), "lora_ids": torch.tensor(lora_ids, dtype=torch.int32)}
-        return types.SimpleNamespace(inputs={name: types.SimpleNamespace(to_dlpack=lambda t=t: t)
-                                             for name, t in tensors.items()},
-                                     is_cancelled=lambda: False, requested_output_names=lambda: ["logits"])
+    def request(ids, names):
+        tensors = {"input_ids": torch.tensor(ids), "lora_names": names_input(names)}
+        inputs = {name: types.SimpleNamespace(to_dlpack=lambda t=t: t) for name, t in tensors.items()}
+        return types.SimpleNamespace(inputs=inputs, is_cancelled=lambda: False, requested_output_names=lambda: ["logits"])
 
     rows = [[5, 6, 7, 8], [9, 10, 11, 12]]
-    responses = model.execute([request(rows, [[1], [3]]), request(rows, [[0], [4]]), request(rows, [[2], [0]])])
+    responses = model.execute([request(rows, ["adapter1", "adapter3"]), request(rows, ["", "adapter4"]),
+                               request(rows, ["adapter2", ""])])
     sys.modules.pop("poolserve_runtime.triton_model", None)
-    assert responses[1].error.args == ("lora id 4 is not served (0 is the base model, 1 to 3 the model's LoRA "
-                                       "adapters)", "INVALID_ARG")
+    assert responses[1].error.args == (f"LoRA adapter 'adapter4' is not loaded on model '{kind}'", "NOT_FOUND")
     for response, ids in ((responses[0], (1, 3)), (responses[2], (2, 0))):
         assert response.error is None
         (name, logits), = response.outputs

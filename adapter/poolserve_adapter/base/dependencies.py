@@ -17,6 +17,9 @@ from poolserve_adapter.triton_gateway import TritonGateway
 
 
 async def get_registry(request: Request) -> ModelRegistry:
+    updates = getattr(request.app.state, "lora_updates", None)
+    if updates is not None:  # runtime LoRA updates on: another worker's update first (one stat when none)
+        await updates.catch_up()
     return request.app.state.registry
 
 

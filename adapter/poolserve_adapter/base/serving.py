@@ -82,13 +82,13 @@ def check_context_length(model: ServedModel, encoded: Encoded) -> None:
 
 
 async def infer_on(gateway: TritonGateway, model: ServedModel, encoded: Encoded, outputs: tuple[str, ...],
-                   lora_ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Every Triton call of the endpoints: ``encoded`` run on ``model``'s Triton model, with the ``lora_ids``
-    of the adapter the request named (``lora_ids``: one per sequence where a request names several, as
+                   lora_names: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Every Triton call of the endpoints: ``encoded`` run on ``model``'s Triton model, with the ``lora_names``
+    of the adapter the request named (``lora_names``: one per sequence where a request names several, as
     SGLang's ``lora_path`` list does)."""
-    if lora_ids is None:
-        lora_ids = model.lora_ids(encoded.num_sequences)
-    return await gateway.infer(model.triton_model, encoded, outputs, lora_ids)
+    if lora_names is None:
+        lora_names = model.lora_names(encoded.num_sequences)
+    return await gateway.infer(model.triton_model, encoded, outputs, lora_names)
 
 
 class Serving(ABC, Generic[RequestT]):

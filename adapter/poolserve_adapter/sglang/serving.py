@@ -77,8 +77,8 @@ def check_matryoshka(model: ServedModel, dimensions: int | None) -> None:
         raise BadRequestError(f"Provided dimensions are greater than max embedding dimension: {model.embedding_size}")
 
 
-def lora_path_ids(model: ServedModel, lora_path: str | list[str | None] | None, count: int) -> np.ndarray | None:
-    """SGLang's ``lora_path`` over ``count`` inputs as their lora ids: one adapter name for all, or one per
+def lora_path_names(model: ServedModel, lora_path: str | list[str | None] | None, count: int) -> np.ndarray | None:
+    """SGLang's ``lora_path`` over ``count`` inputs as their adapters' names: one adapter name for all, or one per
     input (None: the base model); None when the request names none (the model's own then)."""
     if lora_path is None:
         return None
@@ -86,13 +86,13 @@ def lora_path_ids(model: ServedModel, lora_path: str | list[str | None] | None, 
     if len(names) != count:
         raise BadRequestError(f"lora_path names {len(names)} adapters for {count} inputs: give one name, or one "
                               "per input")
-    return model.adapter_ids(names)
+    return model.adapter_names(names)
 
 
 async def infer_with_lora_path(ctx: ServeContext, lora_path, output: str) -> np.ndarray:
     """The endpoint's output, each input run on the adapter ``lora_path`` gives it (else the resolved model)."""
-    lora_ids = lora_path_ids(ctx.model, lora_path, ctx.encoded.num_sequences)
-    return (await infer_on(ctx.gateway, ctx.model, ctx.encoded, (output,), lora_ids))[output]
+    lora_names = lora_path_names(ctx.model, lora_path, ctx.encoded.num_sequences)
+    return (await infer_on(ctx.gateway, ctx.model, ctx.encoded, (output,), lora_names))[output]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -123,7 +123,7 @@ class ServingClassifyV1(Serving[ClassifyRequest]):
                     raise BadRequestError(f"Input at index {index} cannot be empty or whitespace only")
                 if isinstance(item, int) and item < 0:
                     raise BadRequestError(f"Token ID at index {index} must be non-negative")
-        lora_path_ids(ctx.model, ctx.request.lora_path, self.item_count(ctx.request))
+        lora_path_names(ctx.model, ctx.request.lora_path, self.item_count(ctx.request))
 
     def item_count(self, request: ClassifyRequest) -> int:
         value = request.input
@@ -248,7 +248,7 @@ class ServingNativeClassify(Serving[NativeEncodeRequest]):
         elif not prompts or any(not ids for ids in prompts):
             raise BadRequestError("input_ids cannot be empty")
         check_matryoshka(ctx.model, request.dimensions)
-        lora_path_ids(ctx.model, request.lora_path, len(prompts))
+        lora_path_names(ctx.model, request.lora_path, len(prompts))
 
     def item_count(self, request: NativeEncodeRequest) -> int:
         return len(self.prompts(request))
