@@ -113,12 +113,14 @@ bench: $(INSTALLED)
 		$(PY) -m poolserve_bench.bench_systems --out benchmarks/results --instance-counts 1 2 --commit $$(git rev-parse --short HEAD) && \
 		$(PY) -m poolserve_bench.profile_stack --out benchmarks/results --models ms-marco-MiniLM-L6 bge-reranker-v2-m3 --instance-counts 1 2 --commit $$(git rev-parse --short HEAD) && \
 		$(PY) -m poolserve_bench.bench_llm_rerankers --out benchmarks/results --pin-cpus --commit $$(git rev-parse --short HEAD) && \
-		$(PY) -m poolserve_bench.bench_reliability --out benchmarks/results --name h200 --random-checkpoints --commit $$(git rev-parse --short HEAD); \
+		$(PY) -m poolserve_bench.bench_reliability --out benchmarks/results --name h200 --random-checkpoints --commit $$(git rev-parse --short HEAD) && \
+		$(PY) -m poolserve_bench.bench_lora_fp8 --out benchmarks/results --commit $$(git rev-parse --short HEAD); \
 	else \
 		$(PY) -m poolserve_bench.bench_engine --smoke --out .cache/bench-smoke && \
 		$(PY) -m poolserve_bench.bench_systems --smoke --out .cache/bench-smoke && \
 		$(PY) -m poolserve_bench.bench_llm_rerankers --smoke --out .cache/bench-smoke && \
-		$(PY) -m poolserve_bench.bench_reliability --smoke --out .cache/bench-smoke; \
+		$(PY) -m poolserve_bench.bench_reliability --smoke --out .cache/bench-smoke && \
+		$(PY) -m poolserve_bench.bench_lora_fp8 --smoke --out .cache/bench-smoke; \
 	fi
 
 # Docker on a host that reaches no image registry: the compose images built on a local Debian base

@@ -38,3 +38,20 @@ def test_embeddings_benchmark_smoke(tmp_path):
     assert all(r.get("texts_per_s", r.get("documents_per_s")) > 0 and r["refused"] == 0 for r in rows)
     assert all("maxsim_overhead_pct" in r for r in rows if r["system"] == "http_rerank")
     assert (tmp_path / "embeddings.csv").exists()
+
+
+def test_lora_fp8_benchmark_smoke(tmp_path):
+    """Serves dummy-weight models from a config alone: a base beside the same base with 8 PEFT adapters mixed per
+    request, bf16 beside FP8 with their parity rows, and the 72B reward model's family in FP8."""
+    from poolserve_bench import bench_lora_fp8
+
+    rows = bench_lora_fp8.main(["--smoke", "--out", str(tmp_path), "--work", str(tmp_path / "work")])
+    levels = [r for r in rows if "concurrency" in r]
+    assert {(r["model"], r["system"]) for r in levels} == {
+        ("Qwen3-Reranker-0.6B", "base_alone"), ("Qwen3-Reranker-0.6B", "lora_mixed"),
+        ("Qwen3-Reranker-0.6B", "bf16"), ("Qwen3-Reranker-0.6B", "fp8"), ("Qwen2.5-Math-RM-72B", "fp8")}
+    assert all(r["refused"] == 0 and r["requests"] > 0 for r in levels)
+    parity = [r for r in rows if r["system"] == "fp8_vs_bf16"]
+    assert [r["model"] for r in parity] == ["Qwen3-Reranker-0.6B", "Qwen2.5-Math-RM-72B"]
+    assert all(r["spearman"] > 0.9 and r["max_abs_diff"] < 0.1 for r in parity)
+    assert (tmp_path / "lora_fp8.csv").exists()
