@@ -241,6 +241,8 @@ def bench_lora(args, meta, work: Path) -> list[dict]:
 def bench_fp8(args, meta, work: Path) -> list[dict]:
     shapes = {"Qwen3-Reranker-0.6B": SMOKE["0.6B"]} if args.smoke else {
         "Qwen3-Reranker-0.6B": QWEN3_0_6B, "Qwen3-8B-classifier": QWEN3_8B}
+    if args.fp8_models:
+        shapes = {model: shapes[model] for model in args.fp8_models}
     rows = []
     for model, config in shapes.items():
         checkpoint = write_config_folder(config, work / model)
@@ -298,6 +300,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--name", default="lora_fp8")
     parser.add_argument("--commit", default="unknown")
     parser.add_argument("--parts", nargs="*", default=["lora", "fp8", "rm72b"])
+    parser.add_argument("--fp8-models", nargs="*", default=[], help="the fp8 part's shapes, in this order (default: all)")
     parser.add_argument("--concurrency", type=int, nargs="*", default=[16, 64])
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--requests", type=int, default=48, help="request bound of one concurrency level")

@@ -36,13 +36,13 @@ def _per_token_quant_kernel(x_ptr, q_ptr, scale_ptr, features, x_row_stride, q_r
         mask = start + offsets < features
         values = tl.load(x_row + start + offsets, mask=mask, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(values))
-    scale = tl.maximum(tl.max(amax, axis=0) / FP8_MAX_VALUE, MIN_SCALE_VALUE)
+    # div_rn: IEEE division, as torch divides (Triton's "/" on fp32 is an approximate division).
+    scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), FP8_MAX_VALUE), MIN_SCALE_VALUE)
     tl.store(scale_ptr + row, scale)
 
     for start in range(0, features, BLOCK_SIZE):
         mask = start + offsets < features
         values = tl.load(x_row + start + offsets, mask=mask, other=0.0).to(tl.float32)
-        # div_rn: IEEE division, as torch divides (Triton's "/" on fp32 is an approximate division).
         scaled = tl.minimum(tl.maximum(tl.math.div_rn(values, scale), -FP8_MAX_VALUE), FP8_MAX_VALUE)
         # Rounded to the e4m3 grid here, to nearest with ties to even, so that the cast below is exact and the
         # result is torch's bit for bit wherever the kernel runs (Triton's CPU interpreter casts a value just
