@@ -173,6 +173,11 @@ def level_row(meta, model, workload, system, concurrency, result, count_name="pa
     return row
 
 
+def keep(args, rows: list[dict]) -> None:
+    """The part's rows so far, written after each measurement: a run cut short keeps what it measured."""
+    write_csv(args.out / f"{args.name}.csv", rows)
+
+
 def measure(url: str, make_body, levels, args, count=lambda body: len(body["documents"])):
     for concurrency in levels:
         yield concurrency, asyncio.run(closed_loop(url, make_body, concurrency, args.seconds,
@@ -235,6 +240,7 @@ def bench_lora(args, meta, work: Path) -> list[dict]:
                 rows.append(level_row(meta, model, "rerank64", system, concurrency, result))
                 rows[-1]["adapters"] = LORA_ADAPTERS if system == "lora_mixed" else 0
                 rows[-1]["lora_rank"] = LORA_RANK if system == "lora_mixed" else ""
+                keep(args, rows)
     return rows
 
 
@@ -258,10 +264,12 @@ def bench_fp8(args, meta, work: Path) -> list[dict]:
             reference, fp8 = (asyncio.run(scores_of(url, [{**body, "model": name} for body in bodies], "rerank"))
                               for name in served)
             rows.append(parity_row(meta, model, reference, fp8, "whole model"))
+            keep(args, rows)
             for concurrency in args.concurrency:
                 for name in served:
                     (_, result), = measure(url, lambda name=name: rerank_body(rng, name), [concurrency], args)
                     rows.append(level_row(meta, model, "rerank64", name.rsplit("-", 1)[1], concurrency, result))
+                    keep(args, rows)
     return rows
 
 
