@@ -36,13 +36,15 @@ def _per_token_quant_kernel(x_ptr, q_ptr, scale_ptr, features, x_row_stride, q_r
         mask = start + offsets < features
         values = tl.load(x_row + start + offsets, mask=mask, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(values))
-    # div_rn: IEEE division, as torch divides (Triton's "/" on fp32 is an approximate division).
-    scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), FP8_MAX_VALUE), MIN_SCALE_VALUE)
+    # "/" by the constant, as torch divides a tensor by a Python number (measured equal bit for bit on an H100;
+    # div_rn here was not, one ulp apart).
+    scale = tl.maximum(tl.max(amax, axis=0) / FP8_MAX_VALUE, MIN_SCALE_VALUE)
     tl.store(scale_ptr + row, scale)
 
     for start in range(0, features, BLOCK_SIZE):
         mask = start + offsets < features
         values = tl.load(x_row + start + offsets, mask=mask, other=0.0).to(tl.float32)
+        # div_rn: IEEE division, as torch divides by a tensor (Triton's "/" on fp32 tensors is approximate).
         scaled = tl.minimum(tl.maximum(tl.math.div_rn(values, scale), -FP8_MAX_VALUE), FP8_MAX_VALUE)
         # Rounded to the e4m3 grid here, to nearest with ties to even, so that the cast below is exact and the
         # result is torch's bit for bit wherever the kernel runs (Triton's CPU interpreter casts a value just
@@ -51,7 +53,9 @@ def _per_token_quant_kernel(x_ptr, q_ptr, scale_ptr, features, x_row_stride, q_r
         bits = scaled.to(tl.int32, bitcast=True)
         normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
         magnitude = (tl.abs(scaled) + 16384.0) - 16384.0
-        subnormal = tl.where(scaled < 0, -magnitude, magnitude)  # the sign kept on a zero too, as torch's -0.0
+        # The sign put back as a bit, so that a negative value rounded to zero is -0.0 as torch's (a negation
+        # compiles to 0 - x on the GPU, which is +0.0).
+        subnormal = (magnitude.to(tl.int32, bitcast=True) | (bits & -0x80000000)).to(tl.float32, bitcast=True)
         rounded = tl.where(tl.abs(scaled) < 0.015625, subnormal, normal)
         tl.store(q_row + start + offsets, rounded.to(q_ptr.dtype.element_ty), mask=mask)
 

@@ -14,7 +14,7 @@ from poolserve_runtime import families
 from poolserve_runtime.engine import PackedEngine
 from poolserve_runtime.packing import PackedBatch, RequestSequences, read_lora_names
 from poolserve_runtime.settings import ModelSettings
-from tests.support.tiny_models import build_checkpoint
+from tests.support.tiny_models import build_gpu_qwen3
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -54,7 +54,7 @@ def served(tmp_path_factory):
     import transformers
 
     root = tmp_path_factory.mktemp("lora_gpu")
-    checkpoint = build_checkpoint("qwen3", root / "base")
+    checkpoint = build_gpu_qwen3(root / "base")
     base = transformers.AutoModelForSequenceClassification.from_pretrained(checkpoint)
     adapters = tuple((f"adapter{slot + 1}", write_adapter(base, root / f"rank{rank}", rank, slot + 1, head=slot == 1))
                      for slot, rank in enumerate(RANKS))

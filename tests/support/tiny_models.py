@@ -236,6 +236,22 @@ def _decoder_model(tf, kind: str, common: dict):
     raise ValueError(kind)
 
 
+def build_gpu_qwen3(directory: Path, seed: int = 0) -> Path:
+    """A small Qwen3 classifier whose sizes the GPU kernels take: flash-attention's head size (a multiple of 8) and
+    the FP8 GEMMs' feature sizes (multiples of 16), which the tiny checkpoints above (head_dim 12) do not meet."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = byte_level_tokenizer(directory)
+    config = tf.Qwen3Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                            eos_token_id=tokenizer.eos_token_id, hidden_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=32, intermediate_size=256,
+                            max_position_embeddings=1024, initializer_range=0.05, num_labels=1,
+                            tie_word_embeddings=False)
+    return _save(tf.Qwen3ForSequenceClassification(config), tokenizer, directory)
+
+
 # Model folder in model_repository/ → tiny checkpoint kind.
 MODEL_FOLDERS = {
     "bert_classifier": "bert",
