@@ -261,3 +261,43 @@ def test_parameters():
         ModelParameters.from_mapping({"load_format": "pt"})
     with pytest.raises(ValueError, match="lora_modules cannot be combined with quantization=fp8"):
         ModelParameters.from_mapping({"quantization": "fp8", "lora_modules": "a=/tmp/a"})
+
+
+STREAMED_BUILD = """
+import json, resource, sys, torch
+from transformers import AutoConfig
+from poolserve_runtime import families
+from poolserve_runtime.weights import weight_plan
+folder = sys.argv[1]
+config = AutoConfig.from_pretrained(folder)
+plan = weight_plan(json.load(open(folder + "/config.json")), "fp8", "dummy")
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+model = families.QWEN3.load_streamed(folder, config, plan, torch.bfloat16, torch.device("cpu"), "sdpa")
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+print(json.dumps({"peak_kib": peak, "held_bytes": held}))
+"""
+
+
+def test_fp8_dummy_build_never_holds_the_bf16_model(tmp_path):
+    """The 72B reward model fits one H200 only if its bf16 weights (145 GB) never exist whole: a model built with
+    load_format=dummy and quantization=fp8 peaks near its FP8 size, not its bf16 size (measured in a fresh process
+    on a ~400M-parameter Qwen3 shape: 0.8 GB in bf16, 0.4 GB in FP8)."""
+    import os
+    import subprocess
+    import sys
+
+    config = dict(model_type="qwen3", architectures=["Qwen3ForSequenceClassification"], vocab_size=1024,
+                  hidden_size=1024, num_hidden_layers=24, num_attention_heads=8, num_key_value_heads=8, head_dim=128,
+                  intermediate_size=4096, num_labels=1, pad_token_id=0)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    # A fixed mmap threshold: glibc otherwise raises it to the size of the freed per-tensor temporaries and keeps
+    # them in its heap, so the process's peak would count memory it has already freed (2.6 GB here instead of 0.5).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, "-c", STREAMED_BUILD, str(tmp_path)], capture_output=True, text=True,
+                         timeout=600, check=True, env=env).stdout
+    measured = json.loads(out.strip().splitlines()[-1])
+    linear_params = 24 * (4 * 1024 * 1024 + 3 * 1024 * 4096)
+    assert measured["held_bytes"] < 1.1 * linear_params  # one byte a weight (+ scales, norms, embeddings)
+    bf16_bytes = 2 * linear_params
+    assert measured["peak_kib"] * 1024 < 0.75 * bf16_bytes, measured
