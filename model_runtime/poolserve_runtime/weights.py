@@ -85,9 +85,12 @@ def weight_plan(raw_config: Mapping, quantization: str, load_format: str) -> Wei
     quantization_config = raw_config.get("quantization_config")
     fp8_checkpoint = parse_quantization_config(quantization_config) if quantization_config else None
     dummy = load_format == "dummy"
-    # Dummy weights are drawn in the model's dtype: an FP8 config quantises them as quantization=fp8 does.
-    return WeightPlan(fp8_checkpoint=None if dummy else fp8_checkpoint,
-                      quantize=quantization == "fp8" or (dummy and fp8_checkpoint is not None), dummy=dummy)
+    if dummy:  # drawn in the model's dtype: an FP8 config quantises them as quantization=fp8 does
+        return WeightPlan(fp8_checkpoint=None, quantize=quantization == "fp8" or fp8_checkpoint is not None, dummy=True)
+    # An FP8 checkpoint is served as its quantization_config says: the layers it leaves in high precision
+    # (its ignore list) stay so whatever quantization says.
+    return WeightPlan(fp8_checkpoint=fp8_checkpoint, quantize=quantization == "fp8" and fp8_checkpoint is None,
+                      dummy=False)
 
 
 class CheckpointTensors(Mapping):

@@ -239,6 +239,24 @@ def test_weight_plan():
         weight_plan({"quantization_config": {"quant_method": "gptq", "bits": 4}}, "none", "auto")
 
 
+def test_an_fp8_checkpoint_keeps_its_ignored_layers_whatever_quantization_says(qwen3, tmp_path):
+    write_fp8_checkpoint(qwen3, tmp_path / "fp8", "channel")
+    config = json.loads((tmp_path / "fp8" / "config.json").read_text())
+    config["quantization_config"]["ignore"] = ["score", "re:.*down_proj"]
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps(config))
+    from safetensors.torch import load_file
+
+    state = load_file(str(tmp_path / "fp8" / "model.safetensors"))
+    for name in [key for key in state if "down_proj" in key and key.endswith(".weight")]:
+        # stored in high precision, as llm-compressor writes an ignored layer
+        state[name] = state[name].float() * state.pop(f"{name}_scale")
+    save_file(state, str(tmp_path / "fp8" / "model.safetensors"))
+    plan = weight_plan(config, "fp8", "auto")
+    assert plan.fp8_checkpoint is not None and not plan.quantize
+    engine = engine_for(tmp_path / "fp8", quantization="fp8")
+    assert fp8_linears(engine.model) and not any("down_proj" in name for name in fp8_linears(engine.model))
+
+
 def test_families_that_load_their_own_way_refuse_streamed_weights(tmp_path):
     checkpoint = colbert_checkpoint(tmp_path / "colbert")
     with pytest.raises(WeightLoadError, match="loads its checkpoint its own way"):
