@@ -319,3 +319,22 @@ def test_fp8_dummy_build_never_holds_the_bf16_model(tmp_path):
     assert measured["held_bytes"] < 1.1 * linear_params  # one byte a weight (+ scales, norms, embeddings)
     bf16_bytes = 2 * linear_params
     assert measured["peak_kib"] * 1024 < 0.75 * bf16_bytes, measured
+
+
+def test_checkpoint_tensors_read_names_with_or_without_the_base_prefix(tmp_path):
+    """An embedder (AutoModel: ``encoder.…``) reads a checkpoint saved from its classifier (``bert.encoder.…``),
+    and the reverse; the folder's index names the shards."""
+    from poolserve_runtime.weights import CheckpointTensors
+
+    save_file({"bert.encoder.w": torch.ones(2)}, str(tmp_path / "a.safetensors"))
+    save_file({"classifier.weight": torch.zeros(3)}, str(tmp_path / "b.safetensors"))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "bert.encoder.w": "a.safetensors", "classifier.weight": "b.safetensors"}}))
+    tensors = CheckpointTensors(str(tmp_path), torch.device("cpu"), "bert")
+    assert torch.equal(tensors["encoder.w"], torch.ones(2)) and torch.equal(tensors["bert.encoder.w"], torch.ones(2))
+    assert "classifier.weight" in tensors and "bert.classifier.weight" in tensors and "missing" not in tensors
+    with pytest.raises(KeyError):
+        tensors["missing"]
+    (tmp_path / "model.safetensors.index.json").unlink()
+    with pytest.raises(WeightLoadError, match="safetensors"):
+        CheckpointTensors(str(tmp_path), torch.device("cpu"))
