@@ -289,6 +289,7 @@ def bench_rm72b(args, meta, work: Path) -> list[dict]:
                                                 "classify")) for name in (f"{model}-part-bf16", f"{model}-part-fp8"))
         layers = args.parity_layers if not args.smoke else 2
         rows.append(parity_row(meta, model, reference, fp8, f"first {layers} of {config['num_hidden_layers']} layers"))
+        keep(args, rows)
     with Stack({model: (checkpoint, {**dummy, "quantization": "fp8"})}, args, "rm72b") as stack:
         memory = gpu_memory_used_gib()
         rng = random.Random(5)
@@ -299,6 +300,7 @@ def bench_rm72b(args, meta, work: Path) -> list[dict]:
                                            count=lambda body: len(body["input"])):
             rows.append(level_row(meta, model, "classify16", "fp8", concurrency, result))
             rows[-1]["gpu_memory_used_gib"] = memory
+            keep(args, rows)
     return rows
 
 
