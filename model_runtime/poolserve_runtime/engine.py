@@ -168,7 +168,8 @@ class PackedEngine:
         from poolserve_runtime import llm_rerankers
         from poolserve_runtime.families import read_config_dict
 
-        plan = weight_plan(read_config_dict(settings.checkpoint), settings.quantization, settings.load_format)
+        raw = read_config_dict(settings.checkpoint)  # read once: the weight plan and the LLM-reranker conversion
+        plan = weight_plan(raw, settings.quantization, settings.load_format)
         if (plan.fp8 or plan.dummy) and (family.vision or isinstance(family, GenericFamily)):
             kind = "vision-language" if family.vision else "generic (the checkpoint's own forward)"
             raise WeightLoadError(f"the {family.name} family ({kind}) is served in its checkpoint's own weights: "
@@ -182,7 +183,6 @@ class PackedEngine:
         conversion = None
         # Only decoder classifiers are converted from a causal LM (an embedder loads its base model).
         if family.task == "classify" and (settings.hf_overrides or family.caches_kv):
-            raw = read_config_dict(settings.checkpoint)
             conversion = llm_rerankers.conversion_for(raw, settings.checkpoint, settings.hf_overrides)
             if conversion is not None and not (conversion.method or family.architecture_is_causal_lm(raw)):
                 conversion = None  # an architecture override only: the family loads it as usual
