@@ -22,7 +22,8 @@ only calibrates. A causal varlen engine runs a batch whose documents share a pro
 reused-prefix streams (:mod:`poolserve_runtime.prefix_reuse`). On CUDA, a varlen chunk of up to
 ``cuda_graph_max_tokens`` tokens replays a CUDA graph of the body captured at load
 (:mod:`poolserve_runtime.cuda_graphs`). With ``lora_modules``, a chunk whose sequences use LoRA adapters
-runs the eager body with each sequence's adapter and head (:mod:`poolserve_runtime.lora`).
+runs the body without CUDA graphs (its layers compiled as the base's are) with each sequence's adapter and
+head (:mod:`poolserve_runtime.lora`).
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ class PackedEngine:
         self.body = body_strategy(family, model, self.body_mode, self.position_offset, self.pad_token_id)
         self.is_generic = isinstance(self.body, bodies.GenericBody)
         # LoRA adapters mixed per sequence into the packed bodies (poolserve_runtime.lora); a chunk that uses
-        # one runs eagerly (no CUDA graph, no reused prefix), and layers are not compiled.
+        # one runs without CUDA graphs and without reused prefixes (compiled layers add its terms).
         self.lora = self.attach_lora() if settings.lora_modules else None
         self.eager_body = self.body
         # Documents of one request that share a prompt prefix compute it once (causal packed bodies).
@@ -124,7 +125,7 @@ class PackedEngine:
         self.prefix_cache = PrefixCache.for_model(
             text_config, settings.prefix_cache_tokens, settings.dtype, self.device,
         ) if self.reuses_prefix and settings.prefix_cache_tokens > 0 else None
-        self.compiled = not self.is_generic and self.lora is None and (settings.compile == "layers" or (
+        self.compiled = not self.is_generic and (settings.compile == "layers" or (
             settings.compile == "auto" and self.body_mode == "varlen" and family.compile_by_default))
         if self.compiled:
             compile_layers(family.body(model))
@@ -329,8 +330,8 @@ class PackedEngine:
         return self.pool_and_score(hidden, chunk.cu_seqlens, rows, wanted)
 
     def score_lora_chunk(self, chunk: bodies.Chunk, wanted: frozenset[str] | None) -> dict[str, torch.Tensor]:
-        """A chunk whose sequences use LoRA adapters: the eager body, pooling and heads with each sequence's
-        adapter (its modules_to_save heads too)."""
+        """A chunk whose sequences use LoRA adapters: the body (no CUDA graph), pooling and heads with each
+        sequence's adapter (its modules_to_save heads too)."""
         lengths = chunk.host_cu[1:] - chunk.host_cu[:-1]
         # The rows the body's linear layers see: the packed stream, or the padded body's [n, longest] rows.
         token_bounds = chunk.host_cu if self.body_mode == "varlen" else torch.arange(lengths.numel() + 1) * chunk.max_length

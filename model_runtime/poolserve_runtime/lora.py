@@ -148,20 +148,43 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        forward = CURRENT_FORWARD.get()
-        if forward is None:
-            return y
-        rows = x.reshape(-1, x.shape[-1])
-        segments = forward.segments_for(rows.shape[0])
-        if segments is None or segments.max_lora_length == 0:
-            return y
-        out = y.reshape(-1, y.shape[-1])
-        if x.device.type == "cuda":
-            apply_lora(out, rows.contiguous(), segments.indptr, segments.adapter, self.lora_a, self.lora_b,
-                       self.ranks, self.scaling, max_lora_length=segments.max_lora_length)
-            return y
-        return lora_reference(out, rows, segments.indptr, segments.adapter, self.lora_a, self.lora_b, self.ranks,
-                              self.scaling).to(y.dtype).view(y.shape)
+        rows, out = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+        if torch.compiler.is_compiling():
+            # Inside compiled layers: one opaque operator that reads the forward in progress at run time, so
+            # the graph neither breaks nor specialises on a batch's segments (one graph serves every batch).
+            lora_add_op(out, rows, self.lora_a, self.lora_b, self.ranks, self.scaling)
+        elif CURRENT_FORWARD.get() is not None:
+            add_lora_terms(out, rows, self.lora_a, self.lora_b, self.ranks, self.scaling)
+        return y
+
+
+def add_lora_terms(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, ranks: torch.Tensor,
+                   scaling: torch.Tensor) -> None:
+    """Add the low-rank terms of the forward in progress (:data:`CURRENT_FORWARD`; none: nothing) into ``y`` ([rows,
+    out], the base layer's output) for the rows ``x`` ([rows, in]) of one linear layer."""
+    forward = CURRENT_FORWARD.get()
+    segments = forward.segments_for(x.shape[0]) if forward is not None else None
+    if segments is None or segments.max_lora_length == 0:
+        return
+    if x.device.type == "cuda":
+        apply_lora(y, x.contiguous(), segments.indptr, segments.adapter, lora_a, lora_b, ranks, scaling,
+                   max_lora_length=segments.max_lora_length)
+    else:
+        y.copy_(lora_reference(y, x, segments.indptr, segments.adapter, lora_a, lora_b, ranks, scaling))
+
+
+@torch.library.custom_op("poolserve::lora_add_", mutates_args=("y",))
+def lora_add_op(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, ranks: torch.Tensor,
+                scaling: torch.Tensor) -> None:
+    """:func:`add_lora_terms` as an operator torch.compile keeps opaque (compiled layers call it; it does nothing
+    when no adapter's forward is in progress)."""
+    add_lora_terms(y, x, lora_a, lora_b, ranks, scaling)
+
+
+@lora_add_op.register_fake
+def _lora_add_shapes(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                     ranks: torch.Tensor, scaling: torch.Tensor) -> None:
+    return None
 
 
 class LoraModel:

@@ -65,11 +65,11 @@ def served(request, tmp_path_factory):
     return kind, checkpoint, adapters
 
 
-def engine(kind, checkpoint, adapters, attention="padded"):
+def engine(kind, checkpoint, adapters, attention="padded", compile="none"):
     family = MODELS[kind][0]
     settings = ModelSettings(model_name=kind, checkpoint=str(checkpoint), device=torch.device("cpu"),
                              dtype=torch.float32, max_tokens_per_forward=16384, max_model_len=0, logit_mean=0.0,
-                             logit_sigma=1.0, attention=attention, output_names=("logits", "scores"),
+                             logit_sigma=1.0, attention=attention, output_names=("logits", "scores"), compile=compile,
                              lora_modules=tuple((f"adapter{i + 1}", str(path)) for i, path in enumerate(adapters)))
     return PackedEngine.load(family, settings)
 
@@ -121,6 +121,30 @@ def test_mixed_batch_matches_the_merged_models(served, attention):
             assert (expected - base).abs().max() > 1e-2
     base_only = lora.run(PackedBatch.pack([RequestSequences(torch.cat(rows), torch.tensor(lengths), None)]))["logits"]
     torch.testing.assert_close(base_only, merged_logits(checkpoint, None, rows), rtol=0, atol=1e-5)
+
+
+def test_compiled_layers_add_the_adapters_terms_without_recompiling(served):
+    """compile=layers with adapters: the layers' graphs call the LoRA operator, so a batch mixing adapters and a
+    base-only batch give the eager engine's scores, and new batch shapes and mixes reuse the warm graphs."""
+    kind, checkpoint, adapters = served
+    if kind != "qwen3":
+        pytest.skip("one family is enough for the compiled path (compiling is slow on CPU)")
+    eager = engine(kind, checkpoint, adapters, "varlen")
+    compiled = engine(kind, checkpoint, adapters, "varlen", compile="layers")
+    assert "compiled_layers=True" in compiled.describe() and "lora_adapters=3" in compiled.describe()
+    generator = torch.Generator().manual_seed(11)
+    graphs_when_warm = None
+    for lengths, ids in (([5, 12, 3, 9], [0, 1, 2, 3]), ([7, 4, 15, 6, 10], [3, 3, 0, 1, 2]),
+                         ([8, 9], [0, 0]), ([13, 5, 6], [2, 1, 2])):
+        rows = [torch.randint(5, compiled.limits.vocab_size, (length,), generator=generator) for length in lengths]
+        batch = [RequestSequences(torch.cat(rows), torch.tensor(lengths), None)]
+        if any(ids):
+            batch = [read_lora_names(lora_names(ids), batch[0], compiled.lora.ids_by_name, kind)]
+        expected, got = eager.run(PackedBatch.pack(batch))["logits"], compiled.run(PackedBatch.pack(batch))["logits"]
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+        if graphs_when_warm is None:
+            graphs_when_warm = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_when_warm, "recompiled for a batch"
 
 
 def test_an_adapter_of_another_base_is_refused(served, tmp_path):
