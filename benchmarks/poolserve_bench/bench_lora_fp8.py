@@ -12,7 +12,7 @@ checkpoint folder is a ``config.json`` and a word-level tokenizer: no 16 GB or 1
   one of the 8 adapters or the base in turn, so every dynamic batch mixes adapters.
 * ``fp8``: the 0.6B and the Qwen3-8B shapes in bf16 and with ``quantization=fp8``, the same levels; then 8
   requests of 64 pairs (512 pairs) sent to both: Spearman of the FP8 scores against bf16 and the largest
-  score difference.
+  score difference, and both against the fp32 model (bf16's own rounding, for scale).
 * ``rm72b``: Qwen2.5-Math-RM-72B's config (``Qwen2ForRewardModel``) in FP8 on one GPU, ``/classify`` of 16
   conversations (~250 words each) per request at 1, 16 and 64 clients: pairs (scored texts) per second and
   p50, and the GPU memory it holds. Its bf16 reference does not fit one GPU (145 GB), so the parity rows
@@ -206,14 +206,17 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(np.corrcoef(ranks_a, ranks_b)[0, 1])
 
 
-def parity_row(meta, model, reference: list[float], fp8: list[float], note: str) -> dict:
-    difference = np.abs(np.asarray(reference) - np.asarray(fp8))
-    row = {**meta, "model": model, "workload": f"parity{len(reference)}", "system": "fp8_vs_bf16",
-           "spearman": round(spearman(reference, fp8), 5), "max_abs_diff": round(float(difference.max()), 5),
+def parity_row(meta, model, reference: list[float], other: list[float], note: str,
+               system: str = "fp8_vs_bf16") -> dict:
+    """Agreement of ``other``'s scores with ``reference``'s (``system``: "<other>_vs_<reference>")."""
+    difference = np.abs(np.asarray(reference) - np.asarray(other))
+    row = {**meta, "model": model, "workload": f"parity{len(reference)}", "system": system,
+           "spearman": round(spearman(reference, other), 5), "max_abs_diff": round(float(difference.max()), 5),
            "mean_abs_diff": round(float(difference.mean()), 5),
-           "score_std_bf16": round(float(np.std(reference)), 5), "note": note}
-    print(f"{model:<22}parity {len(reference)} pairs: spearman {row['spearman']}  max |diff| {row['max_abs_diff']}  "
-          f"mean |diff| {row['mean_abs_diff']}  (bf16 score std {row['score_std_bf16']}) {note}", flush=True)
+           "score_std_reference": round(float(np.std(reference)), 5), "note": note}
+    print(f"{model:<22}{system} parity {len(reference)} pairs: spearman {row['spearman']}  max |diff| "
+          f"{row['max_abs_diff']}  mean |diff| {row['mean_abs_diff']}  (reference score std "
+          f"{row['score_std_reference']}) {note}", flush=True)
     return row
 
 
@@ -254,16 +257,20 @@ def bench_fp8(args, meta, work: Path) -> list[dict]:
         checkpoint = write_config_folder(config, work / model)
         dummy = {"load_format": "dummy", **dict(args.model_set)}
         served = {f"{model}-bf16": (checkpoint, dummy), f"{model}-fp8": (checkpoint, {**dummy, "quantization": "fp8"})}
-        with Stack(served, args, f"fp8-{model}") as stack:
+        # The fp32 model (parity only) tells FP8's error apart from bf16's own rounding on these random weights.
+        references = {f"{model}-fp32": (checkpoint, {**dummy, "dtype": "float32", "compile": "none"})}
+        with Stack({**served, **references}, args, f"fp8-{model}") as stack:
             rng = random.Random(2)
             url = f"{stack.url}/rerank"
             for name in served:
                 asyncio.run(closed_loop(url, lambda name=name: rerank_body(rng, name), 1, 3600.0, args.warmup))
             parity_rng = random.Random(3)
             bodies = [rerank_body(parity_rng, "") for _ in range(PARITY_REQUESTS)]
-            reference, fp8 = (asyncio.run(scores_of(url, [{**body, "model": name} for body in bodies], "rerank"))
-                              for name in served)
-            rows.append(parity_row(meta, model, reference, fp8, "whole model"))
+            bf16, fp8, fp32 = (asyncio.run(scores_of(url, [{**body, "model": name} for body in bodies], "rerank"))
+                               for name in (*served, *references))
+            rows.append(parity_row(meta, model, bf16, fp8, "whole model"))
+            rows.append(parity_row(meta, model, fp32, bf16, "whole model", system="bf16_vs_fp32"))
+            rows.append(parity_row(meta, model, fp32, fp8, "whole model", system="fp8_vs_fp32"))
             keep(args, rows)
             for concurrency in args.concurrency:
                 for name in served:

@@ -42,7 +42,7 @@ def test_embeddings_benchmark_smoke(tmp_path):
 
 def test_lora_fp8_benchmark_smoke(tmp_path):
     """Serves dummy-weight models from a config alone: a base beside the same base with 8 PEFT adapters mixed per
-    request, bf16 beside FP8 with their parity rows, and the 72B reward model's family in FP8."""
+    request, bf16 beside FP8 with their parity rows (and both against fp32), and the 72B reward model's family in FP8."""
     from poolserve_bench import bench_lora_fp8
 
     rows = bench_lora_fp8.main(["--smoke", "--out", str(tmp_path), "--work", str(tmp_path / "work")])
@@ -54,4 +54,7 @@ def test_lora_fp8_benchmark_smoke(tmp_path):
     parity = [r for r in rows if r["system"] == "fp8_vs_bf16"]
     assert [r["model"] for r in parity] == ["Qwen3-Reranker-0.6B", "Qwen2.5-Math-RM-72B"]
     assert all(r["spearman"] > 0.9 and r["max_abs_diff"] < 0.1 for r in parity)
+    against_fp32 = {r["system"]: r for r in rows if r["system"].endswith("_vs_fp32")}
+    assert set(against_fp32) == {"bf16_vs_fp32", "fp8_vs_fp32"}
+    assert all(r["model"] == "Qwen3-Reranker-0.6B" and r["spearman"] > 0.9 for r in against_fp32.values())
     assert (tmp_path / "lora_fp8.csv").exists()
