@@ -25,8 +25,8 @@ from poolserve_kernels.pooling import (
 )
 from poolserve_kernels.score_head import MAX_LABELS, score_head_reference, score_head_triton
 
-__all__ = ["EMBEDDING_POOLING", "POOLING_METHODS", "MAX_LABELS", "implementation", "maxsim", "per_token_quant", "pool",
-           "pool_normalized", "score_head"]
+__all__ = ["EMBEDDING_POOLING", "POOLING_METHODS", "MAX_LABELS", "implementation", "maxsim", "per_token_quant",
+           "per_token_quant_reference", "pool", "pool_normalized", "score_head"]
 
 
 def _use_triton(tensor: torch.Tensor) -> bool:

@@ -179,24 +179,17 @@ def parse_quantization_config(quantization_config: Mapping) -> Fp8Config:
     return Fp8Config(groups=tuple(groups), ignore=tuple(quantization_config.get("ignore") or ()))
 
 
-@torch.library.custom_op("poolserve::per_token_quant", mutates_args=())
-def per_token_quant_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`poolserve_kernels.per_token_quant` as one opaque operator for torch.compile (layers compiled with
-    ``compile=layers``/``auto``): traced as a call with known output shapes instead of into the launcher."""
-    return poolserve_kernels.per_token_quant(x)
-
-
-@per_token_quant_op.register_fake
-def _per_token_quant_shapes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return x.new_empty(x.shape, dtype=FP8_DTYPE), x.new_empty((x.shape[0], 1), dtype=torch.float32)
-
-
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of ``x [tokens, features]`` as e4m3 with one fp32 scale each (``amax / 448``, ``[tokens, 1]``):
-    ``x ≈ q.float() * scale``; one Triton kernel on CUDA (:mod:`poolserve_kernels.fp8_quant`)."""
+    ``x ≈ q.float() * scale``; one Triton kernel on CUDA (:mod:`poolserve_kernels.fp8_quant`).
+
+    Inside compiled layers it is the torch spelling instead: Inductor fuses it into the kernel that makes ``x``
+    (the RMSNorm before q/k/v and gate/up, the activation before down), and the siblings that quantise the same
+    input (q, k and v) share that kernel. The kernel as an opaque operator there cost a pass over the activations
+    per layer it feeds: on an H100 the 0.6B shape served FP8 at 0.61x bf16 with it (benchmarks/README.md)."""
     if torch.compiler.is_compiling():
-        return per_token_quant_op(x)
-    return poolserve_kernels.per_token_quant(x)  # eager: without the operator's dispatch, ~200 calls a forward
+        return poolserve_kernels.per_token_quant_reference(x)
+    return poolserve_kernels.per_token_quant(x)
 
 
 def quantize_weight(weight: torch.Tensor, strategy: WeightStrategy | str) -> tuple[torch.Tensor, torch.Tensor]:
