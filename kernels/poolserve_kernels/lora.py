@@ -23,14 +23,16 @@ Two launches, as Punica / S-LoRA, vLLM's ``lora_shrink`` / ``lora_expand`` and S
 itself (one program per 32 tokens: far too few programs for a GPU at serving batch sizes) or split
 the output columns over programs that each recompute the whole shrink (reading ``x`` once per
 column block instead of once). The intermediate between the two launches is small (``[tokens,
-max_rank]`` fp32: 64 bytes a token at rank 16) and stays fp32, so the low-rank product is never
-rounded to bf16 in between.
+max_rank]`` fp32: 64 bytes a token at rank 16) and is stored in fp32; expand rounds it to ``lora_b``'s dtype
+for a tensor-core dot when the adapters are bf16/fp16 (as PEFT's bf16 layer rounds ``x @ A``), and keeps fp32
+when they are fp32.
 
 GPU: shrink runs one program per (segment, block of BLOCK_T tokens), walking ``in_features``
 BLOCK_K columns at a time (``tl.dot`` of ``[BLOCK_T, BLOCK_K] x [BLOCK_K, BLOCK_R]``) and folds in
 the adapter's scaling; expand runs one program per (segment, token block, BLOCK_N output columns),
-one ``tl.dot`` of ``[BLOCK_T, BLOCK_R] x [BLOCK_R, BLOCK_N]`` in IEEE fp32 (``lora_b`` upcast: the
-rank is small, so this costs little), added to ``y`` in fp32 and rounded once to ``y``'s dtype.
+one ``tl.dot`` of ``[BLOCK_T, BLOCK_R] x [BLOCK_R, BLOCK_N]`` accumulated in fp32, added to ``y`` in
+fp32 and rounded once to ``y``'s dtype. The tile sizes are autotuned per layer shape (``SHRINK_CONFIGS``,
+``EXPAND_CONFIGS``).
 Segments of the base model, and token blocks past a segment's end, return at once. Each row
 belongs to one segment, so every element of ``y`` has at most one writer: no atomics.
 CPU: :func:`lora_reference` at the end of this file.
@@ -48,12 +50,16 @@ from poolserve_kernels.pooling import check_device, interpreting
 
 BASE_MODEL = -1  # seg_adapter value for segments served by the base model alone
 
-# Not yet swept on a GPU (the task that wires LoRA into the runtime sweeps them with the benchmarks).
-# tl.dot needs every tile side >= 16, hence BLOCK_R >= 16 even for rank 4 (masked).
-BLOCK_T = 32
-BLOCK_K = 64
-BLOCK_N = 64
-NUM_WARPS = 4
+# Tiles. tl.dot needs every tile side >= 16, hence BLOCK_R >= 16 even for rank 4 (masked). On a GPU the
+# launcher autotunes BLOCK_T and BLOCK_K / BLOCK_N among the configs below, once per layer shape (triton.autotune,
+# keyed by features and rank); the interpreter (CPU tests) runs the first. With 32 x 64 tiles alone, 8 rank-16
+# adapters mixed into a Qwen3-0.6B shape served at 51% of the base on an H100: expand's tiny programs
+# (a [32, 64] tile of y each, 24k programs for one 16k-token gate projection) cost more than the bytes they move.
+SHRINK_CONFIGS = [triton.Config({"BLOCK_T": tokens, "BLOCK_K": columns}, num_warps=warps)
+                  for tokens, columns, warps in ((32, 64, 4), (64, 64, 4), (64, 128, 4), (128, 64, 8), (128, 128, 8))]
+EXPAND_CONFIGS = [triton.Config({"BLOCK_T": tokens, "BLOCK_N": columns}, num_warps=warps)
+                  for tokens, columns, warps in ((32, 64, 4), (64, 128, 4), (128, 128, 8), (64, 256, 8),
+                                                 (128, 256, 8))]
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -122,6 +128,7 @@ def _lora_expand_kernel(
     y_row_stride,
     out_features,
     max_rank,
+    DOT_FP32: tl.constexpr,  # fp32 lora_b: IEEE fp32 dot; else the shrunk rows rounded to lora_b's dtype
     BLOCK_T: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -143,11 +150,22 @@ def _lora_expand_kernel(
             lora_b_ptr + adapter * b_adapter_stride + rank_columns[:, None] * b_rank_stride
             + columns[None, :] * b_out_stride,
             mask=rank_mask[:, None] & column_mask[None, :], other=0.0)
-        delta = tl.dot(shrunk, b.to(tl.float32), input_precision="ieee")
+        if DOT_FP32:
+            delta = tl.dot(shrunk, b.to(tl.float32), input_precision="ieee")
+        else:  # tensor cores, as PEFT's bf16 layer rounds x @ A before @ B; fp32 accumulation either way
+            delta = tl.dot(shrunk.to(b.dtype), b)
         tile = y_ptr + rows[:, None] * y_row_stride + columns[None, :]
         mask = row_mask[:, None] & column_mask[None, :]
         y = tl.load(tile, mask=mask, other=0.0).to(tl.float32)
         tl.store(tile, (y + delta).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# One choice per layer shape, made on its first call (the engine warms the adapters up at load). Benchmarking a
+# config runs expand again, so y is restored after each trial.
+_lora_shrink_tuned = triton.autotune(SHRINK_CONFIGS, key=["in_features", "max_rank", "DOT_FP32"])(
+    _lora_shrink_kernel)
+_lora_expand_tuned = triton.autotune(EXPAND_CONFIGS, key=["out_features", "max_rank", "DOT_FP32"],
+                                     restore_value=["y_ptr"])(_lora_expand_kernel)
 
 
 class LoraSegments(NamedTuple):
@@ -260,22 +278,26 @@ def apply_lora(y: torch.Tensor, x: torch.Tensor, seg_indptr: torch.Tensor, seg_a
 
     max_rank = lora_a.shape[1]
     block_r = max(16, triton.next_power_of_2(max_rank))
-    token_blocks = triton.cdiv(max_lora_length, BLOCK_T)
     # Only the rows of LoRA segments are written, and only those are read back by expand.
     shrunk = torch.empty(x.shape[0], max_rank, dtype=torch.float32, device=x.device)
-    _lora_shrink_kernel[(num_segments, token_blocks)](
+    # Triton's CPU interpreter multiplies bf16 tiles wrongly (numpy has no bf16): fp32 there.
+    interpreter = interpreting()
+    shrink, expand = (_lora_shrink_kernel, _lora_expand_kernel) if interpreter else (_lora_shrink_tuned,
+                                                                                      _lora_expand_tuned)
+    shrink_tiles = SHRINK_CONFIGS[0].kwargs if interpreter else {}
+    expand_tiles = EXPAND_CONFIGS[0].kwargs if interpreter else {}
+    shrink[lambda meta: (num_segments, triton.cdiv(max_lora_length, meta["BLOCK_T"]))](
         x, x.stride(0), seg_indptr, seg_adapter, lora_a, *lora_a.stride(), ranks, scaling,
         shrunk, shrunk.stride(0), x.shape[1], max_rank,
-        # Triton's CPU interpreter multiplies bf16 tiles wrongly (numpy has no bf16): fp32 there.
-        DOT_FP32=x.dtype == torch.float32 or lora_a.dtype != x.dtype or interpreting(),
-        BLOCK_T=BLOCK_T, BLOCK_R=block_r, BLOCK_K=BLOCK_K,
-        num_warps=NUM_WARPS,
+        DOT_FP32=x.dtype == torch.float32 or lora_a.dtype != x.dtype or interpreter,
+        BLOCK_R=block_r, **shrink_tiles,
     )
-    _lora_expand_kernel[(num_segments, token_blocks, triton.cdiv(y.shape[1], BLOCK_N))](
+    expand[lambda meta: (num_segments, triton.cdiv(max_lora_length, meta["BLOCK_T"]),
+                         triton.cdiv(y.shape[1], meta["BLOCK_N"]))](
         shrunk, shrunk.stride(0), seg_indptr, seg_adapter, lora_b, *lora_b.stride(), ranks,
         y, y.stride(0), y.shape[1], max_rank,
-        BLOCK_T=BLOCK_T, BLOCK_R=block_r, BLOCK_N=BLOCK_N,
-        num_warps=NUM_WARPS,
+        DOT_FP32=lora_b.dtype == torch.float32 or interpreter,
+        BLOCK_R=block_r, **expand_tiles,
     )
     return y
 

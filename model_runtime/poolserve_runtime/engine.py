@@ -130,6 +130,8 @@ class PackedEngine:
         if self.compiled:
             compile_layers(family.body(model))
             self.warm_up()
+        if self.lora is not None and self.device.type == "cuda":
+            self.warm_up_adapters()
         # Chunks of up to cuda_graph_max_tokens tokens replay a CUDA graph of the varlen body.
         self.graph_buckets = cuda_graphs.buckets_to_capture(self.body, self.device, settings.dtype,
                                                             settings.cuda_graph_max_tokens, self.compiled)
@@ -163,6 +165,17 @@ class PackedEngine:
             lengths = torch.tensor(lengths)
             ids = torch.randint(0, self.limits.vocab_size, (int(lengths.sum()),), generator=generator)
             self.run(PackedBatch.pack([RequestSequences(ids, lengths, None)]))
+
+    def warm_up_adapters(self) -> None:
+        """One batch of serving size that mixes every adapter and the base, so that the LoRA kernels choose their
+        tiles for each layer shape (triton.autotune, poolserve_kernels.lora) at load, on a batch of the size
+        they will serve, rather than on the first requests."""
+        length = min(self.limits.max_model_len, 256)
+        count = max(self.lora.count + 1, min(self.settings.max_tokens_per_forward, 8192) // length)
+        lengths = torch.full((count,), length)
+        ids = torch.randint(0, self.limits.vocab_size, (count * length,), generator=torch.Generator().manual_seed(0))
+        lora_ids = torch.arange(count, dtype=torch.int32) % (self.lora.count + 1)
+        self.run(PackedBatch.pack([RequestSequences(ids, lengths, None, lora_ids=lora_ids)]))
 
     @classmethod
     def load(cls, family: Family, settings: ModelSettings) -> PackedEngine:

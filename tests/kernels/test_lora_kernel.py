@@ -11,7 +11,8 @@ from torch import nn
 
 from poolserve_kernels.lora import (
     BASE_MODEL,
-    BLOCK_T,
+    EXPAND_CONFIGS,
+    SHRINK_CONFIGS,
     apply_lora,
     lora_reference,
     lora_segments,
@@ -19,6 +20,8 @@ from poolserve_kernels.lora import (
 )
 
 # fp32 out: only accumulation order differs from fp64. bf16 out: one final rounding of y.
+# The largest token block any tile config uses: segments longer than it cross blocks whichever config runs.
+BLOCK_T = max(config.kwargs["BLOCK_T"] for config in SHRINK_CONFIGS + EXPAND_CONFIGS)
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
 RANKS = (4, 8, 16)
 ALPHAS = (8.0, 16.0, 8.0)  # scaling alpha / r: 2, 2 and 0.5
