@@ -23,9 +23,9 @@ Two launches, as Punica / S-LoRA, vLLM's ``lora_shrink`` / ``lora_expand`` and S
 itself (one program per 32 tokens: far too few programs for a GPU at serving batch sizes) or split
 the output columns over programs that each recompute the whole shrink (reading ``x`` once per
 column block instead of once). The intermediate between the two launches is small (``[tokens,
-max_rank]`` fp32: 64 bytes a token at rank 16) and is stored in fp32; expand rounds it to ``lora_b``'s dtype
-for a tensor-core dot when the adapters are bf16/fp16 (as PEFT's bf16 layer rounds ``x @ A``), and keeps fp32
-when they are fp32.
+max_rank]`` fp32: 64 bytes a token at rank 16) and is stored in fp32; expand keeps it fp32 when ``y`` or the
+adapters are fp32, and otherwise rounds it to the adapters' bf16/fp16 for a tensor-core dot (as PEFT's bf16
+layer rounds ``x @ A``, and vLLM's expand kernel does; ``y`` is rounded to that dtype anyway).
 
 GPU: shrink runs one program per (segment, block of BLOCK_T tokens), walking ``in_features``
 BLOCK_K columns at a time (``tl.dot`` of ``[BLOCK_T, BLOCK_K] x [BLOCK_K, BLOCK_R]``) and folds in
@@ -128,7 +128,7 @@ def _lora_expand_kernel(
     y_row_stride,
     out_features,
     max_rank,
-    DOT_FP32: tl.constexpr,  # fp32 lora_b: IEEE fp32 dot; else the shrunk rows rounded to lora_b's dtype
+    DOT_FP32: tl.constexpr,  # fp32 lora_b or y: IEEE fp32 dot; else the shrunk rows rounded to lora_b's dtype
     BLOCK_T: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -296,7 +296,8 @@ def apply_lora(y: torch.Tensor, x: torch.Tensor, seg_indptr: torch.Tensor, seg_a
                          triton.cdiv(y.shape[1], meta["BLOCK_N"]))](
         shrunk, shrunk.stride(0), seg_indptr, seg_adapter, lora_b, *lora_b.stride(), ranks,
         y, y.stride(0), y.shape[1], max_rank,
-        DOT_FP32=lora_b.dtype == torch.float32 or interpreter,
+        # An fp32 y keeps the low-rank product in fp32; a bf16/fp16 y is rounded to that dtype anyway.
+        DOT_FP32=lora_b.dtype == torch.float32 or y.dtype == torch.float32 or interpreter,
         BLOCK_R=block_r, **expand_tiles,
     )
     return y

@@ -12,13 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from poolserve_runtime.fp8 import (
-    Fp8Linear,
-    quantize_linear_fp8,
-    quantize_linears,
-    quantize_per_token,
-    scaled_mm_supported,
-)
+from poolserve_runtime.fp8 import Fp8Linear, quantize_linear_fp8, quantize_linears, scaled_mm_supported
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or not scaled_mm_supported(torch.device("cuda")),
@@ -89,24 +83,15 @@ def test_bert_classifier_scores_stay_close_to_bf16():
     assert torch.corrcoef(torch.stack(ranks))[0, 1] > 0.95  # 0.999 in an fp32 emulation on the CPU
 
 
-def emulated_fp8_forward(self, x):
-    """Fp8Linear's arithmetic in fp32: the activations rounded per token by the same quantisation, times the
-    dequantised weight, rounded to x's dtype once (what _scaled_mm computes, up to the order of its sums)."""
-    rows = x.reshape(-1, self.in_features)
-    quantized, scale = quantize_per_token(rows)
-    y = (quantized.float() * scale) @ self.dequantized_weight(torch.float32).T
-    if self.bias is not None:
-        y = y + self.bias.float()
-    return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-
-
 @pytest.mark.parametrize("compile_mode", ["none", "auto"])
-def test_engine_in_fp8_on_the_gpu(tmp_path, compile_mode, monkeypatch):
+def test_engine_in_fp8_on_the_gpu(tmp_path, compile_mode):
     """A Qwen3 classifier served with quantization=fp8 as Triton serves it (varlen body, CUDA graphs for short
-    chunks, layers compiled by default): FP8 GEMMs run, and the scores are those of the same FP8 arithmetic
-    emulated in fp32 (a wrong scale or layout moves them by their spread). Against bf16 only a loose bound
-    holds: e4m3 keeps 3 mantissa bits, and on this 128-wide random model an fp32 emulation on the CPU differs
-    from the fp32 model by up to 0.74x the scores' spread. load_format=dummy draws the same weights for both."""
+    chunks, layers compiled by default): FP8 GEMMs run, and the scores stay within e4m3's rounding of bf16. That is
+    a loose bound (a wrong scale or layout gives scores unrelated to bf16's): e4m3 keeps 3 mantissa bits, and each
+    layer re-rounds its input, so any perturbation grows. On this 128-wide random model an fp32 emulation on the
+    CPU differs from the fp32 model by up to 0.74x the scores' spread, and on an H100 an fp32 emulation of the
+    very same FP8 arithmetic differed from the _scaled_mm engine by as much as bf16 does. Per layer, the GEMM
+    equals its emulation tightly (the tests above). load_format=dummy draws the same weights for both."""
     import dataclasses
 
     from poolserve_runtime import families
@@ -123,8 +108,7 @@ def test_engine_in_fp8_on_the_gpu(tmp_path, compile_mode, monkeypatch):
                              compile=compile_mode, cuda_graph_max_tokens=512)
     engines = {name: PackedEngine.load(family, dataclasses.replace(settings, **overrides)) for name, overrides in (
         ("bf16", {}), ("fp8", {"quantization": "fp8"}), ("dummy_bf16", {"load_format": "dummy"}),
-        ("dummy_fp8", {"load_format": "dummy", "quantization": "fp8"}),
-        ("emulated", {"quantization": "fp8", "compile": "none", "cuda_graph_max_tokens": 0}))}
+        ("dummy_fp8", {"load_format": "dummy", "quantization": "fp8"}))}
     layers = [module for module in engines["fp8"].model.modules() if isinstance(module, Fp8Linear)]
     assert layers
     generator = torch.Generator().manual_seed(0)
@@ -132,12 +116,7 @@ def test_engine_in_fp8_on_the_gpu(tmp_path, compile_mode, monkeypatch):
         lengths = torch.tensor(lengths)
         ids = torch.randint(4, engines["bf16"].limits.vocab_size, (int(lengths.sum()),), generator=generator)
         batch = PackedBatch.pack([RequestSequences(ids, lengths, None)])
-        scores = {name: engine.run(batch)["logits"].float() for name, engine in engines.items() if name != "emulated"}
-        with monkeypatch.context() as patch:
-            patch.setattr(Fp8Linear, "forward", emulated_fp8_forward)
-            scores["emulated"] = engines["emulated"].run(batch)["logits"].float()
-        spread = scores["bf16"].std().item() + 1e-3
-        assert (scores["fp8"] - scores["emulated"]).abs().max().item() <= 0.05 * spread + 0.01, scores
+        scores = {name: engine.run(batch)["logits"].float() for name, engine in engines.items()}
         for reference, fp8 in (("bf16", "fp8"), ("dummy_bf16", "dummy_fp8")):
             spread = scores[reference].std().item() + 1e-3
             assert (scores[fp8] - scores[reference]).abs().max().item() <= spread + 0.03, (reference, scores)
