@@ -44,7 +44,7 @@ from poolserve_runtime.activation import apply_activation
 from poolserve_runtime.families import Family, GenericFamily
 from poolserve_runtime.fp8 import Fp8Linear, quantize_linears
 from poolserve_runtime.implementations import DebertaV2Family
-from poolserve_runtime.lora import LoraError, LoraModel
+from poolserve_runtime.lora import LoraError, LoraModel, adapter_runs
 from poolserve_runtime.packing import PackedBatch, RequestSequences, SequenceLimits, token_budget_chunks
 from poolserve_runtime.prefix_cache import PrefixCache
 from poolserve_runtime.settings import ModelSettings
@@ -114,7 +114,8 @@ class PackedEngine:
         self.body = body_strategy(family, model, self.body_mode, self.position_offset, self.pad_token_id)
         self.is_generic = isinstance(self.body, bodies.GenericBody)
         # LoRA adapters mixed per sequence into the packed bodies (poolserve_runtime.lora); a chunk that uses
-        # one runs without CUDA graphs and without reused prefixes (compiled layers add its terms).
+        # one runs without CUDA graphs (compiled layers add its terms) and reuses a prompt prefix only within a
+        # run of one adapter, without the prefix cache.
         self.lora = self.attach_lora() if settings.lora_modules else None
         self.eager_body = self.body
         # Documents of one request that share a prompt prefix compute it once (causal packed bodies).
@@ -269,9 +270,9 @@ class PackedEngine:
         :class:`~poolserve_runtime.vision.BatchImages`). ``wanted``: the outputs some request of the batch asks
         for (None: all); BGE-M3 computes and returns only those of its per-token outputs (its dense ones always:
         they cost nothing beside the body), every other family all of its outputs."""
-        reused = self.reused_prefix_chunks(batch) if batch.lora_ids is None else None
+        reused = self.reused_prefix_chunks(batch)
         if reused is not None:
-            outputs = [self.score_reused_chunk(chunk) for chunk in reused]
+            outputs = self.score_reused_chunks(batch, reused)
         else:
             outputs = [self.score_chunk(chunk, wanted) for chunk in self.chunks(batch, images)]
         merged = {name: torch.cat([output[name] for output in outputs]) for name in outputs[0]}
@@ -317,9 +318,37 @@ class PackedEngine:
         rule pools from the plain stream)."""
         if not self.reuses_prefix or (self.family.skips_trailing_pad and self._ends_in_pad(batch)):
             return None
-        return prefix_reuse.plan_chunks(batch.input_ids, batch.cu_seqlens, batch.sequences_per_request,
-                                        self.settings.max_tokens_per_forward, self.position_offset,
-                                        cache=self.prefix_cache)
+        if batch.lora_ids is None:
+            return prefix_reuse.plan_chunks(batch.input_ids, batch.cu_seqlens, batch.sequences_per_request,
+                                            self.settings.max_tokens_per_forward, self.position_offset,
+                                            cache=self.prefix_cache)
+        # With adapters a prefix is shared only within a run of one adapter (its keys and values are the
+        # adapter's), and the prefix cache, which does not know adapters, stays out of the batch.
+        return prefix_reuse.plan_chunks(batch.input_ids, batch.cu_seqlens,
+                                        adapter_runs(batch.lora_ids, batch.sequences_per_request),
+                                        self.settings.max_tokens_per_forward, self.position_offset)
+
+    def score_reused_chunks(self, batch: PackedBatch, chunks: list[prefix_reuse.ReusedChunk],
+                            ) -> list[dict[str, torch.Tensor]]:
+        """The reused-prefix streams of ``batch`` through the body, pooled and scored, each with its sequences'
+        adapters when it has some; the prefix blocks they computed go to the prefix cache."""
+        if batch.lora_ids is None:
+            return [self.score_reused_chunk(chunk) for chunk in chunks]
+        run_ids = batch.lora_ids[batch.cu_seqlens.new_tensor(
+            [0, *adapter_runs(batch.lora_ids, batch.sequences_per_request)]).cumsum(0)[:-1].long()]
+        outputs, first_run, first_sequence = [], 0, 0
+        for chunk in chunks:
+            runs = chunk.request_bounds.numel() - 1
+            lora_ids = batch.lora_ids[first_sequence:first_sequence + chunk.sequences]
+            lengths = batch.lengths[first_sequence:first_sequence + chunk.sequences]
+            with self.lora.forward(lora_ids, chunk.request_bounds, self.device,
+                                   span_ids=run_ids[first_run:first_run + runs]):
+                hidden = self.reused_body.hidden_states(chunk)  # no prefix cache: nothing to capture
+                outputs.append(self.lora.score_by_head(
+                    lora_ids, lengths, lambda hidden=hidden, rows=chunk.pool_rows: self.pool_and_score(hidden, rows=rows)))
+            first_run += runs
+            first_sequence += chunk.sequences
+        return outputs
 
     def score_reused_chunk(self, chunk: prefix_reuse.ReusedChunk) -> dict[str, torch.Tensor]:
         """One reused-prefix stream through the body, pooled and scored; the prefix blocks it computed

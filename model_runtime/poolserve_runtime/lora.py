@@ -187,6 +187,19 @@ def _lora_add_shapes(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lor
     return None
 
 
+def adapter_runs(lora_ids: torch.Tensor, sequences_per_request: list[int]) -> list[int]:
+    """Each request's sequences cut into runs of one lora id (how many sequences each run holds, in order): the
+    groups that may share a prompt prefix's keys and values, which differ from one adapter to the next."""
+    runs, ids, first = [], lora_ids.tolist(), 0
+    for count in sequences_per_request:
+        for sequence in range(first, first + count):
+            if sequence == first or ids[sequence] != ids[sequence - 1]:
+                runs.append(0)
+            runs[-1] += 1
+        first += count
+    return runs
+
+
 class LoraModel:
     """The adapters attached to one loaded base model (lora id ``i`` is ``adapters[i - 1]``; ids are the runtime's
     own: requests name their adapters, :attr:`ids_by_name` maps the names)."""
@@ -263,17 +276,19 @@ class LoraModel:
 
     @contextlib.contextmanager
     def forward(self, lora_ids: torch.Tensor | None, token_bounds: torch.Tensor, device: torch.device,
-                ) -> Iterator[None]:
+                span_ids: torch.Tensor | None = None) -> Iterator[None]:
         """Run the body, pooling and heads of a chunk whose sequences use ``lora_ids`` ([n] int32 on the
         host, None: all the base model) and whose tokens lie at ``token_bounds`` ([n + 1] on the host: the
-        packed ``cu_seqlens``, or the padded rows' bounds)."""
+        packed ``cu_seqlens``, or the padded rows' bounds). A reused-prefix stream gives the bounds of its
+        requests instead, and ``span_ids``, the lora id of each (every sequence of one shares it)."""
         if lora_ids is None or not bool(lora_ids.any()):
             yield
             return
         slots = lora_ids.long() - 1  # lora id 0 (the base model) is the kernels' -1
+        span_slots = slots if span_ids is None else span_ids.long() - 1
         sequences = torch.arange(slots.numel() + 1)
         forward = LoraForward(
-            token_rows=int(token_bounds[-1]), token_segments=lora_segments(token_bounds, slots, device),
+            token_rows=int(token_bounds[-1]), token_segments=lora_segments(token_bounds, span_slots, device),
             sequence_rows=slots.numel(), sequence_segments=lora_segments(sequences, slots, device))
         token = CURRENT_FORWARD.set(forward)
         try:

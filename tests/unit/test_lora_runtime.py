@@ -18,7 +18,7 @@ from poolserve_contract.card import ModelCard
 from poolserve_contract.parameters import ModelParameters, check_lora_folders
 from poolserve_runtime import families
 from poolserve_runtime.engine import PackedEngine
-from poolserve_runtime.lora import LoraError
+from poolserve_runtime.lora import LoraError, adapter_runs
 from poolserve_runtime.packing import InvalidRequest, LoraNotLoaded, PackedBatch, RequestSequences, read_lora_names
 from poolserve_runtime.settings import ModelSettings
 from tests.support.tiny_models import build_checkpoint
@@ -146,6 +146,45 @@ def test_compiled_layers_add_the_adapters_terms_without_recompiling(served):
         if graphs_when_warm is None:
             graphs_when_warm = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_when_warm, "recompiled for a batch"
+
+
+def test_adapter_runs_cut_requests_where_the_adapter_changes():
+    ids = torch.tensor([1, 1, 2, 2, 0, 3, 3, 3, 1], dtype=torch.int32)
+    assert adapter_runs(ids, [4, 4, 1]) == [2, 2, 1, 3, 1]  # a run never crosses a request
+    assert adapter_runs(torch.zeros(3, dtype=torch.int32), [3]) == [3]
+
+
+def test_documents_sharing_a_prompt_reuse_it_within_one_adapter(served, monkeypatch):
+    """A causal model with adapters computes a shared prompt prefix once per run of one adapter (its keys and
+    values are that adapter's): requests on adapters, on the base, and one whose sequences name different adapters
+    (gRPC's per-sequence lora_names) score as the PEFT-merged models of each sequence's adapter."""
+    kind, checkpoint, adapters = served
+    if kind != "qwen3":
+        pytest.skip("prefix reuse serves causal models")
+    lora = engine(kind, checkpoint, adapters, "varlen")
+    assert lora.reuses_prefix
+    reused = []
+    plain_score = lora.score_reused_chunks
+    monkeypatch.setattr(lora, "score_reused_chunks", lambda batch, chunks: reused.append(len(chunks)) or plain_score(
+        batch, chunks))
+    generator = torch.Generator().manual_seed(5)
+    prompt = torch.randint(5, lora.limits.vocab_size, (24,), generator=generator)
+    requests_ids = [[1, 1, 1], [2, 2, 0, 3], [0, 0]]
+    rows_of, requests = [], []
+    for ids in requests_ids:
+        rows = [torch.cat([prompt, torch.randint(5, lora.limits.vocab_size, (length,), generator=generator)])
+                for length in torch.randint(3, 12, (len(ids),), generator=generator).tolist()]
+        rows_of.append(rows)
+        sequences = RequestSequences(torch.cat(rows), torch.tensor([row.numel() for row in rows]), None)
+        requests.append(read_lora_names(lora_names(ids), sequences, lora.lora.ids_by_name, kind))
+    got = lora.run(PackedBatch.pack(requests))["logits"]
+    assert reused, "the batch did not take the reused-prefix path"
+    ids = [i for request in requests_ids for i in request]
+    rows = [row for request in rows_of for row in request]
+    for adapter_id in set(ids):
+        members = [i for i, value in enumerate(ids) if value == adapter_id]
+        expected = merged_logits(checkpoint, adapters[adapter_id - 1] if adapter_id else None, [rows[i] for i in members])
+        torch.testing.assert_close(got[members], expected, rtol=0, atol=1e-5)
 
 
 def test_an_adapter_of_another_base_is_refused(served, tmp_path):
