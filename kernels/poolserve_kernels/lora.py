@@ -53,8 +53,10 @@ BASE_MODEL = -1  # seg_adapter value for segments served by the base model alone
 # Tiles. tl.dot needs every tile side >= 16, hence BLOCK_R >= 16 even for rank 4 (masked). On a GPU the
 # launcher autotunes BLOCK_T and BLOCK_K / BLOCK_N among the configs below, once per layer shape (triton.autotune,
 # keyed by features and rank); the interpreter (CPU tests) runs the first. With 32 x 64 tiles alone, 8 rank-16
-# adapters mixed into a Qwen3-0.6B shape served at 51% of the base on an H100: expand's tiny programs
-# (a [32, 64] tile of y each, 24k programs for one 16k-token gate projection) cost more than the bytes they move.
+# adapters mixed into a Qwen3-0.6B shape served at 51% of the base on an H100 (54% autotuned): expand's tiny
+# programs (a [32, 64] tile of y each, 24k programs for one 16k-token gate projection) cost more than the bytes
+# they move. The key holds no token count: the tiles chosen on the engine's serving-size warm-up batch also run
+# the small batches of a single client (tuning per batch size would stall live requests).
 SHRINK_CONFIGS = [triton.Config({"BLOCK_T": tokens, "BLOCK_K": columns}, num_warps=warps)
                   for tokens, columns, warps in ((32, 64, 4), (64, 64, 4), (64, 128, 4), (128, 64, 8), (128, 128, 8))]
 EXPAND_CONFIGS = [triton.Config({"BLOCK_T": tokens, "BLOCK_N": columns}, num_warps=warps)

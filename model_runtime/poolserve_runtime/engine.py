@@ -334,20 +334,16 @@ class PackedEngine:
         adapters when it has some; the prefix blocks they computed go to the prefix cache."""
         if batch.lora_ids is None:
             return [self.score_reused_chunk(chunk) for chunk in chunks]
-        run_ids = batch.lora_ids[batch.cu_seqlens.new_tensor(
-            [0, *adapter_runs(batch.lora_ids, batch.sequences_per_request)]).cumsum(0)[:-1].long()]
-        outputs, first_run, first_sequence = [], 0, 0
+        outputs, first = [], 0
         for chunk in chunks:
-            runs = chunk.request_bounds.numel() - 1
-            lora_ids = batch.lora_ids[first_sequence:first_sequence + chunk.sequences]
-            lengths = batch.lengths[first_sequence:first_sequence + chunk.sequences]
-            with self.lora.forward(lora_ids, chunk.request_bounds, self.device,
-                                   span_ids=run_ids[first_run:first_run + runs]):
+            lora_ids = batch.lora_ids[first:first + chunk.sequences]
+            lengths = batch.lengths[first:first + chunk.sequences]
+            run_starts = torch.tensor((0, *chunk.request_sequences[:-1])).cumsum(0)
+            with self.lora.forward(lora_ids, chunk.request_bounds, self.device, span_ids=lora_ids[run_starts]):
                 hidden = self.reused_body.hidden_states(chunk)  # no prefix cache: nothing to capture
                 outputs.append(self.lora.score_by_head(
-                    lora_ids, lengths, lambda hidden=hidden, rows=chunk.pool_rows: self.pool_and_score(hidden, rows=rows)))
-            first_run += runs
-            first_sequence += chunk.sequences
+                    lora_ids, lengths, lambda: self.pool_and_score(hidden, rows=chunk.pool_rows)))
+            first += chunk.sequences
         return outputs
 
     def score_reused_chunk(self, chunk: prefix_reuse.ReusedChunk) -> dict[str, torch.Tensor]:

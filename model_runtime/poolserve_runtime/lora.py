@@ -13,7 +13,10 @@ it publishes the chunk's segments (:func:`poolserve_kernels.lora.lora_segments`;
 body's tokens (the packed stream, or the padded rows of the padded body) and the pooled sequences (an
 encoder's pooler); each :class:`LoraLinear` runs its base layer once for all rows and adds every
 segment's low-rank term (the Triton kernel on CUDA, its torch reference on CPU). Outside such a
-forward a :class:`LoraLinear` is its base layer.
+forward a :class:`LoraLinear` is its base layer. Inside compiled layers the terms are added by one opaque
+operator, ``poolserve::lora_add_``, that reads the forward in progress when it runs, so the graphs never see a
+batch's segments. A reused-prefix stream (:mod:`poolserve_runtime.prefix_reuse`) gives its token segments per
+run of one adapter (a prefix and the suffixes after it) rather than per sequence.
 
 Heads: an adapter's ``modules_to_save`` head (``classifier``, ``score``) replaces the base's for that
 adapter's sequences: :meth:`LoraModel.score_by_head` scores the chunk once with the base heads and once

@@ -46,8 +46,10 @@ class ReusedChunk:
     max_length_k: int
     pool_rows: torch.Tensor  # [n] int64: the stream row of each sequence's last token, in batch order
     sequences: int  # how many of the batch's sequences this chunk answers
-    # [R + 1] int64: the stream rows of each request of the chunk (its prefix and suffixes are contiguous), in order
-    request_bounds: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.int64))
+    # The chunk's requests as planned (with LoRA adapters: runs of one adapter), in order: [R + 1] int64 stream
+    # rows of each (its prefix and suffixes are contiguous), and how many sequences each holds.
+    request_bounds: torch.Tensor
+    request_sequences: tuple[int, ...]
     # Prefix cache (poolserve_runtime.prefix_cache): keys/values of the cached blocks the segments
     # read, [layers, 2, C, kv heads, head dim] on the device; key_index counts them as key rows 0..C-1,
     # the stream's rows following (None: no cached block, key_index counts stream rows only).
@@ -187,6 +189,7 @@ def _chunk(requests: list[_Request], position_offset: int, cache: PrefixCache | 
         input_ids=torch.cat(ids), positions=torch.cat(positions), cu_seqlens_q=cumulative(q_lengths),
         key_index=torch.cat(k_indices), cu_seqlens_k=cumulative(k_lengths), max_length_q=max(q_lengths),
         max_length_k=max(k_lengths), pool_rows=torch.tensor(pool_rows, dtype=torch.int64),
-        sequences=len(pool_rows), request_bounds=torch.tensor(request_bounds, dtype=torch.int64), cached_kv=torch.cat(cached_kv, dim=2) if cached_kv else None,
+        sequences=len(pool_rows), request_bounds=torch.tensor(request_bounds, dtype=torch.int64),
+        request_sequences=tuple(len(request.rows) for request in requests), cached_kv=torch.cat(cached_kv, dim=2) if cached_kv else None,
         capture_rows=torch.cat(capture_rows) if capture_rows else None, stores=tuple(stores),
     )

@@ -347,7 +347,8 @@ def test_quantize_linears_leaves_heads_norms_and_embeddings():
 
 def test_per_token_quantisation_traces_into_compiled_layers():
     """Layers compiled by torch.compile trace the quantisation as torch ops (Inductor fuses them into the kernel
-    before), with no graph break, and give the eager kernel's results bit for bit."""
+    before) with no graph break, and give the eager results (on the CPU both are the torch spelling; the Triton
+    kernel equals it bit for bit in tests/kernels/test_fp8_quant_kernel.py)."""
     linear = quantize_linear_fp8(nn.Linear(32, 16), "channel")
     x = torch.randn(5, 32)
     expected, expected_scale = quantize_per_token(x)

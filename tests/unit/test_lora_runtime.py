@@ -65,10 +65,11 @@ def served(request, tmp_path_factory):
     return kind, checkpoint, adapters
 
 
-def engine(kind, checkpoint, adapters, attention="padded", compile="none"):
+def engine(kind, checkpoint, adapters, attention="padded", compile="none", max_tokens_per_forward=16384):
     family = MODELS[kind][0]
     settings = ModelSettings(model_name=kind, checkpoint=str(checkpoint), device=torch.device("cpu"),
-                             dtype=torch.float32, max_tokens_per_forward=16384, max_model_len=0, logit_mean=0.0,
+                             dtype=torch.float32, max_tokens_per_forward=max_tokens_per_forward, max_model_len=0,
+                             logit_mean=0.0,
                              logit_sigma=1.0, attention=attention, output_names=("logits", "scores"), compile=compile,
                              lora_modules=tuple((f"adapter{i + 1}", str(path)) for i, path in enumerate(adapters)))
     return PackedEngine.load(family, settings)
@@ -154,14 +155,16 @@ def test_adapter_runs_cut_requests_where_the_adapter_changes():
     assert adapter_runs(torch.zeros(3, dtype=torch.int32), [3]) == [3]
 
 
-def test_documents_sharing_a_prompt_reuse_it_within_one_adapter(served, monkeypatch):
+@pytest.mark.parametrize("max_tokens_per_forward", [16384, 60])
+def test_documents_sharing_a_prompt_reuse_it_within_one_adapter(served, monkeypatch, max_tokens_per_forward):
     """A causal model with adapters computes a shared prompt prefix once per run of one adapter (its keys and
-    values are that adapter's): requests on adapters, on the base, and one whose sequences name different adapters
-    (gRPC's per-sequence lora_names) score as the PEFT-merged models of each sequence's adapter."""
+    values are that adapter's): requests on adapters (one with its own score head), on the base, and one whose
+    sequences name different adapters (gRPC's per-sequence lora_names) score as the PEFT-merged models of each
+    sequence's adapter, in one reused stream or cut into several."""
     kind, checkpoint, adapters = served
     if kind != "qwen3":
         pytest.skip("prefix reuse serves causal models")
-    lora = engine(kind, checkpoint, adapters, "varlen")
+    lora = engine(kind, checkpoint, adapters, "varlen", max_tokens_per_forward=max_tokens_per_forward)
     assert lora.reuses_prefix
     reused = []
     plain_score = lora.score_reused_chunks
@@ -179,6 +182,7 @@ def test_documents_sharing_a_prompt_reuse_it_within_one_adapter(served, monkeypa
         requests.append(read_lora_names(lora_names(ids), sequences, lora.lora.ids_by_name, kind))
     got = lora.run(PackedBatch.pack(requests))["logits"]
     assert reused, "the batch did not take the reused-prefix path"
+    assert reused[0] == 1 if max_tokens_per_forward > 1000 else reused[0] > 2
     ids = [i for request in requests_ids for i in request]
     rows = [row for request in rows_of for row in request]
     for adapter_id in set(ids):
