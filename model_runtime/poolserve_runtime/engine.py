@@ -331,7 +331,8 @@ class PackedEngine:
     def score_reused_chunks(self, batch: PackedBatch, chunks: list[prefix_reuse.ReusedChunk],
                             ) -> list[dict[str, torch.Tensor]]:
         """The reused-prefix streams of ``batch`` through the body, pooled and scored, each with its sequences'
-        adapters when it has some; the prefix blocks they computed go to the prefix cache."""
+        adapters when it has some (a batch without adapters stores the prefix blocks it computed in the prefix
+        cache; one with adapters does not use the cache)."""
         if batch.lora_ids is None:
             return [self.score_reused_chunk(chunk) for chunk in chunks]
         outputs, first = [], 0

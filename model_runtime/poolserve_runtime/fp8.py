@@ -183,10 +183,10 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of ``x [tokens, features]`` as e4m3 with one fp32 scale each (``amax / 448``, ``[tokens, 1]``):
     ``x ≈ q.float() * scale``; one Triton kernel on CUDA (:mod:`poolserve_kernels.fp8_quant`).
 
-    Inside compiled layers it is the torch spelling instead: Inductor fuses it into the kernel that makes ``x``
-    (the RMSNorm before q/k/v and gate/up, the activation before down), and the siblings that quantise the same
-    input (q, k and v) share that kernel. The kernel as an opaque operator there cost a pass over the activations
-    per layer it feeds: on an H100 the 0.6B shape served FP8 at 0.61x bf16 with it (benchmarks/README.md)."""
+    Inside compiled layers it is the torch spelling instead, which Inductor can fuse into the kernel that makes
+    ``x`` (the RMSNorm before q/k/v and gate/up, the activation before down). The kernel as an opaque operator there
+    cost a pass over the activations per layer it feeds: on an H100 the 0.6B shape served FP8 at 0.55-0.61x bf16
+    with it, 0.89-1.02x without (benchmarks/README.md)."""
     if torch.compiler.is_compiling():
         return poolserve_kernels.per_token_quant_reference(x)
     return poolserve_kernels.per_token_quant(x)
